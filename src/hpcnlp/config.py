@@ -1,0 +1,346 @@
+"""Typed job configs: YAML files whose keys map one-to-one to these fields.
+
+Every job config names its job (`job: pretrain`), so `hpcnlp check` can validate any of them.
+Field names follow `transformers.TrainingArguments` wherever they mean the same thing.
+Two layers of checking, both reported as one line per problem naming file, key and fix:
+  1. shape: unknown keys (with "did you mean"), wrong types, out-of-range values (pydantic);
+  2. meaning: files that must exist, output dirs holding finished runs, options that clash
+     (`JobConfig.problems`).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from hpcnlp.models import ModelNotFound, resolve_model_path
+
+
+class Problem(BaseModel):
+    key: str
+    message: str
+    fix: str = ""
+
+    def line(self, source: str) -> str:
+        fix = f" Fix: {self.fix}" if self.fix else ""
+        return f"{source}: {self.key}: {self.message}.{fix}"
+
+
+class ConfigError(Exception):
+    """A config that must not run. `lines` holds one line per problem."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        self.lines = [p.line(source) for p in problems]
+        super().__init__("\n".join(self.lines))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainingConfig(Section):
+    """The subset of `TrainingArguments` a job may set; same names, same meaning."""
+
+    learning_rate: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler_type: str = "linear"
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    per_device_train_batch_size: int = Field(16, ge=1)
+    per_device_eval_batch_size: int = Field(32, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, ge=0)
+    optim: str = "adamw_torch"
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    seed: int = 42
+    logging_steps: int = Field(10, ge=1)
+    eval_strategy: Literal["no", "steps", "epoch"] = "steps"
+    eval_steps: int | None = Field(None, ge=1)
+    save_strategy: Literal["no", "steps", "epoch"] = "steps"
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)
+    dataloader_num_workers: int = Field(0, ge=0)
+    group_by_length: bool = False
+    deepspeed: str | None = None  # path to a DeepSpeed JSON (jobs/deepspeed/*.json)
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if self.bf16 and self.fp16:
+            out.append(Problem(key="training.bf16", message="bf16 and fp16 are both on",
+                               fix="turn one of them off"))
+        if self.deepspeed:
+            path = Path(self.deepspeed)
+            if not path.is_file():
+                out.append(Problem(key="training.deepspeed", message=f"no such file '{path}'",
+                                   fix="point it at a DeepSpeed JSON, e.g. jobs/deepspeed/zero2.json"))
+            else:
+                try:
+                    json.loads(path.read_text())
+                except json.JSONDecodeError as e:
+                    out.append(Problem(key="training.deepspeed", message=f"'{path}' is not valid JSON ({e})",
+                                       fix="fix the JSON syntax"))
+        return out
+
+    def to_training_arguments(self, output_dir: str, **overrides: Any):
+        from transformers import TrainingArguments
+
+        kwargs = self.model_dump()
+        kwargs.update(overrides)
+        return TrainingArguments(output_dir=output_dir, report_to="none", **kwargs)
+
+
+class JobConfig(Section):
+    """Fields every job has."""
+
+    job: str
+    output_dir: str
+    overwrite: bool = False
+    # Where the YAML came from (set by load_config), so errors at run time can name the file.
+    _source: str = PrivateAttr("<config>")
+
+    def problems(self, pending: Iterable[str] = ()) -> list[Problem]:
+        """Meaning checks. `pending`: paths that earlier pipeline stages will create."""
+        return []
+
+    # --- helpers shared by the job configs -------------------------------------------------
+    @staticmethod
+    def _is_pending(path: str, pending: Iterable[str]) -> bool:
+        p = os.path.abspath(path)
+        return any(p == os.path.abspath(q) or p.startswith(os.path.abspath(q) + os.sep) for q in pending)
+
+    def _model_problem(self, key: str, value: str | None, pending: Iterable[str]) -> list[Problem]:
+        if value is None or self._is_pending(value, pending):
+            return []
+        try:
+            resolve_model_path(value)
+        except ModelNotFound as e:
+            return [Problem(key=key, message=str(e), fix=e.fix)]
+        return []
+
+    def _output_dir_problem(self, resume: str = "never") -> list[Problem]:
+        out = Path(self.output_dir)
+        if self.overwrite or not out.exists():
+            return []
+        if (out / "metrics.json").exists() and resume == "never":
+            return [Problem(key="output_dir", message=f"'{out}' holds a finished run (metrics.json)",
+                            fix="set overwrite: true, resume: auto, or choose a new output_dir")]
+        if any(out.glob("checkpoint-*")) and resume == "never":
+            return [Problem(key="output_dir", message=f"'{out}' holds checkpoints of an unfinished run",
+                            fix="set resume: auto to continue it, or overwrite: true to start over")]
+        return []
+
+
+# ------------------------------------------------------------------------------------------
+# Continued pretraining (masked LM) and corpus preparation
+# ------------------------------------------------------------------------------------------
+class CorpusConfig(Section):
+    """Text to pretrain on, and how to tokenize and pack it (`hpcnlp prepare`)."""
+
+    train_files: list[str] = Field(min_length=1)  # files, globs (** allowed) or directories
+    eval_files: list[str] = Field(default_factory=list)  # held-out text; else split off by document
+    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
+    text_field: str = "text"  # JSONL/Parquet column holding the text
+    # What one document is in a plain-text file: a line, a blank-line separated paragraph, the file.
+    sample_by: Literal["line", "paragraph", "document"] = "paragraph"
+    max_seq_length: int = Field(128, ge=8, le=8192)
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    seed: int = 42  # of the train/eval split by document
+    num_proc: int = Field(1, ge=1)
+    prepared_root: str = "outputs/prepared"  # prepared datasets live in <prepared_root>/<fingerprint>/
+
+    def problems(self) -> list[Problem]:
+        from hpcnlp.data.corpus import expand_files
+
+        out = []
+        for key in ("train_files", "eval_files"):
+            for pattern in getattr(self, key):
+                if not expand_files([pattern]):
+                    out.append(Problem(key=f"data.{key}", message=f"'{pattern}' matches no file",
+                                       fix="correct the path or glob (relative paths are from the working dir)"))
+        if self.eval_fraction == 0 and not self.eval_files:
+            out.append(Problem(key="data.eval_fraction", message="no held-out text: eval_fraction is 0 and "
+                               "eval_files is empty", fix="set eval_fraction (e.g. 0.05) or give eval_files"))
+        return out
+
+
+class ScratchModelConfig(Section):
+    """Size of a model trained from scratch (`init: scratch`), with a WordPiece vocab from the corpus."""
+
+    vocab_size: int = Field(8000, ge=100)
+    hidden_size: int = Field(256, ge=16)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(1024, ge=16)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        return self
+
+
+class PretrainConfig(JobConfig):
+    job: Literal["pretrain"] = "pretrain"
+    model_name_or_path: str = "minilm-l6"  # local dir or an installed-package alias
+    tokenizer_name_or_path: str | None = None  # default: the model's own
+    trust_remote_code: bool = False
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    scratch: ScratchModelConfig = Field(default_factory=ScratchModelConfig)
+    data: CorpusConfig
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    whole_word_masking: bool = False
+    # Run the MLM head only where a token is masked (~15% of positions); see train/mlm.py.
+    sparse_mlm_head: bool = True
+    resume: str = "never"  # never | auto (newest complete checkpoint) | a checkpoint dir
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    def problems(self, pending: Iterable[str] = ()) -> list[Problem]:
+        out = self.data.problems() + self.training.problems()
+        if self.init == "pretrained":
+            out += self._model_problem("model_name_or_path", self.model_name_or_path, pending)
+        out += self._model_problem("tokenizer_name_or_path", self.tokenizer_name_or_path, pending)
+        out += _resume_problems(self.resume)
+        out += self._output_dir_problem(self.resume)
+        if self.training.max_steps <= 0 and self.training.num_train_epochs <= 0:
+            out.append(Problem(key="training.max_steps", message="nothing to train",
+                               fix="set max_steps > 0 or num_train_epochs > 0"))
+        return out
+
+
+class PrepareConfig(JobConfig):
+    """`hpcnlp prepare` alone: tokenize and pack a corpus for later pretraining runs."""
+
+    job: Literal["prepare"] = "prepare"
+    output_dir: str = ""  # unused: prepared data goes to data.prepared_root
+    model_name_or_path: str = "minilm-l6"
+    tokenizer_name_or_path: str | None = None
+    trust_remote_code: bool = False
+    data: CorpusConfig
+
+    def problems(self, pending: Iterable[str] = ()) -> list[Problem]:
+        return (self.data.problems() + self._model_problem("model_name_or_path", self.model_name_or_path, pending)
+                + self._model_problem("tokenizer_name_or_path", self.tokenizer_name_or_path, pending))
+
+
+def _resume_problems(resume: str) -> list[Problem]:
+    if resume in ("never", "auto") or Path(resume).is_dir():
+        return []
+    return [Problem(key="resume", message=f"'{resume}' is neither never, auto nor a checkpoint dir",
+                    fix="use resume: auto to pick the newest complete checkpoint in output_dir")]
+
+
+# Each job registers its config class here; `job:` in the YAML selects it.
+JOB_CONFIGS: dict[str, type[JobConfig]] = {
+    "prepare": PrepareConfig,
+    "pretrain": PretrainConfig,
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides -> typed object, or ConfigError with one line per problem
+# ------------------------------------------------------------------------------------------
+def parse_overrides(overrides: Iterable[str], source: str = "<command line>") -> dict[str, Any]:
+    """`a.b=1 c=[x,y]` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(source, [Problem(key=item, message="override is not key=value",
+                                               fix="write it as dotted.key=value, e.g. training.max_steps=10")])
+        key, raw = item.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Names valid at a location, for 'did you mean'."""
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        cls = ann
+    return list(cls.model_fields)
+
+
+def _shape_problems(cls: type[JobConfig], err: ValidationError) -> list[Problem]:
+    out = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<top>"
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _fields_at(cls, loc), n=1)
+            fix = f"did you mean '{close[0]}'?" if close else "remove it (see the job's example in jobs/)"
+            out.append(Problem(key=key, message="unknown key", fix=fix))
+        elif e["type"] == "missing":
+            out.append(Problem(key=key, message="required key is missing", fix="add it"))
+        else:
+            out.append(Problem(key=key, message=f"{e['msg']} (got {e.get('input')!r})",
+                               fix="give a value of the right type/range"))
+    return out
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), expect_job: str | None = None,
+                pending: Iterable[str] = (), check_meaning: bool = True) -> JobConfig:
+    """Read, override, validate. Raises ConfigError (all problems at once) before anything runs."""
+    source = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(source, [Problem(key="<file>", message="no such config file",
+                                           fix="give a path to a YAML job config, e.g. jobs/pretrain.yaml")])
+    except yaml.YAMLError as e:
+        raise ConfigError(source, [Problem(key="<file>", message=f"not valid YAML ({e})".replace("\n", " "),
+                                           fix="fix the YAML syntax")])
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [Problem(key="<top>", message="a job config is a mapping of keys",
+                                           fix="see jobs/*.yaml for examples")])
+    raw = _merge(raw, parse_overrides(overrides))
+    job = raw.get("job", expect_job)
+    if job not in JOB_CONFIGS:
+        close = difflib.get_close_matches(str(job), list(JOB_CONFIGS), n=1)
+        raise ConfigError(source, [Problem(key="job", message=f"unknown job {job!r}",
+                                           fix=f"did you mean '{close[0]}'?" if close
+                                           else f"set job: to one of {sorted(JOB_CONFIGS)}")])
+    if expect_job and job != expect_job:
+        raise ConfigError(source, [Problem(key="job", message=f"this is a '{job}' config, not '{expect_job}'",
+                                           fix=f"run `hpcnlp {job}` or pass a {expect_job} config")])
+    raw["job"] = job
+    cls = JOB_CONFIGS[job]
+    try:
+        cfg = cls.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(source, _shape_problems(cls, e)) from None
+    cfg._source = source
+    if check_meaning:
+        problems = cfg.problems(pending)
+        if problems:
+            raise ConfigError(source, problems)
+    return cfg
+
+
+def dump_config(cfg: JobConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+

@@ -1,0 +1,65 @@
+"""Preemption: on Slurm's warning signal, save a complete checkpoint at the next step and exit.
+
+Slurm sends SIGUSR1 (`--signal=B:USR1@<s>`) to the batch shell, which forwards it to the training
+processes (launchers such as torchrun do not pass USR1 on). Each rank notes the request; at every
+step boundary the ranks agree (all-reduce of the flag) so they all stop after the *same* step, the
+Trainer saves a checkpoint there, and the job exits with REQUEUE_EXIT so the batch script requeues
+it. SIGTERM (scancel, time limit without warning) is treated the same way.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: "checkpointed; run me again"
+_requested = False
+
+
+def _on_signal(signum, frame):
+    global _requested
+    _requested = True
+    log.warning("received %s: will checkpoint at the next step boundary and exit %d",
+                signal.Signals(signum).name, REQUEUE_EXIT)
+
+
+def install_handlers() -> None:
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+
+
+def requested() -> bool:
+    return _requested
+
+
+def _flag_file(output_dir: str) -> str:
+    # A file any process on any node can create to ask for a checkpoint; launcher-agnostic.
+    return os.path.join(output_dir, ".preempt")
+
+
+class PreemptionCallback(TrainerCallback):
+    def __init__(self, output_dir: str):
+        self.flag_file = _flag_file(output_dir)
+
+    def on_step_end(self, args, state, control, **kw):
+        global _requested
+        local = _requested or os.path.exists(self.flag_file)
+        if dist.is_available() and dist.is_initialized():
+            t = torch.tensor([int(local)], device=args.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            local = bool(t.item())
+        if local:
+            _requested = True
+            control.should_save = True
+            control.should_training_stop = True
+            log.warning("preemption: saving checkpoint-%d and stopping", state.global_step)
+
+    def on_train_end(self, args, state, control, **kw):
+        if _requested and state.is_world_process_zero and os.path.exists(self.flag_file):
+            os.unlink(self.flag_file)

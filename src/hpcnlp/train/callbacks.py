@@ -1,0 +1,65 @@
+"""Trainer callbacks every training job uses: throughput/ETA/memory logging, and the log history."""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+
+import torch
+from transformers import TrainerCallback
+
+log = logging.getLogger("hpcnlp.train")
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process, and of the GPU when there is one."""
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds tokens/s (non-padding, all ranks), samples/s, ETA and memory to every log line.
+
+    Rates are over the last logging interval, so a slow start does not hide a fast steady state.
+    Needs TrainingArguments(include_num_input_tokens_seen="non_padding") for token counts.
+    """
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = samples_per_step  # global: per-device batch x grad-accum x world size
+        self._t = self._step = self._tokens = None
+        self.start_step = self.start_tokens = 0
+        self.train_seconds = 0.0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._t, self._step, self._tokens = time.perf_counter(), state.global_step, state.num_input_tokens_seen
+        self.start_step = state.global_step  # > 0 after a resume
+        self.start_tokens = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs is None or "loss" not in logs or self._t is None:
+            return
+        now = time.perf_counter()
+        dt, steps = now - self._t, state.global_step - self._step
+        if steps <= 0 or dt <= 0:
+            return
+        tokens = state.num_input_tokens_seen - self._tokens
+        logs["tokens_per_second"] = round(tokens / dt, 1)
+        logs["samples_per_second"] = round(steps * self.samples_per_step / dt, 2)
+        remaining = max(state.max_steps - state.global_step, 0)
+        logs["eta_seconds"] = round(remaining * dt / steps)
+        logs.update(peak_memory_mb())
+        self.train_seconds += dt
+        self._t, self._step, self._tokens = now, state.global_step, state.num_input_tokens_seen
+        if state.is_world_process_zero:
+            log.info("step %d/%d loss %.4f lr %.3g | %s tok/s %s samples/s | ETA %s | rss %s MB%s",
+                     state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", 0),
+                     f"{logs['tokens_per_second']:,.0f}", logs["samples_per_second"],
+                     _hms(logs["eta_seconds"]), logs["peak_rss_mb"],
+                     f" gpu {logs['peak_gpu_mb']} MB" if "peak_gpu_mb" in logs else "")
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -95,13 +95,15 @@ def _eval(trainer, eval_ds) -> dict:
 
 
 def run(cfg: PretrainConfig) -> int:
-    from transformers import Trainer, set_seed
+    import torch
+    from transformers import PrinterCallback, Trainer, set_seed
 
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
     args = cfg.training.to_training_arguments(
         cfg.output_dir, include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
-        disable_tqdm=True, eval_steps=cfg.training.eval_steps or cfg.training.save_steps)
+        disable_tqdm=True, eval_steps=cfg.training.eval_steps or cfg.training.save_steps,
+        dataloader_pin_memory=torch.cuda.is_available())
     set_seed(args.seed)
     preempt.install_handlers()
 
@@ -123,6 +125,7 @@ def run(cfg: PretrainConfig) -> int:
                       data_collator=collator, processing_class=tokenizer, compute_metrics=masked_accuracy,
                       preprocess_logits_for_metrics=masked_predictions,
                       callbacks=[throughput, preempt.PreemptionCallback(cfg.output_dir)])
+    trainer.remove_callback(PrinterCallback)  # ThroughputCallback logs one readable line instead
 
     checkpoint = resume_target(cfg.resume, out, restarted=env.slurm_restart_count() > 0)
     before_file = out / "eval_before.json"

@@ -15,6 +15,10 @@ import sys
 JOBS: dict[str, tuple[str, str]] = {
     "prepare": ("hpcnlp.jobs.prepare", "tokenize and pack a corpus once (reused by later pretrain runs)"),
     "pretrain": ("hpcnlp.jobs.pretrain", "continued masked-LM pretraining; perplexity before/after"),
+    "finetune": ("hpcnlp.jobs.finetune", "fine-tune for sequence classification or NER; scores, predictions"),
+    "distill": ("hpcnlp.jobs.distill", "distill a fine-tuned teacher into a smaller student; retention, speed-up"),
+    "export": ("hpcnlp.jobs.export", "export a model to ONNX with Optimum; optional ORT optimization, int8"),
+    "validate": ("hpcnlp.jobs.validate", "gate ONNX vs PyTorch (parity, metric, latency); ship or reject a bundle"),
 }
 
 EXIT_CONFIG = 2  # the config was refused; nothing ran, nothing was written
@@ -50,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_parser("check", "validate a job config without running it (exit 2 on problems)", sub)
     for name, (_, help_) in JOBS.items():
         _config_parser(name, help_, sub)
+    verify = sub.add_parser("verify", help="re-check a shipped bundle: checksums, ONNX loadability (exit 1 on problems)")
+    verify.add_argument("bundle", help="bundle dir, e.g. artifacts/<name>/<version>")
+    from hpcnlp import submit  # Slurm: submit, pipeline, sweep, summary
+
+    submit.add_parsers(sub)
     return parser
 
 
@@ -67,6 +76,14 @@ def load_or_report(path: str, overrides: list[str], job: str | None):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    if args.command == "verify":  # a bundle, not a job config
+        from hpcnlp.bundle import verify_main
+
+        return verify_main(args.bundle)
+    from hpcnlp import submit
+
+    if args.command in submit.COMMANDS:
+        return submit.main(args)
     job = None if args.command == "check" else args.command
     cfg = load_or_report(args.config, args.overrides, job)
     if cfg is None:

@@ -77,14 +77,17 @@ def _text_documents(path: str, sample_by: str, counter: _ReplacementCounter) -> 
         yield "\n".join(line.rstrip("\r") for line in _decoded_lines(path, counter))
         return
     para: list[str] = []
+    found = False
     for line in _decoded_lines(path, counter):
         if line.strip():
             para.append(line.rstrip("\r"))
         elif para:
             yield "\n".join(para)
-            para = []
+            para, found = [], True
     if para:
         yield "\n".join(para)
+    elif not found:
+        yield ""  # an empty or blank-only file: one empty document, counted as skipped
 
 
 def _jsonl_documents(path: str, text_field: str, counter: _ReplacementCounter) -> Iterator[str]:

@@ -8,7 +8,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from hpcnlp.config import PretrainConfig, dump_config
 from hpcnlp.data.pack import prepare
@@ -25,17 +29,27 @@ log = logging.getLogger(__name__)
 
 class MLMCollator:
     """Masks training batches on the fly; eval batches arrive pre-masked (fixed masks) and are only padded,
-    so perplexity before and after training is measured on the very same masked tokens."""
+    so perplexity before and after training is measured on the very same masked tokens.
 
-    def __init__(self, tokenizer, mlm_probability: float, whole_word_mask: bool):
+    A training batch's masks are a pure function of (seed, batch content), not of the global RNG: a run
+    resumed from a checkpoint masks every later batch exactly as the uninterrupted run did, whatever
+    was prefetched before the save and however many dataloader workers there are.
+    """
+
+    def __init__(self, tokenizer, mlm_probability: float, whole_word_mask: bool, seed: int):
         from transformers import DataCollatorForLanguageModeling, DataCollatorForTokenClassification
 
         self.mask = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability,
                                                     whole_word_mask=whole_word_mask)
         self.pad = DataCollatorForTokenClassification(tokenizer)  # pads labels with -100
+        self.seed = seed
 
     def __call__(self, features):
-        return self.pad(features) if "labels" in features[0] else self.mask(features)
+        if "labels" in features[0]:
+            return self.pad(features)
+        digest = zlib.crc32(b"".join(np.asarray(f["input_ids"], dtype=np.int32).tobytes() for f in features))
+        self.mask.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + digest)
+        return self.mask(features)
 
 
 def fixed_eval_masks(eval_ds, tokenizer, mlm_probability: float, whole_word_mask: bool, seed: int):
@@ -95,7 +109,6 @@ def _eval(trainer, eval_ds) -> dict:
 
 
 def run(cfg: PretrainConfig) -> int:
-    import torch
     from transformers import PrinterCallback, Trainer, set_seed
 
     t_start = time.perf_counter()
@@ -118,7 +131,7 @@ def run(cfg: PretrainConfig) -> int:
 
     model = build_model(cfg, tokenizer)
     sparse = cfg.sparse_mlm_head and enable_sparse_mlm_head(model)
-    collator = MLMCollator(tokenizer, cfg.mlm_probability, cfg.whole_word_masking)
+    collator = MLMCollator(tokenizer, cfg.mlm_probability, cfg.whole_word_masking, args.seed)
     samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     throughput = ThroughputCallback(samples_per_step)
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=eval_ds,
@@ -152,6 +165,7 @@ def run(cfg: PretrainConfig) -> int:
     trainer.save_model(cfg.output_dir)  # model.safetensors + config + tokenizer (rank 0)
     if not trainer.is_world_process_zero():
         return 0
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.resolved.yaml says the same
     tokens = trainer.state.num_input_tokens_seen
     train_seconds = result.metrics["train_runtime"]
     metrics = {

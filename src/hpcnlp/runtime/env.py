@@ -23,3 +23,36 @@ def slurm_job_id() -> str | None:
 def slurm_restart_count() -> int:
     """How often Slurm requeued this job; > 0 means: resume, never start over."""
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+# --- Slurm job facts for the multi-node launcher (runtime/launch.py) --------------------------
+def slurm_node_id() -> int:
+    """This node's index in the allocation (0 on the batch host); expanded on each node."""
+    return int(os.environ.get("SLURM_NODEID", "0"))
+
+
+def slurm_nodelist() -> str | None:
+    return os.environ.get("SLURM_JOB_NODELIST")
+
+
+def slurm_num_nodes() -> int:
+    return int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+
+
+def slurm_gpus_on_node() -> int:
+    return int(os.environ.get("SLURM_GPUS_ON_NODE", "0") or 0)
+
+
+def slurm_submit_dir() -> str:
+    return os.environ.get("SLURM_SUBMIT_DIR", os.getcwd())
+
+
+def slurm_array_task_id() -> int | None:
+    value = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return int(value) if value not in (None, "") else None
+
+
+def hpcnlp_setting(name: str, default: str | None = None) -> str | None:
+    """`HPCNLP_<NAME>` (launcher, image, container, ...): how users steer slurm/launch.sh."""
+    value = os.environ.get(f"HPCNLP_{name}")
+    return value if value not in (None, "") else default

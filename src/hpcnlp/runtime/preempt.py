@@ -1,7 +1,9 @@
 """Preemption: on Slurm's warning signal, save a complete checkpoint at the next step and exit.
 
-Slurm sends SIGUSR1 (`--signal=B:USR1@<s>`) to the batch shell, which forwards it to the training
-processes (launchers such as torchrun do not pass USR1 on). Each rank notes the request; at every
+Slurm sends SIGUSR1 (`--signal=B:USR1@<s>`) to the batch shell (slurm/launch.sh). Launchers such
+as torchrun do not pass USR1 on, so the shell forwards it as a flag file ($HPCNLP_PREEMPT_FILE, on
+the shared filesystem) that the ranks poll; `touch <output_dir>/.preempt` does the same by hand.
+A signal that reaches a rank directly (USR1, SIGTERM) counts too. Each rank notes the request; at every
 step boundary the ranks agree (all-reduce of the flag) so they all stop after the *same* step, the
 Trainer saves a checkpoint there, and the job exits with REQUEUE_EXIT so the batch script requeues
 it. SIGTERM (scancel, time limit without warning) is treated the same way.
@@ -15,6 +17,8 @@ import signal
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+
+from hpcnlp.runtime import env
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +50,16 @@ def _flag_file(output_dir: str) -> str:
 class PreemptionCallback(TrainerCallback):
     def __init__(self, output_dir: str):
         self.flag_file = _flag_file(output_dir)
+        self.launcher_flag = env.hpcnlp_setting("PREEMPT_FILE")  # set by slurm/launch.sh
+
+    def on_train_begin(self, args, state, control, **kw):
+        # One line per rank: the job log shows every rank is up (and armed for preemption).
+        log.info("rank %d of %d ready at step %d", env.rank(), env.world_size(), state.global_step)
 
     def on_step_end(self, args, state, control, **kw):
         global _requested
-        local = _requested or os.path.exists(self.flag_file)
+        local = (_requested or os.path.exists(self.flag_file)
+                 or bool(self.launcher_flag and os.path.exists(self.launcher_flag)))
         if dist.is_available() and dist.is_initialized():
             t = torch.tensor([int(local)], device=args.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -1,0 +1,111 @@
+"""What the two fine-tuning readers share: file formats, the label set, and data errors.
+
+A data error names the file, the row or line, and the fix, exactly like a config problem, so the
+job prints it the same way and refuses to start before anything is written.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from hpcnlp.config import ConfigError, FinetuneDataConfig, Problem
+
+MAX_ERRORS_SHOWN = 20  # a file with 10,000 bad rows should not print 10,000 lines
+
+_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+               ".parquet": "parquet", ".conll": "conll", ".txt": "conll", ".bio": "conll", ".iob": "conll"}
+TASK_FORMATS = {"sequence-classification": ("csv", "tsv", "jsonl", "parquet"),
+                "token-classification": ("conll", "jsonl")}
+
+
+class DataError(ConfigError):
+    """Bad rows in a data file. `problems` keys are 'row N' / 'line N'; `source` is the file."""
+
+    def __init__(self, source: str, problems: list[Problem], total: int | None = None):
+        total = total or len(problems)
+        shown = problems[:MAX_ERRORS_SHOWN]
+        if total > len(shown):
+            shown.append(Problem(key="...", message=f"{total - len(shown)} more problems like these",
+                                 fix="fix the ones above and run again"))
+        super().__init__(source, shown)
+
+
+def detect_format(path: str, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    return _EXTENSIONS.get(Path(path).suffix.lower(), "")
+
+
+def read_columns(path: str, fmt: str) -> list[str]:
+    """Column names from the header or first record only: cheap enough for `hpcnlp check`."""
+    if fmt in ("csv", "tsv"):
+        import pandas as pd
+
+        return list(pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", nrows=0).columns)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    if fmt == "jsonl":
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    return list(record) if isinstance(record, dict) else []
+    return []
+
+
+def data_file_problems(task: str, data: FinetuneDataConfig, pending: Iterable[str] = ()) -> list[Problem]:
+    """Files exist, formats fit the task, named columns exist (header only; rows are checked at read time)."""
+    out = []
+    allowed = TASK_FORMATS[task]
+    if task == "sequence-classification":
+        wanted = {"text_column": data.text_column, "label_column": data.label_column,
+                  "text_pair_column": data.text_pair_column}
+    else:
+        wanted = {"tokens_column": data.tokens_column, "tags_column": data.tags_column}
+    for key, path in data.files().items():
+        key = f"data.{key}"
+        if not Path(path).is_file():
+            out.append(Problem(key=key, message=f"no such file '{path}'", fix="correct the path "
+                               "(relative paths are from the working dir)"))
+            continue
+        fmt = detect_format(path, data.format)
+        if fmt not in allowed:
+            out.append(Problem(key=key, message=f"'{path}': format {fmt or 'unknown'!r} does not fit {task}",
+                               fix=f"use one of {list(allowed)} (by file extension or data.format)"))
+            continue
+        if fmt == "conll":
+            continue
+        try:
+            columns = read_columns(path, fmt)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the user's file, reported as such
+            out.append(Problem(key=key, message=f"'{path}' cannot be read as {fmt} ({e})".replace("\n", " "),
+                               fix="check the file and data.format"))
+            continue
+        for col_key, col in wanted.items():
+            if col is not None and col not in columns:
+                out.append(Problem(key=f"data.{col_key}", message=f"unknown column '{col}' in '{path}' "
+                                   f"(columns: {columns})", fix="set it to one of the file's columns"))
+    return out
+
+
+def sort_labels(labels: Iterable[str]) -> list[str]:
+    """Numbers in numeric order ('2' before '10'), then names alphabetically."""
+    return sorted(set(labels), key=lambda s: (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s))
+
+
+def label_maps(names: list[str]) -> tuple[dict[int, str], dict[str, int]]:
+    """id2label / label2id as they go into the model's config.json."""
+    return dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+
+
+def unknown_label_problem(label: str, names: list[str], split: str, where: str,
+                          from_config: bool) -> Problem:
+    if from_config:
+        return Problem(key=where, message=f"label '{label}' is not in the label set {names}",
+                       fix="correct the label or add it to data.label_names")
+    return Problem(key=where, message=f"label '{label}' never occurs in the training data: the label set of "
+                   f"this {split} file differs from train's {names}",
+                   fix="correct the label, or list the full label set in data.label_names")

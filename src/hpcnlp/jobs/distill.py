@@ -1,0 +1,194 @@
+"""`hpcnlp distill`: a fine-tuned teacher teaches a smaller student (sequence or token classification).
+
+Student: the teacher with n of its L encoder layers kept, every k-th (k = L/n, the top layer kept;
+DistilBERT-style: same embeddings, same head), or a smaller local model with the same tokenizer.
+Loss: alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * cross-entropy on the gold labels,
+both over labelled positions only (token labels of -100 are masked out).
+Report: teacher vs student metric (retention %), parameters, and latency on the same inputs.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import time
+from pathlib import Path
+
+from hpcnlp.config import ConfigError, DistillConfig, Problem, dump_config
+from hpcnlp.data.ner import IGNORE
+from hpcnlp.models import load_tokenizer, resolve_model_path
+from hpcnlp.report import markdown_table, plot_loss, write_report
+from hpcnlp.runtime import env, preempt
+from hpcnlp.runtime.checkpoints import resume_target
+from hpcnlp.runtime.io import atomic_write_text
+from hpcnlp.tasks import (PRIMARY_METRIC, auto_model_class, evaluate, label_names, latency, load_data, task_of,
+                          torch_runner)
+from hpcnlp.train.callbacks import ThroughputCallback, peak_memory_mb
+
+log = logging.getLogger(__name__)
+EXIT_DATA = 2
+
+
+def encoder_layers(model):
+    """(parent module, attribute name) of the ModuleList of transformer blocks."""
+    base = model.base_model
+    for parent, name in ((getattr(base, "encoder", None), "layer"), (getattr(base, "transformer", None), "layer")):
+        if parent is not None and hasattr(parent, name):
+            return parent, name
+    raise ValueError(f"cannot find the encoder layers of {type(base).__name__}; give student_model_name_or_path")
+
+
+def student_from_teacher(teacher, num_layers: int):
+    """A copy of the teacher keeping every k-th layer (k = L / n), ending with the top layer."""
+    import torch
+
+    student = copy.deepcopy(teacher)
+    parent, name = encoder_layers(student)
+    layers = getattr(parent, name)
+    k = len(layers) // num_layers
+    keep = list(range(k - 1, len(layers), k))
+    setattr(parent, name, torch.nn.ModuleList(layers[i] for i in keep))
+    student.config.num_hidden_layers = num_layers
+    log.info("student: teacher layers %s of %d", keep, len(layers))
+    return student
+
+
+def build_student(cfg: DistillConfig, teacher, task: str, names: list[str], teacher_tokenizer):
+    if cfg.student_num_layers:
+        return student_from_teacher(teacher, cfg.student_num_layers)
+    path = resolve_model_path(cfg.student_model_name_or_path)
+    if load_tokenizer(path, cfg.trust_remote_code).get_vocab() != teacher_tokenizer.get_vocab():
+        raise ConfigError(cfg._source, [Problem(key="student_model_name_or_path", message=f"'{path}' has another "
+                                                "vocabulary than the teacher", fix="use a student with the teacher's tokenizer")])
+    return auto_model_class(task).from_pretrained(
+        path, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        ignore_mismatched_sizes=True, trust_remote_code=cfg.trust_remote_code)
+
+
+def distillation_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float):
+    """alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE, over positions whose label is not -100."""
+    import torch.nn.functional as F
+
+    n = student_logits.size(-1)
+    s, t, y = student_logits.reshape(-1, n), teacher_logits.reshape(-1, n), labels.reshape(-1)
+    keep = y != IGNORE
+    s, t, y = s[keep], t[keep], y[keep]
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
+                  reduction="batchmean")
+    return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(s, y)
+
+
+def _trainer_class():
+    import torch
+    from transformers import Trainer
+
+    class DistillTrainer(Trainer):
+        """A Trainer whose loss also listens to a frozen teacher."""
+
+        def __init__(self, *args, teacher, temperature: float, alpha: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+            self.temperature, self.alpha = temperature, alpha
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            with torch.no_grad():
+                teacher_logits = self.teacher(**inputs).logits
+            loss = distillation_loss(outputs.logits, teacher_logits, labels, self.temperature, self.alpha)
+            return (loss, outputs) if return_outputs else loss
+
+    return DistillTrainer
+
+
+def num_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run(cfg: DistillConfig) -> int:
+    import torch
+    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, PrinterCallback, set_seed
+
+    t_start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    teacher_dir = resolve_model_path(cfg.teacher)
+    task = task_of(teacher_dir)
+    names = label_names(teacher_dir)
+    tokenizer = load_tokenizer(teacher_dir, cfg.trust_remote_code)
+    try:  # every row is checked before anything is written
+        data = load_data(task, cfg.data, tokenizer, teacher_dir)
+    except ConfigError as e:
+        for line in e.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_DATA
+
+    args = cfg.training.to_training_arguments(
+        cfg.output_dir, disable_tqdm=True, eval_steps=cfg.training.eval_steps or cfg.training.save_steps,
+        include_num_input_tokens_seen="non_padding", dataloader_pin_memory=torch.cuda.is_available())
+    set_seed(args.seed)
+    preempt.install_handlers()
+    teacher = auto_model_class(task).from_pretrained(teacher_dir, trust_remote_code=cfg.trust_remote_code)
+    try:
+        student = build_student(cfg, teacher, task, names, tokenizer)
+    except ConfigError as e:
+        for line in e.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_DATA
+
+    collator = (DataCollatorForTokenClassification(tokenizer) if task == "token-classification"
+                else DataCollatorWithPadding(tokenizer))
+    samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    throughput = ThroughputCallback(samples_per_step)
+    trainer = _trainer_class()(
+        model=student, args=args, train_dataset=data.splits["train"], eval_dataset=data.splits["validation"],
+        data_collator=collator, processing_class=tokenizer, teacher=teacher, temperature=cfg.temperature,
+        alpha=cfg.alpha, callbacks=[throughput, preempt.PreemptionCallback(cfg.output_dir)])
+    trainer.remove_callback(PrinterCallback)
+
+    checkpoint = resume_target(cfg.resume, out, restarted=env.slurm_restart_count() > 0)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    if preempt.requested():
+        log.warning("checkpointed at step %d; exiting %d for requeue", trainer.state.global_step, preempt.REQUEUE_EXIT)
+        return preempt.REQUEUE_EXIT
+    trainer.save_model(cfg.output_dir)  # student weights, config.json (n layers, id2label), tokenizer
+    if not trainer.is_world_process_zero():
+        return 0
+
+    # Teacher and student on the same eval set and the same padded inputs, on this process's CPU/GPU.
+    student, teacher = trainer.model.eval(), teacher.to(trainer.model.device).eval()
+    eval_ds, pad = data.splits["validation"], tokenizer.pad_token_id
+    compare = {}
+    for who, model in (("teacher", teacher), ("student", student)):
+        runner = torch_runner(model)
+        compare[who] = {"metrics": evaluate(runner, eval_ds, task, names, pad), "parameters": num_parameters(model),
+                        "layers": model.config.num_hidden_layers,
+                        "latency": {str(b): latency(runner, eval_ds, b, cfg.latency, pad)
+                                    for b in cfg.latency.batch_sizes}}
+    primary = PRIMARY_METRIC[task]
+    t_score, s_score = compare["teacher"]["metrics"][primary], compare["student"]["metrics"][primary]
+    metrics = {
+        "job": "distill", "task": task, "teacher": teacher_dir, "metric": primary, **compare,
+        "retention_pct": round(100 * s_score / t_score, 2) if t_score else None,
+        "parameter_ratio": round(compare["student"]["parameters"] / compare["teacher"]["parameters"], 4),
+        "speedup": {b: round(compare["teacher"]["latency"][b]["p50_ms"] / compare["student"]["latency"][b]["p50_ms"], 2)
+                    for b in compare["teacher"]["latency"]},
+        "temperature": cfg.temperature, "alpha": cfg.alpha, "threads": torch.get_num_threads(),
+        "train_loss": result.metrics.get("train_loss"), "global_step": trainer.state.global_step,
+        "train_runtime_seconds": round(result.metrics["train_runtime"], 2),
+        "wall_seconds": round(time.perf_counter() - t_start, 2), **peak_memory_mb(),
+        "slurm_job_id": env.slurm_job_id(),
+    }
+    atomic_write_text(out / "config.resolved.yaml", dump_config(cfg))
+    plot = plot_loss(trainer.state.log_history, out / "loss.png", f"distillation: {Path(teacher_dir).name}")
+    rows = [{"model": who, primary: c["metrics"][primary], "parameters": f"{c['parameters']:,}", "layers": c["layers"],
+             **{f"p50 ms batch {b}": v["p50_ms"] for b, v in c["latency"].items()}} for who, c in compare.items()]
+    write_report(out, f"Distillation ({task})", metrics, [
+        ("Teacher vs student", markdown_table(rows)),
+        ("Summary", f"student keeps {metrics['retention_pct']}% of the teacher's {primary} with "
+                    f"{metrics['parameter_ratio']:.0%} of its parameters; speed-up (p50) {metrics['speedup']} at "
+                    f"seq {cfg.latency.seq_length}, {metrics['threads']} thread(s); T={cfg.temperature}, "
+                    f"alpha={cfg.alpha}"),
+    ], images=["loss.png"] if plot else [])
+    log.info("student %s %.4f vs teacher %.4f (%.1f%%), speed-up %s; model and report in %s", primary, s_score,
+             t_score, metrics["retention_pct"] or 0, metrics["speedup"], out)
+    return 0

@@ -1,0 +1,143 @@
+"""`hpcnlp export`: a saved model dir -> ONNX (Optimum), optionally graph-optimized and int8-quantized.
+
+output_dir: model.onnx, model.int8.onnx (when quantized), config.json (id2label), tokenizer files,
+metrics.json, report.md. Built under a temporary name and renamed into place at the end: a refused
+export leaves nothing behind. Shipping is `hpcnlp validate`'s call, not this job's.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from hpcnlp.config import ExportConfig, dump_config
+from hpcnlp.models import load_tokenizer, resolve_model_path
+from hpcnlp.report import markdown_table, write_report
+from hpcnlp.runtime.io import atomic_dir, atomic_write_text
+from hpcnlp.tasks import OPTIMUM_TASKS, load_data, task_of
+
+log = logging.getLogger(__name__)
+
+
+class ToleranceWarnings(logging.Handler):
+    """Optimum logs (does not raise) when the exported model misses atol; collect those messages."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if "succeeded with the warning" in msg:
+            self.messages.append(msg.split("\n The exported model")[0])
+
+
+def export_onnx(model_dir: str, out: Path, task: str, cfg: ExportConfig) -> list[str]:
+    """Optimum's exporter (dynamic batch and sequence axes); returns its tolerance failures."""
+    from optimum.exporters.onnx import main_export
+
+    warnings = ToleranceWarnings()
+    optimum_log = logging.getLogger("optimum.exporters.onnx.convert")
+    optimum_log.addHandler(warnings)
+    try:
+        main_export(model_dir, output=out, task=OPTIMUM_TASKS[task], opset=cfg.opset, atol=cfg.atol,
+                    do_validation=True, trust_remote_code=cfg.trust_remote_code, library_name="transformers")
+    finally:
+        optimum_log.removeHandler(warnings)
+    return warnings.messages
+
+
+def optimize(out: Path, level: int) -> None:
+    """ORT graph optimization O1..O3 (as in Optimum); the optimized graph replaces model.onnx."""
+    from optimum.onnxruntime import ORTOptimizer
+    from optimum.onnxruntime.configuration import AutoOptimizationConfig
+
+    optimizer = ORTOptimizer.from_pretrained(out, file_names=["model.onnx"])
+    optimizer.optimize(AutoOptimizationConfig.with_optimization_level(f"O{level}"), save_dir=out)
+    os.replace(out / "model_optimized.onnx", out / "model.onnx")
+
+
+def calibration_set(cfg: ExportConfig, task: str, model_dir: str, tokenizer, seq_length: int):
+    """Rows of the training data, shuffled, padded to one length (static ranges need fixed shapes)."""
+    from datasets import Dataset
+
+    from hpcnlp.tasks import MODEL_INPUTS, batches
+
+    train = load_data(task, cfg.data, tokenizer, model_dir).splits["train"].shuffle(seed=cfg.data.seed)
+    train = train.select(range(min(cfg.quantize.calibration_samples, len(train))))
+    inputs, _ = next(batches(train, len(train), tokenizer.pad_token_id, pad_to=seq_length))
+    return Dataset.from_dict({k: v.tolist() for k, v in inputs.items() if k in MODEL_INPUTS})
+
+
+def quantize(out: Path, cfg: ExportConfig, task: str, model_dir: str, tokenizer) -> dict:
+    """int8 with ORTQuantizer: dynamic (ranges at run time) or static (ranges from calibration data)."""
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoCalibrationConfig, AutoQuantizationConfig
+
+    q = cfg.quantize
+    static = q.mode == "static"
+    qconfig = getattr(AutoQuantizationConfig, q.preset)(is_static=static, per_channel=q.per_channel)
+    quantizer = ORTQuantizer.from_pretrained(out, file_name="model.onnx")
+    ranges = None
+    if static:
+        calib = calibration_set(cfg, task, model_dir, tokenizer, cfg.data.max_seq_length)
+        ranges = quantizer.fit(dataset=calib, calibration_config=AutoCalibrationConfig.minmax(calib),
+                               operators_to_quantize=qconfig.operators_to_quantize,
+                               onnx_augmented_model_name=out / "augmented_model.onnx")
+        (out / "augmented_model.onnx").unlink(missing_ok=True)
+    root = logging.getLogger()  # onnxruntime's quantizer logs one INFO line per tensor to the root logger
+    level, _ = root.level, root.setLevel(max(root.level, logging.WARNING))
+    try:
+        quantizer.quantize(quantization_config=qconfig, save_dir=out, calibration_tensors_range=ranges)
+    finally:
+        root.setLevel(level)
+    os.replace(out / "model_quantized.onnx", out / "model.int8.onnx")
+    (out / "ort_config.json").unlink(missing_ok=True)  # Optimum's record; the report says the same
+    return {"mode": q.mode, "preset": q.preset, "per_channel": q.per_channel,
+            "calibration_samples": len(calib) if static else None}
+
+
+class Refused(Exception):
+    """The export must not be used; atomic_dir then removes everything it wrote."""
+
+
+def run(cfg: ExportConfig) -> int:
+    try:
+        return build(cfg)
+    except Refused as e:
+        log.error("refused: %s; nothing written to %s", e, cfg.output_dir)
+        return 1
+
+
+def build(cfg: ExportConfig) -> int:
+    t0 = time.perf_counter()
+    model_dir = resolve_model_path(cfg.model_name_or_path)
+    task = task_of(model_dir)
+    tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
+    log.info("exporting %s (%s) to ONNX opset %d", model_dir, task, cfg.opset)
+    with atomic_dir(cfg.output_dir, replace=True) as out:
+        failures = export_onnx(model_dir, out, task, cfg)
+        if failures and not cfg.allow_tolerance_failure:
+            for msg in failures:
+                log.error("%s", msg)
+            raise Refused("the ONNX outputs differ from PyTorch beyond Optimum's atol (above). Fix: look for "
+                          "ops that export badly, or set allow_tolerance_failure: true (validate still gates)")
+        if cfg.optimization_level:
+            optimize(out, cfg.optimization_level)
+        quant = quantize(out, cfg, task, model_dir, tokenizer) if cfg.quantize.mode != "none" else None
+        sizes = {f.name: f.stat().st_size for f in sorted(out.glob("*.onnx"))}
+        metrics = {"job": "export", "task": task, "source_model": model_dir, "opset": cfg.opset,
+                   "optimization_level": cfg.optimization_level, "optimum_tolerance_failures": failures,
+                   "quantization": quant, "sizes_bytes": sizes, "wall_seconds": round(time.perf_counter() - t0, 2)}
+        atomic_write_text(out / "config.resolved.yaml", dump_config(cfg))
+        rows = [{"file": k, "MB": round(v / 2**20, 2)} for k, v in sizes.items()]
+        write_report(out, f"ONNX export: {Path(model_dir).name}", metrics, [
+            ("Files", markdown_table(rows)),
+            ("Export", f"task {task}, opset {cfg.opset}, dynamic batch and sequence axes; Optimum's atol check: "
+                       f"{'passed' if not failures else 'FAILED (allowed by config)'}; ORT optimization "
+                       f"O{cfg.optimization_level}; quantization: {quant or 'none'}"),
+        ])
+    log.info("ONNX model(s) %s in %s; next: hpcnlp validate", list(sizes), cfg.output_dir)
+    return 0
+

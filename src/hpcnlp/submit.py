@@ -1,0 +1,299 @@
+"""Queue jobs on Slurm, validated first: submit, pipeline (chained stages), sweep (job arrays), summary.
+
+Every command checks configs with the same code as `hpcnlp check` (config.load_config) before it
+calls sbatch: a bad config is refused and nothing waits in the queue. The batch scripts are the
+templates in slurm/ (`slurm/<job>.sbatch <config> key=value ...`), which check again at start.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from hpcnlp.config import ConfigError, JobConfig, Problem, load_config
+from hpcnlp.runtime.io import atomic_write_json
+
+COMMANDS = ("submit", "pipeline", "sweep", "summary")
+REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\.([A-Za-z0-9_.]+)\}")  # ${stage.dotted.key}
+
+
+def home() -> Path:
+    """Where slurm/ lives: $HPCNLP_HOME, else the working dir when it has slurm/, else this checkout."""
+    if os.environ.get("HPCNLP_HOME"):
+        return Path(os.environ["HPCNLP_HOME"])
+    if (Path.cwd() / "slurm" / "launch.sh").is_file():
+        return Path.cwd()
+    return Path(__file__).resolve().parents[2]
+
+
+def template(job: str) -> Path:
+    path = home() / "slurm" / f"{job}.sbatch"
+    if not path.is_file():
+        raise ConfigError(str(path), [Problem(key="job", message=f"no batch template for job '{job}'",
+                                              fix=f"add slurm/{job}.sbatch (copy slurm/pretrain.sbatch)")])
+    return path
+
+
+def sbatch(script: Path, args: list[str], sbatch_args: list[str] = (), env: dict | None = None) -> str:
+    """sbatch --parsable ... -> job id; sbatch's own refusal becomes a SystemExit with its message."""
+    cmd = ["sbatch", "--parsable", *sbatch_args, str(script), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise SystemExit(f"error: sbatch refused the job: {res.stderr.strip()}")
+    return res.stdout.strip().split(";")[0]
+
+
+def is_complete(output_dir: str) -> bool:
+    """metrics.json is written last by every job: its presence marks a finished run."""
+    return bool(output_dir) and (Path(output_dir) / "metrics.json").is_file()
+
+
+def as_override(key: str, value) -> str:
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+# ------------------------------------------------------------------------------------------
+# submit
+# ------------------------------------------------------------------------------------------
+def submit(config: str, overrides: list[str], sbatch_args: list[str] = ()) -> str:
+    cfg = load_config(config, overrides)
+    return sbatch(template(cfg.job), [config, *overrides], sbatch_args)
+
+
+# ------------------------------------------------------------------------------------------
+# pipeline
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Stage:
+    name: str
+    config: str
+    overrides: list[str] = field(default_factory=list)  # after ${stage.key} substitution
+    sbatch: list[str] = field(default_factory=list)
+    cfg: JobConfig | None = None
+    skip: bool = False
+
+
+def _lookup(cfg: JobConfig, dotted: str):
+    node = cfg.model_dump(mode="json")
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def load_pipeline(path: str) -> list[Stage]:
+    """Read and validate every stage up front; later stages may name earlier stages' outputs.
+
+    Stages already complete (metrics.json in their output_dir) are marked `skip` as long as every
+    stage before them is complete too: once one stage runs again, everything after it runs again.
+    """
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(path, [Problem(key="<file>", message=str(e).replace("\n", " "),
+                                         fix="give a pipeline YAML, e.g. jobs/pipeline.yaml")])
+    if not isinstance(raw.get("stages"), list) or not raw["stages"]:
+        raise ConfigError(path, [Problem(key="stages", message="missing or empty",
+                                         fix="list the stages: - {name, config, overrides}")])
+    common_sbatch = list(raw.get("sbatch", []))
+    stages: list[Stage] = []
+    done: dict[str, JobConfig] = {}
+    pending: list[str] = []  # output dirs earlier stages will create
+    all_done = True
+    for i, item in enumerate(raw["stages"]):
+        where = f"stages[{i}]"
+        unknown = set(item) - {"name", "config", "overrides", "sbatch"}
+        if unknown or "config" not in item:
+            raise ConfigError(path, [Problem(key=where, message=f"unknown keys {sorted(unknown)}" if unknown
+                                             else "no config", fix="a stage has name, config, overrides, sbatch")])
+        name = str(item.get("name") or Path(item["config"]).stem)
+        if name in done:
+            raise ConfigError(path, [Problem(key=f"{where}.name", message=f"'{name}' is used twice",
+                                             fix="give each stage its own name")])
+        overrides = []
+        for key, value in (item.get("overrides") or {}).items():
+            text = as_override(key, value)
+
+            def resolve(m: re.Match) -> str:
+                stage, key_ = m.group(1), m.group(2)
+                if stage not in done:
+                    raise ConfigError(path, [Problem(key=f"{where}.overrides.{key}",
+                                                     message=f"'{m.group(0)}' names no earlier stage",
+                                                     fix=f"use one of {sorted(done)}")])
+                try:
+                    return str(_lookup(done[stage], key_))
+                except KeyError:
+                    raise ConfigError(path, [Problem(key=f"{where}.overrides.{key}",
+                                                     message=f"stage '{stage}' has no key '{key_}'",
+                                                     fix="name a key of that stage's config, e.g. output_dir")])
+
+            overrides.append(REF.sub(resolve, text))
+        cfg = load_config(item["config"], overrides, check_meaning=False)
+        if cfg.output_dir:
+            skip = all_done and is_complete(cfg.output_dir)
+            all_done = skip
+        else:  # `prepare` keeps no output_dir: it always runs (and reuses its prepared data)
+            skip = False
+        if not skip:  # meaning checks, with the outputs of earlier stages counted as present
+            try:
+                load_config(item["config"], overrides, pending=pending)
+            except ConfigError as e:
+                raise ConfigError(f"{path} ({where} '{name}': {e.source})", e.problems) from None
+            if cfg.output_dir:
+                pending.append(cfg.output_dir)
+        done[name] = cfg
+        stages.append(Stage(name, item["config"], overrides, common_sbatch + list(item.get("sbatch", [])),
+                            cfg, skip))
+    return stages
+
+
+def run_pipeline(path: str, local: bool = False, dry_run: bool = False) -> int:
+    stages = load_pipeline(path)
+    previous = None  # job id of the last submitted stage
+    for st in stages:
+        if st.skip:
+            print(f"{st.name}: complete ({st.cfg.output_dir}/metrics.json), skipped")
+            continue
+        if dry_run:
+            print(f"{st.name}: would run {st.cfg.job} --config {st.config} {' '.join(st.overrides)}")
+            continue
+        if local:
+            rc = _run_local(st)
+            if rc != 0:
+                print(f"{st.name}: failed (exit {rc}); later stages not run", file=sys.stderr)
+                return rc
+            continue
+        dep = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
+        previous = sbatch(template(st.cfg.job), [st.config, *st.overrides],
+                          [f"--job-name=hpcnlp-{st.name}", *dep, *st.sbatch])
+        print(f"{st.name}: submitted job {previous}" + (f" (after {dep[0].split(':')[1]})" if dep else ""))
+    return 0
+
+
+def _run_local(st: Stage) -> int:
+    import importlib
+
+    from hpcnlp.cli import JOBS
+
+    print(f"{st.name}: running {st.cfg.job} --config {st.config} {' '.join(st.overrides)}", flush=True)
+    cfg = load_config(st.config, st.overrides)  # checked again now that earlier outputs exist
+    return int(importlib.import_module(JOBS[cfg.job][0]).run(cfg) or 0)
+
+
+# ------------------------------------------------------------------------------------------
+# sweep
+# ------------------------------------------------------------------------------------------
+def sweep(config: str, overrides: list[str], tasks: list[list[str]], max_parallel: int | None,
+          sbatch_args: list[str] = ()) -> str:
+    """One array task per override set, each in <output_dir>/task-<i>; a manifest says which is which."""
+    base = load_config(config, overrides, check_meaning=False).output_dir
+    task_args = [[*t, f"output_dir={base}/task-{i}"] for i, t in enumerate(tasks)]
+    for i, t in enumerate(task_args):
+        try:
+            load_config(config, [*overrides, *t])
+        except ConfigError as e:
+            raise ConfigError(f"{config} (sweep task {i}: {' '.join(tasks[i])})", e.problems) from None
+    cfg = load_config(config, overrides, check_meaning=False)
+    manifest = Path(base) / "sweep.json"
+    atomic_write_json(manifest, {"config": config, "overrides": overrides, "tasks": task_args})
+    array = f"--array=0-{len(tasks) - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    env = {**os.environ, "HPCNLP_SWEEP": str(manifest.resolve())}  # launch.py appends task i's overrides
+    return sbatch(template(cfg.job), [config, *overrides], [array, *sbatch_args], env=env)
+
+
+# ------------------------------------------------------------------------------------------
+# summary
+# ------------------------------------------------------------------------------------------
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def find_metrics(paths: list[str]) -> list[Path]:
+    found = []
+    for pattern in paths:
+        for p in sorted(glob.glob(pattern)) or [pattern]:
+            p = Path(p)
+            if p.name == "metrics.json" and p.is_file():
+                found.append(p)
+            elif (p / "metrics.json").is_file():
+                found.append(p / "metrics.json")
+            elif p.is_dir():
+                found += sorted(p.glob("*/metrics.json"))
+    return list(dict.fromkeys(found))
+
+
+def summary(paths: list[str], keys: list[str] | None = None) -> str:
+    from hpcnlp.report import markdown_table
+
+    rows = []
+    for f in find_metrics(paths):
+        rows.append({"run": str(f.parent), **_flatten(json.loads(f.read_text()))})
+    if not rows:
+        return ""
+    if not keys:  # the numbers every run has, in the first run's order
+        keys = [k for k in rows[0] if k != "run" and all(k in r for r in rows)]
+    return markdown_table(rows, ["run", *keys])
+
+
+# ------------------------------------------------------------------------------------------
+# command line (wired into `hpcnlp` by cli.py)
+# ------------------------------------------------------------------------------------------
+def add_parsers(sub) -> None:
+    p = sub.add_parser("submit", help="check a job config, then sbatch slurm/<job>.sbatch with it")
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                   help="extra sbatch option, e.g. --sbatch=--nodes=4 (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = sub.add_parser("pipeline", help="check all stages of a pipeline YAML, then queue them as a chain")
+    p.add_argument("--config", "-c", required=True, help="pipeline YAML, e.g. jobs/pipeline.yaml")
+    p.add_argument("--local", action="store_true", help="run the stages here, one after another, no Slurm")
+    p.add_argument("--dry-run", action="store_true", help="check and print the stages; queue nothing")
+    p = sub.add_parser("sweep", help="check a job config for each override set, then queue a job array")
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--overrides-list", nargs="+", required=True, metavar="'k=v k=v'",
+                   help="one quoted, space-separated override set per array task")
+    p.add_argument("--max-parallel", type=int, default=None, help="run at most K tasks at once (--array=..%%K)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides common to all tasks")
+    p = sub.add_parser("summary", help="one table of the metrics.json of several runs (e.g. a sweep)")
+    p.add_argument("paths", nargs="+", help="run dirs, their parent (a sweep's output_dir) or globs")
+    p.add_argument("--keys", help="comma-separated metric keys (dotted for nested), default: all shared")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        if args.command == "submit":
+            print(f"submitted job {submit(args.config, args.overrides, args.sbatch)}")
+        elif args.command == "pipeline":
+            return run_pipeline(args.config, local=args.local, dry_run=args.dry_run)
+        elif args.command == "sweep":
+            tasks = [t.split() for t in args.overrides_list]
+            job_id = sweep(args.config, args.overrides, tasks, args.max_parallel, args.sbatch)
+            print(f"submitted array job {job_id} ({len(tasks)} tasks)")
+        elif args.command == "summary":
+            table = summary(args.paths, args.keys.split(",") if args.keys else None)
+            if not table:
+                print(f"error: no metrics.json under {' '.join(args.paths)}", file=sys.stderr)
+                return 1
+            print(table)
+    except ConfigError as e:
+        for line in e.lines:
+            print(f"error: {line}", file=sys.stderr)
+        print("error: nothing was queued", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,128 @@
+"""What a saved model does, its labelled data and its metric: shared by distill, export and validate.
+
+The task is read from the model's config.json (`architectures`), never configured twice. Data are
+read with the fine-tuning readers, with the label set forced to the model's own id2label, so label
+ids mean the same in the data, the PyTorch model and the ONNX file.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hpcnlp.data.ner import IGNORE
+
+# architecture suffix -> hpcnlp task (same names as `hpcnlp finetune`'s `task:`)
+_ARCHITECTURES = {"ForSequenceClassification": "sequence-classification",
+                  "ForTokenClassification": "token-classification", "ForMaskedLM": "fill-mask"}
+# hpcnlp task -> Optimum exporter task
+OPTIMUM_TASKS = {"sequence-classification": "text-classification",
+                 "token-classification": "token-classification", "fill-mask": "fill-mask"}
+# the one metric each task is judged by (retention %, int8 metric drop)
+PRIMARY_METRIC = {"sequence-classification": "accuracy", "token-classification": "f1"}
+
+
+def task_of(model_dir: str | Path) -> str:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    for arch in config.get("architectures") or []:
+        for suffix, task in _ARCHITECTURES.items():
+            if arch.endswith(suffix):
+                return task
+    raise ValueError(f"{model_dir}/config.json: architectures {config.get('architectures')} is not a sequence "
+                     "classifier, token classifier or masked LM")
+
+
+def auto_model_class(task: str):
+    import transformers
+
+    return getattr(transformers, {"sequence-classification": "AutoModelForSequenceClassification",
+                                  "token-classification": "AutoModelForTokenClassification",
+                                  "fill-mask": "AutoModelForMaskedLM"}[task])
+
+
+def label_names(model_dir: str | Path) -> list[str]:
+    id2label = json.loads((Path(model_dir) / "config.json").read_text()).get("id2label", {})
+    return [id2label[str(i)] for i in range(len(id2label))]
+
+
+def load_data(task: str, data, tokenizer, model_dir: str | Path):
+    """Tokenized splits (train, validation, test...) labelled with the model's own label ids."""
+    from hpcnlp.data import classification, ner
+
+    data = data.model_copy(update={"label_names": label_names(model_dir)})
+    return (classification if task == "sequence-classification" else ner).load(data, tokenizer)
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def batches(ds, batch_size: int, pad_id: int = 0, pad_to: int | None = None):
+    """(inputs as int64 numpy arrays, labels or None) per batch, padded to the longest row (or pad_to)."""
+    names = [n for n in MODEL_INPUTS if n in ds.column_names]
+    for start in range(0, len(ds), batch_size):
+        rows = ds[start:start + batch_size]
+        width = pad_to or max(len(x) for x in rows["input_ids"])
+        inputs = {}
+        for name in names:
+            fill = pad_id if name == "input_ids" else 0
+            inputs[name] = np.array([x[:width] + [fill] * (width - len(x[:width])) for x in rows[name]], np.int64)
+        labels = rows.get("labels")
+        if labels is not None and isinstance(labels[0], list):  # token labels: pad with IGNORE
+            labels = np.array([x[:width] + [IGNORE] * (width - len(x[:width])) for x in labels], np.int64)
+        elif labels is not None:
+            labels = np.array(labels, np.int64)
+        yield inputs, labels
+
+
+def metrics(task: str, logits: list[np.ndarray], labels: list[np.ndarray], names: list[str]) -> dict:
+    """The fine-tuning job's headline metrics (same code, same names), over all batches."""
+    from hpcnlp import metrics as m
+
+    if task == "sequence-classification":
+        pred = np.concatenate([lg.argmax(-1) for lg in logits])
+        return m.headline(m.classification_metrics(np.concatenate(labels).tolist(), pred.tolist(), names))
+    gold, pred = [], []
+    for lg, lab in zip(logits, labels):
+        g, p = m.word_tags(lg, lab, names)
+        gold += g
+        pred += p
+    return m.headline(m.ner_metrics(gold, pred))
+
+
+# --- running a model over data: PyTorch and onnxruntime share one call signature -------------------
+# A runner maps numpy inputs {input_ids, attention_mask, ...} to numpy outputs {"logits": ...}.
+METRIC_BATCH = 32
+
+
+def torch_runner(model):
+    import torch
+
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            out = model(**{k: torch.from_numpy(v).to(model.device) for k, v in inputs.items()})
+            return {"logits": out.logits.float().cpu().numpy()}
+    return run
+
+
+def evaluate(runner, ds, task: str, names: list[str], pad_id: int) -> dict:
+    logits, labels = [], []
+    for inputs, gold in batches(ds, METRIC_BATCH, pad_id):
+        logits.append(runner(inputs)["logits"])
+        labels.append(gold)
+    return metrics(task, logits, labels, names)
+
+
+def latency(runner, ds, batch_size: int, cfg, pad_id: int) -> dict:
+    rows = ds.select([i % len(ds) for i in range(batch_size)])  # real text, padded to seq_length
+    inputs, _ = next(batches(rows, batch_size, pad_id, pad_to=cfg.seq_length))
+    for _ in range(cfg.warmup):
+        runner(inputs)
+    times = []
+    for _ in range(cfg.repeats):
+        t = time.perf_counter()
+        runner(inputs)
+        times.append((time.perf_counter() - t) * 1000)
+    return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p95_ms": round(float(np.percentile(times, 95)), 3),
+            "samples_per_second": round(batch_size * 1000 / float(np.mean(times)), 1)}

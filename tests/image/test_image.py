@@ -1,0 +1,112 @@
+"""The container image, built for real and checked from inside: `make image-test` (CI runs it).
+
+No Docker engine here: docker/build-local.sh builds docker/Dockerfile with podman against a Debian
+base made by debootstrap, installing from a wheelhouse of requirements/lock.txt (no network in the
+build). Needs root, podman, runc and debootstrap (.ci/run installs them). `make test` skips this
+module; `make image-test` sets HPCNLP_IMAGE_TEST=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE = os.environ.get("HPCNLP_TEST_IMAGE", "localhost/hpcnlp:test")
+# What `podman run` needs on this kind of host: crun refuses its hybrid cgroups (runc works), and
+# podman's default ulimits exceed the hard limits a process without CAP_SYS_RESOURCE may set.
+PODMAN_RUN_ARGS = ["--runtime", "runc", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
+VENV_SITE = "/opt/hpcnlp/venv/lib/python3.11/site-packages"
+
+pytestmark = [
+    pytest.mark.image,
+    pytest.mark.skipif(os.environ.get("HPCNLP_IMAGE_TEST") != "1",
+                       reason="builds the container image (minutes): run by `make image-test`"),
+]
+
+
+def in_image(*args: str, entrypoint: str | None = None, volumes: dict[str, str] | None = None,
+             timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = ["podman", "run", "--rm", *PODMAN_RUN_ARGS, "--env", "OMP_NUM_THREADS=1"]
+    if entrypoint is not None:
+        cmd += ["--entrypoint", entrypoint]
+    for host, inside in (volumes or {}).items():
+        cmd += ["-v", f"{host}:{inside}"]
+    return subprocess.run([*cmd, IMAGE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    if shutil.which("podman") is None:
+        pytest.fail("podman is missing: apt-get install podman runc debootstrap (see .ci/run)")
+    subprocess.run([str(REPO / "docker" / "build-local.sh"), IMAGE], check=True, cwd=REPO, timeout=1800)
+    return IMAGE
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or str(REPO / ".venv" / "bin" / "hadolint")
+    r = subprocess.run([hadolint, "docker/Dockerfile"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_entrypoint_is_the_cli(image):
+    r = in_image()  # no arguments: CMD is --help
+    assert r.returncode == 0, r.stderr
+    assert "pretrain" in r.stdout and "check" in r.stdout
+
+
+def test_check_accepts_the_shipped_pretrain_config(image):
+    r = in_image("check", "--config", "jobs/pretrain.yaml")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok: jobs/pretrain.yaml is a valid 'pretrain' config" in r.stdout
+
+
+def test_runs_offline_as_non_root_and_cannot_change_its_install(image):
+    probe = ("import os, json\n"
+             "try:\n"
+             f"    open('{VENV_SITE}/hpcnlp/evil.py', 'w'); wrote = True\n"
+             "except PermissionError:\n"
+             "    wrote = False\n"
+             "print(json.dumps({'uid': os.getuid(), 'wrote': wrote, 'offline': os.environ.get('HF_HUB_OFFLINE'),"
+             " 'secrets': [k for k in os.environ if any(w in k for w in ('TOKEN', 'SECRET', 'PASSWORD', 'KEY'))],"
+             " 'pip_cache': os.environ.get('PIP_NO_CACHE_DIR')}))")
+    r = in_image("-c", probe, entrypoint="python3")
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert seen["uid"] != 0
+    assert seen["wrote"] is False
+    assert seen["offline"] == "1"
+    assert seen["secrets"] == []
+    assert seen["pip_cache"] == "1"
+
+
+def test_same_python_and_pins_as_make_setup(image):
+    """The image's venv holds exactly the lock's versions (torch: the CPU wheel of this build)."""
+    r = in_image("-m", "pip", "list", "--format=json", entrypoint="python3")
+    assert r.returncode == 0, r.stderr
+    installed = {p["name"].lower().replace("_", "-"): p["version"] for p in json.loads(r.stdout)}
+    for line in (REPO / "requirements" / "lock.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            assert installed.get(name.lower().replace("_", "-"), "").split("+")[0] == version, name
+    r = in_image("-c", "import sys; print(sys.version_info[:2])", entrypoint="python3")
+    assert r.stdout.strip() == "(3, 11)"
+
+
+@pytest.mark.slow
+def test_short_pretrain_in_the_image(image, tmp_path):
+    """The shipped config on the shipped corpus, 3 steps, outputs written to a mounted dir."""
+    tmp_path.chmod(0o777)  # the image's user (uid 10001) writes here
+    r = in_image("pretrain", "--config", "jobs/pretrain.yaml", "output_dir=/out/run",
+                 "data.prepared_root=/out/prepared", "data.max_seq_length=64", "data.num_proc=1",
+                 "training.max_steps=3", "training.per_device_train_batch_size=8", "training.logging_steps=1",
+                 volumes={str(tmp_path): "/out"}, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["global_step"] == 3
+    assert metrics["eval_after"]["loss"] > 0
+    assert (tmp_path / "run" / "model.safetensors").is_file()

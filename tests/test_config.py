@@ -1,0 +1,126 @@
+"""Config validation: every class of bad config gets one line naming file, key and fix; exit 2; nothing written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from hpcnlp.cli import EXIT_CONFIG, main
+from hpcnlp.config import ConfigError, PretrainConfig, load_config, parse_overrides
+
+
+def _check(tmp_path, cfg: dict, *overrides: str):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, main(["check", "--config", str(path), *overrides])
+
+
+def _errors(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def test_shipped_pretrain_config_is_valid():
+    cfg = load_config("jobs/pretrain.yaml")
+    assert isinstance(cfg, PretrainConfig)
+    assert cfg.data.max_seq_length == 128 and cfg.trust_remote_code is False
+
+
+def test_valid_config_passes_check(tmp_path, pretrain_config, capsys):
+    path, _ = pretrain_config
+    assert main(["check", "--config", str(path)]) == 0
+    assert "valid 'pretrain' config" in capsys.readouterr().out
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path, pretrain_config, capsys):
+    _, cfg = pretrain_config
+    cfg["training"]["learning_rat"] = 1e-4
+    cfg["mlm_probabilty"] = 0.2
+    path, code = _check(tmp_path, cfg)
+    assert code == EXIT_CONFIG
+    errs = _errors(capsys)
+    assert any(str(path) in e and "training.learning_rat" in e and "did you mean 'learning_rate'" in e for e in errs)
+    assert any("mlm_probabilty" in e and "did you mean 'mlm_probability'" in e for e in errs)
+
+
+def test_wrong_type_and_range(tmp_path, pretrain_config, capsys):
+    _, cfg = pretrain_config
+    cfg["training"]["per_device_train_batch_size"] = "lots"
+    cfg["mlm_probability"] = 1.5
+    _, code = _check(tmp_path, cfg)
+    errs = _errors(capsys)
+    assert code == EXIT_CONFIG and len(errs) == 2
+    assert any("training.per_device_train_batch_size" in e and "'lots'" in e for e in errs)
+    assert any("mlm_probability" in e and "less than 1" in e for e in errs)
+
+
+def test_missing_model_dir_and_corpus(tmp_path, pretrain_config, capsys):
+    _, cfg = pretrain_config
+    cfg["model_name_or_path"] = str(tmp_path / "no-such-model")
+    cfg["data"]["train_files"] = [str(tmp_path / "nothing-here/*.txt")]
+    _, code = _check(tmp_path, cfg)
+    errs = _errors(capsys)
+    assert code == EXIT_CONFIG
+    assert any("model_name_or_path" in e and "hub ids are not fetched" in e for e in errs)
+    assert any("data.train_files" in e and "matches no file" in e for e in errs)
+
+
+def test_hub_id_is_refused(tmp_path, pretrain_config, capsys):
+    _, cfg = pretrain_config
+    cfg["model_name_or_path"] = "bert-base-uncased"
+    _, code = _check(tmp_path, cfg)
+    assert code == EXIT_CONFIG and any("local model dir" in e for e in _errors(capsys))
+
+
+def test_finished_run_needs_resume_or_overwrite(tmp_path, pretrain_config, capsys):
+    path, cfg = pretrain_config
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"done": True}))
+    assert main(["check", "--config", str(path)]) == EXIT_CONFIG
+    assert any("output_dir" in e and "finished run" in e and "overwrite: true" in e for e in _errors(capsys))
+    assert main(["check", "--config", str(path), "overwrite=true"]) == 0
+    assert main(["check", "--config", str(path), "resume=auto"]) == 0
+
+
+def test_incompatible_options(tmp_path, pretrain_config, capsys):
+    _, cfg = pretrain_config
+    cfg["training"].update(bf16=True, fp16=True, deepspeed=str(tmp_path / "missing.json"))
+    cfg["data"]["eval_fraction"] = 0
+    _, code = _check(tmp_path, cfg)
+    errs = _errors(capsys)
+    assert code == EXIT_CONFIG
+    assert any("training.bf16" in e for e in errs)
+    assert any("training.deepspeed" in e for e in errs)
+    assert any("data.eval_fraction" in e for e in errs)
+
+
+def test_wrong_job_and_bad_yaml(tmp_path, pretrain_config, capsys):
+    path, cfg = pretrain_config
+    assert main(["prepare", "--config", str(path)]) == EXIT_CONFIG
+    assert any("not 'prepare'" in e for e in _errors(capsys))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("job: pretrain\ntraining: [unclosed\n")
+    assert main(["check", "--config", str(bad)]) == EXIT_CONFIG
+    assert any("not valid YAML" in e for e in _errors(capsys))
+    cfg["job"] = "pretrian"
+    _, code = _check(tmp_path, cfg)
+    assert code == EXIT_CONFIG and any("did you mean 'pretrain'" in e for e in _errors(capsys))
+
+
+def test_refused_job_writes_nothing(tmp_path, pretrain_config):
+    path, _ = pretrain_config
+    assert main(["pretrain", "--config", str(path), "training.max_stepz=3"]) == EXIT_CONFIG
+    assert not (tmp_path / "out").exists() and not (tmp_path / "prepared").exists()
+
+
+def test_overrides_are_dotted_and_typed():
+    assert parse_overrides(["training.max_steps=10", "data.train_files=[a,b]", "overwrite=true"]) == {
+        "training": {"max_steps": 10}, "data": {"train_files": ["a", "b"]}, "overwrite": True}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["training.max_steps"])
+
+
+def test_trust_remote_code_is_off_by_default(pretrain_config):
+    path, _ = pretrain_config
+    assert load_config(path).trust_remote_code is False

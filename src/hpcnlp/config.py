@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from hpcnlp.models import ModelNotFound, resolve_model_path
 
@@ -74,6 +74,11 @@ class TrainingConfig(Section):
     dataloader_num_workers: int = Field(0, ge=0)
     group_by_length: bool = False
     deepspeed: str | None = None  # path to a DeepSpeed JSON (jobs/deepspeed/*.json)
+
+    @field_validator("eval_strategy", "save_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        return "no" if v is False else v  # YAML 1.1 reads a bare `no` as false
 
     def problems(self) -> list[Problem]:
         out = []

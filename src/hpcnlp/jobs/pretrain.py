@@ -37,10 +37,9 @@ class MLMCollator:
     """
 
     def __init__(self, tokenizer, mlm_probability: float, whole_word_mask: bool, seed: int):
-        from transformers import DataCollatorForLanguageModeling, DataCollatorForTokenClassification
+        from transformers import DataCollatorForTokenClassification
 
-        self.mask = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability,
-                                                    whole_word_mask=whole_word_mask)
+        self.mask = masker(tokenizer, mlm_probability, whole_word_mask)
         self.pad = DataCollatorForTokenClassification(tokenizer)  # pads labels with -100
         self.seed = seed
 
@@ -49,18 +48,34 @@ class MLMCollator:
             return self.pad(features)
         digest = zlib.crc32(b"".join(np.asarray(f["input_ids"], dtype=np.int32).tobytes() for f in features))
         self.mask.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + digest)
-        return self.mask(features)
+        return self.mask(_pad_offsets(features))
+
+
+def _pad_offsets(features: list[dict]) -> list[dict]:
+    """tokenizer.pad pads input_ids and special_tokens_mask but not offset_mapping (whole-word masking)."""
+    if "offset_mapping" not in features[0]:
+        return features
+    n = max(len(f["input_ids"]) for f in features)
+    return [{**f, "offset_mapping": list(f["offset_mapping"]) + [[0, 0]] * (n - len(f["offset_mapping"]))}
+            for f in features]
+
+
+def masker(tokenizer, mlm_probability: float, whole_word_mask: bool, seed: int | None = None):
+    from transformers import DataCollatorForLanguageModeling
+
+    # Whole-word masking only replaces with [MASK]; say so up front (transformers' own warning
+    # for this case raises a TypeError in 4.57).
+    replace = {"mask_replace_prob": 1.0, "random_replace_prob": 0.0} if whole_word_mask else {}
+    return DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability,
+                                           whole_word_mask=whole_word_mask, seed=seed, **replace)
 
 
 def fixed_eval_masks(eval_ds, tokenizer, mlm_probability: float, whole_word_mask: bool, seed: int):
-    from transformers import DataCollatorForLanguageModeling
-
-    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability,
-                                             whole_word_mask=whole_word_mask, seed=seed)
+    fixed = masker(tokenizer, mlm_probability, whole_word_mask, seed)
 
     def mask(batch):
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        out = masker(rows)
+        out = fixed(_pad_offsets(rows))
         lengths = [len(r["input_ids"]) for r in rows]
         return {"input_ids": [ids[:n].tolist() for ids, n in zip(out["input_ids"], lengths)],
                 "labels": [lab[:n].tolist() for lab, n in zip(out["labels"], lengths)]}

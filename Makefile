@@ -41,5 +41,22 @@ test: setup
 bench: setup
 	$(BIN)/python -m bench
 
+# Full public datasets into data/full/ (gitignored); the repo ships only small samples.
+data: setup
+	$(BIN)/python data/fetch_finetune.py
+
+# Container image (docker/, README "Container image"). `make image` is the cluster build: CUDA torch
+# from PyPI, with docker or podman; IMAGE_ARGS passes more, e.g. --build-arg MODEL_DIR=models/mine.
+IMAGE      ?= hpcnlp:latest
+ENGINE     ?= $(shell command -v docker || command -v podman)
+image:
+	$(ENGINE) build -f docker/Dockerfile -t $(IMAGE) $(IMAGE_ARGS) .
+
+# Here (no Docker engine, no registry): lint, build with podman on a debootstrap base from a local
+# wheelhouse (CPU torch), then check the image from inside (tests/image/). Needs root.
+image-test: setup
+	$(BIN)/pip install -q --no-deps -r requirements/dev.txt
+	HPCNLP_IMAGE_TEST=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/image
+
 clean:
 	rm -rf outputs artifacts rejected .pytest_cache

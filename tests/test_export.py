@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from conftest import NER_DATA, SENTIMENT_DATA, export_config, run_cli, validate_config, write_config
 
+SMALL_EVAL = {**SENTIMENT_DATA, "max_eval_samples": 64}  # rejection tests: the gate's logic, not the metric
+
 pytestmark = pytest.mark.slow  # each test exports or validates a real model
 
 
@@ -68,7 +70,7 @@ def test_export_and_validate_token_classifier(ner_teacher, tmp_path):
 
 def test_impossible_tolerance_is_rejected_and_nothing_ships(sentiment_teacher, sentiment_onnx, tmp_path):
     rc = run_cli("validate", "--config", str(validate_config(tmp_path, sentiment_teacher, sentiment_onnx,
-                                                              SENTIMENT_DATA, thresholds={"fp32_atol": 1e-12})))
+                                                              SMALL_EVAL, thresholds={"fp32_atol": 1e-12})))
     assert rc == 1
     assert not (tmp_path / "artifacts" / "test-model").exists()
     assert [p.name for p in (tmp_path / "artifacts").iterdir()] == []  # no staging left either
@@ -91,7 +93,7 @@ def test_corrupted_weight_is_rejected(sentiment_teacher, sentiment_onnx, tmp_pat
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init)[::-1].copy(), init.name))  # rows swapped
     onnx.save(model, str(broken / "model.onnx"))
     rc = run_cli("validate", "--config", str(validate_config(tmp_path, sentiment_teacher, str(broken),
-                                                              SENTIMENT_DATA)))
+                                                              SMALL_EVAL)))
     assert rc == 1
     assert not (tmp_path / "artifacts" / "test-model").exists()
     report = json.loads((tmp_path / "rejected" / "test-model" / "1" / "validation.json").read_text())
@@ -133,3 +135,24 @@ def test_check_refuses_static_quantization_without_data(sentiment_teacher, tmp_p
                                               "output_dir": str(tmp_path / "o"), "quantize": {"mode": "static"}})
     assert run_cli("check", "--config", str(cfg)) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_static_quantization_with_ort_optimization(sentiment_teacher, tmp_path):
+    """Static int8 calibrated on training rows, after ORT graph optimization O2; checked directly."""
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    cfg = export_config(tmp_path, sentiment_teacher, optimization_level=2, data=SENTIMENT_DATA,
+                        quantize={"mode": "static", "preset": "avx2", "calibration_samples": 32})
+    assert run_cli("export", "--config", str(cfg)) == 0
+    out = tmp_path / "onnx"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["quantization"]["mode"] == "static" and metrics["quantization"]["calibration_samples"] == 32
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["model.int8.onnx", "model.onnx"]  # no leftovers
+    texts = ["a gripping, beautifully acted film", "a tedious, lifeless mess", "fine", "I loved every minute"]
+    enc = AutoTokenizer.from_pretrained(sentiment_teacher)(texts, padding="max_length", max_length=48,
+                                                           return_tensors="np")
+    feeds = {k: v.astype(np.int64) for k, v in enc.items()}
+    fp32, int8 = (ort.InferenceSession(str(out / f), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+                  for f in ("model.onnx", "model.int8.onnx"))
+    assert np.abs(fp32 - int8).max() < 1.0 and (fp32.argmax(-1) == int8.argmax(-1)).mean() >= 0.75

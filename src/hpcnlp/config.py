@@ -469,6 +469,9 @@ class ExportConfig(JobConfig):
                                    fix="add data.train_file (the training data), or use quantize.mode: dynamic"))
             else:
                 task = _model_task(self.model_name_or_path)
+                if task == "fill-mask":
+                    out.append(Problem(key="quantize.mode", message="static quantization calibrates on labelled "
+                                       "classification data; this is a masked LM", fix="use quantize.mode: dynamic"))
                 out += data_file_problems(task, self.data, pending) if task in POSTPROCESS_TASKS else []
         return out
 

@@ -45,6 +45,7 @@ def template(job: str) -> Path:
 def sbatch(script: Path, args: list[str], sbatch_args: list[str] = (), env: dict | None = None) -> str:
     """sbatch --parsable ... -> job id; sbatch's own refusal becomes a SystemExit with its message."""
     cmd = ["sbatch", "--parsable", *sbatch_args, str(script), *args]
+    env = {**(env or os.environ), "HPCNLP_HOME": str(home())}  # the batch script finds slurm/launch.sh by it
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise SystemExit(f"error: sbatch refused the job: {res.stderr.strip()}")
@@ -266,7 +267,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("sweep", help="check a job config for each override set, then queue a job array")
     p.add_argument("--config", "-c", required=True)
     p.add_argument("--overrides-list", nargs="+", required=True, metavar="'k=v k=v'",
-                   help="one quoted, space-separated override set per array task")
+                   help="one quoted, space-separated override set per array task (put this option last)")
     p.add_argument("--max-parallel", type=int, default=None, help="run at most K tasks at once (--array=..%%K)")
     p.add_argument("--sbatch", action="append", default=[], metavar="OPTION")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides common to all tasks")

@@ -14,6 +14,7 @@ Use `cluster.env` (SLURM_CONF set) for your own sbatch/squeue/scontrol calls.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -99,10 +100,13 @@ def slurm_conf(root: Path, host: str, nodes: int, cpus: int, ctld_port: int, nod
 
 
 class LocalSlurm:
-    def __init__(self, root: Path, nodes: int = 2, cpus_per_node: int = 2):
+    def __init__(self, root: Path, nodes: int = 2, cpus_per_node: int = 2, first_job_id: int = 1):
         self.root = Path(root)
         self.nodes = nodes
         self.cpus = cpus_per_node
+        # Launchers derive rendezvous ports from job ids: a second cluster on this machine (the image
+        # test) starts elsewhere so its jobs do not race the first one's for the same ports.
+        self.first_job_id = first_job_id
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._munged_pid: int | None = None  # set only when we started munged
@@ -118,7 +122,8 @@ class LocalSlurm:
         while not all(_port_free(p) for p in range(base, base + self.nodes + 1)):
             base += self.nodes + 1
         node_ports = list(range(base, base + self.nodes))
-        self.conf.write_text(slurm_conf(self.root, host, self.nodes, self.cpus, base + self.nodes, node_ports))
+        self.conf.write_text(slurm_conf(self.root, host, self.nodes, self.cpus, base + self.nodes, node_ports)
+                             + f"FirstJobId={self.first_job_id}\n")
         self._start_munge()
         subprocess.run(["/usr/sbin/slurmctld", "-c", "-f", str(self.conf)], check=True, env=self.env)
         for i in range(1, self.nodes + 1):
@@ -151,8 +156,14 @@ class LocalSlurm:
         return out
 
     def stop(self) -> None:
-        """SIGTERM our daemons by pid, SIGKILL what is left after 15 s; then munged if it was ours."""
+        """Cancel this cluster's jobs (their processes outlive slurmd otherwise), SIGTERM our daemons by
+        pid, SIGKILL what is left after 15 s; then munged if it was ours."""
         pids = [p for p in self.pids() if _alive(p)]
+        if pids:
+            self.run("scancel", f"--user={pwd.getpwuid(os.getuid()).pw_name}", check=False)
+            deadline = time.time() + 20
+            while self.run("squeue", "-h", check=False).stdout.strip() and time.time() < deadline:
+                time.sleep(0.5)
         for p in pids:
             os.kill(p, signal.SIGTERM)
         deadline = time.time() + 15

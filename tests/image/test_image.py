@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,8 +73,9 @@ def test_runs_offline_as_non_root_and_cannot_change_its_install(image):
              f"    open('{VENV_SITE}/hpcnlp/evil.py', 'w'); wrote = True\n"
              "except PermissionError:\n"
              "    wrote = False\n"
-             "print(json.dumps({'uid': os.getuid(), 'wrote': wrote, 'offline': os.environ.get('HF_HUB_OFFLINE'),"
-             " 'secrets': [k for k in os.environ if any(w in k for w in ('TOKEN', 'SECRET', 'PASSWORD', 'KEY'))],"
+             "print(json.dumps({'uid': os.getuid(), 'wrote': wrote,"
+             " 'offline': os.environ.get('HF_HUB_OFFLINE'),"
+             " 'env': sorted(os.environ),"
              " 'pip_cache': os.environ.get('PIP_NO_CACHE_DIR')}))")
     r = in_image("-c", probe, entrypoint="python3")
     assert r.returncode == 0, r.stderr
@@ -80,7 +83,8 @@ def test_runs_offline_as_non_root_and_cannot_change_its_install(image):
     assert seen["uid"] != 0
     assert seen["wrote"] is False
     assert seen["offline"] == "1"
-    assert seen["secrets"] == []
+    secrets = [k for k in seen["env"] if re.search(r"(^|_)(TOKEN|SECRET|PASSWORD|KEY)(_|$)", k)]
+    assert secrets == []  # (TOKENIZERS_PARALLELISM is fine)
     assert seen["pip_cache"] == "1"
 
 
@@ -97,16 +101,83 @@ def test_same_python_and_pins_as_make_setup(image):
     assert r.stdout.strip() == "(3, 11)"
 
 
+def test_model_dir_build_arg_bakes_a_model_in(image):
+    """MODEL_DIR (air-gapped clusters): a saved model dir from the build context ends up in the image."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    context_dir = REPO / ".tmp-image-model"  # inside the build context, git-ignored
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(context_dir / "tiny-bert")
+    tag = f"{image}-model"
+    try:
+        subprocess.run([str(REPO / "docker" / "build-local.sh"), tag, "--build-arg",
+                        f"MODEL_DIR={context_dir.name}/tiny-bert"], check=True, cwd=REPO, timeout=900)
+    finally:
+        shutil.rmtree(context_dir)
+    probe = ("from transformers import AutoModelForMaskedLM\n"
+             "from hpcnlp.models import resolve_model_path\n"
+             "print(AutoModelForMaskedLM.from_pretrained(resolve_model_path('/opt/hpcnlp/models/tiny-bert'))"
+             ".config.hidden_size)")
+    r = subprocess.run(["podman", "run", "--rm", *PODMAN_RUN_ARGS, "--entrypoint", "python3", tag, "-c", probe],
+                       capture_output=True, text=True, timeout=300)
+    subprocess.run(["podman", "rmi", tag], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1] == "16"
+
+
 @pytest.mark.slow
 def test_short_pretrain_in_the_image(image, tmp_path):
     """The shipped config on the shipped corpus, 3 steps, outputs written to a mounted dir."""
     tmp_path.chmod(0o777)  # the image's user (uid 10001) writes here
     r = in_image("pretrain", "--config", "jobs/pretrain.yaml", "output_dir=/out/run",
                  "data.prepared_root=/out/prepared", "data.max_seq_length=64", "data.num_proc=1",
-                 "training.max_steps=3", "training.per_device_train_batch_size=8", "training.logging_steps=1",
+                 "data.eval_fraction=0.01", "training.max_steps=3", "training.per_device_train_batch_size=8",
+                 "training.logging_steps=1",
                  volumes={str(tmp_path): "/out"}, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["global_step"] == 3
     assert metrics["eval_after"]["loss"] > 0
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_node_slurm_job_trains_inside_the_image(image, tmp_path):
+    """slurm/pretrain.sbatch on a real local Slurm (2 slurmd nodes), each node's task in podman."""
+    sys.path.insert(0, str(REPO / "tests" / "cluster"))
+    from slurm_harness import LocalSlurm, can_run
+
+    if reason := can_run():
+        pytest.skip(f"no local Slurm: {reason}")
+    work = tmp_path / "work"  # the submit dir: the launcher binds it into the containers
+    (work / "corpus").mkdir(parents=True)
+    for name in ("tutorial/introduction.rst.txt", "tutorial/controlflow.rst.txt"):
+        shutil.copy(REPO / "data" / "corpus" / "python-docs" / name, work / "corpus")
+    config = work / "tiny.yaml"  # a 2-layer BERT from scratch: 2 ranks on 2 shared cores
+    config.write_text(json.dumps({
+        "job": "pretrain", "init": "scratch", "output_dir": str(work / "out"),
+        "scratch": {"vocab_size": 800, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "intermediate_size": 64},
+        "data": {"train_files": [str(work / "corpus" / "*.rst.txt")], "max_seq_length": 32,
+                 "eval_fraction": 0.05, "prepared_root": str(work / "prepared")},
+        "training": {"max_steps": 6, "per_device_train_batch_size": 8, "logging_steps": 2,
+                     "eval_strategy": "no", "save_steps": 3, "seed": 7},
+    }))  # JSON is YAML
+    cluster = LocalSlurm(tmp_path / "slurm", nodes=2, first_job_id=7001).start()
+    try:
+        env = {**cluster.env, "HPCNLP_HOME": str(REPO), "HPCNLP_IMAGE": image, "HPCNLP_CONTAINER": "podman",
+               "HPCNLP_PODMAN_ARGS": " ".join(PODMAN_RUN_ARGS), "OMP_NUM_THREADS": "1"}
+        job = cluster.sbatch(["--nodes=2", "--cpus-per-task=1", "--time=15", f"--output={work}/%x-%j.out",
+                              str(REPO / "slurm" / "pretrain.sbatch"), str(config)], cwd=work, env=env)
+        state = cluster.wait(job, timeout=900)
+        log = "\n".join(p.read_text() for p in work.glob("*.out"))
+    finally:
+        cluster.stop()
+    assert state == "COMPLETED", log[:3000] + "\n...\n" + log[-3000:]
+    assert f"podman {image}" in log  # the launcher's plan
+    for node in (0, 1):  # each node's launcher ran the image's python, not the host venv
+        assert re.search(rf"launch: node {node} of 2 .*: /opt/hpcnlp/venv/bin/python3? -m torch.distributed", log)
+    metrics = json.loads((work / "out" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_step"] == 6
+    assert metrics["slurm_job_id"] == job
+    assert (work / "out").stat().st_uid == os.getuid()  # written as the submitting user

@@ -110,9 +110,15 @@ def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Ex
 
 def check_labels(path: str, split: str, examples: list, label_names: list[str], from_config: bool,
                  labels_of=lambda e: [e.label]) -> None:
-    known = set(label_names)
-    problems = [unknown_label_problem(label, label_names, split, e.where, from_config)
-                for e in examples for label in labels_of(e) if label not in known]
+    """Each unknown label once, at its first occurrence, with how often it occurs."""
+    known, first, count = set(label_names), {}, {}
+    for e in examples:
+        for i, label in enumerate(labels_of(e)):
+            if label not in known:
+                first.setdefault(label, e.token_where(i) if hasattr(e, "token_where") else e.where)
+                count[label] = count.get(label, 0) + 1
+    problems = [unknown_label_problem(label, label_names, split, where, from_config, count[label])
+                for label, where in first.items()]
     if problems:
         raise DataError(path, problems)
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from hpcnlp.config import ConfigError, FinetuneDataConfig, Problem
+from hpcnlp.config import ConfigError, FinetuneDataConfig, JobConfig, Problem
 
 MAX_ERRORS_SHOWN = 20  # a file with 10,000 bad rows should not print 10,000 lines
 
@@ -57,7 +57,8 @@ def read_columns(path: str, fmt: str) -> list[str]:
 
 
 def data_file_problems(task: str, data: FinetuneDataConfig, pending: Iterable[str] = ()) -> list[Problem]:
-    """Files exist, formats fit the task, named columns exist (header only; rows are checked at read time)."""
+    """Files exist, formats fit the task, named columns exist (header only; rows are checked at read time).
+    Files in `pending` (made by an earlier pipeline stage) are not checked yet."""
     out = []
     allowed = TASK_FORMATS[task]
     if task == "sequence-classification":
@@ -67,6 +68,8 @@ def data_file_problems(task: str, data: FinetuneDataConfig, pending: Iterable[st
         wanted = {"tokens_column": data.tokens_column, "tags_column": data.tags_column}
     for key, path in data.files().items():
         key = f"data.{key}"
+        if JobConfig._is_pending(path, pending):
+            continue
         if not Path(path).is_file():
             out.append(Problem(key=key, message=f"no such file '{path}'", fix="correct the path "
                                "(relative paths are from the working dir)"))
@@ -101,11 +104,12 @@ def label_maps(names: list[str]) -> tuple[dict[int, str], dict[str, int]]:
     return dict(enumerate(names)), {n: i for i, n in enumerate(names)}
 
 
-def unknown_label_problem(label: str, names: list[str], split: str, where: str,
-                          from_config: bool) -> Problem:
+def unknown_label_problem(label: str, names: list[str], split: str, where: str, from_config: bool,
+                          times: int = 1) -> Problem:
+    more = f" ({times} times; first here)" if times > 1 else ""
     if from_config:
-        return Problem(key=where, message=f"label '{label}' is not in the label set {names}",
+        return Problem(key=where, message=f"label '{label}' is not in the label set {names}{more}",
                        fix="correct the label or add it to data.label_names")
-    return Problem(key=where, message=f"label '{label}' never occurs in the training data: the label set of "
-                   f"this {split} file differs from train's {names}",
+    return Problem(key=where, message=f"label '{label}' never occurs in the training data{more}: the label set "
+                   f"of this {split} file differs from train's {names}",
                    fix="correct the label, or list the full label set in data.label_names")

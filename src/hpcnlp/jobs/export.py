@@ -87,7 +87,8 @@ def quantize(out: Path, cfg: ExportConfig, task: str, model_dir: str, tokenizer)
                                onnx_augmented_model_name=out / "augmented_model.onnx")
         (out / "augmented_model.onnx").unlink(missing_ok=True)
     root = logging.getLogger()  # onnxruntime's quantizer logs one INFO line per tensor to the root logger
-    level, _ = root.level, root.setLevel(max(root.level, logging.WARNING))
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
     try:
         quantizer.quantize(quantization_config=qconfig, save_dir=out, calibration_tensors_range=ranges)
     finally:

@@ -25,6 +25,7 @@ from hpcnlp.report import markdown_table, plot_loss, write_report
 from hpcnlp.runtime import env, preempt
 from hpcnlp.runtime.checkpoints import resume_target
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
+from hpcnlp.tasks import auto_model_class
 from hpcnlp.train.callbacks import ThroughputCallback, peak_memory_mb
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,11 @@ IS_NER = "token-classification"
 
 # --- model ------------------------------------------------------------------------------------
 def build_model(cfg: FinetuneConfig, label_names: list[str]):
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    auto = AutoModelForTokenClassification if cfg.task == IS_NER else AutoModelForSequenceClassification
     id2label, label2id = label_maps(label_names)
     # ignore_mismatched_sizes: a model fine-tuned before on another label set gets a fresh head.
-    return auto.from_pretrained(resolve_model_path(cfg.model_name_or_path), num_labels=len(label_names),
-                                id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True,
-                                trust_remote_code=cfg.trust_remote_code)
+    return auto_model_class(cfg.task).from_pretrained(
+        resolve_model_path(cfg.model_name_or_path), num_labels=len(label_names), id2label=id2label,
+        label2id=label2id, ignore_mismatched_sizes=True, trust_remote_code=cfg.trust_remote_code)
 
 
 def encoder_layers(base):
@@ -206,8 +204,10 @@ def run(cfg: FinetuneConfig) -> int:
     reader = ner if cfg.task == IS_NER else classification
     try:  # every row of every file is checked here, before anything is written
         data = reader.load(cfg.data, tokenizer)
-        train_labels = [x for row in data.splits["train"]["labels"] for x in np.atleast_1d(row) if x != ner.IGNORE]
-        weights = class_weight_vector(cfg.class_weights, data.label_names, train_labels) if cfg.class_weights else None
+        weights = None
+        if cfg.class_weights:
+            train_labels = [x for row in data.splits["train"]["labels"] for x in np.atleast_1d(row) if x != ner.IGNORE]
+            weights = class_weight_vector(cfg.class_weights, data.label_names, train_labels)
     except ConfigError as e:
         for line in e.lines:
             print(f"error: {line}", file=sys.stderr)

@@ -91,7 +91,7 @@ def _scratch_tokenizer(cfg: PretrainConfig, args):
     from hpcnlp.data.corpus import expand_files, read_documents
 
     path = Path(cfg.output_dir) / "scratch-tokenizer"
-    with args.main_process_first(desc="scratch tokenizer"):
+    with args.main_process_first(local=False, desc="scratch tokenizer"):  # shared FS: one writer
         if not (path / "tokenizer.json").is_file():
             wp = BertWordPieceTokenizer(lowercase=True)
             docs = (d["text"] for d in read_documents(expand_files(cfg.data.train_files), cfg.data.format,
@@ -139,7 +139,7 @@ def run(cfg: PretrainConfig) -> int:
         tokenizer = _scratch_tokenizer(cfg, args)
     else:
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
-    with args.main_process_first(desc="prepare"):  # rank 0 builds, the others then reuse it
+    with args.main_process_first(local=False, desc="prepare"):  # rank 0 builds, the others reuse it
         prepared = prepare(cfg.data, tokenizer, with_offsets=cfg.whole_word_masking)
     data = prepared.load()
     eval_ds = fixed_eval_masks(data["eval"], tokenizer, cfg.mlm_probability, cfg.whole_word_masking, args.seed)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from hpcnlp import bundle
-from hpcnlp.config import ValidateConfig, dump_config
+from hpcnlp.config import ConfigError, ValidateConfig, dump_config
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, save_figure
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
@@ -25,6 +26,7 @@ from hpcnlp.tasks import (PRIMARY_METRIC, auto_model_class, batches, evaluate, l
 
 log = logging.getLogger(__name__)
 PARITY_BATCH = 8
+EXIT_DATA = 2  # the eval data (or the model's task) was refused; nothing staged
 
 
 # --- onnxruntime --------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ def plot_latency(lat: dict, path: Path, title: str) -> Path:
 def model_card(cfg: ValidateConfig, task: str, names: list[str], results: dict, passed: bool) -> str:
     primary = PRIMARY_METRIC.get(task)
     rows = [{"model": k, **v} for k, v in results["metrics"].items()]
-    has_int8 = "onnx_int8" in results["metrics"] or "onnx_int8" in results["parity"]
+    has_int8 = "onnx_int8" in results["metrics"]
     run = ("python onnx_inference.py . \"a text to classify\"" if task == "sequence-classification"
            else "python onnx_inference.py . \"Jane Doe flew to Paris\"")
     return "\n".join([
@@ -144,12 +146,17 @@ def run(cfg: ValidateConfig) -> int:
     task = task_of(model_dir)
     if task == "fill-mask":
         log.error("validate gates classifiers (sequence, token); for a masked LM use export's Optimum check")
-        return 2
+        return EXIT_DATA
     names = label_names(model_dir)
     threads = cfg.latency.num_threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(model_dir)
-    data = load_data(task, cfg.data, tokenizer, model_dir)
+    try:  # every eval row is checked before anything is staged
+        data = load_data(task, cfg.data, tokenizer, model_dir)
+    except ConfigError as e:
+        for line in e.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_DATA
     eval_ds = data.splits["validation"]
     pad = tokenizer.pad_token_id
     token_level = task == "token-classification"

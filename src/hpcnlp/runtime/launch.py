@@ -135,6 +135,12 @@ def container_wrap(plan: Plan) -> tuple[list[str], list[str]]:
     if plan.container == "podman":
         # Host network and IPC: ranks on different nodes reach each other, as outside a container.
         prefix = ["podman", "run", "--rm", "--network=host", "--ipc=host", *plan.podman_args]
+        # The image's ENTRYPOINT is `hpcnlp`; what runs here is a python command line. And run as the
+        # submitting user, as Apptainer does, so outputs in the bound dirs are theirs (rootless podman
+        # needs keep-id for that uid to be the same inside).
+        prefix += ["--entrypoint=", f"--user={os.getuid()}:{os.getgid()}"]
+        if os.getuid() != 0:
+            prefix.append("--userns=keep-id")
         for b in binds:
             prefix += ["-v", f"{b}:{b}"]
         for name in ("SLURM_*", "HPCNLP_*", "OMP_NUM_THREADS", "HF_*", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR",

@@ -26,6 +26,17 @@ REQUEUE_EXIT = 75  # EX_TEMPFAIL: "checkpointed; run me again"
 _requested = False
 
 
+def _cpu_index_deserialize(obj, location: str):
+    # Resuming, the Trainer loads optimizer.pt with map_location=args.device, which is "cpu:<rank>"
+    # in a multi-process CPU run; torch's loader only knows "cpu" and fails. Same memory: keep it.
+    if location.startswith("cpu:"):
+        return obj
+    return None
+
+
+torch.serialization.register_package(11, lambda obj: None, _cpu_index_deserialize)  # 11: just after "cpu"
+
+
 def _on_signal(signum, frame):
     global _requested
     _requested = True

@@ -1,0 +1,126 @@
+"""summary.json (ratios + every case), summary.md (tables) and the PNG charts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hpcnlp.report import markdown_table, save_figure
+from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
+
+PRETRAIN = [("pretrain_hpcnlp_128", "hpcnlp: packed 128, sparse MLM head", "pretrain_run_mlm_128"),
+            ("pretrain_run_mlm_128", "run_mlm.py style: group_texts 128, stock", None),
+            ("pretrain_hpcnlp_512", "hpcnlp: packed 512, sparse MLM head", "pretrain_run_mlm_512"),
+            ("pretrain_run_mlm_512", "run_mlm.py style: group_texts 512, stock", None),
+            ("pretrain_hpcnlp_256", "hpcnlp: packed 256, sparse MLM head", None),
+            ("pretrain_seed_recipe", "seeds' recipe: each line padded to 512, stock", None)]
+FINETUNE = [("finetune_hpcnlp", "hpcnlp: dynamic padding + group_by_length"),
+            ("finetune_run_glue", "run_glue.py style: pad to 128"),
+            ("finetune_seed_recipe", "seeds' recipe: pad to 512")]
+
+
+def _ok(results: dict, name: str) -> dict | None:
+    r = results.get(name)
+    return r if r and "error" not in r else None
+
+
+def _mfu(r: dict, peak: float | None):
+    return round(r["train_gflops_per_second"] / peak, 3) if peak and "train_gflops_per_second" in r else ""
+
+
+def tables(summary: dict) -> str:
+    res = summary["results"]
+    peak = (_ok(res, "matmul_peak") or {}).get("gflops")
+    out = [f"Machine: {summary['machine']}. fp32 2048x2048 torch.mm peak: {peak} GFLOP/s (same run).", ""]
+    out += ["### Ratios", "", markdown_table([{"ratio": k, "value": v} for k, v in summary["ratios"].items()]), ""]
+
+    rows = []
+    levers = [(k, k, "lever_base" if k != "lever_base" else None) for k in res if k.startswith("lever_")]
+    for name, label, vs in PRETRAIN + levers:
+        r = _ok(res, name)
+        if r is None:
+            rows.append({"recipe": label, "real tokens/s": res.get(name, {}).get("error", "not run")})
+            continue
+        base = _ok(res, vs) if vs else None
+        rows.append({"recipe": label, "real tokens/s": r["tokens_per_second"],
+                     "vs baseline": f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "",
+                     "step s": r["step_seconds_median"], "padding": f"{100 * r['padding_share']:.0f}%",
+                     "MFU": _mfu(r, peak), "peak RSS MB": r["peak_rss_mb"],
+                     f"eval loss": r["eval_loss"], "steps x batch": f"{r['steps']} x {r['batch_size']}"})
+    out += ["### Pretraining (MiniLM-L6, Python docs; eval loss on the same held-out masked tokens)", "",
+            markdown_table(rows), ""]
+
+    rows = []
+    for name, label in FINETUNE:
+        r = _ok(res, name)
+        if r is None:
+            rows.append({"recipe": label, "samples/s": res.get(name, {}).get("error", "not run")})
+            continue
+        rows.append({"recipe": label, "samples/s": r["samples_per_second"],
+                     "padding": f"{100 * r['padding_share']:.0f}%", "peak RSS MB": r["peak_rss_mb"],
+                     "eval accuracy": r["eval_accuracy"], "eval loss": r["eval_loss"],
+                     "steps x batch": f"{r['steps']} x {r['batch_size']}"})
+    out += ["### Fine-tuning (Rotten Tomatoes sentences, batch 16)", "", markdown_table(rows), ""]
+
+    rows = [{"corpus": f"x{r['times']}", "num_proc": r["num_proc"], "tokens": r["tokens"],
+             "tokens/s": r["tokens_per_second"], "peak RSS MB": r["peak_rss_mb"],
+             "RSS before data MB": r["rss_before_mb"]}
+            for k, r in res.items() if k.startswith("prepare_") and "error" not in r]
+    out += ["### prepare (tokenize + pack 128)", "", markdown_table(rows), ""]
+    gpu = summary["gpu"] or {k: res.get(k) for k in ("gpu_matmul_peak", "gpu_bert_base_128")}
+    out += ["### GPU (BERT-base, bf16, packed 128, sparse head)", "", f"{gpu}", ""]
+    if "onnx_latency" in res:
+        out += ["### ONNX latency (bench/onnx_latency.py)", "", f"{res['onnx_latency']}", ""]
+    return "\n".join(out)
+
+
+def charts(summary: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res, names = summary["results"], []
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    pre = [(label.split(":")[0] + ("\n" + label.split(": ")[1][:22] if ": " in label else ""),
+            _ok(res, n)["tokens_per_second"]) for n, label, _ in PRETRAIN if _ok(res, n)]
+    if pre:
+        a.barh(*zip(*pre))
+        a.set_xlabel("real (non-pad) tokens/s")
+        a.set_title("MLM pretraining throughput")
+    ft = [(label.split(":")[0] + "\n" + label.split(": ")[1], _ok(res, n)["samples_per_second"])
+          for n, label in FINETUNE if _ok(res, n)]
+    if ft:
+        b.barh(*zip(*ft))
+        b.set_xlabel("samples/s")
+        b.set_title("fine-tuning throughput")
+    save_figure(fig, out / "throughput.png")
+    names.append("throughput.png")
+
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
+    prep = sorted((r["times"], r["tokens_per_second"], r["peak_rss_mb"]) for k, r in res.items()
+                  if k.startswith("prepare_") and "error" not in r and r["num_proc"] == 1)
+    if prep:
+        x, tps, rss = zip(*prep)
+        a.plot(x, tps, "o-")
+        a.set(xscale="log", xlabel="corpus size (x shipped)", ylabel="tokens/s", title="prepare: throughput")
+        b.plot(x, rss, "o-")
+        b.set(xscale="log", xlabel="corpus size (x shipped)", ylabel="peak RSS MB", title="prepare: peak memory",
+              ylim=(0, max(rss) * 1.3))
+    blocks = [(blk, _ok(res, f"pretrain_hpcnlp_{blk}")) for blk in (128, 256, 512)]
+    blocks = [(blk, r["step_seconds_median"]) for blk, r in blocks if r]
+    if blocks:
+        c.plot(*zip(*blocks), "o-")
+        c.set(xlabel="block size (2048 tokens per step)", ylabel="seconds per step", title="pretrain: step time",
+              ylim=(0, max(s for _, s in blocks) * 1.3))
+    for ax in (a, b, c):
+        ax.grid(alpha=0.3)
+    save_figure(fig, out / "scaling.png")
+    names.append("scaling.png")
+    return names
+
+
+def write(summary: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    images = charts(summary, out)
+    body = ["# hpcnlp benchmark (`make bench`)", "", tables(summary), ""] + [f"![{i}]({i})" for i in images]
+    atomic_write_text(out / "summary.md", "\n".join(body) + "\n")
+    atomic_write_json(out / "summary.json", summary)

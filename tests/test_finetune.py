@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli, write_config
+from helpers import REPO, run_cli, write_config
 from hpcnlp.config import FreezeConfig, load_config
 from hpcnlp.jobs import finetune
 

@@ -99,6 +99,21 @@ def test_plan_refuses_outside_slurm(monkeypatch):
         launch.plan_from_env("pretrain", [])
 
 
+def test_single_process_jobs_ignore_the_gpu_count(monkeypatch):
+    """export/validate/prepare on a 4-GPU node: one process (four would race on one output_dir)."""
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "localhost")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
+    monkeypatch.setattr(launch, "first_node", lambda nodelist: nodelist)  # no scontrol needed
+    monkeypatch.setattr(launch, "node_address", lambda node: "127.0.0.1")
+    assert launch.plan_from_env("finetune", []).nproc_per_node == 4
+    assert launch.plan_from_env("validate", []).nproc_per_node == 1
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    with pytest.raises(LaunchError, match="--nodes=1"):
+        launch.plan_from_env("export", [])
+
+
 def test_bash_assignments_survive_eval_by_real_bash():
     """launch.sh evals the plan: arguments with spaces and quotes must come back intact."""
     plan = Plan(**{**PLAN, "job_args": ["--config", "my jobs/it's.yaml", "data.text_field=a b"]})
@@ -122,7 +137,7 @@ def test_sweep_task_args(tmp_path):
 def test_launch_sh_is_thin_and_valid_bash():
     repo = Path(__file__).resolve().parents[1]
     subprocess.run(["bash", "-n", str(repo / "slurm" / "launch.sh")], check=True)
-    for job in ("pretrain", "finetune", "distill", "export", "prepare"):
+    for job in ("pretrain", "finetune", "distill", "export", "validate", "prepare"):
         text = (repo / "slurm" / f"{job}.sbatch").read_text()
         assert "#SBATCH --requeue" in text and "--signal=B:USR1@" in text and "--open-mode=append" in text
         assert f'slurm/launch.sh" {job} "$@"' in text

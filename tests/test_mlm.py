@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import CORPUS
+from helpers import CORPUS
 from hpcnlp.train.mlm import enable_sparse_mlm_head
 
 

@@ -73,6 +73,19 @@ def test_saved_model_reloads_offline(finished_run):
 
 
 @pytest.mark.slow
+def test_classifier_from_the_output_keeps_the_source_pooler(finished_run, minilm_path):
+    """MLM drops the pooler; the job carries it over so fine-tuning does not start from a random one."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    source = load_file(str(Path(minilm_path) / "model.safetensors"))
+    pooler = AutoModelForSequenceClassification.from_pretrained(finished_run[0] / "out", num_labels=2).bert.pooler
+    assert torch.equal(pooler.dense.weight.detach(), source["pooler.dense.weight"])
+    assert torch.equal(pooler.dense.bias.detach(), source["pooler.dense.bias"])
+
+
+@pytest.mark.slow
 def test_preempted_run_resumes_at_the_right_step(finished_run, monkeypatch):
     """Ask for a checkpoint at step 3 (the flag file the Slurm signal path uses), exit 75, resume, finish."""
     tmp, path, cfg = finished_run
@@ -138,3 +151,4 @@ def test_torchrun_two_processes(tmp_path, pretrain_config):
     m = json.loads((Path(cfg["output_dir"]) / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["global_step"] == 4
     assert "[rank 1]" in proc.stdout and "[rank 0]" in proc.stdout
+    assert m["replicas_identical"] is True  # the ranks trained as one data-parallel run

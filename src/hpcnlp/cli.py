@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 # command -> (module with run(cfg) -> int, one-line help). A job's config has `job: <command>`.
 JOBS: dict[str, tuple[str, str]] = {
@@ -30,6 +31,9 @@ def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("HPCNLP_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s [rank {rank()}] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    # Library-internal warnings a user can do nothing about (transformers' token counter, pyarrow sort option).
+    warnings.filterwarnings("ignore", message="To copy construct from a tensor")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="pyarrow")
     for noisy in ("datasets", "transformers.tokenization_utils_base", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not sys.stderr.isatty():  # progress bars turn batch logs into noise
@@ -91,8 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         print(f"ok: {args.config} is a valid '{cfg.job}' config")
         return 0
+    from hpcnlp.config import ConfigError
+
     module = importlib.import_module(JOBS[args.command][0])
-    return int(module.run(cfg) or 0)
+    try:
+        return int(module.run(cfg) or 0)
+    except ConfigError as e:  # found only once the job reads its data (a column, a label, a file's format)
+        for line in e.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

@@ -177,7 +177,59 @@ def run_pipeline(path: str, local: bool = False, dry_run: bool = False) -> int:
         previous = sbatch(template(st.cfg.job), [st.config, *st.overrides],
                           [f"--job-name=hpcnlp-{st.name}", *dep, *st.sbatch])
         print(f"{st.name}: submitted job {previous}" + (f" (after {dep[0].split(':')[1]})" if dep else ""))
+    if local and not dry_run:
+        from hpcnlp.report import markdown_table
+
+        print("\n" + markdown_table([stage_row(st.name, st.cfg) for st in stages]))
     return 0
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _mb(*files: Path) -> str:
+    return " / ".join(f"{f.stat().st_size / 2**20:.1f} MB" for f in files if f.is_file())
+
+
+def stage_row(name: str, cfg: JobConfig) -> dict:
+    """One line of a finished stage's results: its headline metric, model size, latency (batch 1, p50)."""
+    from hpcnlp.tasks import PRIMARY_METRIC
+
+    out = Path(cfg.output_dir or ".")
+    row = {"stage": name, "job": cfg.job, "metric": "", "size": "", "latency b1 p50": "", "output": cfg.output_dir or ""}
+    m = _json(out / "metrics.json")
+    if cfg.job == "pretrain" and m:
+        before, after = m["eval_before"], m["eval_after"]
+        row["metric"] = (f"perplexity {before['perplexity']:.1f} -> " if before else "perplexity ") + f"{after['perplexity']:.1f}"
+        row["size"] = _mb(out / "model.safetensors")
+    elif cfg.job == "finetune" and m:
+        ev = m["eval"]["validation"]
+        row["metric"] = "validation " + ", ".join(f"{k} {ev[k]:.3f}" for k in ("accuracy", "f1") if k in ev)
+        row["size"] = _mb(out / "model.safetensors")
+    elif cfg.job == "distill" and m:
+        metric, s, t = m["metric"], m["student"], m["teacher"]
+        row["metric"] = (f"student {metric} {s['metrics'][metric]:.3f} ({m['retention_pct']}% of teacher's "
+                         f"{t['metrics'][metric]:.3f}), {s['layers']}/{t['layers']} layers")
+        row["size"] = _mb(out / "model.safetensors")
+        lat = {who: m[who]["latency"].get("1", {}).get("p50_ms") for who in ("teacher", "student")}
+        if all(lat.values()):
+            row["latency b1 p50"] = f"{lat['student']:.1f} ms (teacher {lat['teacher']:.1f} ms)"
+    elif cfg.job == "export" and m:
+        row["metric"] = f"opset {m['opset']}, Optimum check " + ("passed" if not m["optimum_tolerance_failures"] else "FAILED")
+        row["size"] = _mb(out / "model.onnx", out / "model.int8.onnx") + (" (fp32 / int8)" if (out / "model.int8.onnx").is_file() else "")
+    elif cfg.job == "validate":
+        shipped = out / cfg.name / cfg.version
+        bundle = shipped if shipped.is_dir() else Path(cfg.rejected_dir) / cfg.name / cfg.version
+        v = _json(bundle / "validation.json")
+        if v:
+            metric = PRIMARY_METRIC.get(v["task"], "f1")
+            row["metric"] = ("PASSED: " if v["passed"] else "REJECTED: ") + ", ".join(
+                f"{k} {r[metric]:.3f}" for k, r in v["metrics"].items())
+            row["size"] = _mb(bundle / "model.onnx", bundle / "model.int8.onnx")
+            row["latency b1 p50"] = ", ".join(f"{k} {r['1']['p50_ms']:.1f} ms" for k, r in v["latency"].items() if "1" in r)
+            row["output"] = str(bundle)
+    return row
 
 
 def _run_local(st: Stage) -> int:

@@ -204,6 +204,24 @@ class LocalSlurm:
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} still {self.state(job_id)} after {timeout}s")
 
+    def start_now(self, job_id: str, timeout: float = 60) -> None:
+        """Skip Slurm's delay before a requeued job may start again (BeginTime = now + 120 s).
+
+        Only once the job is PENDING and no node is still completing its previous run: started
+        sooner, slurmd refuses the batch script ("Job credential revoked") and the job FAILS.
+        """
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.state(job_id)
+            if state == "RUNNING" or state in FINAL_STATES:
+                return  # it restarted by itself (or is over)
+            busy = any(t.startswith("comp") for t in self.run("sinfo", "-h", "-o", "%t", check=False).stdout.split())
+            if state == "PENDING" and not busy:
+                time.sleep(1)  # let slurmd forget the previous run's credential
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+                return
+            time.sleep(0.5)  # REQUEUED / COMPLETING: the previous run is still being torn down
+
     def squeue_ids(self) -> list[str]:
         return self.run("squeue", "-h", "-o", "%i").stdout.split()
 

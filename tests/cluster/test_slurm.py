@@ -27,10 +27,9 @@ HPCNLP = [sys.executable, "-m", "hpcnlp"]
 SBATCH_SMALL = ["--cpus-per-task=1", "--time=30"]  # USR1 warning at 25 min: never in a test
 # Long enough to be signalled mid-training (~0.1 s/step), checkpoints every 40 steps.
 LONG = {"max_steps": 120, "save_steps": 40, "logging_steps": 5}
-# Measured on CPU, 2 processes (gloo), tiny BERT, 120 steps, preempted twice: data order and RNG
-# streams after a resume are identical to the uninterrupted run's, yet losses drift apart by up to
-# ~0.08 (final eval loss ~5.9). A single-process resume is exact (tests/test_pretrain.py).
-LOSS_TOLERANCE = 0.15
+# Measured on CPU, 2 processes (gloo), preempted twice: losses and final eval loss equal to the
+# uninterrupted run's to all printed digits (same data order, RNG streams and masks after a resume).
+LOSS_TOLERANCE = 1e-4
 
 
 def sbatch_pretrain(slurm, env, tmp: Path, config: Path, *opts: str) -> str:
@@ -97,7 +96,7 @@ def test_preempted_twice_resumes_with_same_steps_and_loss(slurm, job_env, tmp_pa
         while int(slurm.job(job).get("Restarts", 0)) <= restart and time.time() < deadline:
             time.sleep(0.5)
         assert int(slurm.job(job).get("Restarts", 0)) == restart + 1, log_of(slurm, job)[-3000:]
-        slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)  # skip the requeue delay
+        slurm.start_now(job)  # skip the requeue delay
     assert slurm.wait(job, timeout=400) == "COMPLETED", log_of(slurm, job)[-3000:]
 
     log = log_of(slurm, job)
@@ -112,14 +111,14 @@ def test_preempted_twice_resumes_with_same_steps_and_loss(slurm, job_env, tmp_pa
     assert got["global_step"] == want["global_step"] == LONG["max_steps"]  # none lost, none repeated
     losses, ref_losses = logged_losses(out, LONG["max_steps"]), logged_losses(ref, LONG["max_steps"])
     assert sorted(losses) == sorted(ref_losses)
-    first = min(losses)  # before the first preemption both runs are the same computation
-    assert losses[first] == ref_losses[first]
-    worst = max(abs(losses[s] - ref_losses[s]) for s in losses)
+    # The first logged loss after a resume averages fewer steps (the interval restarts there): skip it.
+    short = {min(s for s in losses if s > r) for r in resumed[1:]}
+    worst = max(abs(losses[s] - ref_losses[s]) for s in losses if s not in short)
     diff = abs(got["eval_after"]["loss"] - want["eval_after"]["loss"])
-    print(f"preempted at steps {resumed[1:]}: final eval loss {got['eval_after']['loss']:.4f} vs uninterrupted "
-          f"{want['eval_after']['loss']:.4f} (|diff| {diff:.4f}); max logged-loss diff {worst:.4f}")
-    assert diff < LOSS_TOLERANCE and worst < 2 * LOSS_TOLERANCE
-    assert got["eval_after"]["loss"] < got["eval_before"]["loss"] - 0.3  # and it did learn
+    print(f"preempted at steps {resumed[1:]}: final eval loss {got['eval_after']['loss']:.6f} vs uninterrupted "
+          f"{want['eval_after']['loss']:.6f}; max logged-loss diff {worst:.2e} over {len(losses) - len(short)} steps")
+    assert diff < LOSS_TOLERANCE and worst < LOSS_TOLERANCE
+    assert got["eval_after"]["loss"] < got["eval_before"]["loss"] - 0.2  # and it did learn
 
 
 def _pids_of_rank(slurm, job_id: str, rank: int) -> list[int]:

@@ -101,6 +101,7 @@ def test_same_python_and_pins_as_make_setup(image):
     assert r.stdout.strip() == "(3, 11)"
 
 
+@pytest.mark.slow
 def test_model_dir_build_arg_bakes_a_model_in(image):
     """MODEL_DIR (air-gapped clusters): a saved model dir from the build context ends up in the image."""
     from transformers import BertConfig, BertForMaskedLM

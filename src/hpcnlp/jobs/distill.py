@@ -148,8 +148,7 @@ def run(cfg: DistillConfig) -> int:
     checkpoint = resume_target(cfg.resume, out, restarted=env.slurm_restart_count() > 0)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if preempt.requested():
-        log.warning("checkpointed at step %d; exiting %d for requeue", trainer.state.global_step, preempt.REQUEUE_EXIT)
-        return preempt.REQUEUE_EXIT
+        return preempt.requeue_exit(trainer.state.global_step)
     trainer.save_model(cfg.output_dir)  # student weights, config.json (n layers, id2label), tokenizer
     if not trainer.is_world_process_zero():
         return 0

@@ -27,6 +27,7 @@ from hpcnlp.runtime.checkpoints import resume_target
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
 from hpcnlp.tasks import auto_model_class
 from hpcnlp.train.callbacks import ThroughputCallback, peak_memory_mb
+from hpcnlp.train.replicas import replicas_identical
 
 log = logging.getLogger(__name__)
 EXIT_DATA = 2  # same as a refused config: nothing ran, nothing was written
@@ -248,9 +249,11 @@ def run(cfg: FinetuneConfig) -> int:
     log.info("resuming from %s", checkpoint) if checkpoint else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if preempt.requested():
-        log.warning("checkpointed at step %d; exiting %d for requeue", trainer.state.global_step,
-                    preempt.REQUEUE_EXIT)
-        return preempt.REQUEUE_EXIT
+        return preempt.requeue_exit(trainer.state.global_step)
+
+    replicas = replicas_identical(model)  # False: ranks drifted apart (logged); save nothing
+    if replicas is False:
+        return 1
 
     trainer.save_model(cfg.output_dir)  # best model (load_best_model_at_end), config.json with id2label
     results, images = evaluate_all(trainer, cfg, data, out)
@@ -277,6 +280,7 @@ def run(cfg: FinetuneConfig) -> int:
         "train_runtime_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - t_start, 2),
         "world_size": args.world_size,
+        "replicas_identical": replicas,  # null: one process
         **peak_memory_mb(),
         "slurm_job_id": env.slurm_job_id(),
     }

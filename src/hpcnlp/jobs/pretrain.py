@@ -23,6 +23,7 @@ from hpcnlp.runtime.checkpoints import resume_target
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
 from hpcnlp.train.callbacks import ThroughputCallback, peak_memory_mb
 from hpcnlp.train.mlm import enable_sparse_mlm_head, masked_accuracy, masked_predictions
+from hpcnlp.train.replicas import replicas_identical
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,26 @@ def build_model(cfg: PretrainConfig, tokenizer):
                                                 trust_remote_code=cfg.trust_remote_code)
 
 
+def keep_pooler(source_dir: str, out: Path, prefix: str) -> None:
+    """Carry the source model's pooler into the saved model. A masked-LM model has no pooler, so
+    save_model drops it, and a classifier fine-tuned from this output would start from a random one
+    (measured: macro F1 0.66 instead of 0.74 on Rotten Tomatoes). MLM training never touches it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(source_dir) / "model.safetensors", out / "model.safetensors"
+    if not (src.is_file() and dst.is_file()):
+        return  # sharded or non-safetensors source: nothing to carry
+    with safe_open(str(src), "pt") as f:
+        pooler = {f"{prefix}.{k.removeprefix(prefix + '.')}": f.get_tensor(k) for k in f.keys() if ".pooler." in f".{k}"}
+    tensors = load_file(str(dst))
+    if not pooler or any(k in tensors for k in pooler):
+        return
+    tmp = dst.with_name(dst.name + ".tmp")
+    save_file({**tensors, **pooler}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(dst)  # atomic: never a half-written model.safetensors
+
+
 def _eval(trainer, eval_ds) -> dict:
     m = trainer.evaluate(eval_ds)
     return {"loss": m["eval_loss"], "perplexity": math.exp(min(m["eval_loss"], 50)),
@@ -166,21 +187,27 @@ def run(cfg: PretrainConfig) -> int:
         log.warning("deepspeed: skipping the before-training evaluation")
     else:
         before = _eval(trainer, eval_ds)
+        # evaluate() marks the bare model as accelerate-"prepared"; left set, train() skips the DDP wrap
+        # and every rank trains alone (seen with 2 processes: ranks' weights drift apart).
+        model._is_accelerate_prepared = False
         if trainer.is_world_process_zero():
             atomic_write_json(before_file, before)
     log.info("resuming from %s", checkpoint) if checkpoint else None
 
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if preempt.requested():
-        log.warning("checkpointed at step %d; exiting %d for requeue", trainer.state.global_step,
-                    preempt.REQUEUE_EXIT)
-        return preempt.REQUEUE_EXIT
+        return preempt.requeue_exit(trainer.state.global_step)
 
+    replicas = replicas_identical(model)  # False: ranks drifted apart (logged); save nothing
+    if replicas is False:
+        return 1
     after = _eval(trainer, eval_ds)
     trainer.save_model(cfg.output_dir)  # model.safetensors + config + tokenizer (rank 0)
     if not trainer.is_world_process_zero():
         return 0
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.resolved.yaml says the same
+    if cfg.init == "pretrained":
+        keep_pooler(resolve_model_path(cfg.model_name_or_path), out, model.base_model_prefix)
     tokens = trainer.state.num_input_tokens_seen
     train_seconds = result.metrics["train_runtime"]
     metrics = {
@@ -197,6 +224,7 @@ def run(cfg: PretrainConfig) -> int:
         "train_runtime_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - t_start, 2),
         "world_size": args.world_size,
+        "replicas_identical": replicas,  # null: one process
         "sparse_mlm_head": sparse,
         "prepared": {"path": str(prepared.path), "reused": prepared.reused, **prepared.stats},
         **peak_memory_mb(),

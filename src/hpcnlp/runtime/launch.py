@@ -62,6 +62,8 @@ class Plan:
 # --- rendezvous ---------------------------------------------------------------------------
 def port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As torchrun's store binds: a port in TIME_WAIT from this job's previous run is reusable.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", port))
         except OSError:
@@ -173,15 +175,21 @@ def check_command(plan: Plan) -> list[str]:
     return [*prefix, *check]
 
 
+# Jobs that are not data-parallel: one process, whatever GPUs the node has (N copies would race on output_dir).
+SINGLE_PROCESS_JOBS = ("prepare", "export", "validate")
+
+
 def plan_from_env(job: str, job_args: list[str]) -> Plan:
     nodelist = env.slurm_nodelist()
     job_id = env.slurm_job_id()
     if not nodelist or not job_id:
         raise LaunchError("not inside a Slurm allocation (no SLURM_JOB_NODELIST); "
                           "submit with `sbatch slurm/<job>.sbatch` or `hpcnlp submit`")
+    if job in SINGLE_PROCESS_JOBS and env.slurm_num_nodes() > 1:
+        raise LaunchError(f"'{job}' runs as one process on one node; submit it with --nodes=1")
     image = env.hpcnlp_setting("IMAGE")
     container = env.hpcnlp_setting("CONTAINER", "apptainer" if image else "none")
-    nproc = env.hpcnlp_setting("NPROC_PER_NODE") or env.slurm_gpus_on_node() or 1
+    nproc = 1 if job in SINGLE_PROCESS_JOBS else env.hpcnlp_setting("NPROC_PER_NODE") or env.slurm_gpus_on_node() or 1
     binds = [b for b in (env.hpcnlp_setting("BIND") or "").split(",") if b]
     return Plan(job=job, job_args=list(job_args), nnodes=env.slurm_num_nodes(), nproc_per_node=int(nproc),
                 master_addr=node_address(first_node(nodelist)), master_port=job_port(job_id),

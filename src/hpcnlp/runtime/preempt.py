@@ -53,6 +53,12 @@ def requested() -> bool:
     return _requested
 
 
+def requeue_exit(step: int) -> int:
+    """What a job returns after train() stopped for a preemption: the checkpoint is saved."""
+    log.warning("checkpointed at step %d; exiting %d for requeue", step, REQUEUE_EXIT)
+    return REQUEUE_EXIT
+
+
 def _flag_file(output_dir: str) -> str:
     # A file any process on any node can create to ask for a checkpoint; launcher-agnostic.
     return os.path.join(output_dir, ".preempt")

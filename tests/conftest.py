@@ -61,7 +61,7 @@ def pretrain_config(tmp_path, small_corpus):
 @pytest.fixture(scope="session")
 def sentiment_teacher(tmp_path_factory) -> str:
     return train_teacher(tmp_path_factory.mktemp("sentiment-teacher"), "sequence-classification",
-                         SENTIMENT_DATA, steps=30, learning_rate=5e-4)
+                         SENTIMENT_DATA, steps=40, learning_rate=3e-4)  # 0.70 accuracy, not the majority class
 
 
 @pytest.fixture(scope="session")

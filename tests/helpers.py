@@ -29,7 +29,8 @@ NER_DATA = {"train_file": str(WNUT / "train.conll"), "validation_file": str(WNUT
 def train_teacher(out: Path, task: str, data: dict, steps: int, learning_rate: float) -> str:
     """MiniLM fine-tuned a few steps with a plain Trainer (not `hpcnlp finetune`: these tests are about
     what comes after it); saved with save_pretrained like a finetune output_dir."""
-    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import (DataCollatorForTokenClassification, DataCollatorWithPadding, Trainer, TrainingArguments,
+                              set_seed)
 
     from hpcnlp.config import FinetuneDataConfig
     from hpcnlp.data import classification, ner
@@ -39,6 +40,7 @@ def train_teacher(out: Path, task: str, data: dict, steps: int, learning_rate: f
     tokenizer = load_tokenizer("minilm-l6")
     loaded = (ner if task == "token-classification" else classification).load(FinetuneDataConfig(**data), tokenizer)
     names = loaded.label_names
+    set_seed(7)  # the new head is drawn from the global RNG: unseeded, each run trained another teacher
     model = auto_model_class(task).from_pretrained(resolve_model_path("minilm-l6"), num_labels=len(names),
                                                    id2label=dict(enumerate(names)),
                                                    label2id={n: i for i, n in enumerate(names)})

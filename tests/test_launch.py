@@ -233,6 +233,8 @@ def test_pipeline_local_runs_stages_in_order_then_skips_them(tmp_path, scratch_c
     assert run_pipeline(str(path), local=True) == 0
     out = capsys.readouterr().out
     assert "first: complete" in out and "second: complete" in out and "running" not in out
+    rows = [line for line in out.splitlines() if line.startswith(("| first |", "| second |"))]  # the stage table
+    assert len(rows) == 2 and all("perplexity" in r and " MB |" in r for r in rows), out
 
 
 def test_summary_table_lists_every_run(tmp_path):

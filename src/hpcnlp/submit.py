@@ -224,10 +224,12 @@ def stage_row(name: str, cfg: JobConfig) -> dict:
         v = _json(bundle / "validation.json")
         if v:
             metric = PRIMARY_METRIC.get(v["task"], "f1")
+            runtimes = [k for k in ("pytorch", "onnx_fp32", "onnx_int8") if k in v["metrics"]]
             row["metric"] = ("PASSED: " if v["passed"] else "REJECTED: ") + ", ".join(
-                f"{k} {r[metric]:.3f}" for k, r in v["metrics"].items())
+                f"{k} {v['metrics'][k][metric]:.3f}" for k in runtimes)
             row["size"] = _mb(bundle / "model.onnx", bundle / "model.int8.onnx")
-            row["latency b1 p50"] = ", ".join(f"{k} {r['1']['p50_ms']:.1f} ms" for k, r in v["latency"].items() if "1" in r)
+            row["latency b1 p50"] = ", ".join(f"{k} {v['latency'][k]['1']['p50_ms']:.1f} ms" for k in runtimes
+                                              if "1" in v["latency"].get(k, {}))
             row["output"] = str(bundle)
     return row
 

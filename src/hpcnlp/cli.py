@@ -104,6 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.lines:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_CONFIG
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Tear down torch.distributed before the interpreter does: left to exit, gloo's threads sometimes
+    abort a rank that finished first ("terminate called without an active exception", seen under
+    accelerate launch on 2 nodes), and the launcher then fails the whole job."""
+    torch_dist = sys.modules.get("torch.distributed")
+    if torch_dist is not None and torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 if __name__ == "__main__":

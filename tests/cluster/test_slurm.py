@@ -101,7 +101,7 @@ def test_preempted_twice_resumes_with_same_steps_and_loss(slurm, job_env, tmp_pa
 
     log = log_of(slurm, job)
     assert log.count("USR1: asking every rank to checkpoint") == 2
-    assert len(re.findall(r"\[rank 0\] WARNING hpcnlp.jobs.pretrain: checkpointed at step \d+", log)) == 2
+    assert len(re.findall(r"\[rank 0\] WARNING hpcnlp\.\S+: checkpointed at step \d+", log)) == 2
     assert log.count("requeueing job") == 2 and "restart 2 on" in log
     resumed = [int(s) for s in re.findall(r"\[rank 0\] INFO hpcnlp.runtime.preempt: rank 0 of 2 ready at step (\d+)", log)]
     assert resumed[0] == 0 and 0 < resumed[1] < resumed[2] < LONG["max_steps"]

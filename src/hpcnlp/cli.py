@@ -99,22 +99,31 @@ def main(argv: list[str] | None = None) -> int:
 
     module = importlib.import_module(JOBS[args.command][0])
     try:
-        return int(module.run(cfg) or 0)
+        code = int(module.run(cfg) or 0)
     except ConfigError as e:  # found only once the job reads its data (a column, a label, a file's format)
         for line in e.lines:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_CONFIG
-    finally:
-        _leave_process_group()
+    if _left_process_group():  # not after an exception: the launcher stops the other ranks then
+        # Skip the interpreter's teardown in distributed runs: on 2 nodes (torchrun and accelerate, gloo)
+        # it sometimes aborted a rank after the job had finished ("terminate called without an active
+        # exception", a C++ thread destroyed at exit), and the launcher then failed the whole job.
+        # Everything is written by now (atomic writes); only the streams need flushing.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
-def _leave_process_group() -> None:
-    """Tear down torch.distributed before the interpreter does: left to exit, gloo's threads sometimes
-    abort a rank that finished first ("terminate called without an active exception", seen under
-    accelerate launch on 2 nodes), and the launcher then fails the whole job."""
+def _left_process_group() -> bool:
+    """Leave torch.distributed, all ranks together; False when this was not a distributed run."""
     torch_dist = sys.modules.get("torch.distributed")
-    if torch_dist is not None and torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
+    if torch_dist is None or not torch_dist.is_available() or not torch_dist.is_initialized():
+        return False
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()
+    return True
 
 
 if __name__ == "__main__":

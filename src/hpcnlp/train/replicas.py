@@ -19,7 +19,7 @@ def replicas_identical(model: torch.nn.Module) -> bool | None:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     if any(hasattr(p, "ds_numel") for p in params):  # ZeRO-3 partitioned parameters
         return None
     sums = torch.stack([p.detach().double().sum().cpu() for p in params])

@@ -65,8 +65,7 @@ def plan(quick: bool, levers: bool, gpu: bool) -> dict[str, dict]:
         cases["gpu_matmul_peak"] = {"run": pre + "matmul_peak", "work": work, "device": "cuda"}
         cases["gpu_bert_base_128"] = {"run": pre + "hpcnlp", "work": work, "block": 128, "steps": 3 * s,
                                       "batch": 64, "warmup": 3, "bert_base": True, "bf16": True}
-    if (REPO / "bench" / "onnx_latency.py").is_file():
-        cases["onnx_latency"] = {"run": "bench.onnx_latency.run", "out_dir": str(RESULTS)}
+    cases["onnx_latency"] = {"run": "bench.onnx_latency.run"}
     return cases
 
 

@@ -9,7 +9,7 @@ as shipped; trained once into outputs/bench-models/, reused while their metrics.
 `hpcnlp export` and `hpcnlp validate` for each. int8 uses the quantization preset of this machine's
 CPU (avx512_vnni when it has VNNI, else avx2): measured here, avx2's reduced-range weights ran 1.7x
 PyTorch, VNNI's 3.0x.
-    python -m bench.onnx_latency [OUT_DIR [TEACHER STUDENT]]    # or run(out_dir) from `make bench`
+    python -m bench.onnx_latency [TEACHER STUDENT]    # or run() from `make bench`
 """
 from __future__ import annotations
 
@@ -79,9 +79,10 @@ def measure(name: str, model: Path, work: Path, repeats: int) -> dict:
     return out
 
 
-def run(out_dir: str, repeats: int = 20, teacher: str | None = None, student: str | None = None) -> dict:
+def run(repeats: int = 20, teacher: str | None = None, student: str | None = None) -> dict:
+    """Results go into bench/results/summary.json (make bench) or to stdout."""
     models = {"teacher": Path(teacher), "student": Path(student)} if teacher and student else train_models()
-    work = Path(out_dir) / "onnx_latency"
+    work = MODELS / "onnx_latency"  # exports and bundles: hundreds of MB, never in bench/results
     work.mkdir(parents=True, exist_ok=True)
     res = {name: measure(name, path, work, repeats) for name, path in models.items()}
     t, s = res["teacher"], res["student"]
@@ -95,10 +96,8 @@ def run(out_dir: str, repeats: int = 20, teacher: str | None = None, student: st
         "int8_le_1pt_accuracy_loss": t["int8_accuracy_drop_points"] <= 1.0,
         "student_1.8x_faster": res["student_vs_teacher"]["speedup_pytorch"]["1"] >= 1.8,
         "student_ge_97pct_f1": res["student_vs_teacher"]["f1_retention_pct"] >= 97}
-    (work / "results.json").write_text(json.dumps(res, indent=2))
     return res
 
 
-if __name__ == "__main__":  # python -m bench.onnx_latency [OUT_DIR [TEACHER STUDENT]]
-    print(json.dumps(run(*(sys.argv[1:2] or ["bench/results"]), teacher=(sys.argv[2:3] or [None])[0],
-                         student=(sys.argv[3:4] or [None])[0]), indent=2))
+if __name__ == "__main__":  # python -m bench.onnx_latency [TEACHER STUDENT]
+    print(json.dumps(run(teacher=(sys.argv[1:2] or [None])[0], student=(sys.argv[2:3] or [None])[0]), indent=2))

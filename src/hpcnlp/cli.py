@@ -95,15 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         print(f"ok: {args.config} is a valid '{cfg.job}' config")
         return 0
-    from hpcnlp.config import ConfigError
-
-    module = importlib.import_module(JOBS[args.command][0])
-    try:
-        code = int(module.run(cfg) or 0)
-    except ConfigError as e:  # found only once the job reads its data (a column, a label, a file's format)
-        for line in e.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_CONFIG
+    code = run_job(cfg)
     if _left_process_group():  # not after an exception: the launcher stops the other ranks then
         # Skip the interpreter's teardown in distributed runs: on 2 nodes (torchrun and accelerate, gloo)
         # it sometimes aborted a rank after the job had finished ("terminate called without an active
@@ -114,6 +106,19 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def run_job(cfg) -> int:
+    """Run a checked config's job; a ConfigError found only once it reads its data (a column, a label,
+    a file's format) is reported like a refused config: one line per problem, exit 2, nothing written."""
+    from hpcnlp.config import ConfigError
+
+    try:
+        return int(importlib.import_module(JOBS[cfg.job][0]).run(cfg) or 0)
+    except ConfigError as e:
+        for line in e.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def _left_process_group() -> bool:

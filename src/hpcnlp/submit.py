@@ -235,13 +235,10 @@ def stage_row(name: str, cfg: JobConfig) -> dict:
 
 
 def _run_local(st: Stage) -> int:
-    import importlib
-
-    from hpcnlp.cli import JOBS
+    from hpcnlp.cli import run_job
 
     print(f"{st.name}: running {st.cfg.job} --config {st.config} {' '.join(st.overrides)}", flush=True)
-    cfg = load_config(st.config, st.overrides)  # checked again now that earlier outputs exist
-    return int(importlib.import_module(JOBS[cfg.job][0]).run(cfg) or 0)
+    return run_job(load_config(st.config, st.overrides))  # checked again now that earlier outputs exist
 
 
 # ------------------------------------------------------------------------------------------

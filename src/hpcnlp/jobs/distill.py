@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from hpcnlp.tasks import (PRIMARY_METRIC, auto_model_class, evaluate, label_name
 from hpcnlp.train.callbacks import ThroughputCallback, peak_memory_mb
 
 log = logging.getLogger(__name__)
-EXIT_DATA = 2
 
 
 def encoder_layers(model):
@@ -115,12 +113,7 @@ def run(cfg: DistillConfig) -> int:
     task = task_of(teacher_dir)
     names = label_names(teacher_dir)
     tokenizer = load_tokenizer(teacher_dir, cfg.trust_remote_code)
-    try:  # every row is checked before anything is written
-        data = load_data(task, cfg.data, tokenizer, teacher_dir)
-    except ConfigError as e:
-        for line in e.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_DATA
+    data = load_data(task, cfg.data, tokenizer, teacher_dir)  # every row checked before anything is written
 
     args = cfg.training.to_training_arguments(
         cfg.output_dir, disable_tqdm=True, eval_steps=cfg.training.eval_steps or cfg.training.save_steps,
@@ -128,12 +121,7 @@ def run(cfg: DistillConfig) -> int:
     set_seed(args.seed)
     preempt.install_handlers()
     teacher = auto_model_class(task).from_pretrained(teacher_dir, trust_remote_code=cfg.trust_remote_code)
-    try:
-        student = build_student(cfg, teacher, task, names, tokenizer)
-    except ConfigError as e:
-        for line in e.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_DATA
+    student = build_student(cfg, teacher, task, names, tokenizer)
 
     collator = (DataCollatorForTokenClassification(tokenizer) if task == "token-classification"
                 else DataCollatorWithPadding(tokenizer))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from hpcnlp.train.callbacks import ThroughputCallback, peak_memory_mb
 from hpcnlp.train.replicas import replicas_identical
 
 log = logging.getLogger(__name__)
-EXIT_DATA = 2  # same as a refused config: nothing ran, nothing was written
 IS_NER = "token-classification"
 
 
@@ -203,16 +201,12 @@ def run(cfg: FinetuneConfig) -> int:
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
     reader = ner if cfg.task == IS_NER else classification
-    try:  # every row of every file is checked here, before anything is written
-        data = reader.load(cfg.data, tokenizer)
-        weights = None
-        if cfg.class_weights:
-            train_labels = [x for row in data.splits["train"]["labels"] for x in np.atleast_1d(row) if x != ner.IGNORE]
-            weights = class_weight_vector(cfg.class_weights, data.label_names, train_labels)
-    except ConfigError as e:
-        for line in e.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_DATA
+    # Every row of every file is checked here, before anything is written (a ConfigError: cli reports it).
+    data = reader.load(cfg.data, tokenizer)
+    weights = None
+    if cfg.class_weights:
+        train_labels = [x for row in data.splits["train"]["labels"] for x in np.atleast_1d(row) if x != ner.IGNORE]
+        weights = class_weight_vector(cfg.class_weights, data.label_names, train_labels)
     log.info("labels (%d): %s; %s", len(data.label_names), data.label_names,
              {k: v.get("examples", v.get("sentences")) for k, v in data.stats.items()})
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from hpcnlp import bundle
-from hpcnlp.config import ConfigError, ValidateConfig, dump_config
+from hpcnlp.config import ValidateConfig, dump_config
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, save_figure
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
@@ -152,12 +151,7 @@ def run(cfg: ValidateConfig) -> int:
     threads = cfg.latency.num_threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(model_dir)
-    try:  # every eval row is checked before anything is staged
-        data = load_data(task, cfg.data, tokenizer, model_dir)
-    except ConfigError as e:
-        for line in e.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_DATA
+    data = load_data(task, cfg.data, tokenizer, model_dir)  # every eval row checked before anything is staged
     eval_ds = data.splits["validation"]
     pad = tokenizer.pad_token_id
     token_level = task == "token-classification"

@@ -10,13 +10,15 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup demo test test-fast bench data image image-test clean
+.PHONY: setup demo test test-fast templates bench data image image-test clean
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make setup      create .venv with the pinned stack (requirements/lock.txt)"
 	@echo "make demo       the whole chain on CPU: pretrain, finetune, distill, export + int8, validate, bundle"
 	@echo "make test       the test suite (real model, real data, real Slurm)"
+	@echo "make test-fast  the tests that need no cluster, no image and no long training (~1 min)"
+	@echo "make templates  write slurm/<job>.sbatch from the job specs (src/hpcnlp/jobs/)"
 	@echo "make bench      benchmarks -> bench/results/"
 	@echo "make data       fetch the full public datasets (Python/kernel docs, Rotten Tomatoes, WNUT)"
 	@echo "make image      build the container image; make image-test builds and checks it here"
@@ -38,6 +40,12 @@ demo: setup
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not cluster and not image" tests
+
+templates: setup
+	$(BIN)/python -c "from hpcnlp.submit import write_templates; print(*write_templates(), sep='\n')"
 
 bench: setup
 	$(BIN)/python -m bench

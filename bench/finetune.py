@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from bench.timing import CountingCollator, StepClock, peak_rss_mb, steady_rates
-from hpcnlp.config import load_config
+from hpcnlp.jobs import load_config
 from hpcnlp.data import classification
 from hpcnlp.jobs import finetune as job
 from hpcnlp.models import load_tokenizer
+from hpcnlp.train.harness import training_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "jobs" / "finetune-sentiment.yaml"
@@ -63,7 +64,7 @@ def hpcnlp(work: str, steps: int, batch: int, warmup: int) -> dict:
     cfg = _config(work, steps, batch)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     data = classification.load(cfg.data, tokenizer)
-    args = cfg.training.to_training_arguments(cfg.output_dir, disable_tqdm=True, dataloader_pin_memory=False)
+    args = training_arguments(cfg.training, cfg.output_dir, dataloader_pin_memory=False)
     set_seed(args.seed)
     model = job.build_model(cfg, data.label_names)
     eval_ds = data.splits["validation"].select(range(EVAL_ROWS))
@@ -83,8 +84,7 @@ def padded(work: str, steps: int, batch: int, warmup: int, max_length: int) -> d
     train = data.splits["train"].select_columns(["text", "labels"]).map(
         lambda b: tokenizer(b["text"], padding="max_length", truncation=True, max_length=max_length),
         batched=True, remove_columns=["text"])
-    args = cfg.training.to_training_arguments(cfg.output_dir, disable_tqdm=True, dataloader_pin_memory=False,
-                                              group_by_length=False)
+    args = training_arguments(cfg.training, cfg.output_dir, dataloader_pin_memory=False, group_by_length=False)
     set_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(cfg.model_name_or_path),
                                                                num_labels=len(data.label_names))

@@ -1,7 +1,7 @@
 """Pretraining recipes, each trained for the same steps and scored on the same held-out masked tokens.
 
 - hpcnlp: the pretrain job's own building blocks (prepare/pack, MLMCollator, sparse MLM head,
-  TrainingConfig -> TrainingArguments, Trainer), as `hpcnlp.jobs.pretrain.run` wires them.
+  TrainingConfig -> TrainingArguments, Trainer), as the pretrain job (hpcnlp.jobs.pretrain) wires them.
 - seed: the seeds' recipe, every line its own sample padded to max_length 512, stock collator,
   stock Trainer, stock *ForMaskedLM forward.
 - run_mlm: HF `run_mlm.py` style: tokenize lines, `group_texts` into blocks, stock collator,
@@ -19,9 +19,9 @@ from bench.timing import CountingCollator, StepClock, peak_rss_mb, steady_rates
 from hpcnlp.config import CorpusConfig, PretrainConfig, TrainingConfig
 from hpcnlp.data.corpus import expand_files, read_documents
 from hpcnlp.data.pack import prepare
-from hpcnlp.jobs.pretrain import MLMCollator, build_model, fixed_eval_masks
 from hpcnlp.models import load_tokenizer
-from hpcnlp.train.mlm import enable_sparse_mlm_head
+from hpcnlp.train.harness import training_arguments
+from hpcnlp.train.mlm import MLMCollator, build_masked_lm, enable_sparse_mlm_head, fixed_eval_masks
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("BENCH_CORPUS", REPO / "data" / "corpus" / "python-docs"))
@@ -43,12 +43,10 @@ def corpus_config(block: int, work: str, **kw) -> CorpusConfig:
 
 
 def training_args(work: str, steps: int, batch: int, **kw):
+    """The pretrain job's TrainingArguments (hpcnlp.train.harness), `kw` being any TrainingArguments field."""
     cfg = TrainingConfig(learning_rate=1e-4, weight_decay=0.01, max_steps=steps, per_device_train_batch_size=batch,
-                         logging_steps=steps, eval_strategy="no", save_strategy="no", seed=SEED,
-                         **{k: v for k, v in kw.items() if k in TrainingConfig.model_fields})
-    extra = {k: v for k, v in kw.items() if k not in TrainingConfig.model_fields}
-    return cfg.to_training_arguments(str(Path(work) / "trainer"), disable_tqdm=True,
-                                     dataloader_pin_memory=torch.cuda.is_available(), **extra)
+                         logging_steps=steps, eval_strategy="no", save_strategy="no", seed=SEED, **kw)
+    return training_arguments(cfg, str(Path(work) / "trainer"))
 
 
 def eval_set(tokenizer, work: str):
@@ -122,7 +120,7 @@ def hpcnlp(work: str, block: int, steps: int, batch: int, warmup: int, sparse: b
 
         model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), attn_implementation="sdpa"))
     else:
-        model = build_model(cfg, tokenizer)
+        model = build_masked_lm(cfg, tokenizer)
     used = sparse and enable_sparse_mlm_head(model)
     collator = MLMCollator(tokenizer, cfg.mlm_probability, cfg.whole_word_masking, SEED)
     return _run(model, data["train"], collator, tokenizer, work, steps, batch, warmup, eval_ds, used, block,

@@ -4,6 +4,7 @@ Imported by name (`from helpers import ...`); the fixtures that use them are in 
 """
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import yaml
@@ -12,6 +13,28 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "corpus" / "python-docs"
 SENTIMENT = REPO / "data" / "classification" / "rotten-tomatoes"
 WNUT = REPO / "data" / "ner" / "wnut16"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it): tests never share a fixed rendezvous port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def preempt_at(monkeypatch, step: int) -> None:
+    """Make the next training run ask for a checkpoint at `step`, as the Slurm signal path does (the flag
+    file every rank polls): it saves checkpoint-<step> and exits 75."""
+    from hpcnlp.runtime import preempt
+
+    original = preempt.PreemptionCallback.on_step_end
+
+    def flag(self, args, state, control, **kw):
+        if state.global_step == step and not self.requested:
+            Path(self.flag_file).touch()
+        return original(self, args, state, control, **kw)
+
+    monkeypatch.setattr(preempt.PreemptionCallback, "on_step_end", flag)
 
 
 def write_config(path: Path, cfg: dict) -> Path:

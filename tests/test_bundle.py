@@ -97,10 +97,10 @@ def test_bundled_script_is_the_example():
 
 def test_pipeline_stage_row_reads_the_bundle(sentiment_bundle):
     """The last line of `make demo`'s table: gate verdict, metric per runtime, sizes, latency."""
-    from hpcnlp.config import load_config
+    from hpcnlp.jobs import load_config
     from hpcnlp.submit import stage_row
 
-    cfg = load_config(str(sentiment_bundle.parents[2] / "validate.yaml"), [], check_meaning=False)
+    cfg = load_config(str(sentiment_bundle.parents[2] / "validate.yaml"), check=False)
     row = stage_row("validate", cfg)
     assert row["metric"].startswith("PASSED: pytorch 0.") and "onnx_int8 0." in row["metric"], row
     assert row["size"].count("MB") == 2 and "onnx_int8" in row["latency b1 p50"]

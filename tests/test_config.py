@@ -6,8 +6,9 @@ import json
 import pytest
 import yaml
 
-from hpcnlp.cli import EXIT_CONFIG, main
-from hpcnlp.config import ConfigError, PretrainConfig, load_config, parse_overrides
+from hpcnlp.cli import main
+from hpcnlp.config import ConfigError, PretrainConfig, with_overrides
+from hpcnlp.jobs import EXIT_CONFIG, load_config
 
 
 def _check(tmp_path, cfg: dict, *overrides: str):
@@ -115,12 +116,49 @@ def test_refused_job_writes_nothing(tmp_path, pretrain_config):
 
 
 def test_overrides_are_dotted_and_typed():
-    assert parse_overrides(["training.max_steps=10", "data.train_files=[a,b]", "overwrite=true"]) == {
-        "training": {"max_steps": 10}, "data": {"train_files": ["a", "b"]}, "overwrite": True}
+    base = {"training": {"max_steps": 1, "seed": 3}, "data": {"train_files": ["x"]}}
+    assert with_overrides(base, ["training.max_steps=10", "data.train_files=[a,b]", "overwrite=true"]) == {
+        "training": {"max_steps": 10, "seed": 3}, "data": {"train_files": ["a", "b"]}, "overwrite": True}
     with pytest.raises(ConfigError, match="key=value"):
-        parse_overrides(["training.max_steps"])
+        with_overrides(base, ["training.max_steps"])
 
 
 def test_trust_remote_code_is_off_by_default(pretrain_config):
     path, _ = pretrain_config
     assert load_config(path).trust_remote_code is False
+
+
+def test_training_is_training_arguments(tmp_path, pretrain_config, capsys):
+    """Any TrainingArguments field is a `training:` key, typed as TrainingArguments types it."""
+    from hpcnlp.train.harness import training_arguments
+
+    path, cfg = pretrain_config
+    # what the job owns when the config says nothing: one curve per output_dir, no unused-parameter search
+    plain = training_arguments(load_config(path).training, str(tmp_path / "out"))
+    assert plain.logging_dir == str(tmp_path / "out" / "runs") and plain.run_name == "out"
+    assert plain.ddp_find_unused_parameters is False and plain.report_to == []
+    everyday = {"report_to": ["tensorboard"], "run_name": "mine", "adam_beta2": 0.98, "label_smoothing_factor": 0.1,
+                "ddp_timeout": 600, "ddp_find_unused_parameters": True, "save_only_model": True,
+                "dataloader_num_workers": 2, "lr_scheduler_type": "cosine"}
+    cfg["training"].update(everyday)
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["check", "--config", str(path)]) == 0
+    args = training_arguments(load_config(path).training, str(tmp_path / "out"))
+    assert {k: getattr(args, k) for k in everyday} == everyday
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("training.adam_beta3=0.9", "training.adam_beta3: unknown key. Fix: did you mean 'adam_beta2'?"),
+    ("training.adam_beta2=high", "training.adam_beta2: Input should be a valid number"),
+    ("training.output_dir=x", "training.output_dir: is set by the job, not in training:. Fix: set the top-level output_dir"),
+    ("training.lr_scheduler_type=cosin", "training: TrainingArguments refuses these settings"),
+    ("training.learning_rate=.inf", "training.learning_rate: Input should be a finite number"),
+    ("output_dir=[x", "output_dir=[x: cannot be read"),
+    ("resume=/etc", "resume: '/etc' is neither never, auto nor a complete checkpoint dir"),
+])
+def test_bad_values_are_one_line_each(pretrain_config, capsys, override, expected):
+    path, _ = pretrain_config
+    assert main(["check", "--config", str(path), override]) == EXIT_CONFIG
+    errs = _errors(capsys)
+    assert any(expected in e for e in errs), errs
+    assert "Traceback" not in capsys.readouterr().err

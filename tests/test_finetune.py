@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import REPO, run_cli, write_config
-from hpcnlp.config import FreezeConfig, load_config
+from hpcnlp.config import FreezeConfig
+from hpcnlp.jobs import load_config
 from hpcnlp.jobs import finetune
 
 SENTIMENT = REPO / "data" / "classification" / "rotten-tomatoes"

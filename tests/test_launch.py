@@ -15,6 +15,8 @@ import yaml
 from hpcnlp.runtime import launch, preempt
 from hpcnlp.runtime.launch import LaunchError, Plan
 
+REPO = Path(__file__).resolve().parents[1]
+
 PLAN = dict(job="pretrain", job_args=["--config", "jobs/pretrain.yaml", "training.max_steps=5"], nnodes=2,
             nproc_per_node=4, master_addr="10.0.0.1", master_port=23456, python="/venv/bin/python",
             workdir="/scratch/me/hpcnlp")
@@ -99,19 +101,19 @@ def test_plan_refuses_outside_slurm(monkeypatch):
         launch.plan_from_env("pretrain", [])
 
 
-def test_single_process_jobs_ignore_the_gpu_count(monkeypatch):
-    """export/validate/prepare on a 4-GPU node: one process (four would race on one output_dir)."""
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "localhost")
-    monkeypatch.setenv("SLURM_JOB_ID", "42")
-    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
-    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
-    monkeypatch.setattr(launch, "first_node", lambda nodelist: nodelist)  # no scontrol needed
-    monkeypatch.setattr(launch, "node_address", lambda node: "127.0.0.1")
-    assert launch.plan_from_env("finetune", []).nproc_per_node == 4
-    assert launch.plan_from_env("validate", []).nproc_per_node == 1
+def test_single_process_jobs_ignore_the_gpu_count(monkeypatch, tmp_path):
+    """export/validate/prepare on a 4-GPU node: one process (four would race on one output_dir); on two
+    nodes `hpcnlp check` refuses them before anything starts."""
+    assert launch.node_processes("finetune", 4) == 4
+    assert {job: launch.node_processes(job, 4) for job in ("prepare", "export", "validate")} == {
+        "prepare": 1, "export": 1, "validate": 1}
+    from hpcnlp.config import ConfigError
+    from hpcnlp.jobs import load_config
+
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
-    with pytest.raises(LaunchError, match="--nodes=1"):
-        launch.plan_from_env("export", [])
+    with pytest.raises(ConfigError, match="--nodes=1"):
+        load_config(REPO / "jobs" / "prepare.yaml")
+    load_config(REPO / "jobs" / "pretrain.yaml", check=False)  # data-parallel jobs take any node count
 
 
 def test_bash_assignments_survive_eval_by_real_bash():
@@ -137,7 +139,9 @@ def test_sweep_task_args(tmp_path):
 def test_launch_sh_is_thin_and_valid_bash():
     repo = Path(__file__).resolve().parents[1]
     subprocess.run(["bash", "-n", str(repo / "slurm" / "launch.sh")], check=True)
-    for job in ("pretrain", "finetune", "distill", "export", "validate", "prepare"):
+    from hpcnlp.jobs import JOBS
+
+    for job in JOBS:
         text = (repo / "slurm" / f"{job}.sbatch").read_text()
         assert "#SBATCH --requeue" in text and "--signal=B:USR1@" in text and "--open-mode=append" in text
         assert f'slurm/launch.sh" {job} "$@"' in text
@@ -151,16 +155,15 @@ def test_preemption_flag_file_from_the_launcher_stops_training(tmp_path, monkeyp
     """What launch.sh does on USR1 (touch $HPCNLP_PREEMPT_FILE) makes the next step save and stop."""
     flag = tmp_path / "preempt-123"
     monkeypatch.setenv("HPCNLP_PREEMPT_FILE", str(flag))
-    monkeypatch.setattr(preempt, "_requested", False)
     cb = preempt.PreemptionCallback(str(tmp_path / "out"))
     args = types.SimpleNamespace(device="cpu")
     state = types.SimpleNamespace(global_step=7, is_world_process_zero=True)
     control = types.SimpleNamespace(should_save=False, should_training_stop=False)
     cb.on_step_end(args, state, control)
-    assert not control.should_training_stop and not preempt.requested()
+    assert not control.should_training_stop and not cb.requested
     flag.touch()
     cb.on_step_end(args, state, control)
-    assert control.should_save and control.should_training_stop and preempt.requested()
+    assert control.should_save and control.should_training_stop and cb.requested
 
 
 # --- submit side: pipeline resolution, local run, summary ------------------------------------

@@ -5,7 +5,7 @@ import torch
 
 from hpcnlp.config import CorpusConfig
 from hpcnlp.data.pack import prepare
-from hpcnlp.jobs.pretrain import MLMCollator
+from hpcnlp.train.mlm import MLMCollator
 
 
 def _blocks(tmp_path, small_corpus, tok, with_offsets):

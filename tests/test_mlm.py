@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from helpers import CORPUS
+from helpers import CORPUS, free_port
 from hpcnlp.train.mlm import enable_sparse_mlm_head
 
 
@@ -136,14 +136,10 @@ def _ddp_worker(rank, world, port, path, batches, result_file):
 def test_ddp_gradients_equal_single_process_average(minilm_path, minilm_mlm, minilm_tokenizer, tmp_path):
     """2 processes on gloo: DDP's averaged encoder gradients equal the mean of the per-batch ones.
     (The full job under `torchrun --nproc-per-node 2` is covered by the pretrain job's torchrun test.)"""
-    import socket
-
     import torch.multiprocessing as mp
 
     batches = [_batch(minilm_tokenizer, seed=s) for s in (3, 4)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     result = tmp_path / "grads.pt"
     mp.start_processes(_ddp_worker, args=(2, port, minilm_path, batches, str(result)), nprocs=2,
                        start_method="spawn")

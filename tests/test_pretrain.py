@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import free_port, preempt_at
 from hpcnlp.cli import main
 from hpcnlp.runtime import preempt
 from hpcnlp.runtime.checkpoints import newest_complete_checkpoint
@@ -90,21 +91,12 @@ def test_preempted_run_resumes_at_the_right_step(finished_run, monkeypatch):
     """Ask for a checkpoint at step 3 (the flag file the Slurm signal path uses), exit 75, resume, finish."""
     tmp, path, cfg = finished_run
     out = tmp / "preempted"
-    original = preempt.PreemptionCallback.on_step_end
-
-    def flag_at_step_3(self, args, state, control, **kw):
-        if state.global_step == 3 and not preempt.requested():
-            Path(self.flag_file).touch()
-        return original(self, args, state, control, **kw)
-
-    monkeypatch.setattr(preempt.PreemptionCallback, "on_step_end", flag_at_step_3)
-    monkeypatch.setattr(preempt, "_requested", False)
+    preempt_at(monkeypatch, 3)
     args = ["pretrain", "--config", str(path), f"output_dir={out}"]
     assert main(args) == preempt.REQUEUE_EXIT
     assert newest_complete_checkpoint(out).name == "checkpoint-3"
     assert not (out / "metrics.json").exists()
 
-    monkeypatch.setattr(preempt, "_requested", False)
     assert main(args) == 2  # unfinished run, no resume: refused
     assert main([*args, "resume=auto"]) == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -144,7 +136,7 @@ def test_scratch_init_trains_its_own_vocab(tmp_path, pretrain_config):
 def test_torchrun_two_processes(tmp_path, pretrain_config):
     path, cfg = pretrain_config
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "hpcnlp", "pretrain", "--config", str(path), "training.max_steps=4"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -152,3 +144,4 @@ def test_torchrun_two_processes(tmp_path, pretrain_config):
     assert m["world_size"] == 2 and m["global_step"] == 4
     assert "[rank 1]" in proc.stdout and "[rank 0]" in proc.stdout
     assert m["replicas_identical"] is True  # the ranks trained as one data-parallel run
+    assert "find_unused_parameters" not in proc.stdout + proc.stderr  # DDP's per-step search is off

@@ -6,23 +6,14 @@ run) and refuses to start, writing nothing, when there is any problem.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 import warnings
 
-# command -> (module with run(cfg) -> int, one-line help). A job's config has `job: <command>`.
-JOBS: dict[str, tuple[str, str]] = {
-    "prepare": ("hpcnlp.jobs.prepare", "tokenize and pack a corpus once (reused by later pretrain runs)"),
-    "pretrain": ("hpcnlp.jobs.pretrain", "continued masked-LM pretraining; perplexity before/after"),
-    "finetune": ("hpcnlp.jobs.finetune", "fine-tune for sequence classification or NER; scores, predictions"),
-    "distill": ("hpcnlp.jobs.distill", "distill a fine-tuned teacher into a smaller student; retention, speed-up"),
-    "export": ("hpcnlp.jobs.export", "export a model to ONNX with Optimum; optional ORT optimization, int8"),
-    "validate": ("hpcnlp.jobs.validate", "gate ONNX vs PyTorch (parity, metric, latency); ship or reject a bundle"),
-}
-
-EXIT_CONFIG = 2  # the config was refused; nothing ran, nothing was written
+from hpcnlp import submit
+from hpcnlp.config import ConfigError
+from hpcnlp.jobs import JOBS, load_config, report, run_job
 
 
 def setup_logging() -> None:
@@ -56,25 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Each job reads a YAML config (jobs/*.yaml); `hpcnlp <command> --help` says more.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     _config_parser("check", "validate a job config without running it (exit 2 on problems)", sub)
-    for name, (_, help_) in JOBS.items():
-        _config_parser(name, help_, sub)
+    for spec in JOBS.values():
+        _config_parser(spec.name, spec.help, sub)
     verify = sub.add_parser("verify", help="re-check a shipped bundle: checksums, ONNX loadability (exit 1 on problems)")
     verify.add_argument("bundle", help="bundle dir, e.g. artifacts/<name>/<version>")
-    from hpcnlp import submit  # Slurm: submit, pipeline, sweep, summary
-
-    submit.add_parsers(sub)
+    submit.add_parsers(sub)  # Slurm: submit, pipeline, sweep, summary
     return parser
-
-
-def load_or_report(path: str, overrides: list[str], job: str | None):
-    from hpcnlp.config import ConfigError, load_config
-
-    try:
-        return load_config(path, overrides, expect_job=job)
-    except ConfigError as e:
-        for line in e.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,14 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         from hpcnlp.bundle import verify_main
 
         return verify_main(args.bundle)
-    from hpcnlp import submit
-
     if args.command in submit.COMMANDS:
         return submit.main(args)
-    job = None if args.command == "check" else args.command
-    cfg = load_or_report(args.config, args.overrides, job)
-    if cfg is None:
-        return EXIT_CONFIG
+    try:
+        cfg = load_config(args.config, args.overrides, expect_job=None if args.command == "check" else args.command)
+    except ConfigError as e:
+        return report(e)
     if args.command == "check":
         print(f"ok: {args.config} is a valid '{cfg.job}' config")
         return 0
@@ -106,19 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
-
-
-def run_job(cfg) -> int:
-    """Run a checked config's job; a ConfigError found only once it reads its data (a column, a label,
-    a file's format) is reported like a refused config: one line per problem, exit 2, nothing written."""
-    from hpcnlp.config import ConfigError
-
-    try:
-        return int(importlib.import_module(JOBS[cfg.job][0]).run(cfg) or 0)
-    except ConfigError as e:
-        for line in e.lines:
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_CONFIG
 
 
 def _left_process_group() -> bool:

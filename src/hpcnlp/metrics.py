@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcnlp.data.ner import IGNORE
+from hpcnlp.data.labels import IGNORE
 
 HEADLINE = ("accuracy", "precision", "recall", "f1", "token_accuracy")
 

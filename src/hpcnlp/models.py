@@ -44,6 +44,20 @@ def resolve_model_path(name_or_path: str) -> str:
                         f"give a local model dir or one of the aliases {sorted(ALIASES)}")
 
 
+def encoder_layers(model) -> tuple:
+    """(parent module, attribute) of the ModuleList of transformer blocks, wherever the architecture keeps
+    it: `encoder.layer` (BERT, RoBERTa, MPNet), `transformer.layer` (DistilBERT), `encoder.layers`, `layers`."""
+    base = model.base_model
+    for path in ("encoder.layer", "transformer.layer", "encoder.layers", "layers"):
+        *parents, name = path.split(".")
+        parent = base
+        for attr in parents:
+            parent = getattr(parent, attr, None)
+        if parent is not None and hasattr(parent, name):
+            return parent, name
+    raise ValueError(f"cannot find the encoder layers of {type(base).__name__}")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

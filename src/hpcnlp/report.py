@@ -43,6 +43,11 @@ def save_figure(fig, path: Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def mb(*files: Path) -> str:
+    """Sizes of the files that exist, e.g. '86.7 MB / 22.0 MB'."""
+    return " / ".join(f"{f.stat().st_size / 2**20:.1f} MB" for f in files if f.is_file())
+
+
 def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     if not rows:
         return ""

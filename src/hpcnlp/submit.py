@@ -10,19 +10,18 @@ import argparse
 import glob
 import json
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from hpcnlp.config import ConfigError, JobConfig, Problem, load_config
+from hpcnlp.config import ConfigError, JobConfig, Problem, read_yaml
+from hpcnlp.jobs import JOBS, load_config, run_job
+from hpcnlp.report import markdown_table
 from hpcnlp.runtime.io import atomic_write_json
+from hpcnlp.spec import JobSpec
 
 COMMANDS = ("submit", "pipeline", "sweep", "summary")
-REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\.([A-Za-z0-9_.]+)\}")  # ${stage.dotted.key}
 
 
 def home() -> Path:
@@ -38,8 +37,46 @@ def template(job: str) -> Path:
     path = home() / "slurm" / f"{job}.sbatch"
     if not path.is_file():
         raise ConfigError(str(path), [Problem(key="job", message=f"no batch template for job '{job}'",
-                                              fix=f"add slurm/{job}.sbatch (copy slurm/pretrain.sbatch)")])
+                                              fix="write it with `make templates`")])
     return path
+
+
+def render_template(spec: JobSpec) -> str:
+    """slurm/<job>.sbatch: the job's #SBATCH header (from its spec), then the one shared launcher."""
+    s = spec.slurm
+    procs = ("one process, whatever GPUs the node has" if spec.single_process
+             else "one launcher per node; it starts one process per GPU")
+    return "\n".join([
+        "#!/bin/bash",
+        f"# hpcnlp {spec.name}: {spec.help}.",
+        f"#   sbatch slurm/{spec.name}.sbatch {spec.example} [key=value ...]    (from the repo root; or: hpcnlp submit)",
+        "# Edit the #SBATCH lines for your cluster. Launcher, container image and processes per node are set",
+        "# by HPCNLP_* variables (README, \"Running on Slurm\"), e.g. sbatch --export=ALL,HPCNLP_IMAGE=hpcnlp.sif ...",
+        f"# Written by `make templates` from the job's spec (src/hpcnlp/jobs/{spec.name}.py).",
+        f"#SBATCH --job-name=hpcnlp-{spec.name}",
+        f"#SBATCH --nodes={s.nodes}",
+        f"#SBATCH --ntasks-per-node=1            # {procs}",
+        f"#SBATCH --cpus-per-task={s.cpus_per_task}" + (f"             # {s.note}" if s.note else ""),
+        "##SBATCH --gpus-per-node=4             # uncomment on GPU nodes",
+        "##SBATCH --partition=gpu",
+        f"#SBATCH --time={s.time}",
+        "#SBATCH --output=%x-%j.out",
+        "#SBATCH --open-mode=append             # a requeued run appends to the same log",
+        "#SBATCH --requeue",
+        f"#SBATCH --signal=B:USR1@{s.signal_seconds}            # before the time limit: checkpoint, then requeue",
+        f'exec "${{HPCNLP_HOME:-$SLURM_SUBMIT_DIR}}/slurm/launch.sh" {spec.name} "$@"',
+        ""])
+
+
+def write_templates(root: Path | None = None) -> list[Path]:
+    """`make templates`: slurm/<job>.sbatch for every job in the registry."""
+    out = []
+    for spec in JOBS.values():
+        path = (root or home()) / "slurm" / f"{spec.name}.sbatch"
+        path.write_text(render_template(spec))
+        path.chmod(0o755)
+        out.append(path)
+    return out
 
 
 def sbatch(script: Path, args: list[str], sbatch_args: list[str] = (), env: dict | None = None) -> str:
@@ -50,11 +87,6 @@ def sbatch(script: Path, args: list[str], sbatch_args: list[str] = (), env: dict
     if res.returncode != 0:
         raise SystemExit(f"error: sbatch refused the job: {res.stderr.strip()}")
     return res.stdout.strip().split(";")[0]
-
-
-def is_complete(output_dir: str) -> bool:
-    """metrics.json is written last by every job: its presence marks a finished run."""
-    return bool(output_dir) and (Path(output_dir) / "metrics.json").is_file()
 
 
 def as_override(key: str, value) -> str:
@@ -82,26 +114,35 @@ class Stage:
     skip: bool = False
 
 
-def _lookup(cfg: JobConfig, dotted: str):
-    node = cfg.model_dump(mode="json")
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(dotted)
-        node = node[part]
-    return node
+def _resolve(path: str, where: str, overrides: dict, done: dict[str, JobConfig]) -> list[str]:
+    """A stage's overrides as key=value, with ${stage.key} taken from earlier stages' resolved configs."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
+
+    tree = OmegaConf.create({**{name: cfg.model_dump(mode="json") for name, cfg in done.items()},
+                             "_overrides": overrides})
+    try:
+        resolved = OmegaConf.to_container(tree, resolve=True)["_overrides"]
+    except InterpolationKeyError as e:
+        ref = str(e).split("'")[1]  # "Interpolation key 'stage.dotted.key' not found"
+        stage, _, key = ref.partition(".")
+        message, fix = ((f"stage '{stage}' has no key '{key}'", "name a key of that stage's config, e.g. output_dir")
+                        if stage in done else (f"'${{{ref}}}' names no earlier stage", f"use one of {sorted(done)}"))
+        raise ConfigError(path, [Problem(key=f"{where}.overrides.{e.full_key.removeprefix('_overrides.')}",
+                                         message=message, fix=fix)]) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(path, [Problem(key=f"{where}.overrides", message=str(e).splitlines()[0],
+                                         fix="write references as ${stage.key}")]) from None
+    return [as_override(k, v) for k, v in resolved.items()]
 
 
 def load_pipeline(path: str) -> list[Stage]:
     """Read and validate every stage up front; later stages may name earlier stages' outputs.
 
-    Stages already complete (metrics.json in their output_dir) are marked `skip` as long as every
-    stage before them is complete too: once one stage runs again, everything after it runs again.
+    Stages already complete (their job's is_complete) are marked `skip` as long as every stage before
+    them is complete too: once one stage runs again, everything after it runs again.
     """
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(path, [Problem(key="<file>", message=str(e).replace("\n", " "),
-                                         fix="give a pipeline YAML, e.g. jobs/pipeline.yaml")])
+    raw = read_yaml(path)
     if not isinstance(raw.get("stages"), list) or not raw["stages"]:
         raise ConfigError(path, [Problem(key="stages", message="missing or empty",
                                          fix="list the stages: - {name, config, overrides}")])
@@ -120,30 +161,10 @@ def load_pipeline(path: str) -> list[Stage]:
         if name in done:
             raise ConfigError(path, [Problem(key=f"{where}.name", message=f"'{name}' is used twice",
                                              fix="give each stage its own name")])
-        overrides = []
-        for key, value in (item.get("overrides") or {}).items():
-            text = as_override(key, value)
-
-            def resolve(m: re.Match) -> str:
-                stage, key_ = m.group(1), m.group(2)
-                if stage not in done:
-                    raise ConfigError(path, [Problem(key=f"{where}.overrides.{key}",
-                                                     message=f"'{m.group(0)}' names no earlier stage",
-                                                     fix=f"use one of {sorted(done)}")])
-                try:
-                    return str(_lookup(done[stage], key_))
-                except KeyError:
-                    raise ConfigError(path, [Problem(key=f"{where}.overrides.{key}",
-                                                     message=f"stage '{stage}' has no key '{key_}'",
-                                                     fix="name a key of that stage's config, e.g. output_dir")])
-
-            overrides.append(REF.sub(resolve, text))
-        cfg = load_config(item["config"], overrides, check_meaning=False)
-        if cfg.output_dir:
-            skip = all_done and is_complete(cfg.output_dir)
-            all_done = skip
-        else:  # `prepare` keeps no output_dir: it always runs (and reuses its prepared data)
-            skip = False
+        overrides = _resolve(path, where, item.get("overrides") or {}, done)
+        cfg = load_config(item["config"], overrides, check=False)
+        skip = all_done and JOBS[cfg.job].is_complete(cfg)
+        all_done = skip
         if not skip:  # meaning checks, with the outputs of earlier stages counted as present
             try:
                 load_config(item["config"], overrides, pending=pending)
@@ -162,13 +183,14 @@ def run_pipeline(path: str, local: bool = False, dry_run: bool = False) -> int:
     previous = None  # job id of the last submitted stage
     for st in stages:
         if st.skip:
-            print(f"{st.name}: complete ({st.cfg.output_dir}/metrics.json), skipped")
+            print(f"{st.name}: complete, skipped")
             continue
         if dry_run:
             print(f"{st.name}: would run {st.cfg.job} --config {st.config} {' '.join(st.overrides)}")
             continue
         if local:
-            rc = _run_local(st)
+            print(f"{st.name}: running {st.cfg.job} --config {st.config} {' '.join(st.overrides)}", flush=True)
+            rc = run_job(load_config(st.config, st.overrides))  # checked again now that earlier outputs exist
             if rc != 0:
                 print(f"{st.name}: failed (exit {rc}); later stages not run", file=sys.stderr)
                 return rc
@@ -178,67 +200,18 @@ def run_pipeline(path: str, local: bool = False, dry_run: bool = False) -> int:
                           [f"--job-name=hpcnlp-{st.name}", *dep, *st.sbatch])
         print(f"{st.name}: submitted job {previous}" + (f" (after {dep[0].split(':')[1]})" if dep else ""))
     if local and not dry_run:
-        from hpcnlp.report import markdown_table
-
         print("\n" + markdown_table([stage_row(st.name, st.cfg) for st in stages]))
     return 0
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _mb(*files: Path) -> str:
-    return " / ".join(f"{f.stat().st_size / 2**20:.1f} MB" for f in files if f.is_file())
-
-
 def stage_row(name: str, cfg: JobConfig) -> dict:
-    """One line of a finished stage's results: its headline metric, model size, latency (batch 1, p50)."""
-    from hpcnlp.tasks import PRIMARY_METRIC
-
-    out = Path(cfg.output_dir or ".")
-    row = {"stage": name, "job": cfg.job, "metric": "", "size": "", "latency b1 p50": "", "output": cfg.output_dir or ""}
-    m = _json(out / "metrics.json")
-    if cfg.job == "pretrain" and m:
-        before, after = m["eval_before"], m["eval_after"]
-        row["metric"] = (f"perplexity {before['perplexity']:.1f} -> " if before else "perplexity ") + f"{after['perplexity']:.1f}"
-        row["size"] = _mb(out / "model.safetensors")
-    elif cfg.job == "finetune" and m:
-        ev = m["eval"]["validation"]
-        row["metric"] = "validation " + ", ".join(f"{k} {ev[k]:.3f}" for k in ("accuracy", "f1") if k in ev)
-        row["size"] = _mb(out / "model.safetensors")
-    elif cfg.job == "distill" and m:
-        metric, s, t = m["metric"], m["student"], m["teacher"]
-        row["metric"] = (f"student {metric} {s['metrics'][metric]:.3f} ({m['retention_pct']}% of teacher's "
-                         f"{t['metrics'][metric]:.3f}), {s['layers']}/{t['layers']} layers")
-        row["size"] = _mb(out / "model.safetensors")
-        lat = {who: m[who]["latency"].get("1", {}).get("p50_ms") for who in ("teacher", "student")}
-        if all(lat.values()):
-            row["latency b1 p50"] = f"{lat['student']:.1f} ms (teacher {lat['teacher']:.1f} ms)"
-    elif cfg.job == "export" and m:
-        row["metric"] = f"opset {m['opset']}, Optimum check " + ("passed" if not m["optimum_tolerance_failures"] else "FAILED")
-        row["size"] = _mb(out / "model.onnx", out / "model.int8.onnx") + (" (fp32 / int8)" if (out / "model.int8.onnx").is_file() else "")
-    elif cfg.job == "validate":
-        shipped = out / cfg.name / cfg.version
-        bundle = shipped if shipped.is_dir() else Path(cfg.rejected_dir) / cfg.name / cfg.version
-        v = _json(bundle / "validation.json")
-        if v:
-            metric = PRIMARY_METRIC.get(v["task"], "f1")
-            runtimes = [k for k in ("pytorch", "onnx_fp32", "onnx_int8") if k in v["metrics"]]
-            row["metric"] = ("PASSED: " if v["passed"] else "REJECTED: ") + ", ".join(
-                f"{k} {v['metrics'][k][metric]:.3f}" for k in runtimes)
-            row["size"] = _mb(bundle / "model.onnx", bundle / "model.int8.onnx")
-            row["latency b1 p50"] = ", ".join(f"{k} {v['latency'][k]['1']['p50_ms']:.1f} ms" for k in runtimes
-                                              if "1" in v["latency"].get(k, {}))
-            row["output"] = str(bundle)
+    """One line of a stage's results: its headline metric, model size, latency (batch 1, p50)."""
+    row = {"stage": name, "job": cfg.job, "metric": "", "size": "", "latency b1 p50": "", "output": cfg.output_dir}
+    try:
+        row.update(JOBS[cfg.job].summary_row(cfg))
+    except FileNotFoundError:
+        pass  # the stage wrote no results (yet)
     return row
-
-
-def _run_local(st: Stage) -> int:
-    from hpcnlp.cli import run_job
-
-    print(f"{st.name}: running {st.cfg.job} --config {st.config} {' '.join(st.overrides)}", flush=True)
-    return run_job(load_config(st.config, st.overrides))  # checked again now that earlier outputs exist
 
 
 # ------------------------------------------------------------------------------------------
@@ -247,14 +220,14 @@ def _run_local(st: Stage) -> int:
 def sweep(config: str, overrides: list[str], tasks: list[list[str]], max_parallel: int | None,
           sbatch_args: list[str] = ()) -> str:
     """One array task per override set, each in <output_dir>/task-<i>; a manifest says which is which."""
-    base = load_config(config, overrides, check_meaning=False).output_dir
+    base = load_config(config, overrides, check=False).output_dir
     task_args = [[*t, f"output_dir={base}/task-{i}"] for i, t in enumerate(tasks)]
     for i, t in enumerate(task_args):
         try:
             load_config(config, [*overrides, *t])
         except ConfigError as e:
             raise ConfigError(f"{config} (sweep task {i}: {' '.join(tasks[i])})", e.problems) from None
-    cfg = load_config(config, overrides, check_meaning=False)
+    cfg = load_config(config, overrides, check=False)
     manifest = Path(base) / "sweep.json"
     atomic_write_json(manifest, {"config": config, "overrides": overrides, "tasks": task_args})
     array = f"--array=0-{len(tasks) - 1}" + (f"%{max_parallel}" if max_parallel else "")
@@ -290,8 +263,6 @@ def find_metrics(paths: list[str]) -> list[Path]:
 
 
 def summary(paths: list[str], keys: list[str] | None = None) -> str:
-    from hpcnlp.report import markdown_table
-
     rows = []
     for f in find_metrics(paths):
         rows.append({"run": str(f.parent), **_flatten(json.loads(f.read_text()))})

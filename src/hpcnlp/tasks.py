@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcnlp.data.ner import IGNORE
+from hpcnlp import metrics as m
+from hpcnlp.data import classification, ner
+from hpcnlp.data.labels import IGNORE
+from hpcnlp.models import ModelNotFound, resolve_model_path
 
 # architecture suffix -> hpcnlp task (same names as `hpcnlp finetune`'s `task:`)
 _ARCHITECTURES = {"ForSequenceClassification": "sequence-classification",
@@ -20,6 +23,8 @@ _ARCHITECTURES = {"ForSequenceClassification": "sequence-classification",
 # hpcnlp task -> Optimum exporter task
 OPTIMUM_TASKS = {"sequence-classification": "text-classification",
                  "token-classification": "token-classification", "fill-mask": "fill-mask"}
+# tasks the post-processing jobs (distill, validate, static quantization) take
+POSTPROCESS_TASKS = ("sequence-classification", "token-classification")
 # the one metric each task is judged by (retention %, int8 metric drop)
 PRIMARY_METRIC = {"sequence-classification": "accuracy", "token-classification": "f1"}
 
@@ -32,6 +37,14 @@ def task_of(model_dir: str | Path) -> str:
                 return task
     raise ValueError(f"{model_dir}/config.json: architectures {config.get('architectures')} is not a sequence "
                      "classifier, token classifier or masked LM")
+
+
+def model_task(name_or_path: str) -> str | None:
+    """The task of a saved model (alias or dir), None when it cannot be told (yet)."""
+    try:
+        return task_of(resolve_model_path(name_or_path))
+    except (ModelNotFound, ValueError, OSError):
+        return None
 
 
 def auto_model_class(task: str):
@@ -49,8 +62,6 @@ def label_names(model_dir: str | Path) -> list[str]:
 
 def load_data(task: str, data, tokenizer, model_dir: str | Path):
     """Tokenized splits (train, validation, test...) labelled with the model's own label ids."""
-    from hpcnlp.data import classification, ner
-
     data = data.model_copy(update={"label_names": label_names(model_dir)})
     return (classification if task == "sequence-classification" else ner).load(data, tokenizer)
 
@@ -78,8 +89,6 @@ def batches(ds, batch_size: int, pad_id: int = 0, pad_to: int | None = None):
 
 def metrics(task: str, logits: list[np.ndarray], labels: list[np.ndarray], names: list[str]) -> dict:
     """The fine-tuning job's headline metrics (same code, same names), over all batches."""
-    from hpcnlp import metrics as m
-
     if task == "sequence-classification":
         pred = np.concatenate([lg.argmax(-1) for lg in logits])
         return m.headline(m.classification_metrics(np.concatenate(labels).tolist(), pred.tolist(), names))

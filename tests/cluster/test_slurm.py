@@ -200,9 +200,12 @@ def _pipeline(tmp: Path, corpus: Path, fail_first: bool = False) -> Path:
          "overrides": {"init": "pretrained", "model_name_or_path": "${scratch.output_dir}",
                        "output_dir": str(tmp / "continue")}},
     ]
-    if fail_first:  # valid for `check`, fails once training starts: later stages must never run
+    if fail_first:  # valid for `check` (a model dir with config.json), fails once the job starts (no
+        # tokenizer in it): later stages must never run
+        (tmp / "no-tokenizer").mkdir()
+        (tmp / "no-tokenizer" / "config.json").write_text("{}")
         stages[0] = {"name": "broken", "config": str(scratch),
-                     "overrides": {"output_dir": str(tmp / "broken"), "training.optim": "no_such_optimizer"}}
+                     "overrides": {"output_dir": str(tmp / "broken"), "tokenizer_name_or_path": str(tmp / "no-tokenizer")}}
     path = tmp / "pipeline.yaml"
     path.write_text(yaml.safe_dump({"sbatch": [*SBATCH_SMALL, "--nodes=1", f"--output={tmp}/%x-%j.out"],
                                     "stages": stages}, sort_keys=False))
@@ -228,11 +231,11 @@ def test_pipeline_runs_in_order_and_skips_finished_stages(slurm, job_env, tmp_pa
     assert all(times[i][1] <= times[i + 1][0] for i in range(2)), times  # each starts after the previous ended
     cont = json.loads((tmp_path / "continue" / "metrics.json").read_text())
     assert cont["global_step"] == 4
-    # Re-run: finished stages are skipped; only `prepare` (no output_dir, reuses its data) runs again.
+    # Re-run: every stage is finished (prepare: its prepared data), so nothing is queued.
     res = subprocess.run([*HPCNLP, "pipeline", "--config", str(path), "--dry-run"], cwd=tmp_path, env=job_env,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "scratch: complete" in res.stdout and "continue: complete" in res.stdout
+    assert all(f"{name}: complete, skipped" in res.stdout for name in jobs), res.stdout
 
 
 def test_failed_stage_cancels_the_rest(slurm, job_env, tmp_path, cluster_corpus):

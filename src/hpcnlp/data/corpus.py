@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".tex"}
+from hpcnlp.config import CorpusConfig, Problem
+
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
 
@@ -28,6 +29,17 @@ def expand_files(patterns: list[str]) -> list[str]:
             elif p.is_file():
                 out.add(str(p))
     return sorted(out)
+
+
+def corpus_problems(data: CorpusConfig) -> list[Problem]:
+    """Every train/eval pattern matches a file (`hpcnlp check`; the text itself is read by prepare)."""
+    out = []
+    for key in ("train_files", "eval_files"):
+        for pattern in getattr(data, key):
+            if not expand_files([pattern]):
+                out.append(Problem(key=f"data.{key}", message=f"'{pattern}' matches no file",
+                                   fix="correct the path or glob (relative paths are from the working dir)"))
+    return out
 
 
 def detect_format(path: str, fmt: str = "auto") -> str:

@@ -1,4 +1,4 @@
-"""What the two fine-tuning readers share: file formats, the label set, and data errors.
+"""What the two fine-tuning readers share: file formats, the label set, splits, and data errors.
 
 A data error names the file, the row or line, and the fix, exactly like a config problem, so the
 job prints it the same way and refuses to start before anything is written.
@@ -6,11 +6,17 @@ job prints it the same way and refuses to start before anything is written.
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from hpcnlp.config import ConfigError, FinetuneDataConfig, JobConfig, Problem
+from hpcnlp.config import ConfigError, FinetuneDataConfig, Problem
+from hpcnlp.runtime.io import is_inside
 
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # the label id PyTorch's cross-entropy skips (sub-tokens, padding)
 MAX_ERRORS_SHOWN = 20  # a file with 10,000 bad rows should not print 10,000 lines
 
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
@@ -68,7 +74,7 @@ def data_file_problems(task: str, data: FinetuneDataConfig, pending: Iterable[st
         wanted = {"tokens_column": data.tokens_column, "tags_column": data.tags_column}
     for key, path in data.files().items():
         key = f"data.{key}"
-        if JobConfig._is_pending(path, pending):
+        if is_inside(path, pending):
             continue
         if not Path(path).is_file():
             out.append(Problem(key=key, message=f"no such file '{path}'", fix="correct the path "
@@ -113,3 +119,77 @@ def unknown_label_problem(label: str, names: list[str], split: str, where: str, 
     return Problem(key=where, message=f"label '{label}' never occurs in the training data{more}: the label set "
                    f"of this {split} file differs from train's {names}",
                    fix="correct the label, or list the full label set in data.label_names")
+
+
+@dataclass
+class Labelled:
+    """Tokenized splits (train, validation, test, extra eval names) and the label set they share."""
+
+    splits: dict  # name -> datasets.Dataset
+    label_names: list[str]
+    files: dict[str, str] = field(default_factory=dict)  # split name -> file it came from
+    stats: dict = field(default_factory=dict)
+
+
+def _split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out `fraction` of train, stratified by label (unstratified if a label has a single row)."""
+    from sklearn.model_selection import train_test_split
+
+    idx = list(range(len(examples)))
+    labels = [e.label for e in examples] if hasattr(examples[0], "label") else None  # NER: not stratified
+    try:
+        train_idx, val_idx = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
+    except ValueError as e:
+        log.warning("validation split not stratified (%s)", e)
+        train_idx, val_idx = train_test_split(idx, test_size=fraction, random_state=seed)
+    return [examples[i] for i in sorted(train_idx)], [examples[i] for i in sorted(val_idx)]
+
+
+def check_labels(path: str, split: str, examples: list, label_names: list[str], from_config: bool,
+                 labels_of=lambda e: [e.label]) -> None:
+    """Each unknown label once, at its first occurrence, with how often it occurs."""
+    known, first, count = set(label_names), {}, {}
+    for e in examples:
+        for i, label in enumerate(labels_of(e)):
+            if label not in known:
+                first.setdefault(label, e.token_where(i) if hasattr(e, "token_where") else e.where)
+                count[label] = count.get(label, 0) + 1
+    problems = [unknown_label_problem(label, label_names, split, where, from_config, count[label])
+                for label, where in first.items()]
+    if problems:
+        raise DataError(path, problems)
+
+
+def read_splits(data: FinetuneDataConfig, read, labels_of, label_set=sort_labels) -> tuple[dict, dict, list[str]]:
+    """Read every file, split off validation if needed, fix the label set, check every split against it.
+    `read(path)` -> examples; `labels_of(example)` -> its labels; `label_set(train labels)` -> the label
+    list when data.label_names does not give it. Shared by both tasks."""
+    files = {"train": data.train_file}
+    examples = {"train": read(data.train_file)}
+    if data.validation_file:
+        files["validation"] = data.validation_file
+        examples["validation"] = read(data.validation_file)
+    else:
+        files["validation"] = f"{data.train_file} (held-out {data.validation_split:.0%}, seed {data.seed})"
+        examples["train"], examples["validation"] = _split(examples["train"], data.validation_split, data.seed)
+    if data.test_file:
+        files["test"], examples["test"] = data.test_file, read(data.test_file)
+    for name, path in data.extra_eval_files.items():
+        files[name], examples[name] = path, read(path)
+
+    from_config = data.label_names is not None
+    label_names = list(data.label_names) if from_config else label_set(
+        label for e in examples["train"] for label in labels_of(e))
+    for split, exs in examples.items():
+        check_labels(files[split], split, exs, label_names, from_config, labels_of)
+    if data.max_train_samples:
+        examples["train"] = examples["train"][:data.max_train_samples]
+    if data.max_eval_samples:
+        examples.update({k: v[:data.max_eval_samples] for k, v in examples.items() if k != "train"})
+    return examples, files, label_names
+
+
+def length_sorted(ds):
+    """Eval sets sorted longest first: sequential batches then hold similar lengths (little padding)."""
+    return ds.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True).sort(
+        "length", reverse=True)

@@ -14,12 +14,10 @@ import re
 from dataclasses import dataclass
 
 from hpcnlp.config import FinetuneDataConfig, Problem
-from hpcnlp.data.classification import Labelled, length_sorted, read_splits
-from hpcnlp.data.labels import DataError, detect_format
+from hpcnlp.data.labels import IGNORE, DataError, Labelled, detect_format, length_sorted, read_splits
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^(O|[BI]-.+)$")
-IGNORE = -100  # the label id PyTorch's cross-entropy skips
 
 
 @dataclass

@@ -9,31 +9,42 @@ Report: teacher vs student metric (retention %), parameters, and latency on the 
 from __future__ import annotations
 
 import copy
+import json
 import logging
-import time
 from pathlib import Path
+from typing import Iterable
 
-from hpcnlp.config import ConfigError, DistillConfig, Problem, dump_config
-from hpcnlp.data.ner import IGNORE
-from hpcnlp.models import load_tokenizer, resolve_model_path
-from hpcnlp.report import markdown_table, plot_loss, write_report
-from hpcnlp.runtime import env, preempt
-from hpcnlp.runtime.checkpoints import resume_target
-from hpcnlp.runtime.io import atomic_write_text
-from hpcnlp.tasks import (PRIMARY_METRIC, auto_model_class, evaluate, label_names, latency, load_data, task_of,
-                          torch_runner)
-from hpcnlp.train.callbacks import ThroughputCallback, peak_memory_mb
+from hpcnlp import checks
+from hpcnlp.config import ConfigError, DistillConfig, Problem
+from hpcnlp.data.labels import IGNORE, data_file_problems
+from hpcnlp.models import encoder_layers, load_tokenizer, resolve_model_path
+from hpcnlp.report import markdown_table, mb
+from hpcnlp.runtime.io import is_inside
+from hpcnlp.spec import JobSpec
+from hpcnlp.tasks import (POSTPROCESS_TASKS, PRIMARY_METRIC, auto_model_class, evaluate, label_names, latency,
+                          load_data, model_task, task_of, torch_runner)
 
 log = logging.getLogger(__name__)
 
 
-def encoder_layers(model):
-    """(parent module, attribute name) of the ModuleList of transformer blocks."""
-    base = model.base_model
-    for parent, name in ((getattr(base, "encoder", None), "layer"), (getattr(base, "transformer", None), "layer")):
-        if parent is not None and hasattr(parent, name):
-            return parent, name
-    raise ValueError(f"cannot find the encoder layers of {type(base).__name__}; give student_model_name_or_path")
+def check(cfg: DistillConfig, pending: Iterable[str] = ()) -> list[Problem]:
+    out = checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg.resume)
+    out += checks.model("teacher", cfg.teacher, pending)
+    out += checks.model("student_model_name_or_path", cfg.student_model_name_or_path, pending)
+    task = model_task(cfg.teacher)
+    teacher_ready = not is_inside(cfg.teacher, pending) and not any(p.key == "teacher" for p in out)
+    if teacher_ready and task not in POSTPROCESS_TASKS:
+        out.append(Problem(key="teacher", message=f"'{cfg.teacher}' is not a sequence or token classifier",
+                           fix="point it at a `hpcnlp finetune` output_dir"))
+    if task in POSTPROCESS_TASKS:
+        out += data_file_problems(task, cfg.data, pending)
+    if task in POSTPROCESS_TASKS and cfg.student_num_layers:
+        n = (checks.model_config(cfg.teacher) or {}).get("num_hidden_layers")
+        if n is None or n % cfg.student_num_layers or cfg.student_num_layers >= n:
+            out.append(Problem(key="student_num_layers", message=f"cannot keep {cfg.student_num_layers} of "
+                               f"the teacher's {n} layers evenly",
+                               fix="use a divisor of the layer count smaller than it (e.g. 6 -> 3 or 2)"))
+    return out + checks.output_dir(cfg, cfg.resume)
 
 
 def student_from_teacher(teacher, num_layers: int):
@@ -105,40 +116,29 @@ def num_parameters(model) -> int:
 
 def run(cfg: DistillConfig) -> int:
     import torch
-    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, PrinterCallback, set_seed
+    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
-    t_start = time.perf_counter()
-    out = Path(cfg.output_dir)
+    from hpcnlp.train.harness import TrainingRun
+
     teacher_dir = resolve_model_path(cfg.teacher)
     task = task_of(teacher_dir)
     names = label_names(teacher_dir)
     tokenizer = load_tokenizer(teacher_dir, cfg.trust_remote_code)
     data = load_data(task, cfg.data, tokenizer, teacher_dir)  # every row checked before anything is written
 
-    args = cfg.training.to_training_arguments(
-        cfg.output_dir, disable_tqdm=True, eval_steps=cfg.training.eval_steps or cfg.training.save_steps,
-        include_num_input_tokens_seen="non_padding", dataloader_pin_memory=torch.cuda.is_available())
-    set_seed(args.seed)
-    preempt.install_handlers()
+    run = TrainingRun(cfg)
     teacher = auto_model_class(task).from_pretrained(teacher_dir, trust_remote_code=cfg.trust_remote_code)
     student = build_student(cfg, teacher, task, names, tokenizer)
-
     collator = (DataCollatorForTokenClassification(tokenizer) if task == "token-classification"
                 else DataCollatorWithPadding(tokenizer))
-    samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    throughput = ThroughputCallback(samples_per_step)
-    trainer = _trainer_class()(
-        model=student, args=args, train_dataset=data.splits["train"], eval_dataset=data.splits["validation"],
-        data_collator=collator, processing_class=tokenizer, teacher=teacher, temperature=cfg.temperature,
-        alpha=cfg.alpha, callbacks=[throughput, preempt.PreemptionCallback(cfg.output_dir)])
-    trainer.remove_callback(PrinterCallback)
-
-    checkpoint = resume_target(cfg.resume, out, restarted=env.slurm_restart_count() > 0)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    if preempt.requested():
-        return preempt.requeue_exit(trainer.state.global_step)
-    trainer.save_model(cfg.output_dir)  # student weights, config.json (n layers, id2label), tokenizer
-    if not trainer.is_world_process_zero():
+    trainer = run.trainer(_trainer_class(), model=student, train_dataset=data.splits["train"],
+                          eval_dataset=data.splits["validation"], data_collator=collator, processing_class=tokenizer,
+                          teacher=teacher, temperature=cfg.temperature, alpha=cfg.alpha)
+    code = run.train()
+    if code is not None:
+        return code
+    run.save()  # student weights, config.json (n layers, id2label), tokenizer
+    if not run.is_main:
         return 0
 
     # Teacher and student on the same eval set and the same padded inputs, on this process's CPU/GPU.
@@ -159,23 +159,34 @@ def run(cfg: DistillConfig) -> int:
         "parameter_ratio": round(compare["student"]["parameters"] / compare["teacher"]["parameters"], 4),
         "speedup": {b: round(compare["teacher"]["latency"][b]["p50_ms"] / compare["student"]["latency"][b]["p50_ms"], 2)
                     for b in compare["teacher"]["latency"]},
-        "temperature": cfg.temperature, "alpha": cfg.alpha, "threads": torch.get_num_threads(),
-        "train_loss": result.metrics.get("train_loss"), "global_step": trainer.state.global_step,
-        "train_runtime_seconds": round(result.metrics["train_runtime"], 2),
-        "wall_seconds": round(time.perf_counter() - t_start, 2), **peak_memory_mb(),
-        "slurm_job_id": env.slurm_job_id(),
+        "temperature": cfg.temperature, "alpha": cfg.alpha, "threads": torch.get_num_threads(), **run.metrics(),
     }
-    atomic_write_text(out / "config.resolved.yaml", dump_config(cfg))
-    plot = plot_loss(trainer.state.log_history, out / "loss.png", f"distillation: {Path(teacher_dir).name}")
     rows = [{"model": who, primary: c["metrics"][primary], "parameters": f"{c['parameters']:,}", "layers": c["layers"],
              **{f"p50 ms batch {b}": v["p50_ms"] for b, v in c["latency"].items()}} for who, c in compare.items()]
-    write_report(out, f"Distillation ({task})", metrics, [
+    run.write_report(f"Distillation ({task})", metrics, [
         ("Teacher vs student", markdown_table(rows)),
         ("Summary", f"student keeps {metrics['retention_pct']}% of the teacher's {primary} with "
                     f"{metrics['parameter_ratio']:.0%} of its parameters; speed-up (p50) {metrics['speedup']} at "
                     f"seq {cfg.latency.seq_length}, {metrics['threads']} thread(s); T={cfg.temperature}, "
                     f"alpha={cfg.alpha}"),
-    ], images=["loss.png"] if plot else [])
+    ], plot_title=f"distillation: {Path(teacher_dir).name}")
     log.info("student %s %.4f vs teacher %.4f (%.1f%%), speed-up %s; model and report in %s", primary, s_score,
-             t_score, metrics["retention_pct"] or 0, metrics["speedup"], out)
+             t_score, metrics["retention_pct"] or 0, metrics["speedup"], cfg.output_dir)
     return 0
+
+
+def summary_row(cfg: DistillConfig) -> dict:
+    out = Path(cfg.output_dir)
+    m = json.loads((out / "metrics.json").read_text())
+    metric, s, t = m["metric"], m["student"], m["teacher"]
+    row = {"metric": f"student {metric} {s['metrics'][metric]:.3f} ({m['retention_pct']}% of teacher's "
+                     f"{t['metrics'][metric]:.3f}), {s['layers']}/{t['layers']} layers",
+           "size": mb(out / "model.safetensors")}
+    lat = {who: m[who]["latency"].get("1", {}).get("p50_ms") for who in ("teacher", "student")}
+    if all(lat.values()):
+        row["latency b1 p50"] = f"{lat['student']:.1f} ms (teacher {lat['teacher']:.1f} ms)"
+    return row
+
+
+SPEC = JobSpec(name="distill", help="distill a fine-tuned teacher into a smaller student; retention, speed-up",
+               config=DistillConfig, check=check, run=run, summary_row=summary_row)

@@ -6,18 +6,34 @@ export leaves nothing behind. Shipping is `hpcnlp validate`'s call, not this job
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Iterable
 
-from hpcnlp.config import ExportConfig, dump_config
+from hpcnlp import checks
+from hpcnlp.config import ExportConfig, Problem, dump_config
+from hpcnlp.data.labels import data_file_problems
 from hpcnlp.models import load_tokenizer, resolve_model_path
-from hpcnlp.report import markdown_table, write_report
+from hpcnlp.report import markdown_table, mb, write_report
 from hpcnlp.runtime.io import atomic_dir, atomic_write_text
-from hpcnlp.tasks import OPTIMUM_TASKS, load_data, task_of
+from hpcnlp.spec import JobSpec, SlurmDefaults
+from hpcnlp.tasks import OPTIMUM_TASKS, POSTPROCESS_TASKS, load_data, model_task, task_of
 
 log = logging.getLogger(__name__)
+
+
+def check(cfg: ExportConfig, pending: Iterable[str] = ()) -> list[Problem]:
+    out = checks.output_dir(cfg) + checks.model("model_name_or_path", cfg.model_name_or_path, pending)
+    if cfg.quantize.mode == "static" and cfg.data is not None:
+        task = model_task(cfg.model_name_or_path)
+        if task == "fill-mask":
+            out.append(Problem(key="quantize.mode", message="static quantization calibrates on labelled "
+                               "classification data; this is a masked LM", fix="use quantize.mode: dynamic"))
+        out += data_file_problems(task, cfg.data, pending) if task in POSTPROCESS_TASKS else []
+    return out
 
 
 class ToleranceWarnings(logging.Handler):
@@ -144,3 +160,16 @@ def build(cfg: ExportConfig) -> int:
     log.info("ONNX model(s) %s in %s; next: hpcnlp validate", list(sizes), cfg.output_dir)
     return 0
 
+
+def summary_row(cfg: ExportConfig) -> dict:
+    out = Path(cfg.output_dir)
+    m = json.loads((out / "metrics.json").read_text())
+    int8 = (out / "model.int8.onnx").is_file()
+    return {"metric": f"opset {m['opset']}, Optimum check "
+            + ("passed" if not m["optimum_tolerance_failures"] else "FAILED"),
+            "size": mb(out / "model.onnx", out / "model.int8.onnx") + (" (fp32 / int8)" if int8 else "")}
+
+
+SPEC = JobSpec(name="export", help="export a model to ONNX with Optimum; optional ORT optimization, int8",
+               config=ExportConfig, check=check, run=run, single_process=True, summary_row=summary_row,
+               slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4, signal_seconds=60))

@@ -9,27 +9,39 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
-from hpcnlp.config import ConfigError, FinetuneConfig, FreezeConfig, Problem, dump_config
+from hpcnlp import checks
+from hpcnlp.config import ConfigError, FinetuneConfig, FreezeConfig, Problem
 from hpcnlp.data import classification, ner
-from hpcnlp.data.labels import label_maps
-from hpcnlp.metrics import (classification_compute_metrics, classification_metrics, headline,
-                            ner_compute_metrics, ner_metrics, plot_confusion_matrix)
-from hpcnlp.models import load_tokenizer, resolve_model_path
-from hpcnlp.report import markdown_table, plot_loss, write_report
-from hpcnlp.runtime import env, preempt
-from hpcnlp.runtime.checkpoints import resume_target
-from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
+from hpcnlp.data.labels import IGNORE, data_file_problems, label_maps
+from hpcnlp.metrics import (classification_compute_metrics, classification_metrics, headline, ner_compute_metrics,
+                            ner_metrics, plot_confusion_matrix)
+from hpcnlp.models import encoder_layers, load_tokenizer, resolve_model_path
+from hpcnlp.report import markdown_table, mb
+from hpcnlp.runtime.io import atomic_write_json, atomic_write_text, is_inside
+from hpcnlp.spec import JobSpec
 from hpcnlp.tasks import auto_model_class
-from hpcnlp.train.callbacks import ThroughputCallback, peak_memory_mb
-from hpcnlp.train.replicas import replicas_identical
 
 log = logging.getLogger(__name__)
 IS_NER = "token-classification"
+
+
+def check(cfg: FinetuneConfig, pending: Iterable[str] = ()) -> list[Problem]:
+    out = checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg.resume)
+    out += checks.model("model_name_or_path", cfg.model_name_or_path, pending)
+    out += checks.model("tokenizer_name_or_path", cfg.tokenizer_name_or_path, pending)
+    out += data_file_problems(cfg.task, cfg.data, pending)
+    if cfg.freeze.layers and not is_inside(cfg.model_name_or_path, pending):
+        config = checks.model_config(cfg.model_name_or_path) or {}
+        n = config.get("num_hidden_layers", config.get("n_layers"))
+        if n is not None and cfg.freeze.layers > n:
+            out.append(Problem(key="freeze.layers", message=f"the model has {n} layers, cannot freeze "
+                               f"{cfg.freeze.layers}", fix=f"use 0..{n} (or freeze.all_but_head: true)"))
+    return out + checks.output_dir(cfg, cfg.resume)
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -41,17 +53,6 @@ def build_model(cfg: FinetuneConfig, label_names: list[str]):
         label2id=label2id, ignore_mismatched_sizes=True, trust_remote_code=cfg.trust_remote_code)
 
 
-def encoder_layers(base):
-    """The list of transformer blocks, wherever the architecture keeps it."""
-    for path in ("encoder.layer", "transformer.layer", "encoder.layers", "layers"):
-        node = base
-        for attr in path.split("."):
-            node = getattr(node, attr, None)
-        if node is not None:
-            return list(node)
-    raise ValueError(f"freeze.layers: cannot find the encoder layers of {type(base).__name__}")
-
-
 def freeze(model, f: FreezeConfig) -> dict:
     """Turn off gradients as configured; the head (everything outside the base model) always trains."""
     base = model.base_model
@@ -61,7 +62,8 @@ def freeze(model, f: FreezeConfig) -> dict:
     else:
         if f.embeddings:
             frozen.append(base.embeddings)
-        frozen += encoder_layers(base)[:f.layers]
+        parent, name = encoder_layers(model)
+        frozen += list(getattr(parent, name))[:f.layers]
     for module in frozen:
         module.requires_grad_(False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -94,7 +96,7 @@ def weighted_cross_entropy(weights):
     def loss(outputs, labels, num_items_in_batch=None):
         logits = outputs.logits
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
-                               weight=weights.to(logits.device), ignore_index=ner.IGNORE)
+                               weight=weights.to(logits.device), ignore_index=IGNORE)
 
     return loss
 
@@ -193,11 +195,10 @@ def _tables(results: dict, task: str) -> list[tuple[str, str]]:
 
 # --- the job ----------------------------------------------------------------------------------
 def run(cfg: FinetuneConfig) -> int:
-    import torch
-    from transformers import (DataCollatorForTokenClassification, DataCollatorWithPadding, EarlyStoppingCallback,
-                              PrinterCallback, set_seed)
+    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, EarlyStoppingCallback
 
-    t_start = time.perf_counter()
+    from hpcnlp.train.harness import TrainingRun
+
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
     reader = ner if cfg.task == IS_NER else classification
@@ -205,19 +206,13 @@ def run(cfg: FinetuneConfig) -> int:
     data = reader.load(cfg.data, tokenizer)
     weights = None
     if cfg.class_weights:
-        train_labels = [x for row in data.splits["train"]["labels"] for x in np.atleast_1d(row) if x != ner.IGNORE]
+        train_labels = [x for row in data.splits["train"]["labels"] for x in np.atleast_1d(row) if x != IGNORE]
         weights = class_weight_vector(cfg.class_weights, data.label_names, train_labels)
     log.info("labels (%d): %s; %s", len(data.label_names), data.label_names,
              {k: v.get("examples", v.get("sentences")) for k, v in data.stats.items()})
 
     t = cfg.training
-    args = t.to_training_arguments(
-        cfg.output_dir, include_num_input_tokens_seen="non_padding", disable_tqdm=True,
-        eval_steps=t.eval_steps or t.save_steps, load_best_model_at_end=t.load_best_model_at_end
-        and t.eval_strategy != "no", dataloader_pin_memory=torch.cuda.is_available())
-    set_seed(args.seed)  # before the head is initialised
-    preempt.install_handlers()
-
+    run = TrainingRun(cfg, load_best_model_at_end=t.load_best_model_at_end and t.eval_strategy != "no")
     model = build_model(cfg, data.label_names)
     frozen = freeze(model, cfg.freeze)
     log.info("trainable parameters: %s of %s", f"{frozen['trainable_parameters']:,}",
@@ -228,65 +223,47 @@ def run(cfg: FinetuneConfig) -> int:
     else:
         collator = DataCollatorWithPadding(tokenizer)
         compute_metrics = classification_compute_metrics(data.label_names)
-    samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    throughput = ThroughputCallback(samples_per_step)
-    callbacks = [throughput, preempt.PreemptionCallback(cfg.output_dir)]
-    if cfg.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
-    trainer = _trainer_class()(
-        model=model, args=args, train_dataset=data.splits["train"], eval_dataset=data.splits["validation"],
-        data_collator=collator, processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks,
+    callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
+    trainer = run.trainer(
+        _trainer_class(), callbacks, model=model, train_dataset=data.splits["train"],
+        eval_dataset=data.splits["validation"], data_collator=collator, processing_class=tokenizer,
+        compute_metrics=compute_metrics,
         compute_loss_func=weighted_cross_entropy(weights) if weights is not None else None)
-    trainer.remove_callback(PrinterCallback)  # ThroughputCallback logs one readable line instead
 
-    checkpoint = resume_target(cfg.resume, out, restarted=env.slurm_restart_count() > 0)
-    log.info("resuming from %s", checkpoint) if checkpoint else None
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    if preempt.requested():
-        return preempt.requeue_exit(trainer.state.global_step)
-
-    replicas = replicas_identical(model)  # False: ranks drifted apart (logged); save nothing
-    if replicas is False:
-        return 1
-
-    trainer.save_model(cfg.output_dir)  # best model (load_best_model_at_end), config.json with id2label
+    code = run.train()
+    if code is not None:
+        return code
+    run.save()  # best model (load_best_model_at_end), config.json with id2label
     results, images = evaluate_all(trainer, cfg, data, out)
-    if not trainer.is_world_process_zero():
+    if not run.is_main:
         return 0
-    train_seconds = result.metrics["train_runtime"]
-    tokens = trainer.state.num_input_tokens_seen - throughput.start_tokens
     metrics = {
-        "job": "finetune",
-        "task": cfg.task,
-        "model_name_or_path": cfg.model_name_or_path,
-        "labels": data.label_names,
-        "eval": results,
-        "data": data.stats,
-        "freeze": frozen,
+        "job": "finetune", "task": cfg.task, "model_name_or_path": cfg.model_name_or_path,
+        "labels": data.label_names, "eval": results, "data": data.stats, "freeze": frozen,
         "class_weights": weights.tolist() if weights is not None else None,
-        "train_loss": result.metrics.get("train_loss"),
-        "global_step": trainer.state.global_step,
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "best_metric": trainer.state.best_metric,
-        "resumed_from": checkpoint,
-        "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
-        "samples_per_second": result.metrics.get("train_samples_per_second"),
-        "train_runtime_seconds": round(train_seconds, 2),
-        "wall_seconds": round(time.perf_counter() - t_start, 2),
-        "world_size": args.world_size,
-        "replicas_identical": replicas,  # null: one process
-        **peak_memory_mb(),
-        "slurm_job_id": env.slurm_job_id(),
+        **run.metrics(),
+        "best_checkpoint": trainer.state.best_model_checkpoint, "best_metric": trainer.state.best_metric,
     }
-    atomic_write_text(out / "config.resolved.yaml", dump_config(cfg))
-    plot = plot_loss(trainer.state.log_history, out / "loss.png", f"fine-tuning ({cfg.task}): {cfg.model_name_or_path}")
     sections = _tables(results, cfg.task) + [
         ("Training", f"{metrics['global_step']} steps, train loss {metrics['train_loss']:.4f}, "
                      f"{metrics['samples_per_second']} samples/s, {metrics['tokens_per_second']} tokens/s; "
                      f"trainable parameters {frozen['trainable_parameters']:,} of {frozen['total_parameters']:,}; "
                      f"best checkpoint {metrics['best_checkpoint']}"),
     ]
-    write_report(out, f"Fine-tuning: {cfg.task}", metrics, sections, images=(["loss.png"] if plot else []) + images)
+    run.write_report(f"Fine-tuning: {cfg.task}", metrics, sections, images,
+                     plot_title=f"fine-tuning ({cfg.task}): {cfg.model_name_or_path}")
     summary = ", ".join(f"{k} f1 {v['f1']:.3f}" for k, v in results.items())
     log.info("%s; model, metrics.json and report.md in %s", summary, out)
     return 0
+
+
+def summary_row(cfg: FinetuneConfig) -> dict:
+    out = Path(cfg.output_dir)
+    ev = json.loads((out / "metrics.json").read_text())["eval"]["validation"]
+    return {"metric": "validation " + ", ".join(f"{k} {ev[k]:.3f}" for k in ("accuracy", "f1") if k in ev),
+            "size": mb(out / "model.safetensors")}
+
+
+SPEC = JobSpec(name="finetune", help="fine-tune for sequence classification or NER; scores, predictions",
+               config=FinetuneConfig, check=check, run=run, summary_row=summary_row,
+               example_config="jobs/finetune-sentiment.yaml")

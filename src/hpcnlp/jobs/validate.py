@@ -8,24 +8,41 @@ latency); then the bundle is completed (report, plot, model card, manifest) and 
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
-from hpcnlp import bundle
-from hpcnlp.config import ValidateConfig, dump_config
+from hpcnlp import bundle, checks
+from hpcnlp.config import Problem, ValidateConfig, dump_config
+from hpcnlp.data.labels import data_file_problems
 from hpcnlp.models import load_tokenizer, resolve_model_path
-from hpcnlp.report import markdown_table, save_figure
-from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
-from hpcnlp.tasks import (PRIMARY_METRIC, auto_model_class, batches, evaluate, label_names, latency, load_data,
-                          task_of, torch_runner)
+from hpcnlp.report import markdown_table, mb, save_figure
+from hpcnlp.runtime.io import atomic_write_json, atomic_write_text, is_inside
+from hpcnlp.spec import JobSpec, SlurmDefaults
+from hpcnlp.tasks import (POSTPROCESS_TASKS, PRIMARY_METRIC, auto_model_class, batches, evaluate, label_names,
+                          latency, load_data, model_task, task_of, torch_runner)
 
 log = logging.getLogger(__name__)
 PARITY_BATCH = 8
 EXIT_DATA = 2  # the eval data (or the model's task) was refused; nothing staged
+
+
+def check(cfg: ValidateConfig, pending: Iterable[str] = ()) -> list[Problem]:
+    out = checks.model("model_name_or_path", cfg.model_name_or_path, pending)
+    if not is_inside(cfg.onnx_dir, pending) and not (Path(cfg.onnx_dir) / "model.onnx").is_file():
+        out.append(Problem(key="onnx_dir", message=f"no model.onnx in '{cfg.onnx_dir}'",
+                           fix="run `hpcnlp export` first and point onnx_dir at its output_dir"))
+    task = model_task(cfg.model_name_or_path)
+    out += data_file_problems(task, cfg.data, pending) if task in POSTPROCESS_TASKS else []
+    if cfg.bundle_dir.exists() and not cfg.overwrite:
+        out.append(Problem(key="version", message=f"'{cfg.bundle_dir}' is already shipped",
+                           fix="bump version (shipped bundles are immutable), or set overwrite: true"))
+    return out
 
 
 # --- onnxruntime --------------------------------------------------------------------------------
@@ -184,7 +201,7 @@ def run(cfg: ValidateConfig) -> int:
                                                                        "sha256": bundle.dir_sha256(model_dir)},
             "thresholds": cfg.thresholds.model_dump(), "checks": checks, "passed": passed})
         if passed:
-            final = bundle.publish(staging, Path(cfg.output_dir) / cfg.name / cfg.version, replace=cfg.overwrite)
+            final = bundle.publish(staging, cfg.bundle_dir, replace=cfg.overwrite)
             log.info("PASSED: shipped %s (hpcnlp verify %s)", final, final)
             return 0
         final = Path(cfg.rejected_dir) / cfg.name / cfg.version
@@ -230,3 +247,35 @@ def write_reports(out: Path, cfg: ValidateConfig, task: str, names: list[str], r
     atomic_write_json(out / "validation.json", results)
     atomic_write_text(out / "validate.resolved.yaml", dump_config(cfg))
     atomic_write_text(out / "MODEL_CARD.md", model_card(cfg, task, names, results, passed))
+
+
+def _bundle(cfg: ValidateConfig) -> Path:
+    """Where the last run put its bundle: shipped, else rejected."""
+    return cfg.bundle_dir if cfg.bundle_dir.is_dir() else Path(cfg.rejected_dir) / cfg.name / cfg.version
+
+
+def is_complete(cfg: ValidateConfig) -> bool:
+    """Shipped: the bundle's manifest is in place (a rejected model is not a finished stage)."""
+    return (cfg.bundle_dir / bundle.MANIFEST).is_file()
+
+
+def summary_row(cfg: ValidateConfig) -> dict:
+    path = _bundle(cfg)
+    if not (path / "validation.json").is_file():
+        return {}
+    v = json.loads((path / "validation.json").read_text())
+    metric = PRIMARY_METRIC.get(v["task"], "f1")
+    runtimes = [k for k in ("pytorch", "onnx_fp32", "onnx_int8") if k in v["metrics"]]
+    return {"metric": ("PASSED: " if v["passed"] else "REJECTED: ")
+            + ", ".join(f"{k} {v['metrics'][k][metric]:.3f}" for k in runtimes),
+            "size": mb(path / "model.onnx", path / "model.int8.onnx"),
+            "latency b1 p50": ", ".join(f"{k} {v['latency'][k]['1']['p50_ms']:.1f} ms" for k in runtimes
+                                        if "1" in v["latency"].get(k, {})),
+            "output": str(path)}
+
+
+SPEC = JobSpec(name="validate", help="gate ONNX vs PyTorch (parity, metric, latency); ship or reject a bundle",
+               config=ValidateConfig, check=check, run=run, single_process=True, is_complete=is_complete,
+               summary_row=summary_row,
+               slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4, signal_seconds=60,
+                                   note="latency is measured on these CPUs: ask for the deployment CPU count"))

@@ -12,9 +12,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
 
 
-def is_rank_zero() -> bool:
-    return rank() == 0
-
 
 def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")

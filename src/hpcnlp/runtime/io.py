@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -58,3 +58,9 @@ def atomic_dir(final: str | os.PathLike, replace: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def is_inside(path: str | os.PathLike, roots: Iterable[str | os.PathLike]) -> bool:
+    """`path` is one of `roots` or lies below one of them (paths compared absolute, not resolved)."""
+    p = os.path.abspath(path)
+    return any(p == os.path.abspath(r) or p.startswith(os.path.abspath(r) + os.sep) for r in roots)

@@ -175,8 +175,12 @@ def check_command(plan: Plan) -> list[str]:
     return [*prefix, *check]
 
 
-# Jobs that are not data-parallel: one process, whatever GPUs the node has (N copies would race on output_dir).
-SINGLE_PROCESS_JOBS = ("prepare", "export", "validate")
+def node_processes(job: str, requested: int) -> int:
+    """Processes this node starts: one for jobs that are not data-parallel (their spec says so; N copies
+    would race on output_dir), else the planned count. Runs on the node, where the job's stack is."""
+    from hpcnlp.jobs import JOBS
+
+    return 1 if job in JOBS and JOBS[job].single_process else requested
 
 
 def plan_from_env(job: str, job_args: list[str]) -> Plan:
@@ -185,11 +189,11 @@ def plan_from_env(job: str, job_args: list[str]) -> Plan:
     if not nodelist or not job_id:
         raise LaunchError("not inside a Slurm allocation (no SLURM_JOB_NODELIST); "
                           "submit with `sbatch slurm/<job>.sbatch` or `hpcnlp submit`")
-    if job in SINGLE_PROCESS_JOBS and env.slurm_num_nodes() > 1:
-        raise LaunchError(f"'{job}' runs as one process on one node; submit it with --nodes=1")
     image = env.hpcnlp_setting("IMAGE")
     container = env.hpcnlp_setting("CONTAINER", "apptainer" if image else "none")
-    nproc = 1 if job in SINGLE_PROCESS_JOBS else env.hpcnlp_setting("NPROC_PER_NODE") or env.slurm_gpus_on_node() or 1
+    # Single-process jobs are brought down to one process on the node (node_processes) and refused on
+    # several nodes by `hpcnlp check`: both need the job registry, which lives with the job's stack.
+    nproc = env.hpcnlp_setting("NPROC_PER_NODE") or env.slurm_gpus_on_node() or 1
     binds = [b for b in (env.hpcnlp_setting("BIND") or "").split(",") if b]
     return Plan(job=job, job_args=list(job_args), nnodes=env.slurm_num_nodes(), nproc_per_node=int(nproc),
                 master_addr=node_address(first_node(nodelist)), master_port=job_port(job_id),
@@ -244,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(bash_assignments(plan_from_env(a.job, [*a.job_args, *extra])))
             return 0
         addr, port = a.master.rsplit(":", 1)
-        cmd = node_command(a.launcher, a.nnodes, a.nproc_per_node, env.slurm_node_id(), addr, int(port),
-                           a.job, a.job_args, python=sys.executable)
+        cmd = node_command(a.launcher, a.nnodes, node_processes(a.job, a.nproc_per_node), env.slurm_node_id(),
+                           addr, int(port), a.job, a.job_args, python=sys.executable)
     except (LaunchError, subprocess.CalledProcessError, OSError, ValueError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2

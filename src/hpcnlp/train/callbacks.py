@@ -29,12 +29,10 @@ class ThroughputCallback(TrainerCallback):
     def __init__(self, samples_per_step: int):
         self.samples_per_step = samples_per_step  # global: per-device batch x grad-accum x world size
         self._t = self._step = self._tokens = None
-        self.start_step = self.start_tokens = 0
-        self.train_seconds = 0.0
+        self.start_tokens = 0  # tokens seen before this process's run (> 0 after a resume)
 
     def on_train_begin(self, args, state, control, **kw):
         self._t, self._step, self._tokens = time.perf_counter(), state.global_step, state.num_input_tokens_seen
-        self.start_step = state.global_step  # > 0 after a resume
         self.start_tokens = state.num_input_tokens_seen
 
     def on_log(self, args, state, control, logs=None, **kw):
@@ -50,7 +48,6 @@ class ThroughputCallback(TrainerCallback):
         remaining = max(state.max_steps - state.global_step, 0)
         logs["eta_seconds"] = round(remaining * dt / steps)
         logs.update(peak_memory_mb())
-        self.train_seconds += dt
         self._t, self._step, self._tokens = now, state.global_step, state.num_input_tokens_seen
         if state.is_world_process_zero:
             log.info("step %d/%d loss %.4f lr %.3g | %s tok/s %s samples/s | ETA %s | rss %s MB%s",

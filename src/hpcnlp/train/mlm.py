@@ -1,4 +1,4 @@
-"""Masked-LM loss computed only where a token is masked.
+"""Masked-LM building blocks: the model, the masking collator, and the loss only where a token is masked.
 
 The stock `*ForMaskedLM.forward` runs the MLM head (transform + vocab-sized decoder) on every
 position, though only ~15% carry a label; for small encoders that head costs about as much as the
@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import logging
 import types
+import zlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import MaskedLMOutput
+
+from hpcnlp.config import PretrainConfig
+from hpcnlp.models import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +79,75 @@ def masked_accuracy(eval_pred) -> dict:
     preds, labels = eval_pred.predictions, eval_pred.label_ids
     where = labels != -100
     return {"masked_accuracy": float((preds[where] == labels[where]).mean()) if where.any() else 0.0}
+
+
+# --- masking: what the collator does to each batch ------------------------------------------
+class MLMCollator:
+    """Masks training batches on the fly; eval batches arrive pre-masked (fixed masks) and are only padded,
+    so perplexity before and after training is measured on the very same masked tokens.
+
+    A training batch's masks are a pure function of (seed, batch content), not of the global RNG: a run
+    resumed from a checkpoint masks every later batch exactly as the uninterrupted run did, whatever
+    was prefetched before the save and however many dataloader workers there are.
+    """
+
+    def __init__(self, tokenizer, mlm_probability: float, whole_word_mask: bool, seed: int):
+        from transformers import DataCollatorForTokenClassification
+
+        self.mask = masker(tokenizer, mlm_probability, whole_word_mask)
+        self.pad = DataCollatorForTokenClassification(tokenizer)  # pads labels with -100
+        self.seed = seed
+
+    def __call__(self, features):
+        if "labels" in features[0]:
+            return self.pad(features)
+        digest = zlib.crc32(b"".join(np.asarray(f["input_ids"], dtype=np.int32).tobytes() for f in features))
+        self.mask.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + digest)
+        return self.mask(_pad_offsets(features))
+
+
+def _pad_offsets(features: list[dict]) -> list[dict]:
+    """tokenizer.pad pads input_ids and special_tokens_mask but not offset_mapping (whole-word masking)."""
+    if "offset_mapping" not in features[0]:
+        return features
+    n = max(len(f["input_ids"]) for f in features)
+    return [{**f, "offset_mapping": list(f["offset_mapping"]) + [[0, 0]] * (n - len(f["offset_mapping"]))}
+            for f in features]
+
+
+def masker(tokenizer, mlm_probability: float, whole_word_mask: bool, seed: int | None = None):
+    from transformers import DataCollatorForLanguageModeling
+
+    # Whole-word masking only replaces with [MASK]; say so up front (transformers' own warning
+    # for this case raises a TypeError in 4.57).
+    replace = {"mask_replace_prob": 1.0, "random_replace_prob": 0.0} if whole_word_mask else {}
+    return DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability,
+                                           whole_word_mask=whole_word_mask, seed=seed, **replace)
+
+
+def fixed_eval_masks(eval_ds, tokenizer, mlm_probability: float, whole_word_mask: bool, seed: int):
+    fixed = masker(tokenizer, mlm_probability, whole_word_mask, seed)
+
+    def mask(batch):
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        out = fixed(_pad_offsets(rows))
+        lengths = [len(r["input_ids"]) for r in rows]
+        return {"input_ids": [ids[:n].tolist() for ids, n in zip(out["input_ids"], lengths)],
+                "labels": [lab[:n].tolist() for lab, n in zip(out["labels"], lengths)]}
+
+    return eval_ds.map(mask, batched=True, batch_size=256, remove_columns=eval_ds.column_names)
+
+
+def build_masked_lm(cfg: PretrainConfig, tokenizer):
+    from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+
+    if cfg.init == "scratch":
+        s = cfg.scratch
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=s.hidden_size,
+                            num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
+                            intermediate_size=s.intermediate_size,
+                            max_position_embeddings=max(512, cfg.data.max_seq_length),
+                            pad_token_id=tokenizer.pad_token_id)
+        return BertForMaskedLM(config)
+    return AutoModelForMaskedLM.from_pretrained(resolve_model_path(cfg.model_name_or_path),
+                                                trust_remote_code=cfg.trust_remote_code)

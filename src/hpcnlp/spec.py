@@ -1,0 +1,48 @@
+"""What a job is: one `JobSpec` per job module (hpcnlp/jobs/<job>.py), collected in hpcnlp.jobs.
+
+The CLI, the Slurm launcher, submit/pipeline/sweep and `hpcnlp check` read these specs; nothing
+else lists the jobs or knows what a finished run looks like.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from hpcnlp.config import JobConfig, Problem
+
+
+@dataclass(frozen=True)
+class SlurmDefaults:
+    """The per-job #SBATCH header of slurm/<job>.sbatch (users edit it there; submit options win)."""
+
+    nodes: int = 1
+    time: str = "02:00:00"
+    cpus_per_task: int = 8
+    signal_seconds: int = 300  # USR1 this long before the time limit: checkpoint, then requeue
+    note: str = ""  # one comment line in the header, e.g. what the CPU count is for
+
+
+def metrics_written(cfg: JobConfig) -> bool:
+    """The training and export jobs write metrics.json last: its presence marks a finished run."""
+    return bool(cfg.output_dir) and (Path(cfg.output_dir) / "metrics.json").is_file()
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    help: str  # one line, for `hpcnlp --help` and the batch template
+    config: type[JobConfig]
+    check: Callable[[JobConfig, Iterable[str]], list[Problem]]  # (cfg, pending paths) -> file/data problems
+    run: Callable[[JobConfig], int]  # exit code; imports its heavy libraries itself (fast `hpcnlp check`)
+    # One process on one node whatever GPUs it has (N copies would race on output_dir).
+    single_process: bool = False
+    slurm: SlurmDefaults = field(default_factory=SlurmDefaults)
+    is_complete: Callable[[JobConfig], bool] = metrics_written
+    # {metric, size, latency b1 p50, output} of a run; FileNotFoundError when it wrote no results
+    summary_row: Callable[[JobConfig], dict] = lambda cfg: {}
+    example_config: str = ""  # the shipped YAML named in docs and slurm/<job>.sbatch; default jobs/<name>.yaml
+
+    @property
+    def example(self) -> str:
+        return self.example_config or f"jobs/{self.name}.yaml"

@@ -4,7 +4,10 @@
 # 2. check the config again, in the environment the job runs in; refuse (exit 2) before any step;
 # 3. one srun task per node (torchrun | accelerate launch inside), --kill-on-bad-exit=1;
 # 4. on Slurm's warning signal (USR1) ask the ranks to checkpoint (launchers swallow USR1, so the
-#    request goes through a flag file every rank polls), then requeue the job when they did.
+#    request goes through a flag file every rank polls);
+# 5. exit with the code rank 0 wrote in the outcome file (whatever torchrun made of the ranks' codes),
+#    and requeue only when it says a checkpoint of this job was saved and max_requeues allows it.
+#    Codes: 0 finished, 1 failed, 2 config refused, 3 rejected, 4 stalled, 75 checkpointed (README).
 # A plain scancel still cancels: SIGTERM is not trapped here.
 set -uo pipefail
 job=$1; shift
@@ -17,24 +20,28 @@ planner=${HPCNLP_PYTHON:-python3}
 state_dir=${HPCNLP_STATE_DIR:-$SLURM_SUBMIT_DIR/outputs/.slurm}
 mkdir -p "$state_dir"
 export HPCNLP_PREEMPT_FILE=$state_dir/preempt-$SLURM_JOB_ID
-rm -f "$HPCNLP_PREEMPT_FILE"
+export HPCNLP_OUTCOME_FILE=$state_dir/outcome-$SLURM_JOB_ID
+rm -f "$HPCNLP_PREEMPT_FILE" "$HPCNLP_OUTCOME_FILE"
 
 plan=$(PYTHONPATH=$HPCNLP_HOME/src${PYTHONPATH:+:$PYTHONPATH} "$planner" -m hpcnlp.runtime.launch plan "$job" --config "$@") || exit 2
 eval "$plan"
 echo "launch: $(date +%T) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s): $DESCRIBE"
 "${CHECK[@]}" || { echo "launch: config refused; nothing started" >&2; exit 2; }
 
-preempted=0
-on_usr1() { preempted=1; echo "launch: $(date +%T) USR1: asking every rank to checkpoint and stop"; touch "$HPCNLP_PREEMPT_FILE"; }
+on_usr1() { echo "launch: $(date +%T) USR1: asking every rank to checkpoint and stop"; touch "$HPCNLP_PREEMPT_FILE"; }
 trap on_usr1 USR1
 "${CMD[@]}" &
 step=$!
 # `wait` returns early when a trapped signal arrives; keep waiting until the step is really done.
 while :; do wait "$step"; rc=$?; kill -0 "$step" 2>/dev/null || break; done
 rm -f "$HPCNLP_PREEMPT_FILE"
-if [ "$preempted" = 1 ] && [ "$rc" != 0 ]; then
-  echo "launch: $(date +%T) checkpointed (step exit $rc); requeueing job $SLURM_JOB_ID"
+code=$(( rc == 0 ? 0 : 1 )); next=stop; why="the step ended without an outcome from rank 0 (step exit $rc)"
+[ -s "$HPCNLP_OUTCOME_FILE" ] && read -r code next why < "$HPCNLP_OUTCOME_FILE"
+rm -f "$HPCNLP_OUTCOME_FILE"
+if [ "$next" = requeue ]; then
+  echo "launch: $(date +%T) preempted: $why; requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID" && exit 0
+  echo "launch: scontrol requeue failed"
 fi
-echo "launch: $(date +%T) step finished with exit $rc"
-exit "$rc"
+echo "launch: $(date +%T) exit $code: $why"
+exit "$code"

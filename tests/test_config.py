@@ -154,7 +154,7 @@ def test_training_is_training_arguments(tmp_path, pretrain_config, capsys):
     ("training.lr_scheduler_type=cosin", "training: TrainingArguments refuses these settings"),
     ("training.learning_rate=.inf", "training.learning_rate: Input should be a finite number"),
     ("output_dir=[x", "output_dir=[x: cannot be read"),
-    ("resume=/etc", "resume: '/etc' is neither never, auto nor a complete checkpoint dir"),
+    ("resume=/etc", "resume: '/etc' is not a complete checkpoint of this run: incomplete"),
 ])
 def test_bad_values_are_one_line_each(pretrain_config, capsys, override, expected):
     path, _ = pretrain_config

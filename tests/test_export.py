@@ -70,7 +70,7 @@ def test_export_and_validate_token_classifier(ner_teacher, tmp_path):
 def test_impossible_tolerance_is_rejected_and_nothing_ships(sentiment_teacher, sentiment_onnx, tmp_path):
     rc = run_cli("validate", "--config", str(validate_config(tmp_path, sentiment_teacher, sentiment_onnx,
                                                               SMALL_EVAL, thresholds={"fp32_atol": 1e-12})))
-    assert rc == 1
+    assert rc == 3  # rejected
     assert not (tmp_path / "artifacts" / "test-model").exists()
     assert [p.name for p in (tmp_path / "artifacts").iterdir()] == []  # no staging left either
     rejected = tmp_path / "rejected" / "test-model" / "1"
@@ -93,7 +93,7 @@ def test_corrupted_weight_is_rejected(sentiment_teacher, sentiment_onnx, tmp_pat
     onnx.save(model, str(broken / "model.onnx"))
     rc = run_cli("validate", "--config", str(validate_config(tmp_path, sentiment_teacher, str(broken),
                                                               SMALL_EVAL)))
-    assert rc == 1
+    assert rc == 3  # rejected
     assert not (tmp_path / "artifacts" / "test-model").exists()
     report = json.loads((tmp_path / "rejected" / "test-model" / "1" / "validation.json").read_text())
     assert report["parity"]["onnx_fp32"]["argmax_agreement"] < 0.5  # swapped classes
@@ -112,7 +112,7 @@ def test_export_refuses_tolerance_failure_and_fill_mask_exports(tmp_path, minilm
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(mlm)
 
     cfg = export_config(tmp_path, str(mlm), atol=1e-12, quantize={"mode": "none"})
-    assert run_cli("export", "--config", str(cfg)) == 1
+    assert run_cli("export", "--config", str(cfg)) == 3  # rejected
     assert not (tmp_path / "onnx").exists()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
 

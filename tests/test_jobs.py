@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import CORPUS, REPO, SENTIMENT_DATA, export_config, preempt_at, validate_config, write_config
+from helpers import (CORPUS, REPO, SENTIMENT_DATA, export_config, preempt_at, tiny_pretrain, validate_config,
+                     write_config)
 
 from hpcnlp.cli import build_parser
 from hpcnlp.jobs import JOBS, load_config
@@ -73,19 +74,6 @@ def test_config_is_schema_only():
 
 
 # --- the Trainer harness, pinned -----------------------------------------------------------------
-def _tiny(tmp_path: Path, **training) -> Path:
-    """A 1-layer BERT from scratch with the packaged vocab on two doc files: seconds on one core."""
-    return write_config(tmp_path / "tiny.yaml", {
-        "job": "pretrain", "init": "scratch", "tokenizer_name_or_path": "minilm-l6",
-        "output_dir": str(tmp_path / "out"),
-        "scratch": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
-        "data": {"train_files": [str(CORPUS / "tutorial" / "introduction.rst.txt"),
-                                 str(CORPUS / "tutorial" / "controlflow.rst.txt")],
-                 "max_seq_length": 32, "eval_fraction": 0.1, "prepared_root": str(tmp_path / "prepared")},
-        "training": {"max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1,
-                     "eval_strategy": "no", "save_steps": 3, "seed": 11, **training}})
-
-
 def _logged_losses(out: Path, step: int) -> list[float]:
     state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
     return [h["loss"] for h in state["log_history"] if "loss" in h]
@@ -105,7 +93,7 @@ def test_seeded_run_logs_pinned_losses(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["pretrain", "--config", str(_tiny(tmp_path))]) == 0
+        assert main(["pretrain", "--config", str(tiny_pretrain(tmp_path))]) == 0
     finally:
         torch.set_num_threads(threads)
     losses = _logged_losses(tmp_path / "out", 6)
@@ -121,7 +109,7 @@ def test_tensorboard_keeps_one_curve_across_a_requeue(tmp_path, monkeypatch):
 
     from hpcnlp.cli import main
 
-    config = _tiny(tmp_path, report_to=["tensorboard"], run_name="tiny-run")
+    config = tiny_pretrain(tmp_path, report_to=["tensorboard"], run_name="tiny-run")
     with monkeypatch.context() as m:
         preempt_at(m, 3)
         assert main(["pretrain", "--config", str(config)]) == preempt.REQUEUE_EXIT

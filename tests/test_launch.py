@@ -141,9 +141,10 @@ def test_launch_sh_is_thin_and_valid_bash():
     subprocess.run(["bash", "-n", str(repo / "slurm" / "launch.sh")], check=True)
     from hpcnlp.jobs import JOBS
 
-    for job in JOBS:
+    for job, spec in JOBS.items():
         text = (repo / "slurm" / f"{job}.sbatch").read_text()
-        assert "#SBATCH --requeue" in text and "--signal=B:USR1@" in text and "--open-mode=append" in text
+        requeues = "#SBATCH --requeue" in text and "--signal=B:USR1@" in text and "--open-mode=append" in text
+        assert requeues == spec.resumable and ("#SBATCH --no-requeue" in text) != spec.resumable, job
         assert f'slurm/launch.sh" {job} "$@"' in text
         subprocess.run(["bash", "-n", str(repo / "slurm" / f"{job}.sbatch")], check=True)
     for name in ("zero1", "zero2", "zero3", "zero3-offload"):

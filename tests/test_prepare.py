@@ -86,11 +86,39 @@ def test_edge_cases_empty_blank_huge_line(tmp_path, minilm_tokenizer):
     assert s["blocks"] > 400 and s["padding_share"] < 0.01  # the huge line is packed into many full blocks
 
 
-def test_only_blank_input_is_a_clear_error(tmp_path, minilm_tokenizer):
-    (tmp_path / "blank.txt").write_text("\n\n\n")
-    with pytest.raises(ValueError, match="non-empty document.*Fix"):
+def _complete_dirs(root) -> list:
+    return [p for p in root.rglob("stats.json")]
+
+
+@pytest.mark.parametrize("content", ["", "\n\n\n"])
+def test_empty_corpus_is_a_config_error(tmp_path, minilm_tokenizer, content):
+    from hpcnlp.config import ConfigError
+
+    (tmp_path / "blank.txt").write_text(content)
+    with pytest.raises(ConfigError, match="data.train_files: .*no non-empty document.*Fix") as e:
         prepare(_cfg(tmp_path, [str(tmp_path / "blank.txt")]), minilm_tokenizer)
+    assert [p.key for p in e.value.problems] == ["data.train_files"] and len(e.value.lines) == 1
     assert not any((tmp_path / "prepared").glob("[!.]*"))  # nothing that looks complete
+    assert not _complete_dirs(tmp_path / "prepared")
+
+
+def test_one_document_without_eval_files_is_a_config_error(tmp_path, minilm_tokenizer):
+    from hpcnlp.config import ConfigError
+
+    (tmp_path / "one.txt").write_text("\n\nonly one paragraph here\n\n")
+    with pytest.raises(ConfigError, match="data.train_files: .*only 1 non-empty document.*data.eval_files"):
+        prepare(_cfg(tmp_path, [str(tmp_path / "one.txt")]), minilm_tokenizer)
+    assert not _complete_dirs(tmp_path / "prepared")
+
+
+def test_empty_eval_files_is_a_config_error(tmp_path, small_corpus, minilm_tokenizer):
+    from hpcnlp.config import ConfigError
+
+    (tmp_path / "blank.txt").write_text("\n\n")
+    cfg = _cfg(tmp_path, [str(small_corpus / "*.rst.txt")], eval_files=[str(tmp_path / "blank.txt")])
+    with pytest.raises(ConfigError, match="data.eval_files: "):
+        prepare(cfg, minilm_tokenizer)
+    assert not _complete_dirs(tmp_path / "prepared")
 
 
 def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, small_corpus, minilm_tokenizer,
@@ -101,9 +129,12 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, small_
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pack, "_block_stats", boom)
+    cfg = _cfg(tmp_path, [str(small_corpus / "*.rst.txt")])
     with pytest.raises(KeyboardInterrupt):
-        prepare(_cfg(tmp_path, [str(small_corpus / "*.rst.txt")]), minilm_tokenizer)
-    assert list((tmp_path / "prepared").iterdir()) == []
+        prepare(cfg, minilm_tokenizer)
+    # Only the hidden lock file stays (a plain file, never a result): no result dir, no .tmp-* build.
+    fp = pack.fingerprint(cfg, minilm_tokenizer, with_offsets=False)
+    assert [p.name for p in (tmp_path / "prepared").iterdir()] == [f".{fp}.lock"]
 
 
 def test_prepare_cli_prints_stats(tmp_path, small_corpus, capsys):

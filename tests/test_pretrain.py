@@ -107,16 +107,6 @@ def test_preempted_run_resumes_at_the_right_step(finished_run, monkeypatch):
     assert b == pytest.approx(a, abs=1e-4)
 
 
-def test_incomplete_checkpoint_is_never_chosen(tmp_path):
-    out = tmp_path / "out"
-    good, bad = out / "checkpoint-4", out / "checkpoint-8"
-    for d in (good, bad):
-        d.mkdir(parents=True)
-        (d / "model.safetensors").write_bytes(b"x")
-    (good / "trainer_state.json").write_text("{}")  # bad: interrupted before trainer_state.json
-    assert newest_complete_checkpoint(out) == good
-
-
 @pytest.mark.slow
 def test_scratch_init_trains_its_own_vocab(tmp_path, pretrain_config):
     path, cfg = pretrain_config

@@ -13,8 +13,8 @@ from typing import Iterable
 
 from hpcnlp.config import JobConfig, Problem, TrainingConfig
 from hpcnlp.models import ModelNotFound, resolve_model_path
-from hpcnlp.runtime import env
-from hpcnlp.runtime.checkpoints import is_complete
+from hpcnlp.runtime import env, rundir
+from hpcnlp.runtime.checkpoints import problem
 from hpcnlp.runtime.io import is_inside
 
 
@@ -36,27 +36,80 @@ def model_config(name_or_path: str) -> dict | None:
         return None
 
 
-def resume(value: str) -> list[Problem]:
+# These models number positions from pad_token_id + 1, so two of max_position_embeddings are never usable.
+POSITION_OFFSET_MODELS = {"roberta", "xlm-roberta", "camembert"}
+
+
+def max_seq_length(value: int, model_key: str, name_or_path: str | None, pending: Iterable[str]) -> list[Problem]:
+    """data.max_seq_length within the model's position embeddings (longer inputs fail mid-run, in CUDA)."""
+    if name_or_path is None or is_inside(name_or_path, pending):
+        return []
+    config = model_config(name_or_path) or {}
+    limit = config.get("max_position_embeddings")
+    if not isinstance(limit, int) or config.get("position_biased_input") is False:
+        return []  # no config.json (the model check reports it) or no absolute positions (DeBERTa-v2/v3)
+    if config.get("model_type") in POSITION_OFFSET_MODELS:
+        limit -= 2
+    if value <= limit:
+        return []
+    return [Problem(key="data.max_seq_length", message=f"{value} is longer than the {limit} positions of "
+                    f"{model_key} '{name_or_path}'", fix=f"set data.max_seq_length to {limit} or less")]
+
+
+def resume(cfg: JobConfig) -> list[Problem]:
+    """An explicit `resume: <dir>` is a complete checkpoint of this run (same config)."""
+    value = cfg.resume
     if value in ("never", "auto"):
         return []
-    if Path(value).is_dir() and is_complete(Path(value)):
+    why = problem(Path(value), rundir.run_hash(cfg.model_dump(mode="json"))) if Path(value).is_dir() else "no such dir"
+    if why is None:
         return []
-    return [Problem(key="resume", message=f"'{value}' is neither never, auto nor a complete checkpoint dir",
-                    fix="use resume: auto to pick the newest complete checkpoint in output_dir")]
+    return [Problem(key="resume", message=f"'{value}' is not a complete checkpoint of this run: {why}",
+                    fix="use resume: auto (the newest complete checkpoint in output_dir); to start from other "
+                        "weights, set model_name_or_path to them")]
 
 
 def output_dir(cfg: JobConfig, resume_: str = "never", finished: str = "metrics.json") -> list[Problem]:
-    """A dir holding a finished run or checkpoints is only reused when the config says how."""
+    """Only this job's own runs are continued or replaced; nothing else is written into or removed."""
     out = Path(cfg.output_dir)
-    if cfg.overwrite or not out.exists() or env.slurm_restart_count() > 0:  # a requeue resumes its own run
+    if not out.is_dir() or env.slurm_restart_count() > 0:  # a requeue goes on with its own run
+        return [] if not out.exists() or out.is_dir() else [
+            Problem(key="output_dir", message=f"'{out}' is a file", fix="choose a directory path")]
+    if not any(p.name not in rundir.OWN_FILES for p in out.iterdir()):
         return []
-    if (out / finished).exists() and resume_ == "never":
+    if not rundir.written_by_hpcnlp(out):
+        return [Problem(key="output_dir", message=f"'{out}' holds files hpcnlp did not write",
+                        fix="choose another output_dir: no job writes into, or replaces, what it did not create")]
+    if cfg.overwrite:
+        return []
+    previous = rundir.read_run(out)
+    if resume_ != "never":
+        if previous and previous.get("run") != rundir.run_hash(cfg.model_dump(mode="json")):
+            return [Problem(key="output_dir", message=f"'{out}' holds a run of another config (run "
+                            f"{previous.get('run')}): its checkpoints are not this run's",
+                            fix="set overwrite: true to replace it, or choose a new output_dir")]
+        return []
+    if (out / finished).exists():
         return [Problem(key="output_dir", message=f"'{out}' holds a finished run ({finished})",
                         fix="set overwrite: true, resume: auto, or choose a new output_dir")]
-    if any(out.glob("checkpoint-*")) and resume_ == "never":
-        return [Problem(key="output_dir", message=f"'{out}' holds checkpoints of an unfinished run",
-                        fix="set resume: auto to continue it, or overwrite: true to start over")]
-    return []
+    return [Problem(key="output_dir", message=f"'{out}' holds checkpoints of an unfinished run",
+                    fix="set resume: auto to continue it, or overwrite: true to start over")]
+
+
+def overlaps(output: str, inputs: dict[str, str | None], key: str = "output_dir") -> list[Problem]:
+    """An output dir that is, holds or lies in one of the job's inputs would be written over them."""
+    out = []
+    for name, value in inputs.items():
+        if not value:
+            continue
+        try:
+            path = resolve_model_path(value) if name.endswith(("model_name_or_path", "teacher")) else value
+        except ModelNotFound:
+            path = value
+        if is_inside(output, [path]) or is_inside(path, [output]):
+            out.append(Problem(key=key, message=f"'{output}' overlaps the input {name} '{value}'",
+                               fix=f"write {key} elsewhere: a job never writes over its inputs"))
+    return out
 
 
 def training(t: TrainingConfig, output_dir_: str) -> list[Problem]:

@@ -14,6 +14,7 @@ import warnings
 from hpcnlp import submit
 from hpcnlp.config import ConfigError
 from hpcnlp.jobs import JOBS, load_config, report, run_job
+from hpcnlp.runtime.status import process_exit
 
 
 def setup_logging() -> None:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         print(f"ok: {args.config} is a valid '{cfg.job}' config")
         return 0
-    code = run_job(cfg)
+    code = process_exit(run_job(cfg))
     if _left_process_group():  # not after an exception: the launcher stops the other ranks then
         # Skip the interpreter's teardown in distributed runs: on 2 nodes (torchrun and accelerate, gloo)
         # it sometimes aborted a rank after the job had finished ("terminate called without an active

@@ -11,17 +11,18 @@ This module reads no files but the YAML it is given and imports nothing of data,
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import enum
 import functools
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError,
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 
@@ -48,6 +49,21 @@ class ConfigError(Exception):
 class Section(BaseModel):
     # allow_inf_nan=False: `learning_rate: .inf` is a typo, not a setting.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _text_encoding(name: str) -> str:
+    """A codec name Python decodes text with, refused here rather than when the first file is opened."""
+    try:
+        codecs.lookup(name)  # unknown name
+        "".encode(name)  # known, but not a text encoding (base64, rot13); b"".decode skips empty input
+    except LookupError:
+        raise ValueError(f"{name!r} is not a text encoding Python knows; use a codec name such as utf-8, "
+                         "latin-1 or cp1252") from None
+    return name
+
+
+# The text encoding of data files: any Python codec name (utf-8, utf-8-sig, latin-1, cp1252, utf-16...).
+TextEncoding = Annotated[str, AfterValidator(_text_encoding)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -150,6 +166,15 @@ class JobConfig(Section):
         return []
 
 
+class TrainingJobConfig(JobConfig):
+    """What the Trainer jobs (pretrain, finetune, distill) share: resuming, requeues, the step watchdog."""
+
+    resume: str = "never"  # never | auto (newest complete checkpoint of this run) | a checkpoint dir
+    max_requeues: int = Field(3, ge=0)  # preemptions a job may checkpoint and requeue itself after
+    # A rank without a training step (or eval batch, or save) for this long fails the job, naming it.
+    step_timeout_minutes: float | None = Field(15, gt=0)
+
+
 # ------------------------------------------------------------------------------------------
 # Continued pretraining (masked LM) and corpus preparation
 # ------------------------------------------------------------------------------------------
@@ -160,6 +185,7 @@ class CorpusConfig(Section):
     eval_files: list[str] = Field(default_factory=list)  # held-out text; else split off by document
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"  # JSONL/Parquet column holding the text
+    encoding: TextEncoding = "utf-8"  # of the text/JSONL files, any Python codec; undecodable bytes are counted
     # What one document is in a plain-text file: a line, a blank-line separated paragraph, the file.
     sample_by: Literal["line", "paragraph", "document"] = "paragraph"
     max_seq_length: int = Field(128, ge=8, le=8192)
@@ -190,7 +216,7 @@ class ScratchModelConfig(Section):
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
         return self
 
-class PretrainConfig(JobConfig):
+class PretrainConfig(TrainingJobConfig):
     job: Literal["pretrain"] = "pretrain"
     model_name_or_path: str = "minilm-l6"  # local dir or an installed-package alias
     tokenizer_name_or_path: str | None = None  # default: the model's own; init scratch: trained on the corpus
@@ -202,7 +228,6 @@ class PretrainConfig(JobConfig):
     whole_word_masking: bool = False
     # Run the MLM head only where a token is masked (~15% of positions); see train/mlm.py.
     sparse_mlm_head: bool = True
-    resume: str = "never"  # never | auto (newest complete checkpoint) | a checkpoint dir
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
     def problems(self) -> list[Problem]:
@@ -238,6 +263,7 @@ class FinetuneDataConfig(Section):
     test_file: str | None = None  # predictions.jsonl is written for it
     extra_eval_files: dict[str, str] = Field(default_factory=dict)  # name -> file, each reported apart
     format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "conll"] = "auto"
+    encoding: TextEncoding = "utf-8"  # of the CSV/TSV/JSONL/CoNLL files, any Python codec (Parquet is UTF-8)
     validation_split: float = Field(0.1, gt=0, lt=1)
     seed: int = 42  # of the train/validation split
     text_column: str = "text"  # sequence classification
@@ -290,7 +316,7 @@ class FinetuneTrainingConfig(TrainingConfig):
         return out
 
 
-class FinetuneConfig(JobConfig):
+class FinetuneConfig(TrainingJobConfig):
     job: Literal["finetune"] = "finetune"
     task: Literal["sequence-classification", "token-classification"]
     model_name_or_path: str = "minilm-l6"  # alias, local dir, or a `hpcnlp pretrain` output_dir
@@ -300,7 +326,6 @@ class FinetuneConfig(JobConfig):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     class_weights: Literal["balanced"] | dict[str, float] | None = None  # loss weights per label
     early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement
-    resume: str = "never"
     training: FinetuneTrainingConfig = Field(default_factory=FinetuneTrainingConfig)
 
     def problems(self) -> list[Problem]:
@@ -330,7 +355,7 @@ class LatencyConfig(Section):
     warmup: int = Field(3, ge=0)
     num_threads: int | None = Field(None, ge=1)  # None: torch.get_num_threads() (OMP_NUM_THREADS)
 
-class DistillConfig(JobConfig):
+class DistillConfig(TrainingJobConfig):
     """A smaller student learns from a fine-tuned teacher: alpha*T^2*KL(student/T || teacher/T) + (1-alpha)*CE."""
 
     job: Literal["distill"] = "distill"
@@ -344,7 +369,6 @@ class DistillConfig(JobConfig):
     trust_remote_code: bool = False
     data: FinetuneDataConfig
     latency: LatencyConfig = Field(default_factory=LatencyConfig)  # teacher vs student, same inputs
-    resume: str = "never"
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
     def problems(self) -> list[Problem]:

@@ -42,6 +42,11 @@ class JobSpec:
     # {metric, size, latency b1 p50, output} of a run; FileNotFoundError when it wrote no results
     summary_row: Callable[[JobConfig], dict] = lambda cfg: {}
     example_config: str = ""  # the shipped YAML named in docs and slurm/<job>.sbatch; default jobs/<name>.yaml
+    # Training jobs checkpoint on Slurm's warning signal and requeue themselves; the others have
+    # nothing to resume: their templates say --no-requeue.
+    resumable: bool = False
+    # Where the job says how it is doing (state, step, job ids, reason); None: nowhere
+    status_file: Callable[[JobConfig], Path | None] = lambda cfg: Path(cfg.output_dir) / "status.json"
 
     @property
     def example(self) -> str:

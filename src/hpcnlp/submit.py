@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcnlp.config import ConfigError, JobConfig, Problem, read_yaml
+from hpcnlp.config import ConfigError, JobConfig, Problem, dump_config, read_yaml
 from hpcnlp.jobs import JOBS, load_config, run_job
 from hpcnlp.report import markdown_table
-from hpcnlp.runtime.io import atomic_write_json
+from hpcnlp.runtime import status
+from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
 from hpcnlp.spec import JobSpec
 
 COMMANDS = ("submit", "pipeline", "sweep", "summary")
@@ -61,9 +64,11 @@ def render_template(spec: JobSpec) -> str:
         "##SBATCH --partition=gpu",
         f"#SBATCH --time={s.time}",
         "#SBATCH --output=%x-%j.out",
-        "#SBATCH --open-mode=append             # a requeued run appends to the same log",
-        "#SBATCH --requeue",
-        f"#SBATCH --signal=B:USR1@{s.signal_seconds}            # before the time limit: checkpoint, then requeue",
+        *(["#SBATCH --open-mode=append             # a requeued run appends to the same log",
+           "#SBATCH --requeue",
+           f"#SBATCH --signal=B:USR1@{s.signal_seconds}            # before the time limit: checkpoint, then requeue"]
+          if spec.resumable else
+          ["#SBATCH --no-requeue                  # nothing to resume: a failed run is rerun by hand"]),
         f'exec "${{HPCNLP_HOME:-$SLURM_SUBMIT_DIR}}/slurm/launch.sh" {spec.name} "$@"',
         ""])
 
@@ -96,9 +101,33 @@ def as_override(key: str, value) -> str:
 # ------------------------------------------------------------------------------------------
 # submit
 # ------------------------------------------------------------------------------------------
+def snapshot(cfg: JobConfig, source: str, overrides: list[str]) -> Path:
+    """The resolved config, frozen where the job reads it at every start and requeue: editing the YAML
+    after submitting changes nothing in a queued or running job. Named by its content."""
+    from importlib import metadata
+
+    from hpcnlp.bundle import git_commit
+
+    body = dump_config(cfg)
+    root = Path(os.environ.get("HPCNLP_STATE_DIR") or Path.cwd() / "outputs" / ".slurm") / "configs"
+    path = root / f"{cfg.job}-{hashlib.sha256(body.encode()).hexdigest()[:12]}.yaml"
+    header = (f"# Frozen by hpcnlp {metadata.version('hpcnlp')} (code {git_commit() or 'not in git'}) on "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n# from {source} {' '.join(overrides)}\n")
+    if not path.is_file():
+        atomic_write_text(path, header + body)
+    return path.absolute()
+
+
+def queue(cfg: JobConfig, source: str, overrides: list[str], sbatch_args: list[str], env: dict | None = None) -> str:
+    """sbatch the job's template with its frozen config; its status says queued."""
+    job_id = sbatch(template(cfg.job), [str(snapshot(cfg, source, overrides))], sbatch_args, env)
+    status.update(JOBS[cfg.job].status_file(cfg), create=True, state="queued", job=cfg.job, queued_job_id=job_id,
+                  reason=None)
+    return job_id
+
+
 def submit(config: str, overrides: list[str], sbatch_args: list[str] = ()) -> str:
-    cfg = load_config(config, overrides)
-    return sbatch(template(cfg.job), [config, *overrides], sbatch_args)
+    return queue(load_config(config, overrides), config, overrides, sbatch_args)
 
 
 # ------------------------------------------------------------------------------------------
@@ -196,8 +225,7 @@ def run_pipeline(path: str, local: bool = False, dry_run: bool = False) -> int:
                 return rc
             continue
         dep = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
-        previous = sbatch(template(st.cfg.job), [st.config, *st.overrides],
-                          [f"--job-name=hpcnlp-{st.name}", *dep, *st.sbatch])
+        previous = queue(st.cfg, st.config, st.overrides, [f"--job-name=hpcnlp-{st.name}", *dep, *st.sbatch])
         print(f"{st.name}: submitted job {previous}" + (f" (after {dep[0].split(':')[1]})" if dep else ""))
     if local and not dry_run:
         print("\n" + markdown_table([stage_row(st.name, st.cfg) for st in stages]))
@@ -232,7 +260,7 @@ def sweep(config: str, overrides: list[str], tasks: list[list[str]], max_paralle
     atomic_write_json(manifest, {"config": config, "overrides": overrides, "tasks": task_args})
     array = f"--array=0-{len(tasks) - 1}" + (f"%{max_parallel}" if max_parallel else "")
     env = {**os.environ, "HPCNLP_SWEEP": str(manifest.resolve())}  # launch.py appends task i's overrides
-    return sbatch(template(cfg.job), [config, *overrides], [array, *sbatch_args], env=env)
+    return sbatch(template(cfg.job), [str(snapshot(cfg, config, overrides))], [array, *sbatch_args], env=env)
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,11 +11,11 @@ CORPUS = REPO / "data" / "corpus" / "python-docs"
 
 
 def tiny_pretrain(tmp: Path, corpus: Path, prepared: Path, name: str = "out", **training) -> Path:
-    """A real pretrain config small enough for 2 shared cores: a 2-layer BERT from scratch."""
+    """A real pretrain config small enough for 2 shared cores: a 2-layer BERT from scratch with the
+    packaged model's vocab (a WordPiece vocab trained here is not bit-for-bit repeatable across runs)."""
     cfg = {
-        "job": "pretrain", "init": "scratch", "output_dir": str(tmp / name),
-        "scratch": {"vocab_size": 800, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                    "intermediate_size": 64},
+        "job": "pretrain", "init": "scratch", "tokenizer_name_or_path": "minilm-l6", "output_dir": str(tmp / name),
+        "scratch": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
         "data": {"train_files": [str(corpus / "*.rst.txt")], "max_seq_length": 32, "eval_fraction": 0.05,
                  "prepared_root": str(prepared)},
         "training": {"max_steps": 12, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 64,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -84,9 +83,6 @@ def test_two_nodes_torchrun(reference):
 
 def test_preempted_twice_resumes_with_same_steps_and_loss(slurm, job_env, tmp_path, cluster_corpus, reference):
     config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "pre", **LONG)
-    # WordPiece training is not bit-for-bit repeatable: start from the reference run's vocab (the job
-    # reuses a scratch-tokenizer it finds), so the only difference between the two runs is the preemption.
-    shutil.copytree(reference["out"] / "scratch-tokenizer", tmp_path / "pre" / "scratch-tokenizer")
     job = sbatch_pretrain(slurm, job_env, tmp_path, config, "--nodes=2")
     for restart in (0, 1):
         # Mid-training: at least one more optimizer step logged since this (re)start.
@@ -266,3 +262,24 @@ def test_sweep_array_and_summary(slurm, job_env, tmp_path, cluster_corpus):
     assert len(rows) == 3 and all("| 4 |" in r for r in rows), res.stdout
     losses = {float(r.rstrip(" |").rsplit("|", 1)[1]) for r in rows}
     assert len(losses) == 3  # three learning rates, three different results
+
+
+def test_submit_freezes_the_config_and_says_queued(slurm, job_env, tmp_path, cluster_corpus):
+    """Edits to the YAML after `hpcnlp submit` change nothing in the queued job; status.json says
+    queued, then finished, with the job id."""
+    config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "frozen", max_steps=4, save_steps=4)
+    res = subprocess.run([*HPCNLP, "submit", "--config", str(config), "--sbatch=--nodes=1", "--sbatch=--hold",
+                          *(f"--sbatch={o}" for o in SBATCH_SMALL), f"--sbatch=--output={tmp_path}/%x-%j.out"],
+                         cwd=tmp_path, env=job_env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    job = re.search(r"submitted job (\d+)", res.stdout).group(1)
+    status = json.loads((tmp_path / "frozen" / "status.json").read_text())
+    assert status["state"] == "queued" and status["queued_job_id"] == job
+    config.write_text(config.read_text().replace("max_steps: 4", "max_steps: 3000"))  # too late
+    slurm.run("scontrol", "release", job)
+    assert slurm.wait(job, timeout=300) == "COMPLETED", log_of(slurm, job)[-3000:]
+    assert json.loads((tmp_path / "frozen" / "metrics.json").read_text())["global_step"] == 4
+    status = json.loads((tmp_path / "frozen" / "status.json").read_text())
+    assert status["state"] == "finished" and status["slurm_job_ids"] == [job]
+    frozen = list((tmp_path / "outputs" / ".slurm" / "configs").glob("pretrain-*.yaml"))
+    assert len(frozen) == 1 and "max_steps: 4" in frozen[0].read_text() and str(config) in frozen[0].read_text()

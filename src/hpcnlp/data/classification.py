@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from hpcnlp.config import FinetuneDataConfig, Problem
-from hpcnlp.data.labels import DataError, Labelled, detect_format, length_sorted, read_splits
+from hpcnlp.data.labels import DataError, Labelled, decoded_lines, detect_format, length_sorted, read_splits
 
 log = logging.getLogger(__name__)
 
@@ -24,26 +24,36 @@ class Example:
     text_pair: str | None = None
 
 
-def _records(path: str, fmt: str):
+def _records(path: str, fmt: str, encoding: str):
     """(where, record dict) for every row. Tables are read as strings: '1' stays '1', '' stays ''."""
     if fmt == "jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(path, [Problem(key=f"line {n}", message=f"not valid JSON ({e})",
-                                                   fix="one JSON object per line")]) from None
-                yield f"line {n}", record if isinstance(record, dict) else {}
+        for n, line in enumerate(decoded_lines(path, encoding), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, [Problem(key=f"line {n}", message=f"not valid JSON ({e})",
+                                               fix="one JSON object per line")]) from None
+            yield f"line {n}", record if isinstance(record, dict) else {}
         return
     import pandas as pd
 
     if fmt == "parquet":
         frame = pd.read_parquet(path)
     else:
-        frame = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False)
+        try:
+            frame = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,
+                                encoding=encoding)
+        except UnicodeError as e:
+            for _ in decoded_lines(path, encoding):  # pandas does not say where: this raises naming the line
+                pass
+            raise DataError(path, [Problem(key="<file>", message=f"not {encoding} ({e})",
+                                           fix="set data.encoding to the file's encoding")]) from None
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:  # pandas says where; one line of it
+            why = " ".join(str(e).split())
+            raise DataError(path, [Problem(key="<file>", message=f"not valid {fmt.upper()} ({why})",
+                                           fix="check the file (quotes, separators) and data.format")]) from None
     for n, record in enumerate(frame.to_dict("records"), 1):
         yield f"row {n}", record
 
@@ -59,7 +69,7 @@ def read_examples(path: str, data: FinetuneDataConfig) -> list[Example]:
     fmt = detect_format(path, data.format)
     examples, problems = [], []
     columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
-    for where, record in _records(path, fmt):
+    for where, record in _records(path, fmt, data.encoding):
         missing = [c for c in columns if c not in record]
         if missing:
             problems.append(Problem(key=where, message=f"unknown column(s) {missing} (has {sorted(record)})",

@@ -39,6 +39,11 @@ def corpus_problems(data: CorpusConfig) -> list[Problem]:
             if not expand_files([pattern]):
                 out.append(Problem(key=f"data.{key}", message=f"'{pattern}' matches no file",
                                    fix="correct the path or glob (relative paths are from the working dir)"))
+    # Only the cheap case of an empty corpus (every file 0 bytes); blank-only text is found by prepare.
+    train = expand_files(data.train_files)
+    if train and all(os.path.getsize(f) == 0 for f in train):
+        out.append(Problem(key="data.train_files", message=f"all {len(train)} file(s) it matches are empty: "
+                           "no text to train on", fix="point it at files with text"))
     return out
 
 
@@ -66,10 +71,10 @@ class _ReplacementCounter:
         return "\ufffd", err.end
 
 
-def _decoded_lines(path: str, counter: _ReplacementCounter) -> Iterator[str]:
+def _decoded_lines(path: str, counter: _ReplacementCounter, encoding: str = "utf-8") -> Iterator[str]:
     # Incremental decoding in 1 MiB chunks: a single 1 GB line is still read in bounded pieces
     # of bytes (the line itself must fit in memory as text, as it will as one document anyway).
-    decoder = codecs.getincrementaldecoder("utf-8")(errors=counter.name)
+    decoder = codecs.getincrementaldecoder(encoding)(errors=counter.name)
     pending = ""
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -81,16 +86,16 @@ def _decoded_lines(path: str, counter: _ReplacementCounter) -> Iterator[str]:
         yield pending
 
 
-def _text_documents(path: str, sample_by: str, counter: _ReplacementCounter) -> Iterator[str]:
+def _text_documents(path: str, sample_by: str, counter: _ReplacementCounter, encoding: str) -> Iterator[str]:
     if sample_by == "line":
-        yield from (line.rstrip("\r") for line in _decoded_lines(path, counter))
+        yield from (line.rstrip("\r") for line in _decoded_lines(path, counter, encoding))
         return
     if sample_by == "document":
-        yield "\n".join(line.rstrip("\r") for line in _decoded_lines(path, counter))
+        yield "\n".join(line.rstrip("\r") for line in _decoded_lines(path, counter, encoding))
         return
     para: list[str] = []
     found = False
-    for line in _decoded_lines(path, counter):
+    for line in _decoded_lines(path, counter, encoding):
         if line.strip():
             para.append(line.rstrip("\r"))
         elif para:
@@ -102,8 +107,8 @@ def _text_documents(path: str, sample_by: str, counter: _ReplacementCounter) -> 
         yield ""  # an empty or blank-only file: one empty document, counted as skipped
 
 
-def _jsonl_documents(path: str, text_field: str, counter: _ReplacementCounter) -> Iterator[str]:
-    for lineno, line in enumerate(_decoded_lines(path, counter), 1):
+def _jsonl_documents(path: str, text_field: str, counter: _ReplacementCounter, encoding: str) -> Iterator[str]:
+    for lineno, line in enumerate(_decoded_lines(path, counter, encoding), 1):
         if not line.strip():
             continue
         try:
@@ -129,10 +134,11 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
 
 
 def read_documents(files: list[str], fmt: str = "auto", text_field: str = "text",
-                   sample_by: str = "paragraph") -> Iterator[dict]:
+                   sample_by: str = "paragraph", encoding: str = "utf-8") -> Iterator[dict]:
     """Yield {"text", "replaced_bytes"} per document, empty ones included (they are counted, then dropped).
 
     Generator for `datasets.Dataset.from_generator`; `files` is a shard when num_proc > 1.
+    `encoding` (data.encoding) decodes text and JSONL files; Parquet strings are UTF-8 by format.
     """
     for path in files:
         counter = _ReplacementCounter()
@@ -140,9 +146,9 @@ def read_documents(files: list[str], fmt: str = "auto", text_field: str = "text"
         if kind == "parquet":
             docs = _parquet_documents(path, text_field)
         elif kind == "jsonl":
-            docs = _jsonl_documents(path, text_field, counter)
+            docs = _jsonl_documents(path, text_field, counter, encoding)
         else:
-            docs = _text_documents(path, sample_by, counter)
+            docs = _text_documents(path, sample_by, counter, encoding)
         seen = 0
         for doc in docs:
             # Attribute replaced bytes to the document being read when they were found.

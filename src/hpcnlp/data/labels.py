@@ -5,11 +5,12 @@ job prints it the same way and refuses to start before anything is written.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from hpcnlp.config import ConfigError, FinetuneDataConfig, Problem
 from hpcnlp.runtime.io import is_inside
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 IGNORE = -100  # the label id PyTorch's cross-entropy skips (sub-tokens, padding)
 MAX_ERRORS_SHOWN = 20  # a file with 10,000 bad rows should not print 10,000 lines
+CHECK_DECODE_CHARS = 50_000_000  # `hpcnlp check` decodes this much of each file (a second or so)
 
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
                ".parquet": "parquet", ".conll": "conll", ".txt": "conll", ".bio": "conll", ".iob": "conll"}
@@ -43,22 +45,68 @@ def detect_format(path: str, fmt: str = "auto") -> str:
     return _EXTENSIONS.get(Path(path).suffix.lower(), "")
 
 
-def read_columns(path: str, fmt: str) -> list[str]:
+def decoded_lines(path: str, encoding: str) -> Iterator[str]:
+    """The lines of a text file (newlines kept), or a DataError at the first bytes `encoding` cannot
+    decode, naming its line and byte offset. Labelled data is never decoded with replacements: a
+    wrong encoding would silently become wrong text and labels. The byte offset is exact; the line
+    is too for ASCII-compatible encodings (UTF-8, Latin-1, cp1252...), for UTF-16/32 it may be one short."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    line, offset, pending = 1, 0, ""
+    with open(path, "rb") as f:
+        while True:
+            raw = f.readline()  # bytes up to b"\n": a whole line in any ASCII-compatible encoding
+            try:
+                pending += decoder.decode(raw, final=not raw)
+            except UnicodeError as e:
+                if isinstance(e, UnicodeDecodeError):
+                    # e.object may begin with bytes the decoder held back from the previous read.
+                    at = offset + e.start - (len(e.object) - len(raw))
+                    what = f"byte {at} ({e.object[e.start:e.end]!r}) is not {encoding} ({e.reason})"
+                else:  # a decoder's own complaint without a position (utf-16 without a BOM)
+                    what = f"near byte {offset}: not {encoding} ({e})"
+                raise DataError(path, [Problem(key=f"line {line}", message=what, fix=f"set data.encoding to the "
+                                               f"file's encoding (e.g. latin-1 or cp1252), or save the file as "
+                                               f"{encoding}")]) from None
+            offset += len(raw)
+            *lines, pending = pending.split("\n")
+            for text in lines:
+                yield text + "\n"
+                line += 1
+            if not raw:
+                break
+    if pending:
+        yield pending
+
+
+def decoding_problems(key: str, path: str, encoding: str) -> list[Problem]:
+    """For `hpcnlp check`: the first CHECK_DECODE_CHARS of the file decode (the readers check all of it)."""
+    seen = 0
+    try:
+        for text in decoded_lines(path, encoding):
+            seen += len(text)
+            if seen > CHECK_DECODE_CHARS:
+                break
+    except DataError as e:
+        p = e.problems[0]
+        return [Problem(key=key, message=f"'{path}' {p.key}: {p.message}", fix=p.fix)]
+    return []
+
+
+def read_columns(path: str, fmt: str, encoding: str = "utf-8") -> list[str]:
     """Column names from the header or first record only: cheap enough for `hpcnlp check`."""
     if fmt in ("csv", "tsv"):
         import pandas as pd
 
-        return list(pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", nrows=0).columns)
+        return list(pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", nrows=0, encoding=encoding).columns)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         return list(pq.read_schema(path).names)
     if fmt == "jsonl":
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    record = json.loads(line)
-                    return list(record) if isinstance(record, dict) else []
+        for line in decoded_lines(path, encoding):
+            if line.strip():
+                record = json.loads(line)
+                return list(record) if isinstance(record, dict) else []
     return []
 
 
@@ -85,10 +133,15 @@ def data_file_problems(task: str, data: FinetuneDataConfig, pending: Iterable[st
             out.append(Problem(key=key, message=f"'{path}': format {fmt or 'unknown'!r} does not fit {task}",
                                fix=f"use one of {list(allowed)} (by file extension or data.format)"))
             continue
+        if fmt != "parquet":  # text formats: a wrong data.encoding is reported here, not mid-run
+            undecodable = decoding_problems(key, path, data.encoding)
+            if undecodable:
+                out += undecodable
+                continue
         if fmt == "conll":
             continue
         try:
-            columns = read_columns(path, fmt)
+            columns = read_columns(path, fmt, data.encoding)
         except Exception as e:  # noqa: BLE001 - any parse failure is the user's file, reported as such
             out.append(Problem(key=key, message=f"'{path}' cannot be read as {fmt} ({e})".replace("\n", " "),
                                fix="check the file and data.format"))

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from hpcnlp.config import FinetuneDataConfig, Problem
-from hpcnlp.data.labels import IGNORE, DataError, Labelled, detect_format, length_sorted, read_splits
+from hpcnlp.data.labels import IGNORE, DataError, Labelled, decoded_lines, detect_format, length_sorted, read_splits
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^(O|[BI]-.+)$")
@@ -31,7 +31,7 @@ class Sentence:
         return f"line {self.first_line + i}" if self.first_line else f"{self.where}, token {i + 1}"
 
 
-def read_conll(path: str) -> list[Sentence]:
+def read_conll(path: str, encoding: str = "utf-8") -> list[Sentence]:
     sentences, problems = [], []
     tokens, tags, start = [], [], 0
 
@@ -41,20 +41,19 @@ def read_conll(path: str) -> list[Sentence]:
             sentences.append(Sentence(f"line {start}", tokens, tags, start))
         tokens, tags = [], []
 
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields or fields[0] == "-DOCSTART-":
-                flush()
-                continue
-            if len(fields) < 2:
-                problems.append(Problem(key=f"line {n}", message=f"token without a tag: {line.strip()!r}",
-                                        fix="write 'token<TAB>tag' (tag O outside entities)"))
-                continue
-            if not tokens:
-                start = n
-            tokens.append(fields[0])
-            tags.append(fields[-1])
+    for n, line in enumerate(decoded_lines(path, encoding), 1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            flush()
+            continue
+        if len(fields) < 2:
+            problems.append(Problem(key=f"line {n}", message=f"token without a tag: {line.strip()!r}",
+                                    fix="write 'token<TAB>tag' (tag O outside entities)"))
+            continue
+        if not tokens:
+            start = n
+        tokens.append(fields[0])
+        tags.append(fields[-1])
     flush()
     if problems:
         raise DataError(path, problems)
@@ -64,30 +63,29 @@ def read_conll(path: str) -> list[Sentence]:
 def read_jsonl(path: str, data: FinetuneDataConfig) -> list[Sentence]:
     sentences, problems = [], []
     tok_col, tag_col = data.tokens_column, data.tags_column
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"line {n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(Problem(key=where, message=f"not valid JSON ({e})", fix="one JSON object per line"))
-                continue
-            tokens, tags = record.get(tok_col), record.get(tag_col)
-            if not isinstance(tokens, list) or not isinstance(tags, list):
-                problems.append(Problem(key=where, message=f"needs lists '{tok_col}' and '{tag_col}' "
-                                        f"(has {sorted(record)})", fix="set data.tokens_column / data.tags_column"))
-            elif not tokens:
-                problems.append(Problem(key=where, message="empty sentence (no tokens)", fix="remove the line"))
-            elif len(tokens) != len(tags):
-                problems.append(Problem(key=where, message=f"{len(tokens)} tokens but {len(tags)} tags",
-                                        fix="give exactly one tag per token"))
-            else:
-                names = data.label_names
-                if all(isinstance(t, int) for t in tags) and names:  # tag ids, as HF datasets store them
-                    tags = [names[t] if 0 <= t < len(names) else str(t) for t in tags]
-                sentences.append(Sentence(where, [str(t) for t in tokens], [str(t) for t in tags]))
+    for n, line in enumerate(decoded_lines(path, data.encoding), 1):
+        if not line.strip():
+            continue
+        where = f"line {n}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(Problem(key=where, message=f"not valid JSON ({e})", fix="one JSON object per line"))
+            continue
+        tokens, tags = record.get(tok_col), record.get(tag_col)
+        if not isinstance(tokens, list) or not isinstance(tags, list):
+            problems.append(Problem(key=where, message=f"needs lists '{tok_col}' and '{tag_col}' "
+                                    f"(has {sorted(record)})", fix="set data.tokens_column / data.tags_column"))
+        elif not tokens:
+            problems.append(Problem(key=where, message="empty sentence (no tokens)", fix="remove the line"))
+        elif len(tokens) != len(tags):
+            problems.append(Problem(key=where, message=f"{len(tokens)} tokens but {len(tags)} tags",
+                                    fix="give exactly one tag per token"))
+        else:
+            names = data.label_names
+            if all(isinstance(t, int) for t in tags) and names:  # tag ids, as HF datasets store them
+                tags = [names[t] if 0 <= t < len(names) else str(t) for t in tags]
+            sentences.append(Sentence(where, [str(t) for t in tokens], [str(t) for t in tags]))
     if problems:
         raise DataError(path, problems)
     return sentences
@@ -107,7 +105,7 @@ def i_after_o(sentence: Sentence) -> list[int]:
 def read_sentences(path: str, data: FinetuneDataConfig) -> list[Sentence]:
     """Read and check one file: tags are O/B-X/I-X; I- after O is counted (an error in strict_iob2)."""
     fmt = detect_format(path, data.format)
-    sentences = read_conll(path) if fmt == "conll" else read_jsonl(path, data)
+    sentences = read_conll(path, data.encoding) if fmt == "conll" else read_jsonl(path, data)
     if not sentences:
         raise DataError(path, [Problem(key="<file>", message="no sentences", fix="point it at a file with data")])
     bad = [Problem(key=s.token_where(i), message=f"tag {tag!r} is not O, B-TYPE or I-TYPE",

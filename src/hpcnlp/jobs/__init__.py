@@ -13,11 +13,11 @@ from typing import Iterable
 from hpcnlp.config import ConfigError, JobConfig, Problem, read_yaml, with_overrides
 from hpcnlp.config import validate as validate_shape
 from hpcnlp.jobs import distill, export, finetune, prepare, pretrain, validate
-from hpcnlp.runtime import env
+from hpcnlp.runtime import env, rundir, status
 from hpcnlp.spec import JobSpec
 
 JOBS: dict[str, JobSpec] = {m.SPEC.name: m.SPEC for m in (prepare, pretrain, finetune, distill, export, validate)}
-EXIT_CONFIG = 2  # the config (or its data) was refused; nothing ran, nothing was written
+EXIT_CONFIG = status.EXIT_CONFIG  # the config (or its data) was refused; nothing ran, nothing was written
 
 
 def load_config(path, overrides: Iterable[str] = (), expect_job: str | None = None, pending: Iterable[str] = (),
@@ -60,9 +60,27 @@ def report(e: ConfigError) -> int:
 
 
 def run_job(cfg: JobConfig) -> int:
-    """Run a checked config's job. A ConfigError found only once it reads its data (a column, a label,
-    a file's format) is reported like a refused config: one line per problem, exit 2, nothing written."""
+    """Run a checked config's job and say how it ended: status.json, the outcome line for the batch
+    script, the exit code (hpcnlp.runtime.status). A ConfigError found only once the job reads its data
+    (a column, a label, a file's format) is reported like a refused config: one line per problem, exit 2."""
+    spec = JOBS[cfg.job]
+    path = spec.status_file(cfg)
+    status.update(path, state="running", job=cfg.job, reason=None)  # once the dir is there (a rerun)
     try:
-        return int(JOBS[cfg.job].run(cfg) or 0)
+        code = int(spec.run(cfg) or 0)
+        reason = {status.EXIT_REQUEUE: "checkpointed for requeue", status.EXIT_REJECTED: "rejected by the gate"}.get(code)
     except ConfigError as e:
-        return report(e)
+        code, reason = report(e), e.lines[0]
+    except BaseException as e:  # the traceback follows; status and the batch script say it failed
+        status.update(path, state="failed", reason=f"{type(e).__name__}: {e}")
+        status.record_outcome(status.EXIT_FAILED, False, f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        rundir.release(cfg.output_dir) if cfg.output_dir else None
+    requeue = code == status.EXIT_REQUEUE and env.slurm_restart_count() < getattr(cfg, "max_requeues", 0)
+    if code == status.EXIT_REQUEUE and not requeue:
+        reason = (f"checkpointed, but {env.slurm_restart_count()} requeues reached max_requeues "
+                  f"({getattr(cfg, 'max_requeues', 0)}): resubmit (resume: auto) to continue")
+    status.update(path, state=status.STATES.get(code, "failed"), reason=reason)
+    status.record_outcome(code, requeue, reason or status.STATES.get(code, "failed"))
+    return code

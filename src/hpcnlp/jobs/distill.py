@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def check(cfg: DistillConfig, pending: Iterable[str] = ()) -> list[Problem]:
-    out = checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg.resume)
+    out = checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg)
     out += checks.model("teacher", cfg.teacher, pending)
     out += checks.model("student_model_name_or_path", cfg.student_model_name_or_path, pending)
     task = model_task(cfg.teacher)
@@ -38,12 +38,18 @@ def check(cfg: DistillConfig, pending: Iterable[str] = ()) -> list[Problem]:
                            fix="point it at a `hpcnlp finetune` output_dir"))
     if task in POSTPROCESS_TASKS:
         out += data_file_problems(task, cfg.data, pending)
+        out += checks.max_seq_length(cfg.data.max_seq_length, "teacher", cfg.teacher, pending)
+        out += checks.max_seq_length(cfg.data.max_seq_length, "student_model_name_or_path",
+                                     cfg.student_model_name_or_path, pending)
     if task in POSTPROCESS_TASKS and cfg.student_num_layers:
         n = (checks.model_config(cfg.teacher) or {}).get("num_hidden_layers")
         if n is None or n % cfg.student_num_layers or cfg.student_num_layers >= n:
             out.append(Problem(key="student_num_layers", message=f"cannot keep {cfg.student_num_layers} of "
                                f"the teacher's {n} layers evenly",
                                fix="use a divisor of the layer count smaller than it (e.g. 6 -> 3 or 2)"))
+    out += checks.overlaps(cfg.output_dir, {"teacher": cfg.teacher,
+                                            "student_model_name_or_path": cfg.student_model_name_or_path,
+                                            **cfg.data.files()})
     return out + checks.output_dir(cfg, cfg.resume)
 
 
@@ -89,9 +95,10 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature: float
 
 def _trainer_class():
     import torch
-    from transformers import Trainer
 
-    class DistillTrainer(Trainer):
+    from hpcnlp.train.harness import ResumableTrainer
+
+    class DistillTrainer(ResumableTrainer):
         """A Trainer whose loss also listens to a frozen teacher."""
 
         def __init__(self, *args, teacher, temperature: float, alpha: float, **kwargs):
@@ -188,5 +195,5 @@ def summary_row(cfg: DistillConfig) -> dict:
     return row
 
 
-SPEC = JobSpec(name="distill", help="distill a fine-tuned teacher into a smaller student; retention, speed-up",
+SPEC = JobSpec(name="distill", resumable=True, help="distill a fine-tuned teacher into a smaller student; retention, speed-up",
                config=DistillConfig, check=check, run=run, summary_row=summary_row)

@@ -18,6 +18,7 @@ from hpcnlp.config import ExportConfig, Problem, dump_config
 from hpcnlp.data.labels import data_file_problems
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb, write_report
+from hpcnlp.runtime import status
 from hpcnlp.runtime.io import atomic_dir, atomic_write_text
 from hpcnlp.spec import JobSpec, SlurmDefaults
 from hpcnlp.tasks import OPTIMUM_TASKS, POSTPROCESS_TASKS, load_data, model_task, task_of
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 def check(cfg: ExportConfig, pending: Iterable[str] = ()) -> list[Problem]:
     out = checks.output_dir(cfg) + checks.model("model_name_or_path", cfg.model_name_or_path, pending)
+    out += checks.overlaps(cfg.output_dir, {"model_name_or_path": cfg.model_name_or_path,
+                                            **(cfg.data.files() if cfg.data else {})})
     if cfg.quantize.mode == "static" and cfg.data is not None:
         task = model_task(cfg.model_name_or_path)
         if task == "fill-mask":
@@ -124,7 +127,7 @@ def run(cfg: ExportConfig) -> int:
         return build(cfg)
     except Refused as e:
         log.error("refused: %s; nothing written to %s", e, cfg.output_dir)
-        return 1
+        return status.EXIT_REJECTED
 
 
 def build(cfg: ExportConfig) -> int:
@@ -172,4 +175,4 @@ def summary_row(cfg: ExportConfig) -> dict:
 
 SPEC = JobSpec(name="export", help="export a model to ONNX with Optimum; optional ORT optimization, int8",
                config=ExportConfig, check=check, run=run, single_process=True, summary_row=summary_row,
-               slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4, signal_seconds=60))
+               slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4))

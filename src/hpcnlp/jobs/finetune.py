@@ -31,16 +31,19 @@ IS_NER = "token-classification"
 
 
 def check(cfg: FinetuneConfig, pending: Iterable[str] = ()) -> list[Problem]:
-    out = checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg.resume)
+    out = checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg)
     out += checks.model("model_name_or_path", cfg.model_name_or_path, pending)
     out += checks.model("tokenizer_name_or_path", cfg.tokenizer_name_or_path, pending)
     out += data_file_problems(cfg.task, cfg.data, pending)
+    out += checks.max_seq_length(cfg.data.max_seq_length, "model_name_or_path", cfg.model_name_or_path, pending)
     if cfg.freeze.layers and not is_inside(cfg.model_name_or_path, pending):
         config = checks.model_config(cfg.model_name_or_path) or {}
         n = config.get("num_hidden_layers", config.get("n_layers"))
         if n is not None and cfg.freeze.layers > n:
             out.append(Problem(key="freeze.layers", message=f"the model has {n} layers, cannot freeze "
                                f"{cfg.freeze.layers}", fix=f"use 0..{n} (or freeze.all_but_head: true)"))
+    out += checks.overlaps(cfg.output_dir, {"model_name_or_path": cfg.model_name_or_path,
+                                            "tokenizer_name_or_path": cfg.tokenizer_name_or_path, **cfg.data.files()})
     return out + checks.output_dir(cfg, cfg.resume)
 
 
@@ -103,9 +106,10 @@ def weighted_cross_entropy(weights):
 
 def _trainer_class():
     from torch.utils.data import SequentialSampler
-    from transformers import Trainer
 
-    class FinetuneTrainer(Trainer):
+    from hpcnlp.train.harness import ResumableTrainer
+
+    class FinetuneTrainer(ResumableTrainer):
         def _get_eval_sampler(self, eval_dataset):
             # Eval sets are stored longest first (data readers), so batches in order already hold
             # similar lengths, and predictions come back in dataset order (a length-grouped sampler
@@ -264,6 +268,6 @@ def summary_row(cfg: FinetuneConfig) -> dict:
             "size": mb(out / "model.safetensors")}
 
 
-SPEC = JobSpec(name="finetune", help="fine-tune for sequence classification or NER; scores, predictions",
+SPEC = JobSpec(name="finetune", resumable=True, help="fine-tune for sequence classification or NER; scores, predictions",
                config=FinetuneConfig, check=check, run=run, summary_row=summary_row,
                example_config="jobs/finetune-sentiment.yaml")

@@ -48,4 +48,5 @@ def summary_row(cfg: PrepareConfig) -> dict:
 
 SPEC = JobSpec(name="prepare", help="tokenize and pack a corpus once (reused by later pretrain runs)",
                config=PrepareConfig, check=check, run=run, single_process=True, is_complete=is_complete,
-               summary_row=summary_row, slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4, signal_seconds=60))
+               summary_row=summary_row, status_file=lambda cfg: None,  # no output_dir: prepared data is shared
+               slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4))

@@ -23,10 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def check(cfg: PretrainConfig, pending: Iterable[str] = ()) -> list[Problem]:
-    out = corpus_problems(cfg.data) + checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg.resume)
+    out = corpus_problems(cfg.data) + checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg)
     if cfg.init == "pretrained":
         out += checks.model("model_name_or_path", cfg.model_name_or_path, pending)
+        out += checks.max_seq_length(cfg.data.max_seq_length, "model_name_or_path", cfg.model_name_or_path, pending)
     out += checks.model("tokenizer_name_or_path", cfg.tokenizer_name_or_path, pending)
+    out += checks.overlaps(cfg.output_dir, {"model_name_or_path": cfg.model_name_or_path if cfg.init == "pretrained"
+                                            else None, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
+                                            "data.prepared_root": cfg.data.prepared_root})
     return out + checks.output_dir(cfg, cfg.resume)
 
 
@@ -42,7 +46,8 @@ def _scratch_tokenizer(cfg: PretrainConfig, args):
         if not (path / "tokenizer.json").is_file():
             wp = BertWordPieceTokenizer(lowercase=True)
             docs = (d["text"] for d in read_documents(expand_files(cfg.data.train_files), cfg.data.format,
-                                                      cfg.data.text_field, cfg.data.sample_by) if d["text"])
+                                                      cfg.data.text_field, cfg.data.sample_by, cfg.data.encoding)
+                    if d["text"])
             wp.train_from_iterator(docs, vocab_size=cfg.scratch.vocab_size, min_frequency=2)
             tok = BertTokenizerFast(tokenizer_object=wp._tokenizer, model_max_length=cfg.data.max_seq_length)
             tok.save_pretrained(str(path))
@@ -147,6 +152,6 @@ def summary_row(cfg: PretrainConfig) -> dict:
             + f"{after['perplexity']:.1f}", "size": mb(out / "model.safetensors")}
 
 
-SPEC = JobSpec(name="pretrain", help="continued masked-LM pretraining; perplexity before/after",
+SPEC = JobSpec(name="pretrain", resumable=True, help="continued masked-LM pretraining; perplexity before/after",
                config=PretrainConfig, check=check, run=run, summary_row=summary_row,
                slurm=SlurmDefaults(nodes=2, time="04:00:00"))

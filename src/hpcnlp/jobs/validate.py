@@ -22,6 +22,7 @@ from hpcnlp.config import Problem, ValidateConfig, dump_config
 from hpcnlp.data.labels import data_file_problems
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb, save_figure
+from hpcnlp.runtime import status
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text, is_inside
 from hpcnlp.spec import JobSpec, SlurmDefaults
 from hpcnlp.tasks import (POSTPROCESS_TASKS, PRIMARY_METRIC, auto_model_class, batches, evaluate, label_names,
@@ -29,7 +30,6 @@ from hpcnlp.tasks import (POSTPROCESS_TASKS, PRIMARY_METRIC, auto_model_class, b
 
 log = logging.getLogger(__name__)
 PARITY_BATCH = 8
-EXIT_DATA = 2  # the eval data (or the model's task) was refused; nothing staged
 
 
 def check(cfg: ValidateConfig, pending: Iterable[str] = ()) -> list[Problem]:
@@ -42,6 +42,14 @@ def check(cfg: ValidateConfig, pending: Iterable[str] = ()) -> list[Problem]:
     if cfg.bundle_dir.exists() and not cfg.overwrite:
         out.append(Problem(key="version", message=f"'{cfg.bundle_dir}' is already shipped",
                            fix="bump version (shipped bundles are immutable), or set overwrite: true"))
+    if is_inside(cfg.rejected_dir, [cfg.output_dir]) or is_inside(cfg.output_dir, [cfg.rejected_dir]):
+        out.append(Problem(key="rejected_dir", message=f"'{cfg.rejected_dir}' and output_dir '{cfg.output_dir}' "
+                           "overlap: rejected bundles would sit among shipped ones", fix="give them separate dirs"))
+    inputs = {"model_name_or_path": cfg.model_name_or_path, "onnx_dir": cfg.onnx_dir}
+    out += checks.overlaps(cfg.output_dir, inputs) + checks.overlaps(cfg.rejected_dir, inputs, "rejected_dir")
+    for key, path in (("version", cfg.bundle_dir), ("rejected_dir", Path(cfg.rejected_dir) / cfg.name / cfg.version)):
+        if path.exists() and not (path / bundle.MANIFEST).is_file():  # a bundle is replaced, nothing else
+            out.append(Problem(key=key, message=f"'{path}' exists and is not a bundle", fix="move it away first"))
     return out
 
 
@@ -163,7 +171,7 @@ def run(cfg: ValidateConfig) -> int:
     task = task_of(model_dir)
     if task == "fill-mask":
         log.error("validate gates classifiers (sequence, token); for a masked LM use export's Optimum check")
-        return EXIT_DATA
+        return status.EXIT_CONFIG
     names = label_names(model_dir)
     threads = cfg.latency.num_threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -213,7 +221,7 @@ def run(cfg: ValidateConfig) -> int:
             if not c["passed"]:
                 log.error("FAILED %s: %s (limit %s)", c["check"], c["measured"], c["limit"])
         log.error("REJECTED: nothing shipped; the artifact and its report are in %s", final)
-        return 1
+        return status.EXIT_REJECTED
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed midway
 
@@ -277,5 +285,6 @@ def summary_row(cfg: ValidateConfig) -> dict:
 SPEC = JobSpec(name="validate", help="gate ONNX vs PyTorch (parity, metric, latency); ship or reject a bundle",
                config=ValidateConfig, check=check, run=run, single_process=True, is_complete=is_complete,
                summary_row=summary_row,
-               slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4, signal_seconds=60,
+               status_file=lambda cfg: Path(cfg.output_dir) / cfg.name / f".{cfg.version}.status.json",
+               slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4,
                                    note="latency is measured on these CPUs: ask for the deployment CPU count"))

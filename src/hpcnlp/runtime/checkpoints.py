@@ -1,20 +1,26 @@
-"""Which checkpoint to resume from: the newest *complete* one, never a half-written save."""
+"""Checkpoints: complete means marked, and only marked checkpoints of this run are resumed.
+
+The Trainer writes a checkpoint in pieces (weights and trainer_state.json by rank 0, optimizer and
+RNG states by every rank). `train.callbacks.CheckpointMarker` runs after each save: every rank fsyncs the files,
+the ranks meet at a barrier, and rank 0 writes MARKER last (`mark_complete`), listing every file with its size and the
+run it belongs to. At resume a checkpoint counts only when its marker parses, names this run, and
+every listed file is there with its size; the newest such one is taken, and each newer one that
+fails is skipped with one log line saying why.
+"""
 from __future__ import annotations
 
+import json
+import logging
+import os
 import re
 from pathlib import Path
 
+from hpcnlp.runtime import env
+from hpcnlp.runtime.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+MARKER = "hpcnlp-checkpoint.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
-def is_complete(ckpt: Path) -> bool:
-    # The Trainer writes trainer_state.json after the weights, optimizer, scheduler and RNG
-    # states, so its presence (with weights) marks a save that finished.
-    if not (ckpt / "trainer_state.json").is_file():
-        return False
-    has_weights = any((ckpt / w).is_file() for w in _WEIGHTS) or any(ckpt.glob("global_step*"))
-    return has_weights
 
 
 def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -26,14 +32,46 @@ def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def newest_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    for _, path in reversed(checkpoints(output_dir)):
-        if is_complete(path):
-            return path
+def _files(ckpt: Path) -> dict[str, int]:
+    return {str(f.relative_to(ckpt)): f.stat().st_size for f in sorted(ckpt.rglob("*"))
+            if f.is_file() and f.name != MARKER}
+
+
+def problem(ckpt: Path, run: str | None = None) -> str | None:
+    """Why `ckpt` cannot be resumed (None: it can). `run`: the run identity it must belong to."""
+    try:
+        marker = json.loads((ckpt / MARKER).read_text())
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except FileNotFoundError as e:
+        return f"incomplete ({Path(e.filename).name} missing)"
+    except (OSError, ValueError) as e:
+        return f"unreadable ({e})"
+    step = int(_CKPT.match(ckpt.name).group(1)) if _CKPT.match(ckpt.name) else None
+    if not isinstance(marker, dict) or marker.get("step") != step or state.get("global_step") != step:
+        return "its marker or trainer_state.json names another step"
+    if run is not None and marker.get("run") != run:
+        return f"it belongs to another run ({marker.get('run')}; this run is {run})"
+    for name, size in marker.get("files", {}).items():
+        f = ckpt / name
+        if not f.is_file() or f.stat().st_size != size:
+            return f"{name} is missing or truncated"
     return None
 
 
-def resume_target(resume: str, output_dir: str | Path, restarted: bool = False) -> str | None:
+def is_complete(ckpt: Path, run: str | None = None) -> bool:
+    return problem(ckpt, run) is None
+
+
+def newest_complete_checkpoint(output_dir: str | Path, run: str | None = None) -> Path | None:
+    for _, path in reversed(checkpoints(output_dir)):
+        why = problem(path, run)
+        if why is None:
+            return path
+        log.warning("not resuming from %s: %s", path, why)
+    return None
+
+
+def resume_target(resume: str, output_dir: str | Path, run: str | None, restarted: bool = False) -> str | None:
     """`resume` config value -> checkpoint path for Trainer.train(resume_from_checkpoint=...), or None.
 
     A job Slurm requeued (`restarted`) always resumes: that is the point of the requeue.
@@ -41,6 +79,28 @@ def resume_target(resume: str, output_dir: str | Path, restarted: bool = False) 
     if resume == "never" and not restarted:
         return None
     if resume not in ("never", "auto"):
-        return resume
-    found = newest_complete_checkpoint(output_dir)
+        return resume  # checked by `hpcnlp check`: a complete checkpoint
+    found = newest_complete_checkpoint(output_dir, run)
     return str(found) if found else None
+
+
+def fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the directory entries themselves
+    finally:
+        os.close(fd)
+
+
+def mark_complete(ckpt: Path, run: str) -> None:
+    """Rank 0, once every rank's files are synced: the marker, written last and atomically."""
+    fsync_tree(ckpt)
+    atomic_write_json(ckpt / MARKER, {"step": int(_CKPT.match(ckpt.name).group(1)), "run": run,
+                                      "slurm_job_id": env.slurm_job_id(), "files": _files(ckpt)})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 
 import torch
 import torch.distributed as dist
@@ -41,10 +42,12 @@ torch.serialization.register_package(11, lambda obj: None, _cpu_index_deserializ
 
 
 class PreemptionCallback(TrainerCallback):
-    """One per training run: holds the request (`requested`) and turns it into save + stop."""
+    """One per training run. `requested`: this process was asked (signal, flag file); `stopped`: the
+    ranks agreed at a step boundary to save and stop there (the same on every rank)."""
 
     def __init__(self, output_dir: str):
         self.requested = False
+        self.stopped = False
         self.flag_file = os.path.join(output_dir, ".preempt")  # any process on any node may create it
         self.launcher_flag = env.hpcnlp_setting("PREEMPT_FILE")  # set by slurm/launch.sh
         self._owner = os.getpid()
@@ -73,7 +76,8 @@ class PreemptionCallback(TrainerCallback):
     # --- Trainer events ---------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kw):
         # One line per rank: the job log shows every rank is up (and armed for preemption).
-        log.info("rank %d of %d ready at step %d", env.rank(), env.world_size(), state.global_step)
+        log.info("rank %d of %d ready at step %d (pid %d on %s)", env.rank(), env.world_size(), state.global_step,
+                 os.getpid(), socket.gethostname())
 
     def on_step_end(self, args, state, control, **kw):
         local = (self.requested or os.path.exists(self.flag_file)
@@ -82,10 +86,13 @@ class PreemptionCallback(TrainerCallback):
             t = torch.tensor([int(local)], device=args.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             local = bool(t.item())
-        if local:
-            self.requested = True
+        if local and not self.stopped:
+            self.requested = self.stopped = True
             control.should_save = True
             control.should_training_stop = True
+            # Keep this checkpoint: with load_best_model_at_end and save_total_limit 1 the Trainer deletes
+            # every checkpoint but the best one when train() ends, this one included.
+            args.save_total_limit = None
             log.warning("preemption: saving checkpoint-%d and stopping", state.global_step)
 
     def on_train_end(self, args, state, control, **kw):

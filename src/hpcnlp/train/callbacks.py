@@ -4,9 +4,13 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
+
+from hpcnlp.runtime.checkpoints import fsync_tree, mark_complete
 
 log = logging.getLogger("hpcnlp.train")
 
@@ -60,3 +64,26 @@ class ThroughputCallback(TrainerCallback):
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class CheckpointMarker(TrainerCallback):
+    """After each save: every rank syncs the checkpoint's files, then rank 0 marks it complete
+    (runtime/checkpoints.py); only marked checkpoints of the same run are ever resumed."""
+
+    def __init__(self, run: str):
+        self.run = run
+        self.last_marked: int | None = None  # step of the newest checkpoint marked in this process's run
+
+    def on_save(self, args, state, control, **kw):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not ckpt.is_dir():
+            return
+        distributed = dist.is_available() and dist.is_initialized()
+        fsync_tree(ckpt)
+        if distributed:
+            dist.barrier()  # every rank's optimizer and RNG files are written and synced
+        if state.is_world_process_zero:
+            mark_complete(ckpt, self.run)
+        if distributed:
+            dist.barrier()  # no rank goes on (or reports the save) before the marker is there
+        self.last_marked = state.global_step

@@ -14,15 +14,17 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from hpcnlp.config import JobConfig, TrainingConfig, dump_config
+from hpcnlp.config import ConfigError, Problem, TrainingConfig, TrainingJobConfig, dump_config
 from hpcnlp.report import plot_loss, write_report
-from hpcnlp.runtime import env
+from hpcnlp.runtime import env, rundir, status
 from hpcnlp.runtime.checkpoints import resume_target
 from hpcnlp.runtime.io import atomic_write_text
 from hpcnlp.runtime.preempt import PreemptionCallback, requeue_exit
-from hpcnlp.train.callbacks import ThroughputCallback, peak_memory_mb
+from hpcnlp.train.callbacks import CheckpointMarker, ThroughputCallback, peak_memory_mb
+from hpcnlp.train.watchdog import StepWatchdog
 from hpcnlp.train.replicas import replicas_identical
 
 log = logging.getLogger(__name__)
@@ -50,27 +52,96 @@ def training_arguments(t: TrainingConfig, output_dir: str, **job_settings) -> Tr
     return TrainingArguments(output_dir=output_dir, **kwargs)
 
 
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped batches drawn from (seed, epoch) alone. The stock sampler draws from the global
+    RNG when an epoch starts, whose state differs in a run resumed mid-epoch: it would see other batches."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at each epoch, before iterating
+        self.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+
+
+class ResumableTrainer(Trainer):
+    """The Trainer every job uses: a resumed run sees the same batches as the uninterrupted one."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths,
+                                                      self.args.data_seed or self.args.seed)
+        return sampler
+
+
+def _from_rank_zero(value):
+    """Rank 0's value on every rank (one decision, so no rank goes on alone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+class StatusCallback(TrainerCallback):
+    """status.json follows the run: step, loss, ETA at every logging step (rank 0)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            status.update(self.path, state="running", step=state.global_step, max_steps=state.max_steps,
+                          loss=logs["loss"], eta_seconds=logs.get("eta_seconds"))
+
+
 class TrainingRun:
-    def __init__(self, cfg: JobConfig, **job_settings):
+    def __init__(self, cfg: TrainingJobConfig, **job_settings):
         self.cfg, self.out, self.t_start = cfg, Path(cfg.output_dir), time.perf_counter()
         self.args = training_arguments(cfg.training, cfg.output_dir, **job_settings)
         set_seed(self.args.seed)  # before any head is initialised
+        self.run_id = rundir.run_hash(cfg.model_dump(mode="json"))
+        self.restarted = env.slurm_restart_count() > 0
+        self._claim()
         self.checkpoint: str | None = None
         self.result = None
         self.replicas: bool | None = None
+
+    def _claim(self) -> None:
+        """Rank 0 takes the output_dir's lock and makes it this run's (the previous run moved aside
+        with overwrite: true) before any rank writes there; every rank learns if that was refused."""
+        error = None
+        if self.is_main:
+            try:
+                rundir.acquire(self.out)
+                continuing = self.restarted or self.cfg.resume != "never"
+                rundir.claim(self.out, self.run_id, self.cfg.overwrite, self.cfg.job, continuing)
+                status.update(self.out / "status.json", state="running", job=self.cfg.job, reason=None)
+            except rundir.OutputDirRefused as e:
+                error = (str(e), e.fix)
+        error = _from_rank_zero(error)
+        if error:
+            raise ConfigError(self.cfg._source, [Problem(key="output_dir", message=error[0], fix=error[1])])
 
     @property
     def is_main(self) -> bool:
         return self.args.process_index == 0
 
-    def trainer(self, trainer_class=Trainer, callbacks=(), **kwargs) -> Trainer:
+    def trainer(self, trainer_class=ResumableTrainer, callbacks=(), **kwargs) -> Trainer:
         a = self.args
         self.throughput = ThroughputCallback(a.per_device_train_batch_size * a.gradient_accumulation_steps
                                              * a.world_size)
         self.preemption = PreemptionCallback(self.cfg.output_dir)
-        self._trainer = trainer_class(args=a, callbacks=[self.throughput, self.preemption, *callbacks], **kwargs)
+        self.marker = CheckpointMarker(self.run_id)
+        own = [self.throughput, self.preemption, self.marker, StatusCallback(self.out / "status.json"),
+               StepWatchdog(self.cfg.output_dir, self.cfg.step_timeout_minutes)]
+        self._trainer = trainer_class(args=a, callbacks=[*own, *callbacks], **kwargs)
         self._trainer.remove_callback(PrinterCallback)  # ThroughputCallback logs instead
-        self.checkpoint = resume_target(self.cfg.resume, self.out, restarted=env.slurm_restart_count() > 0)
+        self.checkpoint = resume_target(self.cfg.resume, self.out, self.run_id, restarted=self.restarted)
         return self._trainer
 
     def train(self) -> int | None:
@@ -84,8 +155,13 @@ class TrainingRun:
             self.result = self._trainer.train(resume_from_checkpoint=self.checkpoint)
         finally:
             self.preemption.restore_handlers()
-        if self.preemption.requested:
-            return requeue_exit(self._trainer.state.global_step)
+        state = self._trainer.state
+        if self.preemption.stopped and state.global_step < state.max_steps:
+            if self.marker.last_marked != state.global_step:  # the save raised, or was never asked for
+                raise RuntimeError(f"preemption: checkpoint-{state.global_step} was not saved completely")
+            return requeue_exit(state.global_step)
+        if self.preemption.requested:  # after the last step: the run is done, finish it
+            log.warning("preemption signal after the last training step: finishing the run")
         self.replicas = replicas_identical(self._trainer.model)  # False: ranks drifted apart (logged)
         return 1 if self.replicas is False else None
 
@@ -121,3 +197,4 @@ class TrainingRun:
         atomic_write_text(self.out / "config.resolved.yaml", dump_config(self.cfg))
         plot = plot_loss(self._trainer.state.log_history, self.out / "loss.png", plot_title or title)
         write_report(self.out, title, metrics, sections, images=(["loss.png"] if plot else []) + list(images))
+        rundir.finish(self.out)  # the previous run moved aside by overwrite: gone only now

@@ -1,0 +1,62 @@
+"""How a job ended, said three ways that agree: its exit code, `<dir>/status.json`, and the outcome
+line rank 0 leaves for slurm/launch.sh (whose exit code sacct shows, whatever torchrun did).
+
+Exit codes (the batch script's too):
+  0   finished
+  1   failed (a crash: the log says why)
+  2   refused: the config or its data is wrong; nothing ran, nothing was written
+  3   rejected: validate's gate said no; the bundle went to rejected_dir
+  4   stalled: a rank made no training step for step_timeout_minutes
+  75  checkpointed for requeue (preemption); the batch script requeues unless max_requeues is reached
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from hpcnlp.runtime import env
+from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_REJECTED, EXIT_STALLED, EXIT_REQUEUE = 0, 1, 2, 3, 4, 75
+STATES = {EXIT_OK: "finished", EXIT_FAILED: "failed", EXIT_CONFIG: "failed", EXIT_REJECTED: "rejected",
+          EXIT_STALLED: "failed", EXIT_REQUEUE: "preempted"}
+
+
+def update(path: Path | None, create: bool = False, **fields) -> None:
+    """Merge `fields` into status.json (rank 0 only); keeps the list of Slurm job ids that worked on it.
+    Written only where the job (or, with `create`, submit) made the dir: a refused job writes nothing."""
+    if path is None or env.rank() != 0 or not (create or path.parent.is_dir()):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        current = json.loads(path.read_text())
+    except (OSError, ValueError):
+        current = {}
+    jobs = current.get("slurm_job_ids", [])
+    if env.slurm_job_id() and env.slurm_job_id() not in jobs:
+        jobs = [*jobs, env.slurm_job_id()]
+    atomic_write_json(path, {**current, **fields, "slurm_job_ids": jobs, "restarts": env.slurm_restart_count(),
+                             "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def record_outcome(code: int, requeue: bool, message: str) -> None:
+    """The line slurm/launch.sh reads after the step: `<code> <requeue|stop> <message>`."""
+    path = env.hpcnlp_setting("OUTCOME_FILE")
+    if path and env.rank() == 0:
+        atomic_write_text(path, f"{code} {'requeue' if requeue else 'stop'} {' '.join(message.split())}\n")
+
+
+def process_exit(code: int) -> int:
+    """Under slurm/launch.sh the outcome line carries a requeue, so the processes end 0 and torchrun
+    prints no failure banner for a checkpoint; run by hand, 75 is the exit code itself."""
+    return EXIT_OK if code == EXIT_REQUEUE and env.hpcnlp_setting("OUTCOME_FILE") else code
+
+
+def stalled(message: str) -> None:
+    """Fail the whole job now: any rank may call this (rank 0 may be the stalled one)."""
+    path = env.hpcnlp_setting("OUTCOME_FILE")
+    if path:
+        atomic_write_text(path, f"{EXIT_STALLED} stop {' '.join(message.split())}\n")
+    os._exit(EXIT_STALLED)

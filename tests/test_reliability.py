@@ -1,0 +1,270 @@
+"""Unattended runs: nothing is lost, corrupted or silently redone. Checkpoint markers, run identity,
+the output_dir lock, overwrite, ownership of output dirs, status.json and the outcome line the batch
+script turns into its exit code, requeue caps, the step watchdog. Real tiny runs, no mocks; the real
+Slurm side (requeues, chaos) is in tests/cluster/."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import SENTIMENT_DATA, export_config, free_port, preempt_at, run_cli, tiny_pretrain, write_config
+
+from hpcnlp.runtime import rundir
+from hpcnlp.runtime.checkpoints import MARKER, mark_complete, newest_complete_checkpoint
+
+
+def _checkpoint(out: Path, step: int, run: str = "r1", marked: bool = True) -> Path:
+    ckpt = out / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"w" * 100)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if marked:
+        mark_complete(ckpt, run)
+    return ckpt
+
+
+def test_resume_takes_the_newest_marked_checkpoint_of_this_run(tmp_path, caplog):
+    out = tmp_path / "out"
+    good = _checkpoint(out, 2)
+    _checkpoint(out, 4, run="another-config")  # another run's: never resumed
+    truncated = _checkpoint(out, 6)
+    (truncated / "model.safetensors").write_bytes(b"w" * 10)  # cut short after the marker listed 100 bytes
+    _checkpoint(out, 8, marked=False)  # killed mid-save: no marker
+    unreadable = _checkpoint(out, 10)
+    (unreadable / "trainer_state.json").write_text("{not json")
+    assert newest_complete_checkpoint(out, "r1") == good
+    skipped = [r.getMessage() for r in caplog.records if "not resuming" in r.getMessage()]
+    assert len(skipped) == 4, skipped  # one line per skipped checkpoint, newest first, with the reason
+    assert "unreadable" in skipped[0] and "incomplete" in skipped[1] and "truncated" in skipped[2]
+    assert "another run" in skipped[3]
+    assert json.loads((good / MARKER).read_text())["files"]["model.safetensors"] == 100
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "out"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rundir.lock_path(out).write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid,
+                                                     "slurm_job_id": None, "since": "then"}))
+        with pytest.raises(rundir.OutputDirRefused, match=f"in use by pid {sleeper.pid} on "):
+            rundir.acquire(out)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert rundir.acquire(out) == rundir.lock_path(out)  # the holder is gone: taken over
+    assert json.loads(rundir.lock_path(out).read_text())["pid"] == os.getpid()
+    rundir.release(out)
+    assert not rundir.lock_path(out).exists()
+
+
+@pytest.mark.slow
+def test_overwrite_never_mixes_runs_and_keeps_the_old_one_until_the_new_one_finished(tmp_path, monkeypatch):
+    config = tiny_pretrain(tmp_path)
+    assert run_cli("pretrain", "--config", str(config)) == 0
+    out = tmp_path / "out"
+    first = json.loads((out / "run.json").read_text())
+    (out / "checkpoint-99").mkdir()  # a later checkpoint of the old run: must not be resumed or kept
+    with monkeypatch.context() as m:  # the rerun is preempted: the old run stays aside, whole
+        preempt_at(m, 3)
+        assert run_cli("pretrain", "--config", str(config), "overwrite=true") == 75
+    aside = list(tmp_path.glob(".out.replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "metrics.json").is_file() and (aside[0] / "checkpoint-99").is_dir()
+    assert not (out / "metrics.json").exists() and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "preempted" and status["step"] == 3
+    assert run_cli("pretrain", "--config", str(config), "resume=auto") == 0  # continues the new run
+    assert not list(tmp_path.glob(".out.replaced-*"))  # gone only now
+    second = json.loads((out / "run.json").read_text())
+    assert second["run"] == first["run"] and len(second["starts"]) == 2
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"].endswith("checkpoint-3")
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_configs_checkpoints(tmp_path, monkeypatch, capsys):
+    config = tiny_pretrain(tmp_path)
+    with monkeypatch.context() as m:
+        preempt_at(m, 3)
+        assert run_cli("pretrain", "--config", str(config)) == 75
+    assert run_cli("pretrain", "--config", str(config), "resume=auto", "training.learning_rate=0.1") == 2
+    assert "holds a run of another config" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_signal_after_the_last_step_finishes_the_run(tmp_path, monkeypatch):
+    config = tiny_pretrain(tmp_path)
+    preempt_at(monkeypatch, 6)  # max_steps: the checkpoint request comes with the last step
+    assert run_cli("pretrain", "--config", str(config)) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_preemption_checkpoint_survives_best_model_rotation(tmp_path, monkeypatch):
+    """finetune with load_best_model_at_end and save_total_limit 1: the Trainer deletes every
+    checkpoint but the best at the end of train(); the preemption checkpoint must stay."""
+    data = {**SENTIMENT_DATA, "max_train_samples": 64, "max_eval_samples": 32}
+    config = write_config(tmp_path / "ft.yaml", {
+        "job": "finetune", "task": "sequence-classification", "output_dir": str(tmp_path / "out"), "data": data,
+        "training": {"max_steps": 6, "per_device_train_batch_size": 8, "eval_strategy": "steps", "eval_steps": 2,
+                     "save_strategy": "steps", "save_steps": 2, "save_total_limit": 1, "logging_steps": 1,
+                     "load_best_model_at_end": True, "metric_for_best_model": "loss", "seed": 3}})
+    with monkeypatch.context() as m:
+        preempt_at(m, 3)
+        assert run_cli("finetune", "--config", str(config)) == 75
+    assert newest_complete_checkpoint(tmp_path / "out").name == "checkpoint-3"
+    assert run_cli("finetune", "--config", str(config), "resume=auto") == 0
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["global_step"] == 6 and m["resumed_from"].endswith("checkpoint-3")
+
+
+@pytest.mark.parametrize("restarts,expected", [("0", "75 requeue"), ("3", "75 stop")])
+@pytest.mark.slow
+def test_outcome_line_requeues_until_max_requeues(tmp_path, monkeypatch, restarts, expected):
+    """What slurm/launch.sh reads: requeue only after a saved checkpoint, at most max_requeues times."""
+    config = tiny_pretrain(tmp_path)
+    outcome = tmp_path / "outcome"
+    monkeypatch.setenv("HPCNLP_OUTCOME_FILE", str(outcome))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)  # a requeued job resumes whatever resume: says
+    preempt_at(monkeypatch, 3)
+    assert run_cli("pretrain", "--config", str(config)) == 0  # under launch.sh: exit 0, the outcome carries 75
+    line = outcome.read_text()
+    assert line.startswith(expected), line
+    if restarts == "3":
+        assert "max_requeues (3)" in line and "resume: auto" in line
+    status = json.loads((tmp_path / "out" / "status.json").read_text())
+    assert status["state"] == "preempted" and status["slurm_job_ids"] == ["4242"]
+
+
+def test_export_never_replaces_what_it_did_not_write(tmp_path, capsys):
+    foreign = tmp_path / "onnx"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"]}))
+    assert run_cli("export", "--config", str(export_config(tmp_path, str(model)))) == 2
+    assert "holds files hpcnlp did not write" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert run_cli("check", "--config", str(export_config(tmp_path, str(model), output_dir=str(model)))) == 2
+    assert "overlaps the input model_name_or_path" in capsys.readouterr().err
+    assert run_cli("check", "--config", str(export_config(tmp_path, str(model), output_dir=str(tmp_path)))) == 2
+
+
+def test_validate_refuses_rejected_dir_inside_output_dir(tmp_path, capsys):
+    cfg = write_config(tmp_path / "v.yaml", {
+        "job": "validate", "name": "m", "version": "1", "model_name_or_path": "minilm-l6",
+        "onnx_dir": str(tmp_path), "output_dir": str(tmp_path / "artifacts"),
+        "rejected_dir": str(tmp_path / "artifacts" / "rejected"), "data": SENTIMENT_DATA})
+    assert run_cli("check", "--config", str(cfg)) == 2
+    assert "rejected_dir" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_fails_the_job_naming_it(tmp_path):
+    """2 processes under torchrun; rank 1 is stopped (SIGSTOP) mid-training: the watchdog fails the job
+    within step_timeout_minutes, and the outcome line names rank 1, long before the gloo timeout."""
+    config = tiny_pretrain(tmp_path, max_steps=100000, save_steps=100000, logging_steps=50)
+    outcome = tmp_path / "outcome"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HPCNLP_OUTCOME_FILE": str(outcome)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "hpcnlp", "pretrain", "--config", str(config), "step_timeout_minutes=0.2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, pid, t0 = [], None, None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "rank 1 of 2 ready" in line:
+                pid = int(line.split("(pid ")[1].split()[0])
+            if pid and "step 100/" in line:
+                os.kill(pid, signal.SIGSTOP)
+                t0 = time.monotonic()
+                break
+        assert t0, "".join(lines[-30:])
+        proc.wait(timeout=120)
+        waited = time.monotonic() - t0
+    finally:
+        proc.kill()
+        if pid:
+            for sig in (signal.SIGKILL, signal.SIGCONT):  # never leave a stopped process behind
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+    assert proc.returncode != 0 and waited < 60  # a 12 s limit (+ torchrun's teardown), not the 30 min timeout
+    line = outcome.read_text()
+    assert line.startswith("4 stop rank 0 on ") and "stalled: rank 1 on " in line, line
+
+
+@pytest.mark.slow
+def test_finetune_resumed_mid_epoch_sees_the_same_batches(tmp_path, monkeypatch):
+    """group_by_length on, 2 epochs of 8 steps: preempted in epoch 1 and again in epoch 2, resumed each
+    time; every logged loss equals the uninterrupted run's (the same batches, in the same order)."""
+    data = {**SENTIMENT_DATA, "max_train_samples": 64, "max_eval_samples": 16}
+
+    def config(name):
+        return write_config(tmp_path / f"{name}.yaml", {
+            "job": "finetune", "task": "sequence-classification", "output_dir": str(tmp_path / name), "data": data,
+            "training": {"num_train_epochs": 2, "per_device_train_batch_size": 8, "eval_strategy": "no",
+                         "save_strategy": "steps", "save_steps": 16, "load_best_model_at_end": False,
+                         "logging_steps": 1, "group_by_length": True, "learning_rate": 1e-4, "seed": 5}})
+
+    def losses(name):  # every step's loss, from the last checkpoint's history (carried across resumes)
+        state = json.loads((tmp_path / name / "checkpoint-16" / "trainer_state.json").read_text())
+        return [h["loss"] for h in state["log_history"] if "loss" in h]
+
+    assert run_cli("finetune", "--config", str(config("whole"))) == 0
+    for step in (5, 11):  # mid-epoch 1, mid-epoch 2
+        with monkeypatch.context() as m:
+            preempt_at(m, step)
+            assert run_cli("finetune", "--config", str(config("resumed")), "resume=auto") == 75
+    assert run_cli("finetune", "--config", str(config("resumed")), "resume=auto") == 0
+    assert losses("resumed") == pytest.approx(losses("whole"), abs=1e-4)
+    assert len(losses("whole")) == 16
+
+
+@pytest.mark.slow
+def test_restart_cost_does_not_grow_with_the_steps_done(tmp_path, monkeypatch):
+    """A resumed run skips the batches already trained by index, without building them: resumed at step
+    10 or at step 300, it collates only the batches still to train (+ dataloader prefetch). The seconds
+    from start to the first new step are printed for both (timings belong to benchmarks, not asserts)."""
+    from hpcnlp.runtime import preempt
+    from hpcnlp.train import mlm
+
+    built, first_step = [], {}
+    collate = mlm.MLMCollator.__call__
+
+    def counting(self, features):
+        if "labels" not in features[0]:  # a training batch (eval batches come pre-masked)
+            built.append(1)
+        return collate(self, features)
+
+    original_step_end = preempt.PreemptionCallback.on_step_end
+
+    def timed(self, args, state, control, **kw):
+        first_step.setdefault("t", time.perf_counter())
+        return original_step_end(self, args, state, control, **kw)
+
+    results = {}
+    for done in (10, 300):
+        config = tiny_pretrain(tmp_path, f"r{done}.yaml", max_steps=320, save_steps=1000, logging_steps=50)
+        out = f"output_dir={tmp_path / f'r{done}'}"
+        with monkeypatch.context() as m:
+            preempt_at(m, done)
+            assert run_cli("pretrain", "--config", str(config), out) == 75
+        with monkeypatch.context() as m:
+            m.setattr(mlm.MLMCollator, "__call__", counting)
+            m.setattr(preempt.PreemptionCallback, "on_step_end", timed)
+            built.clear()
+            first_step.clear()
+            t0 = time.perf_counter()
+            assert run_cli("pretrain", "--config", str(config), out, "resume=auto") == 0
+        results[done] = (len(built), first_step["t"] - t0)
+        assert 320 - done <= len(built) <= 320 - done + 2, (done, len(built))
+    print(f"resumed at step 10: {results[10][1]:.2f} s to the first new step; at step 300: {results[300][1]:.2f} s")

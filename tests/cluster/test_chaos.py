@@ -176,8 +176,7 @@ def test_save_without_space_fails_once_and_never_loops(slurm, chaos):
 def test_stalled_rank_fails_the_job_naming_it(slurm, chaos):
     job = submit(slurm, chaos, "stalled", ("step_timeout_minutes=0.25",), max_steps=100000, save_steps=100000)
     wait_for_log(slurm, job, r"hpcnlp\.train: step \d+/")
-    pids = _pids_of_rank(slurm, job, 1)
-    assert pids
+    pids = [int(wait_for_log(slurm, job, r"rank 1 of 2 ready at step \d+ \(pid (\d+)").group(1))]
     t0 = time.time()
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)

@@ -241,7 +241,9 @@ def test_failed_stage_cancels_the_rest(slurm, job_env, tmp_path, cluster_corpus)
     for name in ("scratch", "continue"):  # --kill-on-invalid-dep=yes: cancelled, never started
         assert slurm.wait(jobs[name], timeout=120) == "CANCELLED"
         assert slurm.job(jobs[name]).get("RunTime") == "00:00:00"
-    assert not (tmp_path / "scratch").exists() and not (tmp_path / "continue").exists()
+    for name in ("scratch", "continue"):  # never started: only the status submit wrote
+        assert [p.name for p in (tmp_path / name).iterdir()] == ["status.json"]
+        assert json.loads((tmp_path / name / "status.json").read_text())["state"] == "queued"
 
 
 def test_sweep_array_and_summary(slurm, job_env, tmp_path, cluster_corpus):

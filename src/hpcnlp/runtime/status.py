@@ -55,8 +55,14 @@ def process_exit(code: int) -> int:
 
 
 def stalled(message: str) -> None:
-    """Fail the whole job now: any rank may call this (rank 0 may be the stalled one)."""
+    """Fail the whole job now: any rank may call this (rank 0 may be the stalled one). The first rank
+    to say it is kept: a stopped rank woken by the teardown would otherwise overwrite the diagnosis."""
     path = env.hpcnlp_setting("OUTCOME_FILE")
     if path:
-        atomic_write_text(path, f"{EXIT_STALLED} stop {' '.join(message.split())}\n")
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            os._exit(EXIT_STALLED)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{EXIT_STALLED} stop {' '.join(message.split())}\n")
     os._exit(EXIT_STALLED)

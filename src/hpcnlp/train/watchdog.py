@@ -44,6 +44,7 @@ class StepWatchdog(TrainerCallback):
         self._progress(state)
         if self.timeout is not None and self._thread is None:
             self.dir.mkdir(parents=True, exist_ok=True)
+            self._beat()  # at once: a rank stopped in its first seconds must still be told from a live one
             self._thread = threading.Thread(target=self._watch, name="hpcnlp-watchdog", daemon=True)
             self._thread.start()
 
@@ -63,11 +64,14 @@ class StepWatchdog(TrainerCallback):
         self._stop.set()
         (self.dir / f"rank-{self.rank}.json").unlink(missing_ok=True)
 
+    def _beat(self):
+        atomic_write_json(self.dir / f"rank-{self.rank}.json", {"rank": self.rank, "host": self.host,
+                                                               "pid": os.getpid(), "step": self.step,
+                                                               "time": time.time()})
+
     def _watch(self):
-        me = self.dir / f"rank-{self.rank}.json"
         while not self._stop.wait(self.beat):
-            atomic_write_json(me, {"rank": self.rank, "host": self.host, "pid": os.getpid(), "step": self.step,
-                                   "time": time.time()})
+            self._beat()
             idle = time.monotonic() - self.last_progress
             if idle > self.timeout:
                 message = (f"rank {self.rank} on {self.host}: no training step for {idle / 60:.1f} min "

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from helpers import (CORPUS, NER_DATA, SENTIMENT_DATA, export_config, run_cli,  # noqa: E402
+from helpers import (CORPUS, NER_DATA, SENTIMENT, SENTIMENT_DATA, export_config, run_cli,  # noqa: E402
                      train_teacher, validate_config, write_config)
 
 
@@ -80,8 +80,9 @@ def sentiment_onnx(sentiment_teacher, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def sentiment_bundle(sentiment_teacher, sentiment_onnx, tmp_path_factory) -> Path:
-    """The sentiment model through `hpcnlp validate`: a shipped bundle (or the test fails here)."""
+    """The sentiment model through `hpcnlp validate`: a shipped bundle (or the test fails here), with
+    metrics on the held-out test file too."""
     tmp = tmp_path_factory.mktemp("sentiment-validate")
-    assert run_cli("validate", "--config", str(validate_config(tmp, sentiment_teacher, sentiment_onnx,
-                                                               SENTIMENT_DATA))) == 0
+    data = {**SENTIMENT_DATA, "test_file": str(SENTIMENT / "test.csv")}
+    assert run_cli("validate", "--config", str(validate_config(tmp, sentiment_teacher, sentiment_onnx, data))) == 0
     return tmp / "artifacts" / "test-model" / "1"

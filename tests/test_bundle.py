@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO, SENTIMENT, run_cli
+from helpers import REPO, SENTIMENT, SENTIMENT_DATA, run_cli, validate_config
 
 pytestmark = pytest.mark.slow  # needs the exported, validated sentiment bundle (session fixture)
 
@@ -20,9 +22,9 @@ NO_TORCH = ("import runpy, sys; sys.modules.update(torch=None, transformers=None
 def test_bundle_contents_and_manifest(sentiment_bundle):
     names = {p.name for p in sentiment_bundle.iterdir()}
     assert {"model.onnx", "model.int8.onnx", "config.json", "tokenizer.json", "manifest.json", "MODEL_CARD.md",
-            "validation.md", "validation.json", "latency.png", "onnx_inference.py"} <= names
+            "validation.md", "validation.json", "latency.png", "onnx_inference.py", "SHA256SUMS"} <= names
     manifest = json.loads((sentiment_bundle / "manifest.json").read_text())
-    assert set(manifest["files"]) == names - {"manifest.json"}
+    assert set(manifest["files"]) == names - {"manifest.json", "SHA256SUMS"}
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in manifest["files"].values())
     assert manifest["opset"] == 17 and manifest["passed"] is True
     assert manifest["packages"]["onnxruntime"] and manifest["packages"]["torch"]
@@ -59,6 +61,8 @@ def test_verify_catches_an_unloadable_model(sentiment_bundle, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"]["model.onnx"] = {"sha256": bundle.sha256(copy / "model.onnx"), "bytes": 16}
     (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "SHA256SUMS").write_text(bundle.sums_text({**manifest["files"], "manifest.json": {
+        "sha256": bundle.sha256(copy / "manifest.json")}}))
     problems = bundle.verify(copy)
     assert len(problems) == 1 and "model.onnx: does not load" in problems[0]
 
@@ -89,10 +93,25 @@ def test_blocked_import_really_blocks(tmp_path):
     assert proc.returncode != 0 and "import of torch halted" in proc.stderr
 
 
-def test_bundled_script_is_the_example():
-    from hpcnlp.bundle import EXAMPLE
+def test_bundled_script_is_the_packages(sentiment_bundle):
+    from importlib import resources
 
-    assert EXAMPLE == REPO / "examples" / "onnx_inference.py" and EXAMPLE.is_file()
+    assert (sentiment_bundle / "onnx_inference.py").read_bytes() == \
+        resources.files("hpcnlp").joinpath("onnx_inference.py").read_bytes()
+
+
+def test_a_wheel_carries_the_bundled_script(tmp_path):
+    """A non-editable install has no repository around it: the script must be inside the package."""
+    import zipfile
+
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-q", "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
+    wheel, = (tmp_path / "dist").glob("hpcnlp-*.whl")
+    assert "hpcnlp/onnx_inference.py" in zipfile.ZipFile(wheel).namelist()
 
 
 def test_pipeline_stage_row_reads_the_bundle(sentiment_bundle):
@@ -105,3 +124,130 @@ def test_pipeline_stage_row_reads_the_bundle(sentiment_bundle):
     assert row["metric"].startswith("PASSED: pytorch 0.") and "onnx_int8 0." in row["metric"], row
     assert row["size"].count("MB") == 2 and "onnx_int8" in row["latency b1 p50"]
     assert row["output"] == str(sentiment_bundle)
+
+
+# --- verify: what a bundle must be -----------------------------------------------------------------
+def _edited_copy(sentiment_bundle, tmp_path, edit):
+    """A copy of the bundle whose manifest `edit` changed, SHA256SUMS rewritten to match (as whoever made
+    the change could): only verify's rules can catch it."""
+    from hpcnlp import bundle
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(sentiment_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(copy, manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "SHA256SUMS").write_text(bundle.sums_text({**manifest["files"], "manifest.json": {
+        "sha256": bundle.sha256(copy / "manifest.json")}}))
+    return copy
+
+
+@pytest.mark.parametrize("how", ["parent", "absolute", "symlink"])
+def test_verify_refuses_names_outside_the_bundle(sentiment_bundle, tmp_path, how):
+    from hpcnlp import bundle
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not part of the bundle")
+
+    def edit(copy, manifest):
+        name = {"parent": "../outside.txt", "absolute": str(outside), "symlink": "outside.txt"}[how]
+        if how == "symlink":
+            (copy / name).symlink_to(outside)
+        manifest["files"][name] = {"sha256": bundle.sha256(outside), "bytes": outside.stat().st_size}
+
+    problems = bundle.verify(_edited_copy(sentiment_bundle, tmp_path, edit))
+    assert problems and all("not a plain file name" in p or "resolves outside" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "config.json", "tokenizer.json", "MODEL_CARD.md", "validation.json"])
+def test_verify_requires_the_bundle_files(sentiment_bundle, tmp_path, name):
+    from hpcnlp import bundle
+
+    def edit(copy, manifest):
+        (copy / name).unlink()
+        del manifest["files"][name]
+
+    problems = bundle.verify(_edited_copy(sentiment_bundle, tmp_path, edit))
+    assert problems == [f"{tmp_path / 'bundle' / 'manifest.json'}: does not list {name}, which every bundle has"]
+
+
+def test_verify_refuses_a_rejected_bundle(sentiment_bundle, tmp_path):
+    from hpcnlp import bundle
+
+    problems = bundle.verify(_edited_copy(sentiment_bundle, tmp_path, lambda c, m: m.update(passed=False)))
+    assert len(problems) == 1 and "the gate did not pass" in problems[0]
+
+
+def test_verify_refuses_an_empty_file_list(sentiment_bundle, tmp_path):
+    from hpcnlp import bundle
+
+    def edit(copy, manifest):
+        for name in manifest["files"]:
+            (copy / name).unlink()
+        manifest["files"] = {}
+
+    assert bundle.verify(_edited_copy(sentiment_bundle, tmp_path, edit)) == \
+        [f"{tmp_path / 'bundle' / 'manifest.json'}: lists no files"]
+
+
+def test_sha256sum_checks_the_bundle_without_hpcnlp(sentiment_bundle, tmp_path):
+    """coreutils' sha256sum -c: every file, manifest.json included; a changed byte fails."""
+    ok = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=sentiment_bundle, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    checked = {line.rsplit(": ", 1)[0] for line in ok.stdout.splitlines() if line.endswith(": OK")}
+    assert checked == {p.name for p in sentiment_bundle.iterdir()} - {"SHA256SUMS"}
+    copy = tmp_path / "bundle"
+    shutil.copytree(sentiment_bundle, copy)
+    (copy / "manifest.json").write_text((copy / "manifest.json").read_text().replace('"passed": true', '"passed": 1'))
+    bad = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=copy, capture_output=True, text=True)
+    assert bad.returncode == 1 and "manifest.json: FAILED" in bad.stdout
+
+
+# --- what is written is readable by the group, as the umask says ----------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_shipped_bundle_has_the_umask_modes(sentiment_teacher, sentiment_onnx, tmp_path, umask):
+    """Built under the umask (fixtures run before this body, so a fresh bundle): every file and dir as a
+    plain open()/mkdir() would make it, so the group can read the bundle, and not the world under 027."""
+    old = os.umask(umask)
+    try:
+        cfg = validate_config(tmp_path, sentiment_teacher, sentiment_onnx, {**SENTIMENT_DATA, "max_eval_samples": 64})
+        assert run_cli("validate", "--config", str(cfg)) == 0
+    finally:
+        os.umask(old)
+    shipped = tmp_path / "artifacts" / "test-model" / "1"
+    for p in [shipped, *shipped.iterdir()]:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (0o777 if p.is_dir() else 0o666) & ~umask, f"{p.name}: {oct(mode)}"
+        assert mode & (0o050 if p.is_dir() else 0o040) and not (umask == 0o027 and mode & 0o007), oct(mode)
+
+
+# --- the model card -------------------------------------------------------------------------------
+def test_model_card_stands_alone(sentiment_bundle, sentiment_teacher):
+    from huggingface_hub import ModelCard
+
+    from hpcnlp.bundle import sha256
+
+    card = ModelCard.load(sentiment_bundle / "MODEL_CARD.md")
+    text = (sentiment_bundle / "MODEL_CARD.md").read_text()
+    report = json.loads((sentiment_bundle / "validation.json").read_text())
+    data = card.data
+    assert data.license == "other"  # the teacher's dir states none, and the config says nothing
+    assert data.base_model == os.path.basename(sentiment_teacher) and data.language == "en"
+    assert data.pipeline_tag == "text-classification" and "onnx" in data.tags
+    for split in ("validation", "test"):
+        assert f"{split}.csv sha256:{sha256(SENTIMENT / f'{split}.csv')}" in data.datasets
+    got = {(r.dataset_split, r.metric_config, r.metric_type): r.metric_value for r in data.eval_results}
+    assert got[("validation", "onnx_int8", "accuracy")] == report["metrics"]["onnx_int8"]["accuracy"]
+    assert got[("test", "onnx_fp32", "accuracy")] == report["test_metrics"]["onnx_fp32"]["accuracy"]
+    assert report["test_examples"] == 400 and report["cpu"]["model"] and "avx2" in report["cpu"]["flags"]
+    assert "held-out test set" in (sentiment_bundle / "validation.md").read_text()
+
+    manifest = json.loads((sentiment_bundle / "manifest.json").read_text())
+    assert manifest["source_model"]["sha256"] in text  # the lineage names the model by its hash
+    assert manifest["files"]["model.int8.onnx"]["sha256"] in text and "opset 17" in text
+    assert "int8 dynamic (preset avx2, per-channel False)" in text
+    assert "| input | input_ids | int64 | [batch_size, sequence_length] |" in text
+    assert "WordPiece (BertTokenizer), lowercase True" in text and report["cpu"]["model"] in text
+    assert "sha256sum -c SHA256SUMS" in text and "hpcnlp verify ." in text
+    for machine_path in (str(sentiment_bundle.parents[3]), str(REPO), "/tmp/", os.path.expanduser("~")):
+        assert machine_path not in text

@@ -3,9 +3,10 @@
 <root>/<name>/<version>/
   model.onnx, model.int8.onnx   the models (fp32, int8 when made)
   config.json                   id2label / label2id; tokenizer.json + tokenizer_config.json + vocab ...
-  onnx_inference.py             inference with onnxruntime + tokenizers only (examples/onnx_inference.py)
+  onnx_inference.py             inference with onnxruntime + tokenizers only (hpcnlp/onnx_inference.py)
   MODEL_CARD.md, validation.md, validation.json, latency.png
   manifest.json                 sha256 and size of every other file, versions, provenance, gate results
+  SHA256SUMS                    every other file's sha256 (manifest.json's too), for `sha256sum -c`
 
 A bundle is built in a staging dir beside its destination and renamed into place in one step
 (`publish`), so a half-built bundle never sits where shipped ones go.
@@ -14,21 +15,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from importlib import metadata
+from importlib import metadata, resources
 from pathlib import Path
 
 from hpcnlp.runtime import env
-from hpcnlp.runtime.io import atomic_write_json
+from hpcnlp.runtime.io import atomic_write_json, atomic_write_text, normal_mode, replace_dir
 
 MANIFEST = "manifest.json"
+SUMS = "SHA256SUMS"
+REQUIRED = ("model.onnx", "config.json", "tokenizer.json", "MODEL_CARD.md", "validation.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 PACKAGES = ("hpcnlp", "torch", "transformers", "tokenizers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "onnx_inference.py"
+SCRIPT = "onnx_inference.py"  # a module of this package: every install has it, editable or not
 
 
 def sha256(path: Path) -> str:
@@ -74,34 +76,49 @@ def stage(onnx_dir: Path, root: Path) -> Path:
     """A staging dir (hidden, beside the destinations) holding the files to validate and ship."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    normal_mode(tmp)
+    # copyfile, not copy2: the copies get this umask's modes, not the source's (a 0600 file stays private).
     for name in ("model.onnx", "model.int8.onnx", "config.json", *TOKENIZER_FILES):
         if (onnx_dir / name).is_file():
-            shutil.copy2(onnx_dir / name, tmp / name)
-    shutil.copy2(EXAMPLE, tmp / EXAMPLE.name)
+            shutil.copyfile(onnx_dir / name, tmp / name)
+    (tmp / SCRIPT).write_bytes(resources.files("hpcnlp").joinpath(SCRIPT).read_bytes())
     return tmp
 
 
+def sums_text(files: dict) -> str:
+    """`sha256sum` output for {name: {"sha256": ...}}: `sha256sum -c` checks it with no hpcnlp at hand."""
+    return "".join(f"{f['sha256']}  {name}\n" for name, f in sorted(files.items()))
+
+
 def write_manifest(bundle: Path, info: dict) -> dict:
-    """Checksums of every file but the manifest itself, plus provenance; written last."""
+    """Checksums of every file but the manifest and SHA256SUMS, plus provenance; then SHA256SUMS, which
+    covers manifest.json too. Written last."""
     files = {f.name: {"sha256": sha256(f), "bytes": f.stat().st_size}
-             for f in sorted(bundle.iterdir()) if f.is_file() and f.name != MANIFEST}
+             for f in sorted(bundle.iterdir()) if f.is_file() and f.name not in (MANIFEST, SUMS)}
     manifest = {"files": files, "packages": package_versions(), "python": sys.version.split()[0],
                 "git_commit": git_commit(), "slurm_job_id": env.slurm_job_id(), **info}
     atomic_write_json(bundle / MANIFEST, manifest)
+    atomic_write_text(bundle / SUMS, sums_text({**files, MANIFEST: {"sha256": sha256(bundle / MANIFEST)}}))
     return manifest
 
 
 def publish(staging: Path, final: Path, replace: bool = False) -> Path:
-    """Rename the staged bundle into place (one rename: readers see all of it or nothing)."""
+    """Rename the staged bundle into place: readers see all of the old one or all of the new, never
+    neither (an existing bundle is swapped with the new one in one step; see replace_dir)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        if not replace:
-            raise FileExistsError(f"{final} exists; bundles are immutable: bump the version")
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(staging, final)
+    if final.exists() and not replace:
+        raise FileExistsError(f"{final} exists; bundles are immutable: bump the version")
+    replace_dir(staging, final)
     return final
+
+
+def name_problem(bundle: Path, name) -> str | None:
+    """A manifest names files of this flat dir: a plain name that stays inside it, even through a symlink."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\n\0"):
+        return f"{bundle / MANIFEST}: {name!r} is not a plain file name in the bundle"
+    if (bundle / name).resolve().parent != bundle.resolve():
+        return f"{bundle / MANIFEST}: {name!r} resolves outside the bundle"
+    return None
 
 
 def verify(bundle: str | Path) -> list[str]:
@@ -110,10 +127,20 @@ def verify(bundle: str | Path) -> list[str]:
     if not (bundle / MANIFEST).is_file():
         return [f"{bundle}: no {MANIFEST} (not a bundle, or an unfinished one)"]
     try:
-        files = json.loads((bundle / MANIFEST).read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
+        manifest = json.loads((bundle / MANIFEST).read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         return [f"{bundle / MANIFEST}: unreadable ({e})"]
-    problems = []
+    if not isinstance(files, dict) or not files:
+        return [f"{bundle / MANIFEST}: lists no files"]
+    problems = [p for p in (name_problem(bundle, n) for n in files) if p]
+    if problems:  # never open a path the manifest may have aimed outside the bundle
+        return problems
+    problems += [f"{bundle / MANIFEST}: does not list {name}, which every bundle has" for name in REQUIRED
+                 if name not in files]
+    if manifest.get("passed") is not True:
+        problems.append(f"{bundle / MANIFEST}: passed is {manifest.get('passed')!r}: the gate did not pass "
+                        "this model (a rejected bundle)")
     for name, want in files.items():
         path = bundle / name
         if not path.is_file():
@@ -123,8 +150,13 @@ def verify(bundle: str | Path) -> list[str]:
         elif sha256(path) != want["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest (modified or corrupted)")
     for path in sorted(bundle.iterdir()):
-        if path.name != MANIFEST and path.name not in files:
+        if path.name not in (MANIFEST, SUMS) and path.name not in files:
             problems.append(f"{path}: not in the manifest (added after shipping?)")
+    want_sums = sums_text({**files, MANIFEST: {"sha256": sha256(bundle / MANIFEST)}})
+    if not (bundle / SUMS).is_file():
+        problems.append(f"{bundle / SUMS}: missing")
+    elif (bundle / SUMS).read_text(errors="replace") != want_sums:
+        problems.append(f"{bundle / SUMS}: differs from the manifest's checksums (or manifest.json was changed)")
     if not problems:  # load only files whose bytes are the shipped ones
         import onnx
         import onnxruntime as ort
@@ -145,5 +177,5 @@ def verify_main(bundle: str) -> int:
     if problems:
         return 1
     n = len(json.loads((Path(bundle) / MANIFEST).read_text())["files"])
-    print(f"ok: {bundle}: {n} files match manifest.json; ONNX models load")
+    print(f"ok: {bundle}: {n} files match manifest.json and {SUMS}; the gate passed; ONNX models load")
     return 0

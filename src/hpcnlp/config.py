@@ -427,6 +427,8 @@ class ValidateConfig(JobConfig):
     num_examples: int = Field(64, ge=1)  # N eval examples for the per-output parity checks
     thresholds: ValidationThresholds = Field(default_factory=ValidationThresholds)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    license: str = "other"  # the model card's, where the base model's own card states none
+    language: str = "en"  # of the text the model reads (the model card's front matter)
 
     @property
     def bundle_dir(self) -> Path:

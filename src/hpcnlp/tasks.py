@@ -6,7 +6,9 @@ ids mean the same in the data, the PyTorch model and the ONNX file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import platform
 import time
 from pathlib import Path
 
@@ -135,3 +137,24 @@ def latency(runner, ds, batch_size: int, cfg, pad_id: int) -> dict:
         times.append((time.perf_counter() - t) * 1000)
     return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p95_ms": round(float(np.percentile(times, 95)), 3),
             "samples_per_second": round(batch_size * 1000 / float(np.mean(times)), 1)}
+
+
+# The x86 extensions onnxruntime's int8 and bf16 kernels pick by: the same model runs at another speed
+# (int8: even another accuracy, see export's quantize presets) without them.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu() -> dict:
+    """The CPU latency is measured on: model name and which of ISA_FLAGS it has (/proc/cpuinfo)."""
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first CPU's; a node has one model
+    flags = set(info.get("flags", "").split())
+    return {"model": info.get("model name") or platform.processor() or platform.machine(),
+            "flags": {flag: flag in flags for flag in ISA_FLAGS}}
+
+
+def cpu_text(info: dict) -> str:
+    return f"{info['model']} (" + ", ".join(f"{f} {'yes' if on else 'no'}" for f, on in info["flags"].items()) + ")"

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import numpy as np
 
-from hpcnlp import bundle, checks
+from hpcnlp import bundle, card, checks
 from hpcnlp.config import Problem, ValidateConfig, dump_config
 from hpcnlp.data.labels import data_file_problems
 from hpcnlp.models import load_tokenizer, resolve_model_path
@@ -25,8 +25,8 @@ from hpcnlp.report import markdown_table, mb, save_figure
 from hpcnlp.runtime import status
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text, is_inside
 from hpcnlp.spec import JobSpec, SlurmDefaults
-from hpcnlp.tasks import (POSTPROCESS_TASKS, PRIMARY_METRIC, auto_model_class, batches, evaluate, label_names,
-                          latency, load_data, model_task, task_of, torch_runner)
+from hpcnlp.tasks import (POSTPROCESS_TASKS, PRIMARY_METRIC, auto_model_class, batches, cpu, cpu_text,
+                          evaluate, label_names, latency, load_data, model_task, task_of, torch_runner)
 
 log = logging.getLogger(__name__)
 PARITY_BATCH = 8
@@ -137,32 +137,6 @@ def plot_latency(lat: dict, path: Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
-def model_card(cfg: ValidateConfig, task: str, names: list[str], results: dict, passed: bool) -> str:
-    primary = PRIMARY_METRIC.get(task)
-    rows = [{"model": k, **v} for k, v in results["metrics"].items()]
-    has_int8 = "onnx_int8" in results["metrics"]
-    run = ("python onnx_inference.py . \"a text to classify\"" if task == "sequence-classification"
-           else "python onnx_inference.py . \"Jane Doe flew to Paris\"")
-    return "\n".join([
-        f"# {cfg.name} {cfg.version}", "",
-        f"**{'Validated' if passed else 'REJECTED'}** {task} model, exported from `{cfg.model_name_or_path}` "
-        f"to ONNX (`model.onnx`, fp32{', and `model.int8.onnx`, int8' if has_int8 else ''}).", "",
-        "## Labels", "", ", ".join(f"`{n}`" for n in names), "",
-        "## Data", "", f"Evaluated on {results['eval_examples']} examples of {results['eval_file']}.", "",
-        "## Metrics", "", markdown_table(rows) if rows else "(no task metric)", "",
-        f"Judged by {primary}; the gate's checks, measured values and latency are in validation.md.", "",
-        "## Limits", "",
-        f"- Inputs longer than {cfg.data.max_seq_length} tokens were truncated in evaluation; the model "
-        "saw no longer ones.",
-        "- Scores hold for data like the evaluation set; other domains need their own check.",
-        "- int8 kernels differ by CPU: re-run `hpcnlp validate` on the target CPU type." if has_int8 else "", "",
-        "## How to run", "",
-        "Needs only `onnxruntime`, `tokenizers` and `numpy` (no torch, no transformers):", "",
-        "```bash", "hpcnlp verify .          # or check sha256 sums against manifest.json", run,
-        "python onnx_inference.py --model model.int8.onnx . \"...\"   # the int8 model" if has_int8 else "",
-        "```", ""])
-
-
 def run(cfg: ValidateConfig) -> int:
     import torch
 
@@ -199,6 +173,11 @@ def run(cfg: ValidateConfig) -> int:
         log.info("parity %s", {k: (v["max_abs_diff"], v["argmax_agreement"]) for k, v in results["parity"].items()})
         results["latency"] = {k: {str(b): latency(r, eval_ds, b, cfg.latency, pad) for b in cfg.latency.batch_sizes}
                               for k, r in runners.items()}
+        results["cpu"] = cpu()
+        if "test" in data.splits:  # held-out data, reported beside the validation file's; the gate stays on that
+            results.update(test_file=data.files["test"], test_examples=len(data.splits["test"]),
+                           test_metrics={k: evaluate(r, data.splits["test"], task, names, pad)
+                                         for k, r in runners.items()})
         checks = gate(results, cfg.thresholds, has_int8, PRIMARY_METRIC.get(task))
         passed = all(c["passed"] for c in checks)
         results.update(checks=checks, passed=passed, wall_seconds=round(time.perf_counter() - t0, 2))
@@ -249,12 +228,17 @@ def write_reports(out: Path, cfg: ValidateConfig, task: str, names: list[str], r
             f"## Parity on {results['parity_examples']} eval examples", "", markdown_table(par_rows), "",
             f"## Task metrics on the whole eval set ({results['eval_examples']} examples of {results['eval_file']})",
             "", markdown_table(met_rows), "",
+            *([f"## Task metrics on the held-out test set ({results['test_examples']} examples of "
+               f"{results['test_file']}; not gated)", "",
+               markdown_table([{"model": k, **v} for k, v in results["test_metrics"].items()]), ""]
+              if "test_metrics" in results else []),
             f"## Latency (inputs padded to {cfg.latency.seq_length} tokens, {cfg.latency.repeats} runs)", "",
+            f"CPU: {cpu_text(results['cpu'])}", "",
             markdown_table(lat_rows), "", "![latency](latency.png)", ""]
     atomic_write_text(out / "validation.md", "\n".join(body))
     atomic_write_json(out / "validation.json", results)
     atomic_write_text(out / "validate.resolved.yaml", dump_config(cfg))
-    atomic_write_text(out / "MODEL_CARD.md", model_card(cfg, task, names, results, passed))
+    atomic_write_text(out / "MODEL_CARD.md", card.model_card(cfg, out, task, names, results, passed))
 
 
 def _bundle(cfg: ValidateConfig) -> Path:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -13,6 +16,28 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 log = logging.getLogger(__name__)
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc/self/status, kernel >= 4.7).
+    Elsewhere os.umask must set one to read the old: 0o077 for that instant, so a file another thread
+    creates meanwhile gets a stricter mode, never a looser one."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def normal_mode(path: str | os.PathLike) -> None:
+    """Give what mkstemp (0600) or mkdtemp (0700) made the mode an ordinary open or mkdir gives under this
+    umask: results are read by others (the group, deployment teams), and the rename keeps the mode."""
+    mode = (0o777 if os.path.isdir(path) else 0o666) & ~umask()
+    os.chmod(path, mode)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -21,6 +46,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            normal_mode(tmp)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -49,20 +75,57 @@ def atomic_dir(final: str | os.PathLike, replace: bool = False) -> Iterator[Path
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    normal_mode(tmp)
     try:
         yield tmp
-        if final.exists():
-            if not replace:
-                raise FileExistsError(f"{final} appeared while it was being built")
-            old = final.with_name(f".old-{final.name}-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        if final.exists() and not replace:
+            raise FileExistsError(f"{final} appeared while it was being built")
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Rename dir `new` to `final`, deleting what was there: readers see the old dir or the new one, never
+    neither. An existing `final` is swapped with `new` in one step (renameat2 RENAME_EXCHANGE), then the
+    old one, now at `new`, is deleted. Without that call (not Linux or glibc < 2.28, or a filesystem
+    without it) the old dir is renamed aside first, which leaves a moment with nothing at `final`."""
+    if not final.exists():
+        os.replace(new, final)
+    elif exchange(new, final):
+        shutil.rmtree(new, ignore_errors=True)
+    else:
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """glibc's renameat2 (2.28+), or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing paths atomically; False (logged) where this system cannot."""
+    fn = _renameat2()
+    if fn is None:
+        log.warning("no renameat2 in this C library: replacing %s by renaming the old one aside", b)
+        return False
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a filesystem without it
+        log.warning("cannot swap %s and %s in one step (%s): renaming the old one aside", a, b, os.strerror(err))
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
 
 
 @contextlib.contextmanager
@@ -78,7 +141,7 @@ def exclusive_lock(path: str | os.PathLike, holder_is: str = "another process") 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

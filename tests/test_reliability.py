@@ -268,3 +268,16 @@ def test_restart_cost_does_not_grow_with_the_steps_done(tmp_path, monkeypatch):
         results[done] = (len(built), first_step["t"] - t0)
         assert 320 - done <= len(built) <= 320 - done + 2, (done, len(built))
     print(f"resumed at step 10: {results[10][1]:.2f} s to the first new step; at step 300: {results[300][1]:.2f} s")
+
+
+@pytest.mark.slow
+def test_training_outputs_get_the_umask_modes(tmp_path):
+    """safetensors writes 0600 whatever the umask: under 027 the group must still read the model."""
+    old = os.umask(0o027)
+    try:
+        assert run_cli("pretrain", "--config", str(tiny_pretrain(tmp_path))) == 0
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json", "metrics.json", "report.md", "run.json"):
+        mode = (tmp_path / "out" / name).stat().st_mode & 0o777
+        assert mode == 0o640, (name, oct(mode))

@@ -21,7 +21,7 @@ from hpcnlp.config import ConfigError, Problem, TrainingConfig, TrainingJobConfi
 from hpcnlp.report import plot_loss, write_report
 from hpcnlp.runtime import env, rundir, status
 from hpcnlp.runtime.checkpoints import resume_target
-from hpcnlp.runtime.io import atomic_write_text
+from hpcnlp.runtime.io import atomic_write_text, normal_mode
 from hpcnlp.runtime.preempt import PreemptionCallback, requeue_exit
 from hpcnlp.train.callbacks import CheckpointMarker, ThroughputCallback, peak_memory_mb
 from hpcnlp.train.watchdog import StepWatchdog
@@ -170,6 +170,9 @@ class TrainingRun:
         self._trainer.save_model(self.cfg.output_dir)
         if self.is_main:
             (self.out / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.resolved.yaml says it
+            for f in self.out.iterdir():  # safetensors writes 0600 whatever the umask: results are shared
+                if f.is_file():
+                    normal_mode(f)
 
     def metrics(self) -> dict:
         """What every training job reports about its run."""

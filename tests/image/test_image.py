@@ -182,3 +182,50 @@ def test_two_node_slurm_job_trains_inside_the_image(image, tmp_path):
     assert metrics["world_size"] == 2 and metrics["global_step"] == 6
     assert metrics["slurm_job_id"] == job
     assert (work / "out").stat().st_uid == os.getuid()  # written as the submitting user
+
+
+@pytest.mark.slow
+def test_whole_chain_in_the_image_and_the_bundle_runs_without_hpcnlp(image, tmp_path):
+    """`make demo`'s pipeline (pretrain -> finetune -> distill -> export -> validate) inside the image, then
+    `hpcnlp verify` there; outside, `sha256sum -c SHA256SUMS` and the bundle's onnx_inference.py in a
+    fresh venv holding only onnxruntime, tokenizers and numpy give the labels the image's run gives."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(REPO / "jobs", work / "jobs")
+    for part in ("corpus", "classification", "ner"):
+        shutil.copytree(REPO / "data" / part, work / "data" / part)
+    subprocess.run(["chmod", "-R", "a+rwX", str(work)], check=True)  # the image's user (uid 10001) writes here
+    run = ["podman", "run", "--rm", *PODMAN_RUN_ARGS, "--env", "OMP_NUM_THREADS=1", "-v", f"{work}:/work",
+           "--workdir", "/work", IMAGE]
+    r = subprocess.run([*run, "pipeline", "--config", "jobs/demo.yaml", "--local"], capture_output=True, text=True,
+                       timeout=1500)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    bundle = work / "outputs" / "demo" / "artifacts" / "sentiment-demo" / "demo"
+    assert json.loads((bundle / "validation.json").read_text())["passed"] is True
+    r = subprocess.run([*run, "verify", "outputs/demo/artifacts/sentiment-demo/demo"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=bundle).returncode == 0
+
+    texts = ["a gripping, beautifully acted film", "a tedious, overlong mess", "", "🎬 映画 فيلم"]
+    r = subprocess.run([*run.copy()[:-1], "--entrypoint", "python", IMAGE,
+                        "outputs/demo/artifacts/sentiment-demo/demo/onnx_inference.py",
+                        "outputs/demo/artifacts/sentiment-demo/demo", *texts], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    in_image_labels = [json.loads(line)["label"] for line in r.stdout.splitlines()]
+
+    venv = tmp_path / "deployer"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pins = [line for line in (REPO / "requirements" / "lock.txt").read_text().splitlines()
+            if line.split("==")[0].lower() in ("onnxruntime", "tokenizers", "numpy", "flatbuffers", "packaging",
+                                              "protobuf", "sympy", "mpmath", "coloredlogs", "humanfriendly",
+                                              "huggingface-hub", "filelock", "fsspec", "pyyaml", "requests",
+                                              "tqdm", "typing-extensions", "certifi", "charset-normalizer",
+                                              "idna", "urllib3", "hf-xet")]
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *pins], check=True, timeout=600)
+    listed = subprocess.run([str(venv / "bin" / "pip"), "list", "--format=freeze"], capture_output=True,
+                            text=True).stdout.lower()
+    assert "torch==" not in listed and "transformers==" not in listed and "hpcnlp" not in listed
+    r = subprocess.run([str(venv / "bin" / "python"), str(bundle / "onnx_inference.py"), str(bundle), *texts],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["label"] for line in r.stdout.splitlines()] == in_image_labels

@@ -76,7 +76,8 @@ def test_impossible_tolerance_is_rejected_and_nothing_ships(sentiment_teacher, s
     rejected = tmp_path / "rejected" / "test-model" / "1"
     report = json.loads((rejected / "validation.json").read_text())
     assert report["passed"] is False
-    assert [c["check"] for c in report["checks"] if not c["passed"]] == ["fp32 max abs diff (logits)"]
+    assert [c["check"] for c in report["checks"] if not c["passed"]] == [
+        "fp32 max abs diff (logits)", "edge cases: fp32 max abs diff (logits)"]
     assert "FAILED" in (rejected / "validation.md").read_text()
 
 
@@ -165,15 +166,12 @@ def test_static_quantization_with_ort_optimization(sentiment_teacher, tmp_path):
 
 def test_gate_counts_a_drop_of_exactly_the_limit_as_passed():
     """4 of 400 examples is 1 point: float subtraction (0.7825 - 0.7725 > 0.01) must not reject it."""
-    from types import SimpleNamespace
+    from hpcnlp.config import ValidationThresholds
+    from hpcnlp.jobs.validate import int8_checks, metric_drop
 
-    from hpcnlp.jobs.validate import gate
-
-    th = SimpleNamespace(fp32_atol=1e-4, fp32_min_argmax_agreement=1.0, int8_min_argmax_agreement=0.0,
-                         int8_max_metric_drop=0.01)
-    parity = {"onnx_fp32": {"max_abs_diff": {"logits": 1e-6}, "argmax_agreement": 1.0},
-              "onnx_int8": {"max_abs_diff": {"logits": 0.2}, "argmax_agreement": 0.95}}
-    results = {"parity": parity, "metrics": {"pytorch": {"accuracy": 0.7825}, "onnx_int8": {"accuracy": 0.7725}}}
-    assert all(r["passed"] for r in gate(results, th, has_int8=True, primary="accuracy"))
-    results["metrics"]["onnx_int8"]["accuracy"] = 0.77
-    assert not gate(results, th, has_int8=True, primary="accuracy")[-1]["passed"]
+    th = ValidationThresholds(int8_max_metric_drop=0.01)
+    measured = {"argmax_agreement": 0.98, "edge_argmax_agreement": 1.0,
+                "metric_drop": metric_drop({"accuracy": 0.7825}, {"accuracy": 0.7725}, "accuracy")}
+    assert all(r["passed"] for r in int8_checks(measured, th, "accuracy"))
+    measured["metric_drop"] = metric_drop({"accuracy": 0.7825}, {"accuracy": 0.77}, "accuracy")
+    assert not int8_checks(measured, th, "accuracy")[-1]["passed"]

@@ -411,7 +411,26 @@ class ValidationThresholds(Section):
     fp32_atol: float = Field(1e-4, gt=0)  # max abs diff of every output, ONNX fp32 vs PyTorch
     fp32_min_argmax_agreement: float = Field(1.0, ge=0, le=1)
     int8_max_metric_drop: float = Field(0.01, ge=0)  # absolute: 0.01 = 1 point of accuracy / F1
-    int8_min_argmax_agreement: float = Field(0.0, ge=0, le=1)  # off by default; the metric drop is the gate
+    # int8 vs PyTorch predictions on the whole eval set (token tasks: per token). The metric drop alone
+    # lets flips cancel out: the test suite's sentiment teacher (MiniLM, 0.70 accuracy, many borderline
+    # examples) flips 5.75% of 400 eval answers with dynamic int8 and still gains 1.25 points of accuracy;
+    # it is a different model all the same. 0.97: room for the few borderline examples that int8 noise
+    # flips (per-channel weights: 2.75% there), none for a recipe that changes 1 answer in 20.
+    int8_min_argmax_agreement: float = Field(0.97, ge=0, le=1)
+    # When no int8 recipe passes: ship fp32 alone (no model.int8.onnx, the reason in validation.json/md),
+    # or reject the run.
+    int8_fallback: Literal["fp32", "reject"] = "fp32"
+
+
+class Int8SearchConfig(Section):
+    """When the export's int8 misses the gate, validate tries other recipes (hpcnlp.quantize) in this budget."""
+
+    # recipes made by the search: per-channel, static QDQ, then 1..max_fp32_nodes MatMuls in fp32 (0: only
+    # the export's int8 is judged)
+    max_attempts: int = Field(6, ge=0)
+    max_seconds: float = Field(900, gt=0)  # search wall time, checked before each attempt (Slurm default: 30 min)
+    max_fp32_nodes: int = Field(4, ge=0)  # most sensitive MatMuls kept in fp32, at most
+    calibration_samples: int = Field(128, ge=1)  # static QDQ: rows of data.train_file, shuffled by data.seed
 
 class ValidateConfig(JobConfig):
     """The gate: ONNX vs PyTorch on real eval data; a passing model ships to <output_dir>/<name>/<version>/."""
@@ -426,6 +445,7 @@ class ValidateConfig(JobConfig):
     data: FinetuneDataConfig  # eval set: validation_file (else finetune's split of train_file)
     num_examples: int = Field(64, ge=1)  # N eval examples for the per-output parity checks
     thresholds: ValidationThresholds = Field(default_factory=ValidationThresholds)
+    int8_search: Int8SearchConfig = Field(default_factory=Int8SearchConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     license: str = "other"  # the model card's, where the base model's own card states none
     language: str = "en"  # of the text the model reads (the model card's front matter)

@@ -17,6 +17,7 @@ from hpcnlp import checks
 from hpcnlp.config import ExportConfig, Problem, dump_config
 from hpcnlp.data.labels import data_file_problems
 from hpcnlp.models import load_tokenizer, resolve_model_path
+from hpcnlp.quantize import Quantizer, Recipe, calibration_set
 from hpcnlp.report import markdown_table, mb, write_report
 from hpcnlp.runtime import status
 from hpcnlp.runtime.io import atomic_dir, atomic_write_text
@@ -77,45 +78,20 @@ def optimize(out: Path, level: int) -> None:
     os.replace(out / "model_optimized.onnx", out / "model.onnx")
 
 
-def calibration_set(cfg: ExportConfig, task: str, model_dir: str, tokenizer, seq_length: int):
-    """Rows of the training data, shuffled, padded to one length (static ranges need fixed shapes)."""
-    from datasets import Dataset
-
-    from hpcnlp.tasks import MODEL_INPUTS, batches
-
-    train = load_data(task, cfg.data, tokenizer, model_dir).splits["train"].shuffle(seed=cfg.data.seed)
-    train = train.select(range(min(cfg.quantize.calibration_samples, len(train))))
-    inputs, _ = next(batches(train, len(train), tokenizer.pad_token_id, pad_to=seq_length))
-    return Dataset.from_dict({k: v.tolist() for k, v in inputs.items() if k in MODEL_INPUTS})
-
-
 def quantize(out: Path, cfg: ExportConfig, task: str, model_dir: str, tokenizer) -> dict:
     """int8 with ORTQuantizer: dynamic (ranges at run time) or static (ranges from calibration data)."""
-    from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoCalibrationConfig, AutoQuantizationConfig
-
     q = cfg.quantize
-    static = q.mode == "static"
-    qconfig = getattr(AutoQuantizationConfig, q.preset)(is_static=static, per_channel=q.per_channel)
-    quantizer = ORTQuantizer.from_pretrained(out, file_name="model.onnx")
-    ranges = None
-    if static:
-        calib = calibration_set(cfg, task, model_dir, tokenizer, cfg.data.max_seq_length)
-        ranges = quantizer.fit(dataset=calib, calibration_config=AutoCalibrationConfig.minmax(calib),
-                               operators_to_quantize=qconfig.operators_to_quantize,
-                               onnx_augmented_model_name=out / "augmented_model.onnx")
-        (out / "augmented_model.onnx").unlink(missing_ok=True)
-    root = logging.getLogger()  # onnxruntime's quantizer logs one INFO line per tensor to the root logger
-    level = root.level
-    root.setLevel(max(level, logging.WARNING))
-    try:
-        quantizer.quantize(quantization_config=qconfig, save_dir=out, calibration_tensors_range=ranges)
-    finally:
-        root.setLevel(level)
-    os.replace(out / "model_quantized.onnx", out / "model.int8.onnx")
-    (out / "ort_config.json").unlink(missing_ok=True)  # Optimum's record; the report says the same
+    recipe = Recipe(static=q.mode == "static", per_channel=q.per_channel)
+
+    def calibration():
+        train = load_data(task, cfg.data, tokenizer, model_dir).splits["train"]
+        return calibration_set(train, q.calibration_samples, cfg.data.seed, tokenizer.pad_token_id,
+                               cfg.data.max_seq_length)
+
+    quantizer = Quantizer(out / "model.onnx", q.preset, calibration if recipe.static else None)
+    quantizer(recipe, out / "model.int8.onnx")
     return {"mode": q.mode, "preset": q.preset, "per_channel": q.per_channel,
-            "calibration_samples": len(calib) if static else None}
+            "calibration_samples": quantizer.calibration_rows, "recipe": recipe.name}
 
 
 class Refused(Exception):

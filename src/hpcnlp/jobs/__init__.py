@@ -76,7 +76,8 @@ def run_job(cfg: JobConfig) -> int:
         status.record_outcome(status.EXIT_FAILED, False, f"{type(e).__name__}: {e}")
         raise
     finally:
-        rundir.release(cfg.output_dir) if cfg.output_dir else None
+        if cfg.output_dir:
+            rundir.release(cfg.output_dir)  # the lock a training run took, if this process holds it
     requeue = code == status.EXIT_REQUEUE and env.slurm_restart_count() < getattr(cfg, "max_requeues", 0)
     if code == status.EXIT_REQUEUE and not requeue:
         reason = (f"checkpointed, but {env.slurm_restart_count()} requeues reached max_requeues "

@@ -1,6 +1,7 @@
 """The model card's lineage: read from the files hpcnlp's jobs leave, named by content hashes."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import yaml
@@ -43,3 +44,17 @@ def test_lineage_of_a_foreign_model_is_that_model(tmp_path, minilm_path):
     (tmp_path / "m" / "README.md").unlink()
     assert [(s["stage"], s["model"], s["license"]) for s in card.lineage(str(tmp_path / "m"))] == \
         [("base", "m", None)]
+
+
+def test_lineage_names_a_pretraining_corpus_by_its_prepared_fingerprint(tmp_path, minilm_path):
+    from hpcnlp import card
+
+    out = tmp_path / "pretrain-pydocs"
+    out.mkdir()
+    shutil.copy(f"{minilm_path}/config.json", out / "config.json")
+    (out / "config.resolved.yaml").write_text(yaml.safe_dump({
+        "job": "pretrain", "model_name_or_path": "minilm-l6", "data": {"train_files": ["/corpus/**/*.rst.txt"]}}))
+    (out / "metrics.json").write_text(json.dumps({"prepared": {"fingerprint": "98b22f2a4f7926a5"}}))
+    chain = card.lineage(str(out))
+    assert [(s["stage"], s.get("corpus_fingerprint")) for s in chain] == [("base", None),
+                                                                          ("pretrain", "98b22f2a4f7926a5")]

@@ -69,7 +69,10 @@ def lineage(name_or_path: str) -> list[dict]:
             chain.append({"stage": "base", **stage, "data": [], "license": readme_license(str(path))})
             break
         job = yaml.safe_load((path / "config.resolved.yaml").read_text()) or {}
-        chain.append({"stage": job.get("job"), **stage, "data": data_files(job.get("data") or {})})
+        # A pretraining corpus is named by its prepared data's fingerprint (files, sizes, tokenizer, settings).
+        prepared = (json.loads((path / "metrics.json").read_text()).get("prepared") or {}).get("fingerprint")
+        chain.append({"stage": job.get("job"), **stage, "data": data_files(job.get("data") or {}),
+                      "corpus_fingerprint": prepared})
         name_or_path = None if job.get("init") == "scratch" else job.get("teacher") or job.get("model_name_or_path")
     return chain[::-1]
 
@@ -140,6 +143,7 @@ def model_card(cfg: ValidateConfig, bundle: Path, task: str, names: list[str], r
             steps.append(f"base model {made}, license {s.get('license') or 'not stated'}")
         else:
             on = f" on {', '.join(_hashed(d) for d in s['data'])}" if s["data"] else ""
+            on += f" (prepared corpus fingerprint `{s['corpus_fingerprint']}`)" if s.get("corpus_fingerprint") else ""
             steps.append(f"{s['stage']}{on} -> {made}")
     steps[-1] += ": the PyTorch reference of this validation"
     int8 = (f", int8 {quant.get('mode')} (preset {quant.get('preset')}, per-channel {quant.get('per_channel')})"

@@ -251,12 +251,16 @@ def test_sweep_array_and_summary(slurm, job_env, tmp_path, cluster_corpus):
     res = subprocess.run([*HPCNLP, "sweep", "--config", str(config), "--max-parallel", "2",
                           "--overrides-list", "training.learning_rate=1e-3", "training.learning_rate=3e-3",
                           "training.learning_rate=1e-2", "--sbatch=--nodes=1", "--sbatch=--cpus-per-task=1",
-                          "--sbatch=--time=30", f"--sbatch=--output={tmp_path}/%x-%A_%a.out"],
+                          "--sbatch=--time=30"],
                          cwd=tmp_path, env=job_env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    array = re.search(r"submitted array job (\d+) \(3 tasks\)", res.stdout).group(1)
+    array, logs = re.search(r"submitted array job (\d+) \(3 tasks\), logs (\S+)", res.stdout).groups()
+    assert logs == f"{tmp_path}/outputs/logs/pretrain-sweep-{array}_<task>.out"
     for i in range(3):
         assert slurm.wait(f"{array}_{i}", timeout=400) == "COMPLETED"
+    for i in range(3):  # one log per task (the default --output), each of its own task
+        log = Path(logs.replace("<task>", str(i))).read_text()
+        assert f"output_dir={tmp_path}/sweep/task-{i}" in log and "/task-" not in log.replace(f"/task-{i}", "")
     res = subprocess.run([*HPCNLP, "summary", str(tmp_path / "sweep"), "--keys", "global_step,eval_after.loss"],
                          cwd=tmp_path, env=job_env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -158,3 +158,18 @@ def test_the_log_is_linked_beside_status_json(tmp_path):
     (out / "other-7.out").write_text("mine")
     status.link_log(str(tmp_path / "logs" / "missing.out"), out)  # no log: nothing
     assert sorted(p.name for p in out.iterdir()) == ["other-7.out", "pretrain-x-7.out"]
+
+
+def test_status_of_a_pipeline_has_a_row_per_stage_and_sweep_dry_run_logs_per_task(tmp_path):
+    res = hpcnlp("status", "jobs/pipeline.yaml", PATH="/usr/bin:/bin")
+    assert res.returncode == 0, res.stderr
+    rows = [line.split("|")[1:3] for line in res.stdout.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["prepare", "pretrain", "finetune", "distill", "export", "validate"]
+    res = hpcnlp("sweep", "--dry-run", "--config", "jobs/finetune-sentiment.yaml", f"output_dir={tmp_path}/sw",
+                 "--overrides-list", "training.learning_rate=1e-4", "training.learning_rate=3e-4",
+                 HPCNLP_CLUSTER=str(REPO / "jobs" / "cluster.yaml"))
+    assert res.returncode == 0, res.stderr
+    sbatch = re.search(r"^  sbatch: (.*)$", res.stdout, re.M).group(1)
+    assert f"HPCNLP_SWEEP={tmp_path}/sw/sweep.json" in sbatch and "--array=0-1" in sbatch
+    assert re.search(r"^  log:    .*/outputs/logs/finetune-sw-%A_%a.out$", res.stdout, re.M), res.stdout
+    assert not (tmp_path / "sw").exists()  # a dry run writes no manifest

@@ -173,3 +173,12 @@ def test_status_of_a_pipeline_has_a_row_per_stage_and_sweep_dry_run_logs_per_tas
     assert f"HPCNLP_SWEEP={tmp_path}/sw/sweep.json" in sbatch and "--array=0-1" in sbatch
     assert re.search(r"^  log:    .*/outputs/logs/finetune-sw-%A_%a.out$", res.stdout, re.M), res.stdout
     assert not (tmp_path / "sw").exists()  # a dry run writes no manifest
+
+
+def test_the_check_inside_a_job_leaves_gpus_to_the_allocation(tmp_path):
+    """slurm/launch.sh runs `hpcnlp check` in the job: submit already checked the final options."""
+    cpu = tmp_path / "cpu.yaml"
+    cpu.write_text("gpus_per_node: 0\n")
+    res = hpcnlp("check", "--config", "jobs/finetune-sentiment.yaml", "training.bf16=true", HPCNLP_CLUSTER=str(cpu),
+                 SLURM_JOB_ID="7")
+    assert res.returncode == 0, res.stderr

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return report(e)
     if args.command == "check":
-        if submit.cluster.profile_path():  # and one the cluster profile can run
+        # And one the cluster profile can run; not inside a job, where the allocation is what it is
+        # (submit checked the options it was given, --sbatch ones included).
+        if submit.cluster.profile_path() and not os.environ.get("SLURM_JOB_ID"):
             try:
                 profile = submit.cluster.load_profile()
                 options = submit.cluster.sbatch_options(profile, JOBS[cfg.job], submit.cluster.job_name(cfg))

@@ -5,7 +5,6 @@ line a dry run prints. One place, so submit, pipeline, sweep and their dry runs 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -103,19 +102,22 @@ def profile_problems(cfg: JobConfig, options: list[str]) -> list[Problem]:
     training = getattr(cfg, "training", None)
     if gpus != 0 or training is None:
         return []
-    return [Problem(key=f"training.{flag}", message=f"is on, but the job gets no GPU (CPU-only profile or "
+    return [Problem(key=f"training.{flag}", message="is on, but the job gets no GPU (CPU-only profile or "
                     "no --gpus-per-node)", fix=f"set training.{flag}: false, or gpus_per_node in the cluster "
                     "profile") for flag in ("bf16", "fp16") if getattr(training, flag, False)]
 
 
-def launch_lines(profile: ClusterProfile, spec: JobSpec, job_args: list[str], options: list[str]) -> list[str]:
+def launch_lines(profile: ClusterProfile, spec: JobSpec, job_args: list[str], options: list[str],
+                 home: Path) -> list[str]:
     """What the batch script will run, as far as it is known before the job starts: the srun line with
     its container wrapper, and the launcher each node execs (rank, rendezvous filled in at run time)."""
     nodes = 1 if spec.single_process else int(option_value(options, "--nodes") or spec.slurm.nodes)
     gpus = gpus_requested(options) or 0
     nproc = 1 if spec.single_process else profile.nproc_per_node or gpus or 1
-    venv = Path(os.environ.get("HPCNLP_HOME") or ".") / ".venv" / "bin" / "python"
-    python = "python3" if profile.container != "none" else (str(venv.absolute()) if venv.is_file() else sys.executable)
+    # The interpreter slurm/launch.sh will pick: HPCNLP_PYTHON, python3 in an image, else the checkout's .venv.
+    venv = home / ".venv" / "bin" / "python"
+    python = os.environ.get("HPCNLP_PYTHON") or ("python3" if profile.container != "none"
+                                                 else str(venv) if venv.is_file() else "python3")
     plan = launch.Plan(job=spec.name, job_args=["--config", *job_args], nnodes=nodes, nproc_per_node=nproc,
                        master_addr="<first node>", master_port="<port>", launcher=profile.launcher,  # type: ignore
                        container=profile.container, image=profile.image, python=python, workdir=os.getcwd(),

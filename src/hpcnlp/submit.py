@@ -132,9 +132,10 @@ def submission(cfg: JobConfig, config: Path, sbatch_args: list[str], profile: Cl
     problems = cluster.profile_problems(cfg, options)
     if problems:
         raise ConfigError(f"{cfg._source} (sent with {' '.join(options)})", problems)
-    env = {"HPCNLP_HOME": str(home()), **cluster.launch_env(profile), **(env or {})}  # the script finds launch.sh by HPCNLP_HOME
+    # The batch script finds slurm/launch.sh by HPCNLP_HOME.
+    env = {"HPCNLP_HOME": str(home()), **cluster.launch_env(profile), **(env or {})}
     return Submission(name, env, ["sbatch", "--parsable", *options, str(template(cfg.job)), str(config)],
-                      cluster.launch_lines(profile, spec, [str(config)], options))
+                      cluster.launch_lines(profile, spec, [str(config)], options, home()))
 
 
 def as_override(key: str, value) -> str:
@@ -378,7 +379,8 @@ def slurm_state(job_id: str | None) -> str:
     there is no Slurm here or it has forgotten the job."""
     if not job_id or not shutil.which("squeue"):
         return ""
-    for cmd in (["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]):
+    for cmd in (["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
+                ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]):
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
@@ -399,7 +401,9 @@ def _eta(seconds) -> str:
     if not isinstance(seconds, (int, float)):
         return ""
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def status_row(name: str, path: Path | None) -> dict:
@@ -423,7 +427,8 @@ def status_rows(target: str) -> list[dict]:
     if p.is_file():
         raw = read_yaml(p)
         if "stages" in raw:
-            return [status_row(st.name, JOBS[st.cfg.job].status_file(st.cfg)) for st in load_pipeline(target, check=False)]
+            stages = load_pipeline(target, check=False)
+            return [status_row(st.name, JOBS[st.cfg.job].status_file(st.cfg)) for st in stages]
         cfg = load_config(target, check=False)
         return [status_row(cfg.job, JOBS[cfg.job].status_file(cfg))]
     if (p / "sweep.json").is_file():
@@ -431,7 +436,7 @@ def status_rows(target: str) -> list[dict]:
         return [status_row(f"task-{i}", p / f"task-{i}" / "status.json") for i in range(len(tasks))]
     if not (p / "status.json").is_file():
         raise ConfigError(target, [Problem(key="<target>", message="no status.json there, and not a config",
-                                           fix="give a run's output_dir, a sweep's output_dir, a job config or a pipeline YAML")])
+                                           fix="give a run's or a sweep's output_dir, a job config or a pipeline YAML")])
     return [status_row(p.name, p / "status.json")]
 
 
@@ -444,8 +449,8 @@ def show_status(target: str, watch: float | None = None) -> int:
         if watch is None:
             print(table)
             return 0
-        print(f"\033[H\033[2J{time.strftime('%H:%M:%S')} hpcnlp status {target} (every {watch:g} s; Ctrl-C stops)\n{table}",
-              flush=True)
+        head = f"{time.strftime('%H:%M:%S')} hpcnlp status {target} (every {watch:g} s; Ctrl-C stops)"
+        print(f"\033[H\033[2J{head}\n{table}", flush=True)  # clear the screen, then the table
         if all(r["state"] in FINAL and r["slurm"] in ("", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for r in rows):
             return 0
         try:
@@ -462,7 +467,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--config", "-c", required=True)
     p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                    help="extra sbatch option, e.g. --sbatch=--nodes=4 (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="check and print the sbatch, launch and log lines; queue nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check and print the sbatch, launch and log lines; queue nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p = sub.add_parser("pipeline", help="check all stages of a pipeline YAML, then queue them as a chain")
     p.add_argument("--config", "-c", required=True, help="pipeline YAML, e.g. jobs/pipeline.yaml")

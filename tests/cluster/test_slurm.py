@@ -185,10 +185,9 @@ def test_bad_config_is_refused_at_submit(slurm, job_env, tmp_path, cluster_corpu
 
 def _pipeline(tmp: Path, corpus: Path, fail_first: bool = False) -> Path:
     prepared = tmp / "prepared"
+    scratch = tiny_pretrain(tmp, corpus, prepared, "scratch", prepare=False, max_steps=4, save_steps=4)
     prep = tmp / "prepare.yaml"
-    prep.write_text(yaml.safe_dump({"job": "prepare", "model_name_or_path": "minilm-l6", "data": {
-        "train_files": [str(corpus / "*.rst.txt")], "max_seq_length": 32, "prepared_root": str(prepared)}}))
-    scratch = tiny_pretrain(tmp, corpus, prepared, "scratch", max_steps=4, save_steps=4)
+    prep.write_text(yaml.safe_dump({"job": "prepare", "data_from": str(scratch)}))  # the data it trains on
     stages = [
         {"name": "prepare", "config": str(prep)},
         {"name": "scratch", "config": str(scratch)},

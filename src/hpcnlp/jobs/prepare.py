@@ -85,4 +85,5 @@ def summary_row(cfg: PrepareConfig) -> dict:
 SPEC = JobSpec(name="prepare", help="tokenize and pack a corpus once (reused by later pretrain runs)",
                config=PrepareConfig, check=check, run=run, single_process=True, is_complete=is_complete,
                summary_row=summary_row, status_file=lambda cfg: None,  # no output_dir: prepared data is shared
-               slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4))
+               slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4,
+                                   note="per task; N tasks: sbatch --array=0-<N-1> (a rerun redoes only unfinished shards)"))

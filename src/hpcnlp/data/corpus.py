@@ -84,24 +84,32 @@ def splittable(path: str, fmt: str, sample_by: str, encoding: str) -> bool:
 
 def split_points(path: str, every: int, boundary: bytes) -> list[int]:
     """Byte offsets that cut `path` into pieces of about `every` bytes, each just after a `boundary`
-    (b"\n\n": a paragraph end; b"\n": a line end); without one within `every` bytes, at a line end."""
+    (b"\n\n": a paragraph end; b"\n": a line end). A paragraph longer than `every` bytes is cut at a
+    line end (so a piece stays bounded); a line is never cut."""
     size, cuts = os.path.getsize(path), [0]
     with open(path, "rb") as f:
         while cuts[-1] + every < size:
-            f.seek(cuts[-1] + every)
-            window = f.read(every)
-            at = window.find(boundary)
-            if at < 0 and boundary != b"\n":
-                at, boundary_len = window.find(b"\n"), 1
-            else:
-                boundary_len = len(boundary)
-            if at < 0:
-                break  # no line end in the rest of this window: one long piece
-            cut = cuts[-1] + every + at + boundary_len
-            if cut >= size:
-                break
+            start = cuts[-1] + every
+            cut = _next_boundary(f, start, every, boundary)
+            if cut is None and (boundary == b"\n" or start + every < size):  # not in the file's last paragraph
+                cut = _next_boundary(f, start, size - start, b"\n")
+            if cut is None or cut >= size:
+                break  # the rest is one piece
             cuts.append(cut)
     return cuts + [size]
+
+
+def _next_boundary(f, start: int, limit: int, boundary: bytes) -> int | None:
+    """The offset just after the first `boundary` at or after `start` within `limit` bytes (read in 1 MiB chunks)."""
+    f.seek(start)
+    tail, read = b"", 0
+    while read < limit and (chunk := f.read(min(1 << 20, limit - read))):
+        window = tail + chunk
+        if (at := window.find(boundary)) >= 0:
+            return start + read - len(tail) + at + len(boundary)
+        read += len(chunk)
+        tail = window[-(len(boundary) - 1):] if len(boundary) > 1 else b""
+    return None
 
 
 def detect_format(path: str, fmt: str = "auto") -> str:

@@ -25,6 +25,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ class Prepared:
         """{"train": Blocks in training order, "eval": Dataset}, both memory-mapped Arrow."""
         from datasets import concatenate_datasets
 
-        shards = sorted((self.path / "shards").iterdir())
+        shards = [_shard_dir(self.path, k) for k in range(self.stats["shards"])]
         train = concatenate_datasets([_arrow(s / "train.arrow") for s in shards])
         evals = [_arrow(s / "eval.arrow") for s in shards if (s / "eval.arrow").stat().st_size]
         return {"train": Blocks(train, self.path / "order.npy"), "eval": concatenate_datasets(evals)}
@@ -372,6 +373,8 @@ def _index(cfg: CorpusConfig, shards: list[dict], final: Path, fp: str) -> Prepa
     np.save(buf, order)
     atomic_write_bytes(final / "order.npy", buf.getvalue())
     stats.update(fingerprint=fp, max_seq_length=cfg.max_seq_length, shards=len(shards), mix=cfg.mix)
+    for stale in (final / "shards").glob(".tmp-*"):  # builds of killed tasks (every shard is done now)
+        shutil.rmtree(stale, ignore_errors=True)
     atomic_write_json(final / "stats.json", stats)  # written last: its presence means complete
     log.info("prepare: %s", summary(stats))
     return Prepared(final, stats, reused=False)

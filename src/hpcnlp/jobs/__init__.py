@@ -36,6 +36,8 @@ def load_config(path, overrides: Iterable[str] = (), expect_job: str | None = No
         raise ConfigError(source, [Problem(key="job", message=f"this is a '{job}' config, not '{expect_job}'",
                                            fix=f"run `hpcnlp {job}` or pass a {expect_job} config")])
     spec = JOBS[job]
+    if job == "prepare" and raw.get("data_from"):
+        raw = prepare.with_data_from(raw, source)
     cfg = validate_shape(spec.config, {**raw, "job": job}, source)
     problems = cfg.problems()
     if check:

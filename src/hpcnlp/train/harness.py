@@ -69,6 +69,10 @@ class ResumableTrainer(Trainer):
     """The Trainer every job uses: a resumed run sees the same batches as the uninterrupted one."""
 
     def _get_train_sampler(self, train_dataset=None):
+        if getattr(train_dataset if train_dataset is not None else self.train_dataset, "ordered", False):
+            # Prepared pretraining blocks come shuffled (data/pack.py `Blocks`): read them in that order. On
+            # resume, accelerate's skip_first_batches then skips seen batches by index, reading no data.
+            return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
             sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths,

@@ -42,6 +42,9 @@ def test_profile_renders_every_field_and_per_job_options_win():
     single = cluster.sbatch_options(profile, JOBS["export"], "export-x", array=True)
     assert "--gpus-per-node=1" in single and not any(o.startswith("--nodes") for o in single)
     assert "--output=/logs/%x-%A_%a.out" in single
+    # Any array job, e.g. a sharded prepare submitted with --sbatch=--array=0-3
+    prep = cluster.sbatch_options(profile, JOBS["prepare"], "prepare", extra=["--array=0-3"])
+    assert "--output=/logs/%x-%A_%a.out" in prep and prep[-1] == "--array=0-3"
     assert cluster.launch_env(profile) == {
         "HPCNLP_CONTAINER": "apptainer", "HPCNLP_IMAGE": "/shared/hpcnlp.sif", "HPCNLP_BIND": "/scratch,/data",
         "HPCNLP_MODULES": "cuda/12.8", "HPCNLP_PASS_ENV": "NCCL_DEBUG", "NCCL_DEBUG": "WARN"}

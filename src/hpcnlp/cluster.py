@@ -65,6 +65,7 @@ def sbatch_options(profile: ClusterProfile, spec: JobSpec, name: str, array: boo
     """The profile as sbatch options for one job; `extra` (per job or stage) wins. Single-process jobs
     (export, validate, prepare) get one node and at most one GPU whatever the profile says."""
     p = profile
+    array = array or any(option_name(o) in ("--array", "-a") for o in extra)  # any array job: one log per task
     single = spec.single_process
     gpus = min(p.gpus_per_node, 1) if single else p.gpus_per_node
     log = Path(p.log_dir).absolute() / ("%x-%A_%a.out" if array else "%x-%j.out")

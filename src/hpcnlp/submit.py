@@ -118,8 +118,8 @@ class Submission:
 
 
 def expand_log(pattern: str, job_id: str, name: str) -> str:
-    """Slurm's %x (name), %j (id), %A (array id) in a log path; %a stays (one log per task)."""
-    return pattern.replace("%x", name).replace("%j", job_id).replace("%A", job_id)
+    """Slurm's %x (name), %j (id), %A (array id) in a log path; %a (the task) is said as <task>."""
+    return pattern.replace("%x", name).replace("%j", job_id).replace("%A", job_id).replace("%a", "<task>")
 
 
 def submission(cfg: JobConfig, config: Path, sbatch_args: list[str], profile: ClusterProfile,
@@ -326,7 +326,7 @@ def sweep(config: str, overrides: list[str], tasks: list[list[str]], max_paralle
     atomic_write_json(manifest, {"config": config, "overrides": overrides, "tasks": task_args})
     job_id = sub.run()
     log = expand_log(sub.log, job_id, sub.name)
-    print(f"submitted array job {job_id} ({len(tasks)} tasks), logs {log.replace('%a', '<task>')}")
+    print(f"submitted array job {job_id} ({len(tasks)} tasks), logs {log}")
     return job_id
 
 

@@ -145,3 +145,18 @@ def test_torchrun_two_processes(tmp_path, pretrain_config):
     assert "[rank 1]" in proc.stdout and "[rank 0]" in proc.stdout
     assert m["replicas_identical"] is True  # the ranks trained as one data-parallel run
     assert "find_unused_parameters" not in proc.stdout + proc.stderr  # DDP's per-step search is off
+
+
+def test_prepared_order_sampler_reads_in_order_then_reshuffles_per_epoch():
+    from hpcnlp.train.harness import PreparedOrderSampler
+
+    sampler = PreparedOrderSampler(50, seed=7)
+    assert list(sampler) == list(range(50))  # epoch 0: the prepared (already shuffled) order
+    sampler.set_epoch(1)
+    first = list(sampler)
+    assert sorted(first) == list(range(50)) and first != list(range(50))
+    again = PreparedOrderSampler(50, seed=7)
+    again.set_epoch(1)
+    assert list(again) == first  # drawn from (seed, epoch) alone: a resumed run sees the same batches
+    sampler.set_epoch(2)
+    assert list(sampler) != first

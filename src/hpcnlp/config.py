@@ -48,7 +48,8 @@ class ConfigError(Exception):
 
 class Section(BaseModel):
     # allow_inf_nan=False: `learning_rate: .inf` is a typo, not a setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # validate_default: a float field defaulting to 64 holds 64.0, as the frozen config reloads it (hashes agree)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, validate_default=True)
 
 
 def _text_encoding(name: str) -> str:

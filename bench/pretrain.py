@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 
 from bench.timing import CountingCollator, StepClock, peak_rss_mb, steady_rates
 from hpcnlp.config import CorpusConfig, PretrainConfig, TrainingConfig
@@ -103,7 +104,8 @@ def _run(model, train_ds, collator, tokenizer, work, steps, batch, warmup, eval_
         loss = eval_loss(model, tokenizer, eval_ds)
     return {**rates, "train_gflops_per_second": round(flops / 1e9, 2),
             "train_flops_per_token": round(flops * rates["seconds"] / rates["tokens"]),
-            "eval_loss": loss, "eval_cpu_seconds": round(time.process_time() - t, 2), "steps": steps, "batch_size": batch,
+            "eval_loss": loss, "eval_cpu_seconds": round(time.process_time() - t, 2), "steps": steps,
+            "batch_size": batch,
             "block_size": block, "sparse_mlm_head": sparse, "dtype": "bf16" if bf16 else "fp32",
             "model_params_m": round(model.num_parameters() / 1e6, 1),
             "attention": model.config._attn_implementation, "threads": torch.get_num_threads(), **_memory()}
@@ -124,11 +126,11 @@ def hpcnlp(work: str, block: int, steps: int, batch: int, warmup: int, sparse: b
     eval_ds = eval_set(tokenizer, work)
     data = prepare(corpus_config(block, work), tokenizer).load()
     cfg = PretrainConfig(output_dir=str(Path(work) / "out"), data=corpus_config(block, work))
+    set_seed(SEED)  # the MLM head is not in the checkpoint: the same initial head in every case (as the job does)
     if bert_base:  # BERT-base size (12 x 768) from a config, random init (no weights needed): hidden sizes
         # this small model leaves under-used (AMX tiles, GPU tensor cores) show the real ceiling here
         from transformers import BertConfig, BertForMaskedLM
 
-        torch.manual_seed(SEED)
         model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
     elif attention:  # BERT picks its attention classes when built (default sdpa): the eager-attention lever
         model = _stock_model(attn_implementation=attention)
@@ -149,6 +151,7 @@ def _stock_model(**kw):
 
     from hpcnlp.models import resolve_model_path
 
+    set_seed(SEED)
     return AutoModelForMaskedLM.from_pretrained(resolve_model_path("minilm-l6"), **kw)
 
 

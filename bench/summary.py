@@ -39,8 +39,8 @@ def tables(summary: dict) -> str:
     out += ["### Ratios", "", markdown_table([{"ratio": k, "value": v} for k, v in summary["ratios"].items()]), ""]
 
     rows = []
-    levers = [(k, k, None if k.endswith("_base") else "lever_bf16_base" if k.startswith("lever_bf16_") else "lever_base")
-              for k in res if k.startswith("lever_")]
+    base_of = lambda k: "lever_bf16_base" if k.startswith("lever_bf16_") else "lever_base"  # noqa: E731
+    levers = [(k, k, None if k.endswith("_base") else base_of(k)) for k in res if k.startswith("lever_")]
     for name, label, vs in PRETRAIN + levers:
         r = _ok(res, name)
         if r is None:

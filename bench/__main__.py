@@ -1,14 +1,15 @@
 """`python -m bench` (make bench): every case in its own process, then summary.json/.md and charts.
 
 --quick: a smoke run with tiny step counts (rates meaningless); --levers: also measure the levers
-tried on the hpcnlp path (fused AdamW, torch.compile, a dataloader worker, sparse head off).
+tried on the hpcnlp path: fused AdamW and torch.compile in fp32; in bf16 batch 32, fused AdamW, eager
+attention (SDPA is the default), 2 threads and torch.compile. The matmul peaks (fp32 and bf16), the
+CPU model and its ISA flags are recorded in the same run: MFU is against the dtype trained in and the best.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.large import ratios as large_ratios  # noqa: E402
-from bench.timing import run_isolated  # noqa: E402
+from bench.timing import mfu, run_isolated  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -57,11 +58,28 @@ def plan(quick: bool, levers: bool, gpu: bool, large: bool = False) -> dict[str,
         "finetune_seed_recipe": {"run": "bench.finetune.padded", "work": work, "steps": f_seed, "batch": 16,
                                  "warmup": 1, "max_length": 512},
     })
+    # bf16 (the Trainer's own autocast, training.bf16: true) on the same cases; BERT-base size as a second model
+    bf16 = {"bf16": True}
+    cases.update({
+        "pretrain_hpcnlp_bf16_128": {**cases["pretrain_hpcnlp_128"], **bf16},
+        "pretrain_hpcnlp_bf16_512": {**cases["pretrain_hpcnlp_512"], **bf16},
+        "finetune_hpcnlp_bf16": {**cases["finetune_hpcnlp"], **bf16},
+        "pretrain_bert_base_128": {**cases["pretrain_hpcnlp_128"], "bert_base": True},
+        "pretrain_bert_base_bf16_128": {**cases["pretrain_hpcnlp_128"], "bert_base": True, **bf16},
+    })
     if levers:
         base = cases["pretrain_hpcnlp_128"]
         cases["lever_base"] = base  # the same case again, so each lever compares within its own run
         cases["lever_fused_adamw"] = {**base, "optim": "adamw_torch_fused"}
-        cases["lever_torch_compile"] = {**base, "torch_compile": True}  # last: compiling is slow
+        cases["lever_torch_compile"] = {**base, "torch_compile": True}  # slow: compiling
+        # the next levers in bf16, each against lever_bf16_base (summary.md)
+        b16 = cases["pretrain_hpcnlp_bf16_128"]
+        cases["lever_bf16_base"] = b16
+        cases["lever_bf16_batch32"] = {**b16, "batch": 32}
+        cases["lever_bf16_fused_adamw"] = {**b16, "optim": "adamw_torch_fused"}
+        cases["lever_bf16_eager_attention"] = {**b16, "attention": "eager"}  # sdpa is BERT's default
+        cases["lever_bf16_threads2"] = {**b16, "threads": 2}
+        cases["lever_bf16_torch_compile"] = {**b16, "torch_compile": True}
     if gpu:
         cases["gpu_matmul_peak"] = {"run": pre + "matmul_peak", "work": work, "device": "cuda"}
         cases["gpu_bert_base_128"] = {"run": pre + "hpcnlp", "work": work, "block": 128, "steps": 3 * s,
@@ -74,6 +92,10 @@ def plan(quick: bool, levers: bool, gpu: bool, large: bool = False) -> dict[str,
     return cases
 
 
+def _ok(res: dict, name: str) -> dict | None:
+    return res[name] if name in res and "error" not in res[name] else None
+
+
 def _rate(r: dict | None, key: str) -> float | None:
     return r.get(key) if r and "error" not in r else None
 
@@ -82,18 +104,40 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
+def _best_mfu(res: dict, peak: dict | None, *names: str) -> float | None:
+    """The faster dtype's run of a model, against the best dtype's peak: how much of the machine it uses."""
+    runs = [mfu(_ok(res, n), peak).get("mfu_best_dtype") for n in names]
+    return max((v for v in runs if v), default=None)
+
+
+def int8_vs_best_fp32(res: dict, batch: str = "1") -> float | None:
+    """Teacher int8 ONNX against the faster of PyTorch fp32 and ONNX fp32 (p50 latency)."""
+    t = (_ok(res, "onnx_latency") or {}).get("teacher", {})
+    try:
+        fp32 = min(t["pytorch"][f"batch{batch}"]["p50_ms"], t["onnx_fp32"][f"batch{batch}"]["p50_ms"])
+        return round(fp32 / t["onnx_int8"][f"batch{batch}"]["p50_ms"], 2)
+    except KeyError:
+        return None
+
+
 def ratios(res: dict) -> dict:
     tps = lambda name: _rate(res.get(name), "tokens_per_second")  # noqa: E731
     sps = lambda name: _rate(res.get(name), "samples_per_second")  # noqa: E731
-    peak = _rate(res.get("matmul_peak"), "gflops")
-    flops = _rate(res.get("pretrain_hpcnlp_128"), "train_gflops_per_second")
+    peak = _ok(res, "matmul_peak")
     return {
         "pretrain_vs_run_mlm_128": _ratio(tps("pretrain_hpcnlp_128"), tps("pretrain_run_mlm_128")),
         "pretrain_vs_run_mlm_512": _ratio(tps("pretrain_hpcnlp_512"), tps("pretrain_run_mlm_512")),
         "pretrain_vs_seed_recipe": _ratio(tps("pretrain_hpcnlp_128"), tps("pretrain_seed_recipe")),
         "finetune_vs_seed_recipe": _ratio(sps("finetune_hpcnlp"), sps("finetune_seed_recipe")),
         "finetune_vs_run_glue": _ratio(sps("finetune_hpcnlp"), sps("finetune_run_glue")),
-        "pretrain_mfu": round(flops / peak, 3) if flops and peak else None,
+        "pretrain_mfu": mfu(_ok(res, "pretrain_hpcnlp_128"), peak).get("mfu"),
+        "pretrain_bf16_vs_run_mlm_128": _ratio(tps("pretrain_hpcnlp_bf16_128"), tps("pretrain_run_mlm_128")),
+        "pretrain_bf16_vs_run_mlm_512": _ratio(tps("pretrain_hpcnlp_bf16_512"), tps("pretrain_run_mlm_512")),
+        "finetune_bf16_vs_run_glue": _ratio(sps("finetune_hpcnlp_bf16"), sps("finetune_run_glue")),
+        "pretrain_mfu_best_dtype": _best_mfu(res, peak, "pretrain_hpcnlp_128", "pretrain_hpcnlp_bf16_128"),
+        "pretrain_mfu_best_dtype_bert_base": _best_mfu(res, peak, "pretrain_bert_base_128",
+                                                       "pretrain_bert_base_bf16_128"),
+        "int8_vs_best_fp32_b1": int8_vs_best_fp32(res),
         **large_ratios(res),
     }
 
@@ -101,9 +145,12 @@ def ratios(res: dict) -> dict:
 def _summary(results: dict, quick: bool, gpu: bool, seconds: float) -> dict:
     import torch
 
+    from hpcnlp.tasks import cpu as cpu_info
+
+    cpu = cpu_info()
     return {
         "ratios": ratios(results),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu["model"], "cpu_flags": cpu["flags"], "cores": os.cpu_count(),
                     "torch_threads": int(os.environ["OMP_NUM_THREADS"]), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if gpu else None},
         "gpu": None if gpu else "skipped: no CUDA device (torch.cuda.is_available() is False)",
@@ -118,7 +165,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny step counts")
     parser.add_argument("--levers", action="store_true", help="also measure the levers tried")
     parser.add_argument("--only", nargs="*", help="run only these case names (others: kept from summary.json)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per case")
+    parser.add_argument("--timeout", type=float, default=1800,
+                        help="seconds per case (onnx_latency first trains its two models)")
     a = parser.parse_args()
 
     import torch
@@ -132,7 +180,7 @@ def main() -> int:
         results = json.loads((RESULTS / "summary.json").read_text())["results"]
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     t0 = time.perf_counter()
-    if not a.only:  # in this process: a loop of torch.mm needs no fresh interpreter
+    if not a.only or "matmul_peak" in a.only:  # in this process: a torch.mm loop needs no fresh interpreter
         from bench.pretrain import matmul_peak
 
         results["matmul_peak"] = matmul_peak(str(WORK))

@@ -23,8 +23,8 @@ CONFIG = REPO / "jobs" / "finetune-sentiment.yaml"
 EVAL_ROWS = 200  # validation rows every recipe is scored on
 
 
-def _config(work: str, steps: int, batch: int):
-    overrides = [f"output_dir={work}/finetune", f"training.max_steps={steps}",
+def _config(work: str, steps: int, batch: int, bf16: bool = False):
+    overrides = [f"training.bf16={str(bf16).lower()}", f"output_dir={work}/finetune", f"training.max_steps={steps}",
                  f"training.per_device_train_batch_size={batch}", "training.eval_strategy=no",
                  "training.save_strategy=no", "training.load_best_model_at_end=false",
                  "early_stopping_patience=null", f"training.logging_steps={steps}", "overwrite=true"]
@@ -32,7 +32,7 @@ def _config(work: str, steps: int, batch: int):
 
 
 @torch.no_grad()
-def _accuracy(model, tokenizer, ds) -> dict:
+def _accuracy(model, tokenizer, ds, bf16: bool = False) -> dict:
     from transformers import DataCollatorWithPadding
 
     pad = DataCollatorWithPadding(tokenizer)
@@ -40,7 +40,8 @@ def _accuracy(model, tokenizer, ds) -> dict:
     correct, loss, n = 0, 0.0, 0
     for i in range(0, len(ds), 32):
         rows = [{k: ds[j][k] for k in ("input_ids", "attention_mask", "labels")} for j in range(i, min(i + 32, len(ds)))]
-        out = model(**pad(rows))
+        with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16, enabled=bf16):
+            out = model(**pad(rows))
         labels = torch.tensor([r["labels"] for r in rows])
         correct += int((out.logits.argmax(-1) == labels).sum())
         loss += out.loss.item() * len(rows)
@@ -53,15 +54,17 @@ def _train(model, trainer_class, args, train, collator, tokenizer, warmup, eval_
     trainer = trainer_class(model=model, args=args, train_dataset=train, data_collator=counts,
                             processing_class=tokenizer, callbacks=[clock])
     trainer.train()
-    return {**steady_rates(clock, counts, warmup), **_accuracy(model, tokenizer, eval_ds),
+    return {**steady_rates(clock, counts, warmup), **_accuracy(model, tokenizer, eval_ds, args.bf16),
+            "dtype": "bf16" if args.bf16 else "fp32",
             "steps": args.max_steps, "batch_size": args.per_device_train_batch_size, "padding": padding,
             "group_by_length": args.group_by_length, "peak_rss_mb": peak_rss_mb()}
 
 
-def hpcnlp(work: str, steps: int, batch: int, warmup: int) -> dict:
+def hpcnlp(work: str, steps: int, batch: int, warmup: int, bf16: bool = False) -> dict:
+    """The finetune job's path; bf16: the Trainer's own bf16 autocast (`training.bf16: true`)."""
     from transformers import DataCollatorWithPadding, set_seed
 
-    cfg = _config(work, steps, batch)
+    cfg = _config(work, steps, batch, bf16)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     data = classification.load(cfg.data, tokenizer)
     args = training_arguments(cfg.training, cfg.output_dir, dataloader_pin_memory=False)

@@ -76,11 +76,32 @@ def measure(name: str, model: Path, work: Path, repeats: int) -> dict:
            "sizes_mb": {f: round((bundle / f).stat().st_size / 2**20, 1) for f in ("model.onnx", "model.int8.onnx")}}
     for variant, lat in report["latency"].items():
         out[variant] = {**report["metrics"][variant], **{f"batch{b}": v for b, v in lat.items()}}
+    out["pytorch_bf16"] = pytorch_bf16(model, data, repeats)
     base = out["pytorch"]
     out["speedup_vs_pytorch"] = {v: {b: round(base[f"batch{b}"]["p50_ms"] / out[v][f"batch{b}"]["p50_ms"], 2)
-                                     for b in ("1", "32")} for v in ("onnx_fp32", "onnx_int8")}
+                                     for b in ("1", "32")} for v in ("onnx_fp32", "onnx_int8", "pytorch_bf16")}
     out["int8_accuracy_drop_points"] = round(100 * (base["accuracy"] - out["onnx_int8"]["accuracy"]), 2)
+    # the int8 target is against the faster fp32 runtime, PyTorch or onnxruntime
+    out["int8_vs_best_fp32"] = {b: round(min(base[f"batch{b}"]["p50_ms"], out["onnx_fp32"][f"batch{b}"]["p50_ms"])
+                                         / out["onnx_int8"][f"batch{b}"]["p50_ms"], 2) for b in ("1", "32")}
     return out
+
+
+def pytorch_bf16(model: Path, data: dict, repeats: int) -> dict:
+    """The serving baseline a bf16 CPU offers without ONNX: the PyTorch model cast to bf16, same eval rows
+    and latency inputs as validate's (batch 1 and 32, seq 128)."""
+    import torch
+
+    from hpcnlp.config import FinetuneDataConfig, LatencyConfig
+    from hpcnlp.models import load_tokenizer
+    from hpcnlp.tasks import auto_model_class, evaluate, label_names, latency, load_data, task_of, torch_runner
+
+    task, tokenizer = task_of(model), load_tokenizer(str(model))
+    eval_ds = load_data(task, FinetuneDataConfig(**data), tokenizer, model).splits["validation"]
+    net = auto_model_class(task).from_pretrained(model, dtype=torch.bfloat16).eval()
+    runner, cfg = torch_runner(net), LatencyConfig(batch_sizes=[1, 32], seq_length=128, repeats=repeats)
+    scores = evaluate(runner, eval_ds, task, label_names(model), tokenizer.pad_token_id)
+    return {**scores, **{f"batch{b}": latency(runner, eval_ds, b, cfg, tokenizer.pad_token_id) for b in (1, 32)}}
 
 
 def run(repeats: int = 20, teacher: str | None = None, student: str | None = None) -> dict:
@@ -96,7 +117,7 @@ def run(repeats: int = 20, teacher: str | None = None, student: str | None = Non
         "f1_retention_pct": round(100 * s["pytorch"]["f1"] / t["pytorch"]["f1"], 2),
         "accuracy_retention_pct": round(100 * s["pytorch"]["accuracy"] / t["pytorch"]["accuracy"], 2)}
     res["targets"] = {
-        "int8_2.5x_at_batch1": t["speedup_vs_pytorch"]["onnx_int8"]["1"] >= 2.5,
+        "int8_2.5x_at_batch1": t["int8_vs_best_fp32"]["1"] >= 2.5,
         "int8_le_1pt_accuracy_loss": t["int8_accuracy_drop_points"] <= 1.0,
         "student_1.8x_faster": res["student_vs_teacher"]["speedup_pytorch"]["1"] >= 1.8,
         "student_ge_97pct_f1": res["student_vs_teacher"]["f1_retention_pct"] >= 97}

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 
 from bench.timing import CountingCollator, StepClock, peak_rss_mb, steady_rates
 from hpcnlp.config import CorpusConfig, PretrainConfig, TrainingConfig
@@ -95,10 +97,18 @@ def _run(model, train_ds, collator, tokenizer, work, steps, batch, warmup, eval_
     trainer.train()
     rates = steady_rates(clock, counts, warmup)
     flops = train_flops(model.config, rates, block, sparse)
+    # Evaluated as the Trainer evaluates a run of this dtype: under its bf16 autocast when it trained in bf16
+    bf16 = bool(args.get("bf16"))
+    t = time.process_time()
+    with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16, enabled=bf16):
+        loss = eval_loss(model, tokenizer, eval_ds)
     return {**rates, "train_gflops_per_second": round(flops / 1e9, 2),
             "train_flops_per_token": round(flops * rates["seconds"] / rates["tokens"]),
-            "eval_loss": eval_loss(model, tokenizer, eval_ds), "steps": steps, "batch_size": batch,
-            "block_size": block, "sparse_mlm_head": sparse, **_memory()}
+            "eval_loss": loss, "eval_cpu_seconds": round(time.process_time() - t, 2), "steps": steps,
+            "batch_size": batch,
+            "block_size": block, "sparse_mlm_head": sparse, "dtype": "bf16" if bf16 else "fp32",
+            "model_params_m": round(model.num_parameters() / 1e6, 1),
+            "attention": model.config._attn_implementation, "threads": torch.get_num_threads(), **_memory()}
 
 
 def _memory() -> dict:
@@ -109,16 +119,21 @@ def _memory() -> dict:
 
 
 def hpcnlp(work: str, block: int, steps: int, batch: int, warmup: int, sparse: bool = True,
-           bert_base: bool = False, **args) -> dict:
-    """The pretrain job's path: packed blocks, MLMCollator, sparse head (unless turned off)."""
+           bert_base: bool = False, attention: str | None = None, **args) -> dict:
+    """The pretrain job's path: packed blocks, MLMCollator, sparse head (unless turned off); `args` are
+    TrainingConfig keys (bf16, optim, torch_compile, ...); `attention` sets attn_implementation."""
     tokenizer = load_tokenizer("minilm-l6")
     eval_ds = eval_set(tokenizer, work)
     data = prepare(corpus_config(block, work), tokenizer).load()
     cfg = PretrainConfig(output_dir=str(Path(work) / "out"), data=corpus_config(block, work))
-    if bert_base:  # GPU figure: BERT-base size from a config (no weights needed), bf16, SDPA attention
+    set_seed(SEED)  # the MLM head is not in the checkpoint: the same initial head in every case (as the job does)
+    if bert_base:  # BERT-base size (12 x 768) from a config, random init (no weights needed): hidden sizes
+        # this small model leaves under-used (AMX tiles, GPU tensor cores) show the real ceiling here
         from transformers import BertConfig, BertForMaskedLM
 
-        model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), attn_implementation="sdpa"))
+        model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
+    elif attention:  # BERT picks its attention classes when built (default sdpa): the eager-attention lever
+        model = _stock_model(attn_implementation=attention)
     else:
         model = build_masked_lm(cfg, tokenizer)
     used = sparse and enable_sparse_mlm_head(model)
@@ -131,12 +146,13 @@ def _lines(files: list[str]) -> list[str]:
     return [d["text"] for d in read_documents(files, "text", "text", "line") if d["text"].strip()]
 
 
-def _stock_model():
+def _stock_model(**kw):
     from transformers import AutoModelForMaskedLM
 
     from hpcnlp.models import resolve_model_path
 
-    return AutoModelForMaskedLM.from_pretrained(resolve_model_path("minilm-l6"))
+    set_seed(SEED)
+    return AutoModelForMaskedLM.from_pretrained(resolve_model_path("minilm-l6"), **kw)
 
 
 def seed_recipe(work: str, steps: int, batch: int, warmup: int, **args) -> dict:
@@ -177,12 +193,16 @@ def run_mlm(work: str, block: int, steps: int, batch: int, warmup: int, **args) 
 
 
 def matmul_peak(work: str, device: str = "cpu") -> dict:
+    """fp32 and bf16 torch.mm peaks in one run: MFU is judged against the dtype trained in and the best one.
+    `gflops` stays the fp32 figure (the key older summaries have)."""
     from bench.timing import matmul_peak_gflops
 
     if device == "cuda":
-        return {"gflops": matmul_peak_gflops(8192, 5.0, "cuda", torch.bfloat16), "dtype": "bf16",
-                "device": torch.cuda.get_device_name()}
-    return {"gflops": matmul_peak_gflops(), "dtype": "fp32", "threads": torch.get_num_threads()}
+        bf16 = matmul_peak_gflops(8192, 5.0, "cuda", torch.bfloat16)
+        return {"gflops": bf16, "gflops_bf16": bf16, "dtype": "bf16", "device": torch.cuda.get_device_name()}
+    fp32, bf16 = matmul_peak_gflops(), matmul_peak_gflops(dtype=torch.bfloat16)
+    return {"gflops": fp32, "gflops_fp32": fp32, "gflops_bf16": bf16, "best_dtype": "bf16" if bf16 > fp32 else "fp32",
+            "threads": torch.get_num_threads()}
 
 
 def perplexity(loss: float) -> float:

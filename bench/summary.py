@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.large import table as large_table
+from bench.timing import mfu
 from hpcnlp.report import markdown_table, save_figure
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
 
@@ -12,10 +13,15 @@ PRETRAIN = [("pretrain_hpcnlp_128", "hpcnlp: packed 128, sparse MLM head", "pret
             ("pretrain_hpcnlp_512", "hpcnlp: packed 512, sparse MLM head", "pretrain_run_mlm_512"),
             ("pretrain_run_mlm_512", "run_mlm.py style: group_texts 512, stock", None),
             ("pretrain_hpcnlp_256", "hpcnlp: packed 256, sparse MLM head", None),
-            ("pretrain_seed_recipe", "seeds' recipe: each line padded to 512, stock", None)]
+            ("pretrain_seed_recipe", "seeds' recipe: each line padded to 512, stock", None),
+            ("pretrain_hpcnlp_bf16_128", "hpcnlp bf16: packed 128, sparse MLM head", "pretrain_run_mlm_128"),
+            ("pretrain_hpcnlp_bf16_512", "hpcnlp bf16: packed 512, sparse MLM head", "pretrain_run_mlm_512"),
+            ("pretrain_bert_base_128", "BERT-base size fp32: packed 128, sparse head", None),
+            ("pretrain_bert_base_bf16_128", "BERT-base size bf16: packed 128, sparse head", "pretrain_bert_base_128")]
 FINETUNE = [("finetune_hpcnlp", "hpcnlp: dynamic padding + group_by_length"),
             ("finetune_run_glue", "run_glue.py style: pad to 128"),
-            ("finetune_seed_recipe", "seeds' recipe: pad to 512")]
+            ("finetune_seed_recipe", "seeds' recipe: pad to 512"),
+            ("finetune_hpcnlp_bf16", "hpcnlp bf16: dynamic padding + group_by_length")]
 
 
 def _ok(results: dict, name: str) -> dict | None:
@@ -23,20 +29,19 @@ def _ok(results: dict, name: str) -> dict | None:
     return r if r and "error" not in r else None
 
 
-def _mfu(r: dict, peak: float | None):
-    return round(r["train_gflops_per_second"] / peak, 3) if peak and "train_gflops_per_second" in r else ""
-
-
 def tables(summary: dict) -> str:
     res = summary["results"]
-    peak = (_ok(res, "matmul_peak") or {}).get("gflops")
-    out = [f"Machine: {summary['machine']}. fp32 2048x2048 torch.mm peak: {peak} GFLOP/s (same run).",
+    peak = _ok(res, "matmul_peak") or {}
+    out = [f"Machine: {summary['machine']}. 2048x2048 torch.mm peak (same run, {peak.get('threads')} thread): "
+           f"fp32 {peak.get('gflops')} GFLOP/s, bf16 {peak.get('gflops_bf16')} GFLOP/s. MFU: against the peak "
+           "of the dtype trained in; MFU best: against the faster dtype's peak.",
            "", "Rates are per CPU second of the (1-thread) process, so neighbours on a shared machine do not "
            "skew the ratios; wall-clock rates of the same steps are shown too.", ""]
     out += ["### Ratios", "", markdown_table([{"ratio": k, "value": v} for k, v in summary["ratios"].items()]), ""]
 
     rows = []
-    levers = [(k, k, "lever_base" if k != "lever_base" else None) for k in res if k.startswith("lever_")]
+    base_of = lambda k: "lever_bf16_base" if k.startswith("lever_bf16_") else "lever_base"  # noqa: E731
+    levers = [(k, k, None if k.endswith("_base") else base_of(k)) for k in res if k.startswith("lever_")]
     for name, label, vs in PRETRAIN + levers:
         r = _ok(res, name)
         if r is None:
@@ -46,9 +51,10 @@ def tables(summary: dict) -> str:
         rows.append({"recipe": label, "real tokens/s": r["tokens_per_second"],
                      "vs baseline": f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "",
                      "wall tokens/s": r.get("wall_tokens_per_second", ""), "step s": r["step_seconds_median"], "padding": f"{100 * r['padding_share']:.0f}%",
-                     "MFU": _mfu(r, peak), "peak RSS MB": r["peak_rss_mb"],
+                     "MFU": mfu(r, peak).get("mfu", ""), "MFU best": mfu(r, peak).get("mfu_best_dtype", ""),
+                     "eval CPU s": r.get("eval_cpu_seconds", ""), "peak RSS MB": r["peak_rss_mb"],
                      "eval loss": r["eval_loss"], "steps x batch": f"{r['steps']} x {r['batch_size']}"})
-    out += ["### Pretraining (MiniLM-L6, Python docs; eval loss on the same held-out masked tokens)", "",
+    out += ["### Pretraining (MiniLM-L6 unless named, Python docs; eval loss on the same held-out masked tokens)", "",
             markdown_table(rows), ""]
 
     rows = []
@@ -73,7 +79,8 @@ def tables(summary: dict) -> str:
     large = large_table(res)
     if large:
         out += ["### Large corpus: Linux kernel source (bench/large.py)", "", markdown_table(large), ""]
-    gpu = summary["gpu"] or {k: res.get(k) for k in ("gpu_matmul_peak", "gpu_bert_base_128")}
+    gpu = summary["gpu"] or {**{k: res.get(k) for k in ("gpu_matmul_peak", "gpu_bert_base_128")},
+                             "mfu_vs_gpu_bf16_peak": mfu(_ok(res, "gpu_bert_base_128"), _ok(res, "gpu_matmul_peak"))}
     out += ["### GPU (BERT-base, bf16, packed 128, sparse head)", "", f"{gpu}", ""]
     if "onnx_latency" in res:
         r = res["onnx_latency"]
@@ -86,12 +93,16 @@ def onnx_table(r: dict) -> str:
     rows = []
     for model in ("teacher", "student"):
         m = r[model]
-        for variant in ("pytorch", "onnx_fp32", "onnx_int8"):
+        for variant in ("pytorch", "pytorch_bf16", "onnx_fp32", "onnx_int8"):
+            if variant not in m:
+                continue
             v = m[variant]
             rows.append({"model": model, "runtime": variant, "accuracy": v["accuracy"], "f1": v["f1"],
                          "batch 1 ms": v["batch1"]["p50_ms"], "batch 32 ms": v["batch32"]["p50_ms"],
                          "speed-up b1 vs PyTorch": m["speedup_vs_pytorch"].get(variant, {}).get("1", 1.0),
-                         "int8 preset": m["int8_preset"] if variant == "onnx_int8" else ""})
+                         "int8 preset": m["int8_preset"] if variant == "onnx_int8" else "",
+                         "int8 vs best fp32 b1": m.get("int8_vs_best_fp32", {}).get("1", "") if variant == "onnx_int8"
+                         else ""})
     sv = r["student_vs_teacher"]
     return (markdown_table(rows) + f"\n\nStudent vs teacher (PyTorch): {sv['speedup_pytorch']['1']}x at batch 1, "
             f"{sv['speedup_pytorch']['32']}x at batch 32, F1 retention {sv['f1_retention_pct']}%, threads "

@@ -39,6 +39,17 @@ def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0, device: str = "cpu",
     return round(best, 1)
 
 
+def mfu(r: dict | None, peak: dict | None) -> dict:
+    """A training run's FLOP rate against the matmul peak of the dtype it trained in, and against the
+    machine's best dtype (on a CPU with AMX, bf16's peak is ~6x fp32's: fp32 MFU would pass 100%)."""
+    flops = (r or {}).get("train_gflops_per_second")
+    if not flops or not peak:
+        return {}
+    own = peak.get("gflops_bf16") if r.get("dtype") == "bf16" else peak.get("gflops")
+    best = max(v for v in (peak.get("gflops"), peak.get("gflops_bf16")) if v)
+    return {"mfu": round(flops / own, 3) if own else None, "mfu_best_dtype": round(flops / best, 3)}
+
+
 class CountingCollator:
     """Wraps a collator; records real (non-pad) tokens, padded positions and labelled positions of
     each batch, in the order the Trainer consumes them."""

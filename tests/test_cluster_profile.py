@@ -76,21 +76,24 @@ def test_bad_profiles_are_refused_with_file_field_and_fix(tmp_path):
     assert "4 processes per node but only 2 GPUs" in str(e.value)
 
 
-def test_check_refuses_half_precision_on_a_cpu_only_profile(tmp_path):
+def test_check_refuses_fp16_on_a_cpu_only_profile(tmp_path):
     cpu, gpu = tmp_path / "cpu.yaml", tmp_path / "gpu.yaml"
     cpu.write_text("gpus_per_node: 0\n")
     gpu.write_text("gpus_per_node: 2\n")
-    args = ["check", "--config", "jobs/finetune-sentiment.yaml", "training.bf16=true"]
+    args = ["check", "--config", "jobs/finetune-sentiment.yaml", "training.fp16=true"]
     res = hpcnlp(*args, HPCNLP_CLUSTER=str(cpu))
     assert res.returncode == 2
-    assert "training.bf16: is on, but the job gets no GPU" in res.stderr and str(cpu) in res.stderr
+    assert "training.fp16: is on, but the job gets no GPU" in res.stderr and str(cpu) in res.stderr
     assert hpcnlp(*args, HPCNLP_CLUSTER=str(gpu)).returncode == 0
+    # bf16 runs on CPUs (autocast; it pays on AMX): allowed, with advice on this machine's CPU
+    res = hpcnlp("check", "--config", "jobs/finetune-sentiment.yaml", "training.bf16=true", HPCNLP_CLUSTER=str(cpu))
+    assert res.returncode == 0, res.stderr
     # submit sees the GPUs the final options ask for, the job's own --sbatch included
-    res = hpcnlp("submit", "--dry-run", "--config", "jobs/finetune-sentiment.yaml", "training.bf16=true",
+    res = hpcnlp("submit", "--dry-run", "--config", "jobs/finetune-sentiment.yaml", "training.fp16=true",
                  HPCNLP_CLUSTER=str(cpu))
     assert res.returncode == 2 and "nothing was queued" in res.stderr
     res = hpcnlp("submit", "--dry-run", "--sbatch=--gpus-per-node=1", "--config", "jobs/finetune-sentiment.yaml",
-                 "training.bf16=true", HPCNLP_CLUSTER=str(cpu))
+                 "training.fp16=true", HPCNLP_CLUSTER=str(cpu))
     assert res.returncode == 0, res.stderr
 
 
@@ -182,6 +185,6 @@ def test_the_check_inside_a_job_leaves_gpus_to_the_allocation(tmp_path):
     """slurm/launch.sh runs `hpcnlp check` in the job: submit already checked the final options."""
     cpu = tmp_path / "cpu.yaml"
     cpu.write_text("gpus_per_node: 0\n")
-    res = hpcnlp("check", "--config", "jobs/finetune-sentiment.yaml", "training.bf16=true", HPCNLP_CLUSTER=str(cpu),
+    res = hpcnlp("check", "--config", "jobs/finetune-sentiment.yaml", "training.fp16=true", HPCNLP_CLUSTER=str(cpu),
                  SLURM_JOB_ID="7")
     assert res.returncode == 0, res.stderr

@@ -153,3 +153,18 @@ def test_ddp_gradients_equal_single_process_average(minilm_path, minilm_mlm, min
     for name, p in model.named_parameters():
         if name in ddp_grads:
             torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sparse_head_stays_exact_in_bf16(minilm_mlm, minilm_tokenizer):
+    """Under the Trainer's bf16 autocast the sparse head's loss is the fp32 loss within bf16 rounding,
+    and the stock head's loss in bf16 (the head's logits go to the cross-entropy in fp32)."""
+    stock, sparse = minilm_mlm, copy.deepcopy(minilm_mlm)
+    assert enable_sparse_mlm_head(sparse)
+    batch = _batch(minilm_tokenizer, seed=1)
+    with torch.no_grad():
+        fp32 = sparse(**batch).loss.item()
+        with torch.autocast("cpu", torch.bfloat16):
+            bf16, stock_bf16 = sparse(**batch).loss.item(), stock(**batch).loss.item()
+    assert bf16 != fp32  # autocast really ran in bf16
+    assert abs(bf16 - fp32) < 0.02 * fp32  # bf16 keeps 8 bits of mantissa: ~0.4% per op
+    assert abs(bf16 - stock_bf16) < 0.01 * fp32

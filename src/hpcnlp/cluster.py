@@ -98,14 +98,14 @@ def gpus_requested(options: list[str]) -> int | None:
 
 
 def profile_problems(cfg: JobConfig, options: list[str]) -> list[Problem]:
-    """Settings of a job that cannot work where it is sent: half precision without a GPU."""
-    gpus = gpus_requested(options)
+    """Settings of a job that cannot work where it is sent: fp16 without a GPU. (bf16 runs on CPUs too,
+    under the Trainer's autocast, and pays where they have AMX: `hpcnlp check` advises on the CPU it runs on.)"""
     training = getattr(cfg, "training", None)
-    if gpus != 0 or training is None:
+    if gpus_requested(options) != 0 or training is None or not getattr(training, "fp16", False):
         return []
-    return [Problem(key=f"training.{flag}", message="is on, but the job gets no GPU (CPU-only profile or "
-                    "no --gpus-per-node)", fix=f"set training.{flag}: false, or gpus_per_node in the cluster "
-                    "profile") for flag in ("bf16", "fp16") if getattr(training, flag, False)]
+    return [Problem(key="training.fp16", message="is on, but the job gets no GPU (CPU-only profile or no "
+                    "--gpus-per-node)", fix="set training.fp16: false (training.bf16 works on CPUs), or "
+                    "gpus_per_node in the cluster profile")]
 
 
 def launch_lines(profile: ClusterProfile, spec: JobSpec, job_args: list[str], options: list[str],

@@ -214,6 +214,7 @@ class TrainingRun:
             "train_runtime_seconds": round(seconds, 2),
             "wall_seconds": round(time.perf_counter() - self.t_start, 2),
             "world_size": self.args.world_size,
+            "mixed_precision": self._trainer.accelerator.mixed_precision,  # "bf16": the Trainer's autocast ran
             "replicas_identical": self.replicas,  # null: one process
             **peak_memory_mb(),
             "slurm_job_id": env.slurm_job_id(),

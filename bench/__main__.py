@@ -66,6 +66,8 @@ def plan(quick: bool, levers: bool, gpu: bool) -> dict[str, dict]:
         cases["gpu_bert_base_128"] = {"run": pre + "hpcnlp", "work": work, "block": 128, "steps": 3 * s,
                                       "batch": 64, "warmup": 3, "bert_base": True, "bf16": True}
     cases["onnx_latency"] = {"run": "bench.onnx_latency.run"}
+    # ~40 min of training on the full data: only with --only adapters (results also in adapters.{json,md})
+    cases["adapters"] = {"run": "bench.adapters.run", "opt_in": True, "timeout": 4 * 3600}
     return cases
 
 
@@ -132,9 +134,11 @@ def main() -> int:
         results["matmul_peak"] = matmul_peak(str(WORK))
         print(f"matmul peak: {results['matmul_peak']}", flush=True)
     for name, case in cases.items():
-        if a.only and name not in a.only:
+        if (a.only and name not in a.only) or (case.get("opt_in") and not a.only):
             continue
-        results[name] = r = run_isolated(case, a.timeout)
+        timeout = max(a.timeout, case.pop("timeout", 0))
+        case.pop("opt_in", None)
+        results[name] = r = run_isolated(case, timeout)
         brief = {k: r[k] for k in ("tokens_per_second", "samples_per_second", "eval_loss", "peak_rss_mb",
                                     "error", "log_tail", "wall_seconds") if k in r}
         print(f"[{time.perf_counter() - t0:6.0f} s] {name}: {brief}", flush=True)

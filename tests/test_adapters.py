@@ -124,6 +124,13 @@ def test_check_refuses_target_modules_the_model_lacks(tmp_path, capsys):
     assert run_cli("check", "--config", str(cfg), "freeze.layers=2") == 2  # adapter freezes already
 
 
+def test_check_refuses_an_adapter_on_a_scratch_model(tmp_path, capsys):
+    from helpers import tiny_pretrain
+
+    assert run_cli("check", "--config", str(tiny_pretrain(tmp_path)), "adapter.r=4") == 2
+    assert "adapter: LoRA adapts pretrained weights" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model_type", sorted(adapters.DEFAULT_TARGETS))
 def test_every_default_names_modules_its_architecture_has(model_type):
     """Each architecture's default target modules exist in a (tiny, random) model of that type."""

@@ -250,6 +250,9 @@ class PretrainConfig(TrainingJobConfig):
 
     def problems(self) -> list[Problem]:
         out = self.data.problems() + self.training.problems()
+        if self.adapter and self.init == "scratch":
+            out.append(Problem(key="adapter", message="LoRA adapts pretrained weights; init: scratch has none",
+                               fix="remove adapter:, or use init: pretrained"))
         if self.training.max_steps <= 0 and self.training.num_train_epochs <= 0:
             out.append(Problem(key="training.max_steps", message="nothing to train",
                                fix="set max_steps > 0 or num_train_epochs > 0"))

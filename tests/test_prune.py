@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from helpers import SENTIMENT_DATA, export_config, run_cli, validate_config, write_config
+from helpers import SENTIMENT_DATA, export_config, preempt_at, run_cli, validate_config, write_config
 from hpcnlp.jobs import prune
 
 
@@ -45,6 +45,20 @@ def test_prune_with_teacher_reloads_exports_and_passes_the_gate(sentiment_teache
     assert rc == 0
     report = json.loads((tmp_path / "artifacts" / "test-model" / "1" / "validation.json").read_text())
     assert report["parity"]["onnx_fp32"]["max_abs_diff"]["logits"] <= 1e-4
+
+
+@pytest.mark.slow
+def test_prune_resumed_after_preemption_rebuilds_the_same_model(sentiment_teacher, tmp_path, monkeypatch):
+    cfg = prune_config(tmp_path, sentiment_teacher)
+    settings = ["training.save_strategy=steps", "training.save_steps=8"]
+    with monkeypatch.context() as m:
+        preempt_at(m, 3)
+        assert run_cli("prune", "--config", str(cfg), *settings) == 75
+    plan = (tmp_path / "pruned" / "prune_plan.json").read_text()
+    assert run_cli("prune", "--config", str(cfg), *settings, "resume=auto") == 0  # loads checkpoint-3: same shapes
+    assert (tmp_path / "pruned" / "prune_plan.json").read_text() == plan
+    m = json.loads((tmp_path / "pruned" / "metrics.json").read_text())
+    assert m["resumed_from"].endswith("checkpoint-3") and m["global_step"] == 8 and m["pruned"]["heads"] == 30
 
 
 def _tiny(model_type: str):

@@ -227,7 +227,6 @@ def run(cfg: PruneConfig) -> int:
     pad = tokenizer.pad_token_id
 
     run = TrainingRun(cfg)
-    original = auto_model_class(task).from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     model = auto_model_class(task).from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     p = _plan_for_run(run, cfg, model, data.splits["train"], pad)
     apply_plan(model, p)
@@ -256,6 +255,7 @@ def run(cfg: PruneConfig) -> int:
         return 0
 
     pruned = trainer.model.eval()
+    original = auto_model_class(task).from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     compare = {}
     for who, m in (("original", original.to(pruned.device).eval()), ("pruned", pruned)):
         runner = torch_runner(m)

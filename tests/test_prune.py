@@ -113,3 +113,13 @@ def test_check_refuses_impossible_sizes(sentiment_teacher, tmp_path, capsys):
     assert "keep_heads: the model has 72 heads in 6 layers" in err and "intermediate_size" in err
     assert run_cli("check", "--config", str(cfg)) == 0
     assert not (tmp_path / "pruned").exists()
+
+
+def test_shipped_prune_config_parses():
+    """jobs/prune.yaml: every key known and typed (its model comes from jobs/finetune-sentiment.yaml)."""
+    from helpers import REPO
+
+    from hpcnlp.jobs import load_config
+
+    cfg = load_config(REPO / "jobs" / "prune.yaml", check=False)
+    assert cfg.job == "prune" and cfg.keep_heads == 36 and cfg.intermediate_size == 768

@@ -11,7 +11,8 @@
    FFN neurons per layer, recovery with the teacher's logits). Same recovery budget (160 steps of 32); each
    exported (dynamic int8, this CPU's preset) and measured by `hpcnlp validate` on the test split:
    batch-1 int8 latency, accuracy retained, size.
-Every job runs as `python -m hpcnlp` in its own process (peak RSS is its own). Training measures quality,
+Every job runs as `python -m hpcnlp` in its own process (peak RSS is its own); the two roads of each
+comparison train at the same time, so both see the same neighbours on the shared cores. Training measures quality,
 which load does not change, so it runs outside the bench lock (THREADS threads: the 2 cores were shared
 by other work); the latency measurements (validate) take /tmp/hpcnlp-bench.lock, waiting up to
 LOCK_WAIT_S for it (`lock_held` in the results says whether they got it).
@@ -30,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from concurrent.futures import ThreadPoolExecutor
+
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,10 +48,15 @@ QUIET = {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end":
 
 
 def _job(command: str, name: str, cfg: dict) -> dict:
-    """`python -m hpcnlp <command>` in a fresh process; its metrics.json (or validation.json) back."""
+    """`python -m hpcnlp <command>` in a fresh process; its metrics.json (or validation.json) back. A finished
+    training run of the very same config is reused (a re-run only redoes what is missing)."""
     out = WORK / name
     path = WORK / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"job": command, "output_dir": str(out), "overwrite": True, **cfg}, sort_keys=False))
+    text = yaml.safe_dump({"job": command, "output_dir": str(out), "overwrite": True, **cfg}, sort_keys=False)
+    if command != "validate" and (out / "metrics.json").is_file() and path.is_file() and path.read_text() == text:
+        print(f"{name}: reused", flush=True)
+        return json.loads((out / "metrics.json").read_text())
+    path.write_text(text)
     env = {**os.environ, "OMP_NUM_THREADS": "1" if command == "validate" else THREADS,
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     t = time.perf_counter()
@@ -71,12 +79,20 @@ def _mb(path: Path) -> float:
     return round(path.stat().st_size / 2**20, 1)
 
 
+def _both(*calls):
+    """Two jobs at once, each its own process: on shared cores both see the same neighbours."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result() for f in [pool.submit(*c) for c in calls]]
+
+
 def finetune_pair(label: str, slug: str, task: str, data: dict, training: dict, lora_lr: float) -> list[dict]:
+    roads = (("full fine-tune", {}, training["learning_rate"]), ("LoRA r=8", {"adapter": LORA}, lora_lr))
+    runs = _both(*[(_job, "finetune", f"{slug}-{'lora' if extra else 'full'}",
+                    {"task": task, "model_name_or_path": "minilm-l6", "data": data, **extra,
+                     "training": {**QUIET, **training, "learning_rate": lr}}) for _, extra, lr in roads])
     rows = []
-    for road, extra, lr in (("full fine-tune", {}, training["learning_rate"]), ("LoRA r=8", {"adapter": LORA}, lora_lr)):
+    for (road, extra, lr), m in zip(roads, runs):
         name = f"{slug}-{'lora' if extra else 'full'}"
-        m = _job("finetune", name, {"task": task, "model_name_or_path": "minilm-l6", "data": data, **extra,
-                                    "training": {**QUIET, **training, "learning_rate": lr}})
         test = m["eval"]["test"]
         out = WORK / name
         rows.append({"data": label, "road": road, "learning_rate": lr,
@@ -142,11 +158,12 @@ def smaller_models(teacher: Path, teacher_accuracy: float, limit: dict, steps: i
     # The same recovery budget for both roads: `steps` batches of 32 (160: half an epoch; the cores were shared).
     recovery = {**QUIET, "learning_rate": 1e-4, "max_steps": steps, "per_device_train_batch_size": 32}
     lat = {"batch_sizes": [1], "seq_length": 128, "repeats": 10}
-    d = _job("distill", "rt-distill-3-layers", {"teacher": str(teacher), "student_num_layers": 3, "data": data,
-                                                "latency": lat, "training": recovery})
-    p = _job("prune", "rt-prune-36-heads-768-ffn", {
-        "model_name_or_path": str(teacher), "teacher": str(teacher), "keep_heads": 36, "intermediate_size": 768,
-        "importance_samples": 512, "data": data, "latency": lat, "training": recovery})
+    d, p = _both((_job, "distill", "rt-distill-3-layers", {"teacher": str(teacher), "student_num_layers": 3, "data": data,
+                                                     "latency": lat, "training": recovery}),
+                 (_job, "prune", "rt-prune-36-heads-768-ffn", {
+                     "model_name_or_path": str(teacher), "teacher": str(teacher), "keep_heads": 36,
+                     "intermediate_size": 768, "importance_samples": 512, "data": data, "latency": lat,
+                     "training": recovery}))
     rows = []
     for road, name, m, params in (("distilled 3-layer student", "rt-distill-3-layers", d, d["student"]["parameters"]),
                                   ("pruned 36/72 heads, FFN 768/1536", "rt-prune-36-heads-768-ffn", p,

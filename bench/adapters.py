@@ -8,7 +8,7 @@
    macro-F1 / entity F1, sizes of what is shipped.
 2. Two roads to a model with half the encoder's compute, from the same full fine-tune: a 3-layer student
    (`hpcnlp distill`, every 2nd layer) and a pruned model (`hpcnlp prune`: 36 of 72 heads, 768 of 1536
-   FFN neurons per layer, recovery with the teacher's logits). Same recovery budget (160 steps of 32); each
+   FFN neurons per layer, recovery with the teacher's logits). Same recovery budget (80 steps of 32); each
    exported (dynamic int8, this CPU's preset) and measured by `hpcnlp validate` on the test split:
    batch-1 int8 latency, accuracy retained, size.
 Every job runs as `python -m hpcnlp` in its own process (peak RSS is its own); the two roads of each
@@ -41,7 +41,7 @@ WORK = REPO / "outputs" / "bench-adapters"
 RT = REPO / "data" / "full" / "rotten-tomatoes"
 WNUT = REPO / "data" / "ner" / "wnut16"
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}  # target_modules: MiniLM's default, every linear layer
-THREADS = "2"
+THREADS = "1"
 LOCK_WAIT_S = 900
 QUIET = {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False, "logging_steps": 50,
          "warmup_ratio": 0.1, "seed": 42}
@@ -155,7 +155,7 @@ def _measure(name: str, model: Path, onnx_dir: Path, test_csv: Path, limit: dict
 def smaller_models(teacher: Path, teacher_accuracy: float, limit: dict, steps: int) -> list[dict]:
     data = {"train_file": str(RT / "train.csv"), "validation_file": str(RT / "validation.csv"), "max_seq_length": 128,
             **limit}
-    # The same recovery budget for both roads: `steps` batches of 32 (160: half an epoch; the cores were shared).
+    # The same recovery budget for both roads: `steps` batches of 32 (80: a quarter epoch, on shared cores).
     recovery = {**QUIET, "learning_rate": 1e-4, "max_steps": steps, "per_device_train_batch_size": 32}
     lat = {"batch_sizes": [1], "seq_length": 128, "repeats": 10}
     d, p = _both((_job, "distill", "rt-distill-3-layers", {"teacher": str(teacher), "student_num_layers": 3, "data": data,
@@ -208,7 +208,7 @@ def run(quick: bool = False) -> dict:
     result["teacher_test_accuracy"] = result["finetune_vs_lora"][0]["test_accuracy"]
     _write(result, results, t0)
     result["distill_vs_prune"] = smaller_models(WORK / "rt-full", result["teacher_test_accuracy"], limit,
-                                                2 if quick else 160)
+                                                2 if quick else 80)
     _write(result, results, t0)
     result["finetune_vs_lora"] += finetune_pair("wnut16 (sample)", "wnut", "token-classification", ner,
                                                 {"learning_rate": 1e-4, "num_train_epochs": 5,

@@ -20,6 +20,7 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from bench.large import ratios as large_ratios  # noqa: E402
 from bench.timing import run_isolated  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ RESULTS = REPO / "bench" / "results"
 WORK = REPO / "outputs" / "bench"
 
 
-def plan(quick: bool, levers: bool, gpu: bool) -> dict[str, dict]:
+def plan(quick: bool, levers: bool, gpu: bool, large: bool = False, adapters: bool = False) -> dict[str, dict]:
     """name -> case. Steps: enough steady steps for a rate on 2 busy cores; the seed recipe is ~40x
     slower per real token, so it gets fewer (a rate needs few)."""
     s, s_seed, w = (3, 2, 1) if quick else (6, 3, 2)
@@ -66,8 +67,12 @@ def plan(quick: bool, levers: bool, gpu: bool) -> dict[str, dict]:
         cases["gpu_bert_base_128"] = {"run": pre + "hpcnlp", "work": work, "block": 128, "steps": 3 * s,
                                       "batch": 64, "warmup": 3, "bert_base": True, "bf16": True}
     cases["onnx_latency"] = {"run": "bench.onnx_latency.run"}
-    # ~40 min of training on the full data: only with --only adapters (results also in adapters.{json,md})
-    cases["adapters"] = {"run": "bench.adapters.run", "opt_in": True, "timeout": 4 * 3600}
+    if adapters:  # ~40 min of training on the full data: only with --only adapters (+ bench/results/adapters.*)
+        cases["adapters"] = {"run": "bench.adapters.run"}
+    if large:  # the Linux kernel source (bench/large.py): only with --only large...
+        from bench.large import cases as large_cases
+
+        cases.update(large_cases(work))
     return cases
 
 
@@ -91,6 +96,7 @@ def ratios(res: dict) -> dict:
         "finetune_vs_seed_recipe": _ratio(sps("finetune_hpcnlp"), sps("finetune_seed_recipe")),
         "finetune_vs_run_glue": _ratio(sps("finetune_hpcnlp"), sps("finetune_run_glue")),
         "pretrain_mfu": round(flops / peak, 3) if flops and peak else None,
+        **large_ratios(res),
     }
 
 
@@ -122,7 +128,8 @@ def main() -> int:
     from bench.summary import write
 
     gpu = torch.cuda.is_available()
-    cases = plan(a.quick, a.levers, gpu)
+    cases = plan(a.quick, a.levers, gpu, large=any(o.startswith("large") for o in a.only or ()),
+                 adapters="adapters" in (a.only or ()))
     results = {}
     if a.only and (RESULTS / "summary.json").is_file():
         results = json.loads((RESULTS / "summary.json").read_text())["results"]
@@ -134,11 +141,9 @@ def main() -> int:
         results["matmul_peak"] = matmul_peak(str(WORK))
         print(f"matmul peak: {results['matmul_peak']}", flush=True)
     for name, case in cases.items():
-        if (a.only and name not in a.only) or (case.get("opt_in") and not a.only):
+        if a.only and not any(name == o or name.startswith(o + "_") for o in a.only):  # `large`: its cases
             continue
-        timeout = max(a.timeout, case.pop("timeout", 0))
-        case.pop("opt_in", None)
-        results[name] = r = run_isolated(case, timeout)
+        results[name] = r = run_isolated(case, a.timeout)
         brief = {k: r[k] for k in ("tokens_per_second", "samples_per_second", "eval_loss", "peak_rss_mb",
                                     "error", "log_tail", "wall_seconds") if k in r}
         print(f"[{time.perf_counter() - t0:6.0f} s] {name}: {brief}", flush=True)

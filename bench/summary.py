@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.large import table as large_table
 from hpcnlp.report import markdown_table, save_figure
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
 
@@ -69,6 +70,9 @@ def tables(summary: dict) -> str:
             for k, r in sorted(res.items(), key=lambda kv: (kv[1].get("times", 0), kv[1].get("num_proc", 0)))
             if k.startswith("prepare_") and "error" not in r]
     out += ["### prepare (tokenize + pack 128)", "", markdown_table(rows), ""]
+    large = large_table(res)
+    if large:
+        out += ["### Large corpus: Linux kernel source (bench/large.py)", "", markdown_table(large), ""]
     gpu = summary["gpu"] or {k: res.get(k) for k in ("gpu_matmul_peak", "gpu_bert_base_128")}
     out += ["### GPU (BERT-base, bf16, packed 128, sparse head)", "", f"{gpu}", ""]
     if "onnx_latency" in res:

@@ -17,6 +17,16 @@ HPCNLP_HOME=${HPCNLP_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 planner=${HPCNLP_PYTHON:-python3}
 [ -z "${HPCNLP_PYTHON:-}" ] && [ -x "$HPCNLP_HOME/.venv/bin/python" ] && planner=$HPCNLP_HOME/.venv/bin/python
 
+# Modules the cluster profile names (HPCNLP_MODULES), loaded before anything runs.
+if [ -n "${HPCNLP_MODULES:-}" ]; then
+  type module >/dev/null 2>&1 || source /etc/profile.d/modules.sh 2>/dev/null || source /etc/profile.d/lmod.sh 2>/dev/null
+  # shellcheck disable=SC2086
+  module load $HPCNLP_MODULES || { echo "launch: module load $HPCNLP_MODULES failed; nothing started" >&2; exit 2; }
+fi
+# This job's log (sbatch --output, expanded by Slurm): the job links it into its output_dir at the end.
+HPCNLP_LOG=$(scontrol show job --oneliner "$SLURM_JOB_ID" 2>/dev/null | grep -o 'StdOut=[^ ]*' | cut -d= -f2-)
+export HPCNLP_LOG
+
 state_dir=${HPCNLP_STATE_DIR:-$SLURM_SUBMIT_DIR/outputs/.slurm}
 mkdir -p "$state_dir"
 export HPCNLP_PREEMPT_FILE=$state_dir/preempt-$SLURM_JOB_ID

@@ -81,7 +81,8 @@ def _logged_losses(out: Path, step: int) -> list[float]:
 
 # Logged by this exact run (one thread, seed 11). A change in data order, masking, initialisation,
 # optimizer or loss moves these; update them only for a change that is meant to change the numbers.
-PINNED_LOSSES = [10.3274, 10.3125, 10.3021, 10.2827, 10.2585, 10.2365]
+# Re-pinned when pretrain began reading the prepared shards in their shuffled order (#13).
+PINNED_LOSSES = [10.327, 10.3575, 10.3092, 10.2829, 10.2252, 10.2929]
 
 
 @pytest.mark.slow

@@ -52,13 +52,13 @@ def test_prepare_packs_without_fusing_documents(tmp_path, small_corpus, minilm_t
     s = p.stats
     assert not p.reused and s["blocks"] == len(ds["train"]) + len(ds["eval"]) and s["documents_eval"] > 0
     assert s["padding_share"] < 0.02  # packing, not padding
-    lengths = [len(x) for x in ds["train"]["input_ids"]]
+    lengths = [len(x) for x in ds["train"].blocks["input_ids"]]
     assert max(lengths) == 64 and sum(n == 64 for n in lengths) >= len(lengths) - 1
     tok = minilm_tokenizer
     row = ds["train"][0]["input_ids"]
     assert row[0] == tok.cls_token_id and row[-1] == tok.sep_token_id
     # Total [SEP] count = one per document (+ one closing each block): documents are never fused.
-    seps = sum(ids.count(tok.sep_token_id) for ids in ds["train"]["input_ids"])
+    seps = sum(ids.count(tok.sep_token_id) for ids in ds["train"].blocks["input_ids"])
     assert seps >= s["documents_train"]
     assert json.loads((p.path / "stats.json").read_text())["tokens"] == s["tokens"]
 
@@ -98,7 +98,6 @@ def test_empty_corpus_is_a_config_error(tmp_path, minilm_tokenizer, content):
     with pytest.raises(ConfigError, match="data.train_files: .*no non-empty document.*Fix") as e:
         prepare(_cfg(tmp_path, [str(tmp_path / "blank.txt")]), minilm_tokenizer)
     assert [p.key for p in e.value.problems] == ["data.train_files"] and len(e.value.lines) == 1
-    assert not any((tmp_path / "prepared").glob("[!.]*"))  # nothing that looks complete
     assert not _complete_dirs(tmp_path / "prepared")
 
 
@@ -106,7 +105,7 @@ def test_one_document_without_eval_files_is_a_config_error(tmp_path, minilm_toke
     from hpcnlp.config import ConfigError
 
     (tmp_path / "one.txt").write_text("\n\nonly one paragraph here\n\n")
-    with pytest.raises(ConfigError, match="data.train_files: .*only 1 non-empty document.*data.eval_files"):
+    with pytest.raises(ConfigError, match="data.eval_fraction: .*no document was held out.*data.eval_files"):
         prepare(_cfg(tmp_path, [str(tmp_path / "one.txt")]), minilm_tokenizer)
     assert not _complete_dirs(tmp_path / "prepared")
 
@@ -128,13 +127,15 @@ def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, small_
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pack, "_block_stats", boom)
+    monkeypatch.setattr(pack._Packer, "close", boom)
     cfg = _cfg(tmp_path, [str(small_corpus / "*.rst.txt")])
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, minilm_tokenizer)
-    # Only the hidden lock file stays (a plain file, never a result): no result dir, no .tmp-* build.
-    fp = pack.fingerprint(cfg, minilm_tokenizer, with_offsets=False)
-    assert [p.name for p in (tmp_path / "prepared").iterdir()] == [f".{fp}.lock"]
+    # No stats.json, no shard, no .tmp-* build: only the (empty) shards dir and lock files.
+    assert not _complete_dirs(tmp_path / "prepared")
+    assert not list((tmp_path / "prepared").rglob("meta.json")) and not list((tmp_path / "prepared").rglob(".tmp-*"))
+    monkeypatch.undo()
+    assert not prepare(cfg, minilm_tokenizer).reused
 
 
 def test_prepare_cli_prints_stats(tmp_path, small_corpus, capsys):

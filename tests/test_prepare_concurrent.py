@@ -54,33 +54,35 @@ def test_concurrent_preparers_build_once_and_share(tmp_path, small_corpus):
     assert [p.exitcode for p in procs] == [0, 0]
     builder, reuser = sorted(out, key=lambda r: r[1])
     assert (builder[1], reuser[1]) == (False, True)  # exactly one built it
-    assert any("waiting for another preparer" in line for line in reuser[2])  # it waited, it did not build
-    assert not any("waiting" in line for line in builder[2])
+    assert any("waiting for another preparer of shard" in line for line in reuser[2])  # it waited, not built
+    assert not any("waiting for another preparer of shard" in line for line in builder[2])
     # One dataset, no leftover .tmp-* build; the lock file is hidden and holds no stats.json.
-    assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == [os.path.basename(path)]
-    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == [f".{os.path.basename(path)}.lock"]
-    assert sorted(p.name for p in root.joinpath(os.path.basename(path)).iterdir()) == ["dataset", "stats.json"]
+    assert [p.name for p in root.iterdir()] == [os.path.basename(path)]
+    final = root / os.path.basename(path)
+    assert sorted(p.name for p in final.iterdir()) == ["locks", "order.npy", "shards", "stats.json"]
+    assert [p.name for p in (final / "shards").iterdir()] == ["00000"]
 
 
 def test_rename_race_without_lock_reuses_the_finished_result(tmp_path, small_corpus, minilm_tokenizer,
                                                               monkeypatch):
-    """Where flock is unavailable two builds can overlap: the slower one reuses the first, it does not fail."""
+    """Where flock is unavailable two builds of a shard can overlap: the slower one uses the first's."""
     import hpcnlp.data.pack as pack
 
-    cfg, real_block_stats, race = _cfg(small_corpus, tmp_path / "prepared"), pack._block_stats, {}
+    cfg, real_build, race = _cfg(small_corpus, tmp_path / "prepared"), pack.build_shard, {}
 
-    def block_stats_while_another_finishes(packed, block):
+    def build_while_another_finishes(shard, cfg_, tok, offsets, dest):
         if not race:  # only in the outer build: another preparer completes meanwhile
             race["started"] = True
             race["winner"] = pack.prepare(cfg, minilm_tokenizer)
-        return real_block_stats(packed, block)
+        return real_build(shard, cfg_, tok, offsets, dest)
 
     monkeypatch.setattr(pack, "exclusive_lock", lambda *a, **k: contextlib.nullcontext())
-    monkeypatch.setattr(pack, "_block_stats", block_stats_while_another_finishes)
+    monkeypatch.setattr(pack, "build_shard", build_while_another_finishes)
     p = pack.prepare(cfg, minilm_tokenizer)
     winner = race["winner"]
     assert not winner.reused and p.reused and p.path == winner.path and p.stats == winner.stats
-    assert [x.name for x in (tmp_path / "prepared").iterdir()] == [p.path.name]  # our duplicate is gone
+    assert [x.name for x in (p.path / "shards").iterdir()] == ["00000"]  # our duplicate is gone
+    assert not [x for x in p.path.rglob(".tmp-*")]
 
 
 def test_preemption_handlers_do_not_leak_into_forked_workers(tmp_path):

@@ -12,6 +12,7 @@ import yaml
 
 from helpers import free_port, preempt_at
 from hpcnlp.cli import main
+from hpcnlp.data.pack import Blocks
 from hpcnlp.runtime import preempt
 from hpcnlp.runtime.checkpoints import newest_complete_checkpoint
 
@@ -98,9 +99,15 @@ def test_preempted_run_resumes_at_the_right_step(finished_run, monkeypatch):
     assert not (out / "metrics.json").exists()
 
     assert main(args) == 2  # unfinished run, no resume: refused
+    read = []
+    real_getitem = Blocks.__getitem__
+    monkeypatch.setattr(Blocks, "__getitem__", lambda self, i: (read.append(i), real_getitem(self, i))[1])
     assert main([*args, "resume=auto"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["global_step"] == 8 and m["resumed_from"].endswith("checkpoint-3")
+    # Seen batches are skipped by index: the resumed run read the 5 new batches of 8 blocks, in order, and
+    # nothing before them (accelerate's loader reads one batch ahead: at most 8 more).
+    assert read[:40] == list(range(3 * 8, 8 * 8)) and len(read) <= 48
     # Same steps, same losses as the uninterrupted run (observed on CPU: identical at the logged 4 decimals).
     a, b = _losses(tmp / "out"), _losses(out)
     assert sorted(b) == sorted(a) == list(range(1, 9))
@@ -126,6 +133,9 @@ def test_scratch_init_trains_its_own_vocab(tmp_path, pretrain_config):
 def test_torchrun_two_processes(tmp_path, pretrain_config):
     path, cfg = pretrain_config
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A process group never tokenizes (it refuses): prepare is its own step, from the same data section.
+    (tmp_path / "prepare.yaml").write_text(yaml.safe_dump({"job": "prepare", "data_from": str(path)}))
+    assert main(["prepare", "--config", str(tmp_path / "prepare.yaml")]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "hpcnlp", "pretrain", "--config", str(path), "training.max_steps=4"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -135,3 +145,18 @@ def test_torchrun_two_processes(tmp_path, pretrain_config):
     assert "[rank 1]" in proc.stdout and "[rank 0]" in proc.stdout
     assert m["replicas_identical"] is True  # the ranks trained as one data-parallel run
     assert "find_unused_parameters" not in proc.stdout + proc.stderr  # DDP's per-step search is off
+
+
+def test_prepared_order_sampler_reads_in_order_then_reshuffles_per_epoch():
+    from hpcnlp.train.harness import PreparedOrderSampler
+
+    sampler = PreparedOrderSampler(50, seed=7)
+    assert list(sampler) == list(range(50))  # epoch 0: the prepared (already shuffled) order
+    sampler.set_epoch(1)
+    first = list(sampler)
+    assert sorted(first) == list(range(50)) and first != list(range(50))
+    again = PreparedOrderSampler(50, seed=7)
+    again.set_epoch(1)
+    assert list(again) == first  # drawn from (seed, epoch) alone: a resumed run sees the same batches
+    sampler.set_epoch(2)
+    assert list(sampler) != first

@@ -35,7 +35,9 @@ def data_files(data: dict) -> list[dict]:
     often many GB) by name only: hashing them would cost more than the card gains."""
     single = [data.get(k) for k in ("train_file", "validation_file", "test_file")]
     single += list((data.get("extra_eval_files") or {}).values())
-    corpus = [{"file": Path(p).name, "sha256": None} for k in ("train_files", "eval_files") for p in data.get(k) or []]
+    patterns = [p for k in ("train_files", "eval_files") for p in data.get(k) or []]
+    patterns += [p for source in data.get("sources") or [] for p in source.get("files") or []]  # data.sources
+    corpus = [{"file": Path(p).name, "sha256": None} for p in patterns]
     return [data_file(p) for p in single if p] + corpus
 
 

@@ -70,6 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return report(e)
     if args.command == "check":
+        # And one the cluster profile can run; not inside a job, where the allocation is what it is
+        # (submit checked the options it was given, --sbatch ones included).
+        if submit.cluster.profile_path() and not os.environ.get("SLURM_JOB_ID"):
+            try:
+                profile = submit.cluster.load_profile()
+                options = submit.cluster.sbatch_options(profile, JOBS[cfg.job], submit.cluster.job_name(cfg))
+                problems = submit.cluster.profile_problems(cfg, options)
+                if problems:
+                    raise ConfigError(f"{args.config} (with cluster profile {submit.cluster.profile_path()})", problems)
+            except ConfigError as e:
+                return report(e)
         print(f"ok: {args.config} is a valid '{cfg.job}' config")
         return 0
     code = process_exit(run_job(cfg))

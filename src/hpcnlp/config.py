@@ -48,7 +48,8 @@ class ConfigError(Exception):
 
 class Section(BaseModel):
     # allow_inf_nan=False: `learning_rate: .inf` is a typo, not a setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # validate_default: a float field defaulting to 64 holds 64.0, as the frozen config reloads it (hashes agree)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, validate_default=True)
 
 
 def _text_encoding(name: str) -> str:
@@ -195,10 +196,26 @@ class AdapterConfig(Section):
 # ------------------------------------------------------------------------------------------
 # Continued pretraining (masked LM) and corpus preparation
 # ------------------------------------------------------------------------------------------
+class SourceConfig(Section):
+    """One corpus source in `data.sources`: its files, and its share of the training blocks."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")  # names it in stats.json
+    files: list[str] = Field(min_length=1)  # files, globs (** allowed) or directories
+    exclude: list[str] = Field(default_factory=list)  # globs of files to leave out (matched on the path)
+    weight: float = Field(1.0, gt=0)  # data.mix: weighted: its share of the training blocks (normalised)
+
+
 class CorpusConfig(Section):
     """Text to pretrain on, and how to tokenize and pack it (`hpcnlp prepare`)."""
 
-    train_files: list[str] = Field(min_length=1)  # files, globs (** allowed) or directories
+    # One source (train_files, exclude) or several (sources); text/JSONL/Parquet, also .gz .bz2 .xz .zst.
+    train_files: list[str] = Field(default_factory=list)  # files, globs (** allowed) or directories
+    exclude: list[str] = Field(default_factory=list)  # globs of train_files to leave out
+    sources: list[SourceConfig] = Field(default_factory=list)
+    # weighted: every source's blocks repeated or subsampled to its weight, shuffled together;
+    # curriculum: all of the first source's blocks (shuffled), then the second's, ... in listed order.
+    mix: Literal["weighted", "curriculum"] = "weighted"
+    dedup: bool = False  # drop exact duplicate documents (content hash) within each shard, counted
     eval_files: list[str] = Field(default_factory=list)  # held-out text; else split off by document
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"  # JSONL/Parquet column holding the text
@@ -206,16 +223,36 @@ class CorpusConfig(Section):
     # What one document is in a plain-text file: a line, a blank-line separated paragraph, the file.
     sample_by: Literal["line", "paragraph", "document"] = "paragraph"
     max_seq_length: int = Field(128, ge=8, le=8192)
-    eval_fraction: float = Field(0.05, ge=0, lt=1)
-    seed: int = 42  # of the train/eval split by document
-    num_proc: int = Field(1, ge=1)
+    eval_fraction: float = Field(0.05, ge=0, lt=1)  # share of documents held out (by content hash)
+    seed: int = 42  # of the train/eval split and the order of the training blocks
+    # Input per shard: a shard is the unit of work and of redoing after a failure; bigger files are
+    # split by byte range at line/paragraph boundaries. Changing it changes the prepared data.
+    shard_mb: float = Field(64, gt=0)
+    num_proc: int = Field(1, ge=1)  # local prepare processes (a Slurm array adds its tasks on top)
+    max_eval_blocks: int | None = Field(4096, ge=1)  # pretrain evaluates on at most this many eval blocks
     prepared_root: str = "outputs/prepared"  # prepared datasets live in <prepared_root>/<fingerprint>/
 
     def problems(self) -> list[Problem]:
+        out = []
+        if bool(self.train_files) == bool(self.sources):
+            out.append(Problem(key="data.train_files", message="give either train_files (one source) or sources "
+                               "(several), " + ("not both" if self.sources else "none is set"),
+                               fix="e.g. train_files: [corpus/**/*.txt]"))
+        if self.sources and self.exclude:
+            out.append(Problem(key="data.exclude", message="with sources, exclusions are per source",
+                               fix="move it to data.sources[].exclude"))
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            out.append(Problem(key="data.sources", message=f"source names repeat: {names}",
+                               fix="give every source its own name"))
         if self.eval_fraction == 0 and not self.eval_files:
-            return [Problem(key="data.eval_fraction", message="no held-out text: eval_fraction is 0 and "
-                            "eval_files is empty", fix="set eval_fraction (e.g. 0.05) or give eval_files")]
-        return []
+            out.append(Problem(key="data.eval_fraction", message="no held-out text: eval_fraction is 0 and "
+                               "eval_files is empty", fix="set eval_fraction (e.g. 0.05) or give eval_files"))
+        return out
+
+    def source_list(self) -> list[SourceConfig]:
+        """data.sources, or train_files as one source named `train`."""
+        return self.sources or [SourceConfig(name="train", files=self.train_files, exclude=self.exclude)]
 
 
 class ScratchModelConfig(Section):
@@ -260,13 +297,18 @@ class PretrainConfig(TrainingJobConfig):
 
 
 class PrepareConfig(JobConfig):
-    """`hpcnlp prepare` alone: tokenize and pack a corpus for later pretraining runs."""
+    """`hpcnlp prepare` alone: tokenize and pack a corpus for later pretraining runs.
+
+    `data_from: jobs/pretrain.yaml` takes the data section, model/tokenizer and whole_word_masking of
+    that pretrain config (read when the config is loaded), so the two never drift apart."""
 
     job: Literal["prepare"] = "prepare"
     output_dir: str = ""  # unused: prepared data goes to data.prepared_root
+    data_from: str | None = None
     model_name_or_path: str = "minilm-l6"
     tokenizer_name_or_path: str | None = None
     trust_remote_code: bool = False
+    whole_word_masking: bool = False  # keep token offsets (as the pretrain config with it needs)
     data: CorpusConfig
 
     def problems(self) -> list[Problem]:
@@ -500,6 +542,51 @@ class ValidateConfig(JobConfig):
     @property
     def bundle_dir(self) -> Path:
         return Path(self.output_dir) / self.name / self.version
+
+
+# ------------------------------------------------------------------------------------------
+# The cluster profile: how jobs run on this cluster (not what they learn)
+# ------------------------------------------------------------------------------------------
+class ClusterProfile(Section):
+    """`jobs/cluster.yaml` (or the file in $HPCNLP_CLUSTER). `hpcnlp submit`, `pipeline` and `sweep`
+    render it into sbatch options (hpcnlp.cluster.sbatch_options); options given per job or stage win."""
+
+    account: str | None = None
+    partition: str | None = None
+    qos: str | None = None
+    nodes: int | None = Field(None, ge=1)  # for the multi-node jobs; default: the job's template header
+    gpus_per_node: int = Field(0, ge=0)  # 0: a CPU-only cluster
+    nproc_per_node: int | None = Field(None, ge=1)  # processes per node; default: gpus_per_node, else 1
+    cpus_per_task: int | None = Field(None, ge=1)  # CPUs of the one task per node; default: the header's
+    mem: str | None = None  # per node, as sbatch --mem takes it: 64G
+    time: str | None = None  # as sbatch --time takes it: 04:00:00, 1-00:00:00
+    mail_user: str | None = None
+    mail_type: str | None = None  # e.g. END,FAIL
+    launcher: Literal["torchrun", "accelerate"] = "torchrun"
+    container: Literal["none", "apptainer", "singularity", "pyxis", "podman"] = "none"
+    image: str | None = None  # .sif file (apptainer), image name (pyxis, podman)
+    binds: list[str] = Field(default_factory=list)  # extra dirs mounted into the container (data, scratch)
+    env: dict[str, str] = Field(default_factory=dict)  # set for the job: NCCL_*, TORCH_*, proxies
+    modules: list[str] = Field(default_factory=list)  # `module load`ed before the job starts
+    log_dir: str = "outputs/logs"  # <log_dir>/<job name>-<job id>.out (arrays: -<array id>_<task>.out)
+    sbatch: list[str] = Field(default_factory=list)  # any other option, e.g. [--constraint=a100]
+
+    def processes(self) -> int:
+        return self.nproc_per_node or self.gpus_per_node or 1
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if self.container != "none" and not self.image:
+            out.append(Problem(key="image", message=f"container '{self.container}' needs an image",
+                               fix="set image: (a .sif file for apptainer, an image name for pyxis/podman)"))
+        if self.gpus_per_node and self.processes() > self.gpus_per_node:
+            out.append(Problem(key="nproc_per_node", message=f"{self.processes()} processes per node but only "
+                               f"{self.gpus_per_node} GPUs", fix="set nproc_per_node to gpus_per_node or less"))
+        for key in self.env:
+            if not key.isidentifier():
+                out.append(Problem(key=f"env.{key}", message="not an environment variable name",
+                                   fix="use letters, digits and _"))
+        return out
 
 
 # ------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from hpcnlp.config import JobConfig, Problem
 
 @dataclass(frozen=True)
 class SlurmDefaults:
-    """The per-job #SBATCH header of slurm/<job>.sbatch (users edit it there; submit options win)."""
+    """The per-job #SBATCH header of slurm/<job>.sbatch (plain sbatch: users edit it there; submit,
+    pipeline and sweep add the cluster profile's options, which win)."""
 
     nodes: int = 1
     time: str = "02:00:00"

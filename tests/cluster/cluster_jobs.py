@@ -10,9 +10,11 @@ REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data" / "corpus" / "python-docs"
 
 
-def tiny_pretrain(tmp: Path, corpus: Path, prepared: Path, name: str = "out", **training) -> Path:
+def tiny_pretrain(tmp: Path, corpus: Path, prepared: Path, name: str = "out", prepare: bool = True,
+                  **training) -> Path:
     """A real pretrain config small enough for 2 shared cores: a 2-layer BERT from scratch with the
-    packaged model's vocab (a WordPiece vocab trained here is not bit-for-bit repeatable across runs)."""
+    packaged model's vocab (a WordPiece vocab trained here is not bit-for-bit repeatable across runs).
+    `prepare`: its data prepared here first (a multi-node pretrain never tokenizes; it refuses)."""
     cfg = {
         "job": "pretrain", "init": "scratch", "tokenizer_name_or_path": "minilm-l6", "output_dir": str(tmp / name),
         "scratch": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
@@ -24,6 +26,12 @@ def tiny_pretrain(tmp: Path, corpus: Path, prepared: Path, name: str = "out", **
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if prepare:
+        from hpcnlp.config import CorpusConfig
+        from hpcnlp.data.pack import prepare as prepare_corpus
+        from hpcnlp.models import load_tokenizer
+
+        prepare_corpus(CorpusConfig(**cfg["data"]), load_tokenizer(cfg["tokenizer_name_or_path"]))
     return path
 
 

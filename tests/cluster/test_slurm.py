@@ -185,10 +185,9 @@ def test_bad_config_is_refused_at_submit(slurm, job_env, tmp_path, cluster_corpu
 
 def _pipeline(tmp: Path, corpus: Path, fail_first: bool = False) -> Path:
     prepared = tmp / "prepared"
+    scratch = tiny_pretrain(tmp, corpus, prepared, "scratch", prepare=False, max_steps=4, save_steps=4)
     prep = tmp / "prepare.yaml"
-    prep.write_text(yaml.safe_dump({"job": "prepare", "model_name_or_path": "minilm-l6", "data": {
-        "train_files": [str(corpus / "*.rst.txt")], "max_seq_length": 32, "prepared_root": str(prepared)}}))
-    scratch = tiny_pretrain(tmp, corpus, prepared, "scratch", max_steps=4, save_steps=4)
+    prep.write_text(yaml.safe_dump({"job": "prepare", "data_from": str(scratch)}))  # the data it trains on
     stages = [
         {"name": "prepare", "config": str(prep)},
         {"name": "scratch", "config": str(scratch)},
@@ -251,12 +250,16 @@ def test_sweep_array_and_summary(slurm, job_env, tmp_path, cluster_corpus):
     res = subprocess.run([*HPCNLP, "sweep", "--config", str(config), "--max-parallel", "2",
                           "--overrides-list", "training.learning_rate=1e-3", "training.learning_rate=3e-3",
                           "training.learning_rate=1e-2", "--sbatch=--nodes=1", "--sbatch=--cpus-per-task=1",
-                          "--sbatch=--time=30", f"--sbatch=--output={tmp_path}/%x-%A_%a.out"],
+                          "--sbatch=--time=30"],
                          cwd=tmp_path, env=job_env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    array = re.search(r"submitted array job (\d+) \(3 tasks\)", res.stdout).group(1)
+    array, logs = re.search(r"submitted array job (\d+) \(3 tasks\), logs (\S+)", res.stdout).groups()
+    assert logs == f"{tmp_path}/outputs/logs/pretrain-sweep-{array}_<task>.out"
     for i in range(3):
         assert slurm.wait(f"{array}_{i}", timeout=400) == "COMPLETED"
+    for i in range(3):  # one log per task (the default --output), each of its own task
+        log = Path(logs.replace("<task>", str(i))).read_text()
+        assert f"output_dir={tmp_path}/sweep/task-{i}" in log and "/task-" not in log.replace(f"/task-{i}", "")
     res = subprocess.run([*HPCNLP, "summary", str(tmp_path / "sweep"), "--keys", "global_step,eval_after.loss"],
                          cwd=tmp_path, env=job_env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -285,3 +288,27 @@ def test_submit_freezes_the_config_and_says_queued(slurm, job_env, tmp_path, clu
     assert status["state"] == "finished" and status["slurm_job_ids"] == [job]
     frozen = list((tmp_path / "outputs" / ".slurm" / "configs").glob("pretrain-*.yaml"))
     assert len(frozen) == 1 and "max_steps: 4" in frozen[0].read_text() and str(config) in frozen[0].read_text()
+
+
+def test_prepare_as_an_array_equals_one_task(slurm, job_env, tmp_path, cluster_corpus):
+    """`sbatch --array=0-1 slurm/prepare.sbatch`: two tasks build their shards, the last writes the
+    index; the prepared bytes equal one local task's."""
+    from hpcnlp.config import CorpusConfig
+    from hpcnlp.data.pack import prepare
+    from hpcnlp.models import load_tokenizer
+
+    config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "arr", prepare=False)
+    prep = tmp_path / "prepare.yaml"
+    prep.write_text(yaml.safe_dump({"job": "prepare", "data_from": str(config), "data": {"shard_mb": 0.01}}))
+    array = slurm.sbatch(["--array=0-1", *SBATCH_SMALL, f"--output={tmp_path}/%x-%A_%a.out",
+                          str(REPO / "slurm" / "prepare.sbatch"), str(prep)], cwd=tmp_path, env=job_env)
+    assert [slurm.wait(f"{array}_{i}", timeout=400) for i in range(2)] == ["COMPLETED"] * 2
+    logs = "".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert "task 0 of 2" in logs or "task 1 of 2" in logs  # one finished first and left the index
+    data = yaml.safe_load(config.read_text())["data"]
+    local = prepare(CorpusConfig(**{**data, "shard_mb": 0.01, "prepared_root": str(tmp_path / "local")}),
+                    load_tokenizer("minilm-l6"))
+    arrayed = tmp_path / "prepared" / local.path.name
+    assert local.stats["shards"] >= 4 and (arrayed / "stats.json").is_file()
+    for f in sorted(local.path.rglob("*.arrow")) + [local.path / "order.npy"]:
+        assert (arrayed / f.relative_to(local.path)).read_bytes() == f.read_bytes(), f

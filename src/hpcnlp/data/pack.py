@@ -2,20 +2,28 @@
 
 Packing: each document's tokens are followed by the separator token, documents are concatenated,
 and the stream is cut into blocks of max_seq_length (with [CLS] ... [SEP] around each block).
-So no block is padded but the very last of each map batch, and two documents never touch without
-a separator between them. The eval split is drawn by document, before packing, so no document
-is on both sides.
+So no block is padded but the last of each shard, and two documents never touch without a separator.
 
-The result lives in <prepared_root>/<fingerprint>/ where the fingerprint hashes everything that
-changes the result (files with sizes and mtimes, tokenizer, settings). A second run with the same
-inputs finds it and returns at once; an interrupted run leaves only a .tmp-* dir. Concurrent runs
-of one fingerprint take turns on <prepared_root>/.<fingerprint>.lock: one builds, the others reuse.
+Scale-out. The corpus is planned into shards of about `data.shard_mb` of input (small files grouped,
+big ones cut by byte range at paragraph/line boundaries; `plan`), a plan that depends on the files and
+settings alone. Task t of N builds shards t, t+N, ... (N = a Slurm array and/or data.num_proc local
+processes), each written atomically to <prepared_root>/<fingerprint>/shards/<k>/ (train.arrow,
+eval.arrow, meta.json). The task that finds every shard done writes the index: order.npy (the
+training order of the blocks: the sources mixed by weight, or one after another) and stats.json,
+written last, whose presence means complete. The bytes do not depend on N, a rerun redoes only
+unfinished shards, and a task's memory is bounded by one shard, whatever the corpus size.
+
+A document goes to the eval split by a hash of its text (seeded), so the split needs no global view,
+no document is on both sides and copies of one text land on one side. `data.dedup` drops repeats of
+a text within a shard (content hash); repeats across shards are kept (they would need a global pass).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
@@ -23,25 +31,60 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcnlp.config import ConfigError, CorpusConfig, Problem
-from hpcnlp.data.corpus import expand_files, read_documents
-from hpcnlp.runtime.io import atomic_dir, atomic_write_json, exclusive_lock
+from hpcnlp.data.corpus import expand_files, read_documents, split_points, splittable
+from hpcnlp.runtime.io import atomic_dir, atomic_write_bytes, atomic_write_json, exclusive_lock
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1  # bump when the packing changes, so old prepared dirs are not reused
+FORMAT_VERSION = 2  # bump when the packing changes, so old prepared dirs are not reused
+DOCS_PER_BATCH = 1000  # documents tokenized per call: bounds a task's memory with the shard
 
 
 @dataclass
 class Prepared:
     path: Path
-    stats: dict
+    stats: dict | None  # None: this task's shards are done, the index is another task's
     reused: bool
 
-    def load(self):
-        from datasets import load_from_disk
+    def load(self) -> dict:
+        """{"train": Blocks in training order, "eval": Dataset}, both memory-mapped Arrow."""
+        from datasets import concatenate_datasets
 
-        return load_from_disk(str(self.path / "dataset"))  # memory-mapped Arrow
+        shards = [_shard_dir(self.path, k) for k in range(self.stats["shards"])]
+        train = concatenate_datasets([_arrow(s / "train.arrow") for s in shards])
+        evals = [_arrow(s / "eval.arrow") for s in shards if (s / "eval.arrow").stat().st_size]
+        return {"train": Blocks(train, self.path / "order.npy"), "eval": concatenate_datasets(evals)}
 
 
+def _arrow(path: Path):
+    from datasets import Dataset
+
+    return Dataset.from_file(str(path))  # memory-mapped, nothing read into RAM
+
+
+class Blocks:
+    """The training blocks in the prepared order (a torch map-style dataset over memory-mapped Arrow).
+
+    The Trainer reads it sequentially (ResumableTrainer): the order is the shuffle, so a resumed run
+    skips seen batches by index alone, without reading them."""
+
+    ordered = True
+
+    def __init__(self, blocks, order_file: Path):
+        import numpy as np
+
+        self.blocks = blocks
+        self.order = np.load(order_file, mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.blocks[int(self.order[i])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprint and plan: functions of the files and settings only (never of the task count)
+# ----------------------------------------------------------------------------------------------
 def _files_signature(files: list[str]) -> list[tuple[str, int, int]]:
     return [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
 
@@ -59,72 +102,237 @@ def _tokenizer_signature(tokenizer) -> str:
 def fingerprint(cfg: CorpusConfig, tokenizer, with_offsets: bool) -> str:
     key = {
         "format_version": FORMAT_VERSION,
-        "train": _files_signature(expand_files(cfg.train_files)),
+        "sources": [{"name": s.name, "weight": s.weight, "files": _files_signature(expand_files(s.files, s.exclude))}
+                    for s in cfg.source_list()],
         "eval": _files_signature(expand_files(cfg.eval_files)),
         "tokenizer": _tokenizer_signature(tokenizer),
         "with_offsets": with_offsets,
-        **cfg.model_dump(exclude={"num_proc", "prepared_root", "train_files", "eval_files"}),
+        **cfg.model_dump(exclude={"num_proc", "prepared_root", "train_files", "eval_files", "exclude", "sources",
+                                  "max_eval_blocks"}),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read(files: list[str], cfg: CorpusConfig, cache_dir: str):
-    from datasets import Dataset
+def plan(cfg: CorpusConfig) -> list[dict]:
+    """The shards: [{"source", "eval" (all its text held out), "pieces": [[path, start, end], ...]}]."""
+    every = int(cfg.shard_mb * 2**20)
+    boundary = b"\n\n" if cfg.sample_by == "paragraph" else b"\n"
+    groups = [(s.name, False, expand_files(s.files, s.exclude)) for s in cfg.source_list()]
+    if cfg.eval_files:
+        groups.append(("eval", True, expand_files(cfg.eval_files)))
+    shards = []
+    for name, held_out, files in groups:
+        pieces, size = [], 0
+        for f in files:
+            cuts = (split_points(f, every, boundary) if splittable(f, cfg.format, cfg.sample_by, cfg.encoding)
+                    else [0, os.path.getsize(f)])
+            for start, end in zip(cuts, cuts[1:]):
+                pieces.append([f, start, None if len(cuts) == 2 else end])  # None: the whole file
+                size += end - start
+                if size >= every:
+                    shards.append({"source": name, "eval": held_out, "pieces": pieces})
+                    pieces, size = [], 0
+        if pieces:
+            shards.append({"source": name, "eval": held_out, "pieces": pieces})
+    return shards
 
-    return Dataset.from_generator(
-        read_documents,
-        # datasets splits the `files` list between the num_proc workers.
-        gen_kwargs={"files": files, "fmt": cfg.format, "text_field": cfg.text_field,
-                    "sample_by": cfg.sample_by, "encoding": cfg.encoding},
-        num_proc=min(cfg.num_proc, len(files)) if cfg.num_proc > 1 else None,
-        cache_dir=cache_dir,
-    )
+
+# ----------------------------------------------------------------------------------------------
+# One shard: read, hash (dedup, eval split), tokenize, pack, write
+# ----------------------------------------------------------------------------------------------
+def _features(with_offsets: bool):
+    from datasets import Features, Sequence, Value
+
+    f = {"input_ids": Sequence(Value("int32")), "special_tokens_mask": Sequence(Value("int8"))}
+    if with_offsets:
+        f["offset_mapping"] = Sequence(Sequence(Value("int32"), length=2))
+    return Features(f)
 
 
-def _packer(tokenizer, block: int, with_offsets: bool):
+def _special_ids(tokenizer) -> tuple[int, int]:
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     if cls_id is None or sep_id is None:  # RoBERTa-style tokenizers name them bos/eos
         cls_id, sep_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     if cls_id is None or sep_id is None:
         raise ValueError("the tokenizer has neither cls/sep nor bos/eos tokens: cannot mark document ends")
-    body = block - 2
+    return cls_id, sep_id
 
-    def pack(batch):
-        enc = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False,
-                        return_token_type_ids=False, return_offsets_mapping=with_offsets, verbose=False)
-        stream: list[int] = []
-        offsets: list[tuple[int, int]] = []
+
+class _Packer:
+    """Concatenates tokenized documents and writes full blocks as they fill; the rest at `close`."""
+
+    def __init__(self, path: Path, tokenizer, block: int, with_offsets: bool):
+        from datasets.arrow_writer import ArrowWriter
+
+        self.writer = ArrowWriter(features=_features(with_offsets), path=str(path))
+        self.tokenizer, self.body, self.with_offsets = tokenizer, block - 2, with_offsets
+        self.cls_id, self.sep_id = _special_ids(tokenizer)
+        self.stream: list[int] = []
+        self.offsets: list[tuple[int, int]] = []
+        self.blocks = self.tokens = 0
+
+    def add(self, texts: list[str]) -> None:
+        if not texts:
+            return
+        enc = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                             return_token_type_ids=False, return_offsets_mapping=self.with_offsets, verbose=False)
         for i, ids in enumerate(enc["input_ids"]):
-            stream.extend(ids)
-            stream.append(sep_id)
-            if with_offsets:
-                offsets.extend(enc["offset_mapping"][i])
-                offsets.append((0, 0))
+            self.stream.extend(ids)
+            self.stream.append(self.sep_id)
+            if self.with_offsets:
+                self.offsets.extend(enc["offset_mapping"][i])
+                self.offsets.append((0, 0))
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        body = self.body
+        n = len(self.stream) if final else len(self.stream) // body * body
+        if n == 0:
+            return
         out: dict[str, list] = {"input_ids": [], "special_tokens_mask": []}
-        if with_offsets:
+        if self.with_offsets:
             out["offset_mapping"] = []
-        for start in range(0, len(stream), body):
-            chunk = stream[start:start + body]
-            out["input_ids"].append([cls_id, *chunk, sep_id])
-            out["special_tokens_mask"].append([1, *(int(t == sep_id) for t in chunk), 1])
-            if with_offsets:
-                out["offset_mapping"].append([(0, 0), *offsets[start:start + body], (0, 0)])
-        return out
+        sep = self.sep_id
+        for start in range(0, n, body):
+            chunk = self.stream[start:start + body]
+            out["input_ids"].append([self.cls_id, *chunk, sep])
+            out["special_tokens_mask"].append([1, *(int(t == sep) for t in chunk), 1])
+            if self.with_offsets:
+                out["offset_mapping"].append([(0, 0), *self.offsets[start:start + body], (0, 0)])
+            self.tokens += len(chunk) + 2
+        self.blocks += len(out["input_ids"])
+        self.writer.write_batch(out)
+        del self.stream[:n], self.offsets[:n]
 
-    return pack
+    def close(self) -> dict:
+        self._flush(final=True)
+        self.writer.finalize()
+        self.writer.close()
+        return {"blocks": self.blocks, "tokens": self.tokens}
 
 
-def prepare(cfg: CorpusConfig, tokenizer, with_offsets: bool = False) -> Prepared:
-    """Tokenize + pack `cfg`'s corpus, or find the identical earlier result."""
+def _doc_hash(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _held_out(h: bytes, cfg: CorpusConfig) -> bool:
+    draw = hashlib.blake2b(h, digest_size=8, salt=str(cfg.seed).encode()[:16]).digest()
+    return int.from_bytes(draw, "big") < cfg.eval_fraction * 2**64
+
+
+def build_shard(shard: dict, cfg: CorpusConfig, tokenizer, with_offsets: bool, dest: Path) -> dict:
+    """Write one shard's train.arrow, eval.arrow and meta.json into dest (atomically)."""
+    t0 = time.perf_counter()
+    with atomic_dir(dest) as tmp:
+        train = _Packer(tmp / "train.arrow", tokenizer, cfg.max_seq_length, with_offsets)
+        held = _Packer(tmp / "eval.arrow", tokenizer, cfg.max_seq_length, with_offsets)
+        meta = {"source": shard["source"], "documents_read": 0, "documents_empty_skipped": 0,
+                "duplicates_removed": 0, "replaced_bytes": 0, "characters": 0, "documents_train": 0,
+                "documents_eval": 0, "input_bytes": sum((e if e is not None else os.path.getsize(p)) - s
+                                                          for p, s, e in shard["pieces"])}
+        seen: set[bytes] = set()
+        batch: dict[bool, list[str]] = {False: [], True: []}
+        docs = read_documents([tuple(p) for p in shard["pieces"]], cfg.format, cfg.text_field, cfg.sample_by,
+                              cfg.encoding)
+        for doc in docs:
+            meta["documents_read"] += 1
+            meta["replaced_bytes"] += doc["replaced_bytes"]
+            text = doc["text"]
+            if not text:
+                meta["documents_empty_skipped"] += 1
+                continue
+            h = _doc_hash(text)
+            if cfg.dedup:
+                if h in seen:
+                    meta["duplicates_removed"] += 1
+                    continue
+                seen.add(h)
+            side = shard["eval"] or (not cfg.eval_files and _held_out(h, cfg))
+            meta["documents_eval" if side else "documents_train"] += 1
+            meta["characters"] += len(text)
+            batch[side].append(text)
+            if len(batch[side]) >= DOCS_PER_BATCH:
+                (held if side else train).add(batch[side])
+                batch[side] = []
+        train.add(batch[False])
+        held.add(batch[True])
+        for name, packer in (("train", train), ("eval", held)):
+            for k, v in packer.close().items():
+                meta[f"{k}_{name}"] = v
+        meta["seconds"] = round(time.perf_counter() - t0, 3)
+        atomic_write_json(tmp / "meta.json", meta)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks and the index
+# ----------------------------------------------------------------------------------------------
+def _shard_dir(final: Path, k: int) -> Path:
+    return final / "shards" / f"{k:05d}"
+
+
+_WORK: list = []  # this task's shards; set before forking, so workers get them without pickling
+
+
+def _work(i: int) -> int:
+    k, shard, cfg, tokenizer, with_offsets, final = _WORK[i]
+    dest = _shard_dir(final, k)
+    # A concurrent preparer of this fingerprint may be on the same shard: one builds, the other reuses.
+    with exclusive_lock(final / "locks" / f"{k:05d}", holder_is=f"another preparer of shard {k}"):
+        if (dest / "meta.json").is_file():
+            return 0
+        try:
+            build_shard(shard, cfg, tokenizer, with_offsets, dest)
+        except OSError:
+            # The shard appeared while we built it (FileExistsError, or ENOTEMPTY from the rename): a
+            # preparer that could not lock (filesystem without flock) finished it first. Same bytes: use it.
+            if (dest / "meta.json").is_file():
+                return 0
+            raise
+        return 1
+
+
+def find(cfg: CorpusConfig, tokenizer, with_offsets: bool = False) -> Prepared | None:
+    """The complete prepared data of `cfg`, or None (nothing is built)."""
+    return _reuse(Path(cfg.prepared_root) / fingerprint(cfg, tokenizer, with_offsets))
+
+
+def prepare(cfg: CorpusConfig, tokenizer, with_offsets: bool = False, task: tuple[int, int] = (0, 1)) -> Prepared:
+    """Tokenize + pack `cfg`'s corpus, or find the identical earlier result.
+
+    `task` = (index, count): this process builds shards index, index+count, ... with data.num_proc
+    local processes; the one that finds all shards done writes the index."""
     fp = fingerprint(cfg, tokenizer, with_offsets)
     final = Path(cfg.prepared_root) / fp
     if done := _reuse(final):
         return done
-    # Several processes may prepare one fingerprint at once (array tasks, jobs on a fresh prepared_root):
-    # the first to lock builds; the others wait here, then find its result. The lock file's name starts
-    # with a dot and it holds no stats.json, so it is never taken for a result.
-    with exclusive_lock(final.with_name(f".{fp}.lock"), holder_is=f"another preparer of {final}"):
-        return _reuse(final) or _build(cfg, tokenizer, with_offsets, fp, final)
+    shards = plan(cfg)
+    final.mkdir(parents=True, exist_ok=True)
+    index, count = task
+    mine = [(k, s, cfg, tokenizer, with_offsets, final) for k, s in enumerate(shards) if k % count == index]
+    t0 = time.perf_counter()
+    built = _run(mine, cfg.num_proc)
+    log.info("prepare: task %d/%d built %d of its %d shards (of %d) in %.1fs", index, count, built, len(mine),
+             len(shards), time.perf_counter() - t0)
+    missing = [k for k in range(len(shards)) if not (_shard_dir(final, k) / "meta.json").is_file()]
+    if missing:  # other tasks' shards: the last task to finish writes the index
+        return Prepared(final, None, reused=False)
+    with exclusive_lock(final / "locks" / "index", holder_is=f"another preparer of {final}"):
+        result = _reuse(final) or _index(cfg, shards, final, fp)
+    result.reused = built == 0  # whoever wrote the index: this call built nothing
+    return result
+
+
+def _run(work: list, num_proc: int) -> int:
+    _WORK[:] = [w for w in work if not (_shard_dir(w[5], w[0]) / "meta.json").is_file()]
+    if num_proc <= 1 or len(_WORK) <= 1:
+        return sum(_work(i) for i in range(len(_WORK)))
+    # fork: workers inherit the loaded tokenizer. Fast tokenizers must not use their own threads
+    # across a fork; one process per core is the parallelism here. A fresh process per shard keeps
+    # each worker's memory at one shard's.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    with multiprocessing.get_context("fork").Pool(min(num_proc, len(_WORK)), maxtasksperchild=1) as pool:
+        return sum(pool.imap_unordered(_work, range(len(_WORK))))
 
 
 def _reuse(final: Path) -> Prepared | None:
@@ -140,98 +348,99 @@ def _too_few(key: str, message: str, fix: str) -> ConfigError:
     return ConfigError("prepare", [Problem(key=key, message=message, fix=fix)])
 
 
-def _build(cfg: CorpusConfig, tokenizer, with_offsets: bool, fp: str, final: Path) -> Prepared:
-    from datasets import DatasetDict
+def _index(cfg: CorpusConfig, shards: list[dict], final: Path, fp: str) -> Prepared:
+    import numpy as np
 
-    t0 = time.perf_counter()
-    train_files, eval_files = expand_files(cfg.train_files), expand_files(cfg.eval_files)
-    try:
-        with atomic_dir(final) as tmp:
-            # Every intermediate Arrow file lives in tmp/cache (fresh per build, so never stale) and is
-            # deleted at the end; only the packed dataset and stats.json are kept.
-            cache = str(tmp / "cache")
-            docs = _read(train_files, cfg, cache)
-            stats = _doc_stats(docs)
-            docs = docs.filter(_nonempty, batched=True, num_proc=_np(cfg))
-            if len(docs) == 0:
-                raise _too_few("data.train_files", f"{cfg.train_files} hold no non-empty document "
-                               f"({stats['documents_read']} read, all empty)",
-                               "point it at files with text (and check data.format, data.text_field)")
-            if eval_files:
-                held = _read(eval_files, cfg, cache)
-                for k, v in _doc_stats(held).items():
-                    stats[k] += v
-                held = held.filter(_nonempty, batched=True)
-                if len(held) == 0:
-                    raise _too_few("data.eval_files", f"{cfg.eval_files} hold no non-empty document",
-                                   "point it at files with text, or remove it to split off an eval set")
-                split = DatasetDict(train=docs, eval=held)
-            else:
-                if len(docs) < 2:
-                    raise _too_few("data.train_files", f"{cfg.train_files} hold only {len(docs)} non-empty "
-                                   "document; need at least 2 to split off an eval set",
-                                   "add text or give data.eval_files")
-                split = docs.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
-                split = DatasetDict(train=split["train"], eval=split["test"])
-            stats["documents_train"], stats["documents_eval"] = len(split["train"]), len(split["eval"])
-            packed = split.map(_packer(tokenizer, cfg.max_seq_length, with_offsets), batched=True,
-                               batch_size=2000, remove_columns=split["train"].column_names, num_proc=_np(cfg),
-                               desc="tokenize+pack")
-            packed.save_to_disk(str(tmp / "dataset"))
-            stats.update(_block_stats(packed, cfg.max_seq_length))
-            seconds = time.perf_counter() - t0
-            stats.update(seconds=round(seconds, 2), tokens_per_second=round(stats["tokens"] / max(seconds, 1e-9), 1),
-                         fingerprint=fp, max_seq_length=cfg.max_seq_length, num_proc=cfg.num_proc,
-                         train_files=len(train_files), eval_files=len(eval_files))
-            shutil.rmtree(cache, ignore_errors=True)
-            atomic_write_json(tmp / "stats.json", stats)  # written last: its presence means complete
-    except OSError:
-        # The final dir appeared while we built (FileExistsError, or ENOTEMPTY from the rename): a preparer
-        # that could not lock (filesystem without flock) finished first. Its result equals ours, which
-        # atomic_dir has already removed, so use it rather than fail after all that work.
-        if done := _reuse(final):
-            return done
-        raise
+    metas = [json.loads((_shard_dir(final, k) / "meta.json").read_text()) for k in range(len(shards))]
+    stats = _sum_stats(cfg, metas)
+    if stats["documents_train"] == 0:
+        what = "sources" if cfg.sources else "train_files"
+        raise _too_few(f"data.{what}", f"{[s.files for s in cfg.source_list()]} hold no non-empty "
+                       f"document ({stats['documents_read']} read, {stats['documents_empty_skipped']} empty)",
+                       "point it at files with text (and check data.format, data.text_field)")
+    if stats["documents_eval"] == 0:
+        if cfg.eval_files:
+            raise _too_few("data.eval_files", f"{cfg.eval_files} hold no non-empty document",
+                           "point it at files with text, or remove it to split off an eval set")
+        raise _too_few("data.eval_fraction", f"no document was held out ({stats['documents_train']} non-empty "
+                       f"documents, eval_fraction {cfg.eval_fraction})",
+                       "add text, raise data.eval_fraction, or give data.eval_files")
+    order, realized = training_order(cfg, [(m["source"], m["blocks_train"]) for m in metas])
+    for name, share in realized.items():
+        stats["sources"][name].update(blocks_in_order=share[0], share_realized=round(share[1], 6))
+    stats["blocks_in_order"] = len(order)
+    buf = io.BytesIO()
+    np.save(buf, order)
+    atomic_write_bytes(final / "order.npy", buf.getvalue())
+    stats.update(fingerprint=fp, max_seq_length=cfg.max_seq_length, shards=len(shards), mix=cfg.mix)
+    for stale in (final / "shards").glob(".tmp-*"):  # builds of killed tasks (every shard is done now)
+        shutil.rmtree(stale, ignore_errors=True)
+    atomic_write_json(final / "stats.json", stats)  # written last: its presence means complete
     log.info("prepare: %s", summary(stats))
     return Prepared(final, stats, reused=False)
 
 
-def _nonempty(batch) -> list[bool]:
-    return [bool(t) for t in batch["text"]]
+def _sum_stats(cfg: CorpusConfig, metas: list[dict]) -> dict:
+    keys = ["documents_read", "documents_empty_skipped", "duplicates_removed", "replaced_bytes", "characters",
+            "documents_train", "documents_eval", "blocks_train", "blocks_eval", "tokens_train", "tokens_eval",
+            "input_bytes"]
+    total = dict.fromkeys(keys, 0)
+    weights = {s.name: s.weight for s in cfg.source_list()}
+    per = {name: {**dict.fromkeys(keys, 0), "weight": w} for name, w in weights.items()}
+    for m in metas:
+        for k in keys:
+            total[k] += m[k]
+            if m["source"] in per:
+                per[m["source"]][k] += m[k]
+    total["blocks"] = total["blocks_train"] + total["blocks_eval"]
+    total["tokens"] = total["tokens_train"] + total["tokens_eval"]
+    total["padding_tokens"] = total["blocks"] * cfg.max_seq_length - total["tokens"]
+    total["padding_share"] = round(total["padding_tokens"] / max(total["blocks"] * cfg.max_seq_length, 1), 5)
+    wsum = sum(weights.values())
+    for p in per.values():
+        p["share_asked"] = round(p["weight"] / wsum, 6) if cfg.mix == "weighted" else None
+    total["sources"] = per
+    total["tokens_per_second_per_task"] = round(total["tokens"] / max(sum(m["seconds"] for m in metas), 1e-9), 1)
+    return total
 
 
-def _np(cfg: CorpusConfig) -> int | None:
-    return cfg.num_proc if cfg.num_proc > 1 else None
+def training_order(cfg: CorpusConfig, shard_blocks: list[tuple[str, int]]):
+    """Global train-block indices in training order, and {source: (blocks, realized share)}.
 
+    weighted: each source's blocks, shuffled, repeated or cut to weight/sum(weights) of all train blocks,
+    then all shuffled together; curriculum: each source's blocks shuffled, sources in listed order."""
+    import numpy as np
 
-def _doc_stats(docs) -> dict:
-    import pyarrow.compute as pc
-
-    table = docs.data.table
-    lengths = pc.utf8_length(table.column("text"))
-    empty = int(pc.sum(pc.equal(lengths, 0)).as_py() or 0)
-    return {"documents_read": len(docs), "documents_empty_skipped": empty,
-            "replaced_bytes": int(pc.sum(table.column("replaced_bytes")).as_py() or 0),
-            "characters": int(pc.sum(lengths).as_py() or 0)}
-
-
-def _block_stats(packed, block: int) -> dict:
-    import pyarrow.compute as pc
-
-    out = {"tokens": 0, "blocks": 0, "padding_tokens": 0}
-    for name, ds in packed.items():
-        lengths = pc.list_value_length(ds.data.table.column("input_ids"))
-        n, tokens = len(ds), int(pc.sum(lengths).as_py() or 0)
-        out[f"blocks_{name}"], out[f"tokens_{name}"] = n, tokens
-        out["blocks"] += n
-        out["tokens"] += tokens
-        out["padding_tokens"] += n * block - tokens  # short last blocks are padded at batch time
-    out["padding_share"] = round(out["padding_tokens"] / max(out["blocks"] * block, 1), 5)
-    return out
+    rng = np.random.default_rng(cfg.seed)
+    ranges: dict[str, list[np.ndarray]] = {s.name: [] for s in cfg.source_list()}
+    at = 0
+    for name, n in shard_blocks:
+        if name in ranges:
+            ranges[name].append(np.arange(at, at + n, dtype=np.int64))
+        at += n
+    blocks = {name: np.concatenate(r) if r else np.zeros(0, np.int64) for name, r in ranges.items()}
+    total = sum(len(b) for b in blocks.values())
+    if cfg.mix == "curriculum":
+        parts = {name: rng.permutation(b) for name, b in blocks.items()}
+    else:
+        wsum = sum(s.weight for s in cfg.source_list())
+        parts = {}
+        for s in cfg.source_list():
+            b, want = blocks[s.name], round(total * s.weight / wsum)
+            if len(b):
+                parts[s.name] = np.concatenate([rng.permutation(b) for _ in range(-(-want // len(b)))])[:want]
+    order = np.concatenate(list(parts.values())) if parts else np.zeros(0, np.int64)
+    if cfg.mix == "weighted":
+        order = rng.permutation(order)
+    realized = {name: (len(p), len(p) / max(len(order), 1)) for name, p in parts.items()}
+    return order.astype(np.uint32 if at < 2**32 else np.int64), realized
 
 
 def summary(s: dict) -> str:
+    mixed = ", ".join(f"{n} {v.get('share_realized', 0):.1%}" for n, v in s["sources"].items())
     return (f"{s['documents_train']}+{s['documents_eval']} documents (train+eval), "
-            f"{s['documents_empty_skipped']} empty skipped, {s['replaced_bytes']} undecodable bytes replaced, "
-            f"{s['tokens']:,} tokens in {s['blocks']:,} blocks of {s['max_seq_length']}, "
-            f"padding {100 * s['padding_share']:.2f}%, {s['tokens_per_second']:,.0f} tokens/s")
+            f"{s['documents_empty_skipped']} empty skipped, {s['duplicates_removed']} duplicates removed, "
+            f"{s['replaced_bytes']} undecodable bytes replaced, "
+            f"{s['tokens']:,} tokens in {s['blocks']:,} blocks of {s['max_seq_length']} in {s['shards']} shard(s), "
+            f"padding {100 * s['padding_share']:.2f}%, {s['tokens_per_second_per_task']:,.0f} tokens/s per task"
+            + (f"; training order: {mixed}" if len(s["sources"]) > 1 else ""))

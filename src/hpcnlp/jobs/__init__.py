@@ -36,6 +36,8 @@ def load_config(path, overrides: Iterable[str] = (), expect_job: str | None = No
         raise ConfigError(source, [Problem(key="job", message=f"this is a '{job}' config, not '{expect_job}'",
                                            fix=f"run `hpcnlp {job}` or pass a {expect_job} config")])
     spec = JOBS[job]
+    if job == "prepare" and raw.get("data_from"):
+        raw = prepare.with_data_from(raw, source)
     cfg = validate_shape(spec.config, {**raw, "job": job}, source)
     problems = cfg.problems()
     if check:
@@ -65,7 +67,8 @@ def run_job(cfg: JobConfig) -> int:
     (a column, a label, a file's format) is reported like a refused config: one line per problem, exit 2."""
     spec = JOBS[cfg.job]
     path = spec.status_file(cfg)
-    status.update(path, state="running", job=cfg.job, reason=None)  # once the dir is there (a rerun)
+    log = env.hpcnlp_setting("LOG")  # the Slurm log (slurm/launch.sh): `hpcnlp status` shows it
+    status.update(path, state="running", job=cfg.job, reason=None, **({"log": log} if log else {}))
     try:
         code = int(spec.run(cfg) or 0)
         reason = {status.EXIT_REQUEUE: "checkpointed for requeue", status.EXIT_REJECTED: "rejected by the gate"}.get(code)
@@ -82,6 +85,8 @@ def run_job(cfg: JobConfig) -> int:
     if code == status.EXIT_REQUEUE and not requeue:
         reason = (f"checkpointed, but {env.slurm_restart_count()} requeues reached max_requeues "
                   f"({getattr(cfg, 'max_requeues', 0)}): resubmit (resume: auto) to continue")
-    status.update(path, state=status.STATES.get(code, "failed"), reason=reason)
+    status.update(path, state=status.STATES.get(code, "failed"), reason=reason, **({"log": log} if log else {}))
+    if code != EXIT_CONFIG and path is not None:
+        status.link_log(log, path.parent)
     status.record_outcome(code, requeue, reason or status.STATES.get(code, "failed"))
     return code

@@ -1,15 +1,38 @@
-"""`hpcnlp prepare`: tokenize and pack a corpus into <prepared_root>/<fingerprint>/ (see data/pack.py)."""
+"""`hpcnlp prepare`: tokenize and pack a corpus into <prepared_root>/<fingerprint>/ (see data/pack.py).
+
+Scale-out: run as a Slurm array (`sbatch --array=0-3 slurm/prepare.sbatch jobs/prepare.yaml`): each task
+builds its share of the shards with data.num_proc processes; the last to finish writes the index.
+`data_from: jobs/pretrain.yaml` prepares exactly what that pretrain config will read.
+"""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable
 
 from hpcnlp import checks
-from hpcnlp.config import PrepareConfig, Problem
+from hpcnlp.config import ConfigError, PrepareConfig, Problem, read_yaml
 from hpcnlp.data.corpus import corpus_problems
 from hpcnlp.models import load_tokenizer
 from hpcnlp.spec import JobSpec, SlurmDefaults
+
+
+# What a prepare config takes from the pretrain config named by data_from.
+FROM_PRETRAIN = ("data", "model_name_or_path", "tokenizer_name_or_path", "trust_remote_code", "whole_word_masking")
+
+
+def with_data_from(raw: dict, source: str) -> dict:
+    """The prepare config `raw` on top of data_from's data section, tokenizer and whole_word_masking.
+    Keys set here win (e.g. data.num_proc=8 for this node); ones that change the prepared data (say
+    data.max_seq_length) would make a result that pretrain config does not read."""
+    other = read_yaml(raw["data_from"])
+    if other.get("job") != "pretrain":
+        raise ConfigError(source, [Problem(key="data_from", message=f"{raw['data_from']} is not a pretrain config",
+                                           fix="name the pretrain config whose data this prepares")])
+    base = {k: other[k] for k in FROM_PRETRAIN if k in other}
+    data = {**(base.get("data") or {}), **(raw.get("data") or {})}
+    return {**base, **raw, "data": data}
 
 
 def check(cfg: PrepareConfig, pending: Iterable[str] = ()) -> list[Problem]:
@@ -24,14 +47,27 @@ def _tokenizer(cfg: PrepareConfig):
 def prepared_dir(cfg: PrepareConfig) -> Path:
     from hpcnlp.data.pack import fingerprint
 
-    return Path(cfg.data.prepared_root) / fingerprint(cfg.data, _tokenizer(cfg), with_offsets=False)
+    return Path(cfg.data.prepared_root) / fingerprint(cfg.data, _tokenizer(cfg), cfg.whole_word_masking)
+
+
+def array_task() -> tuple[int, int]:
+    """(index, count) of this Slurm array task; (0, 1) outside an array."""
+    if "SLURM_ARRAY_TASK_ID" not in os.environ:
+        return 0, 1
+    low = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT") or int(os.environ["SLURM_ARRAY_TASK_MAX"]) - low + 1)
+    return int(os.environ["SLURM_ARRAY_TASK_ID"]) - low, count
 
 
 def run(cfg: PrepareConfig) -> int:
     from hpcnlp.data.pack import prepare, summary
 
-    result = prepare(cfg.data, _tokenizer(cfg))
-    print(f"{'reused' if result.reused else 'prepared'} {result.path}: {summary(result.stats)}")
+    task = array_task()
+    result = prepare(cfg.data, _tokenizer(cfg), cfg.whole_word_masking, task=task)
+    if result.stats is None:
+        print(f"task {task[0]} of {task[1]}: its shards are in {result.path}/shards; the last task writes the index")
+    else:
+        print(f"{'reused' if result.reused else 'prepared'} {result.path}: {summary(result.stats)}")
     return 0
 
 
@@ -49,4 +85,5 @@ def summary_row(cfg: PrepareConfig) -> dict:
 SPEC = JobSpec(name="prepare", help="tokenize and pack a corpus once (reused by later pretrain runs)",
                config=PrepareConfig, check=check, run=run, single_process=True, is_complete=is_complete,
                summary_row=summary_row, status_file=lambda cfg: None,  # no output_dir: prepared data is shared
-               slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4))
+               slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4,
+                                   note="per task; N tasks: sbatch --array=0-<N-1> (a rerun redoes only unfinished shards)"))

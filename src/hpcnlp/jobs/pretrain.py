@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 from hpcnlp import adapters, checks
-from hpcnlp.config import PretrainConfig, Problem
+from hpcnlp.config import ConfigError, PretrainConfig, Problem
 from hpcnlp.data.corpus import corpus_problems, expand_files, read_documents
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb
@@ -47,7 +47,8 @@ def _scratch_tokenizer(cfg: PretrainConfig, args):
     with args.main_process_first(local=False, desc="scratch tokenizer"):  # shared FS: one writer
         if not (path / "tokenizer.json").is_file():
             wp = BertWordPieceTokenizer(lowercase=True)
-            docs = (d["text"] for d in read_documents(expand_files(cfg.data.train_files), cfg.data.format,
+            files = [f for s in cfg.data.source_list() for f in expand_files(s.files, s.exclude)]
+            docs = (d["text"] for d in read_documents(files, cfg.data.format,
                                                       cfg.data.text_field, cfg.data.sample_by, cfg.data.encoding)
                     if d["text"])
             wp.train_from_iterator(docs, vocab_size=cfg.scratch.vocab_size, min_frequency=2)
@@ -82,8 +83,26 @@ def _eval(trainer, eval_ds) -> dict:
             "masked_accuracy": m.get("eval_masked_accuracy")}
 
 
+def prepared_data(cfg: PretrainConfig, tokenizer, world_size: int):
+    """The prepared corpus. One process prepares it if missing (the demo's one command); a process
+    group never does: its ranks would wait on one rank's hours of tokenizing under the collective
+    timeout, on GPU nodes. It refuses, pointing at the prepare stage."""
+    from hpcnlp.data.pack import find, fingerprint, prepare
+
+    offsets = cfg.whole_word_masking
+    if world_size == 1:
+        return prepare(cfg.data, tokenizer, with_offsets=offsets)
+    if found := find(cfg.data, tokenizer, offsets):
+        return found
+    where = Path(cfg.data.prepared_root) / fingerprint(cfg.data, tokenizer, offsets)
+    raise ConfigError(cfg._source, [Problem(
+        key="data", message=f"no prepared data at {where}, and a {world_size}-process run does not tokenize",
+        fix=f"run the prepare stage first: `hpcnlp prepare --config <a prepare config with data_from: "
+            f"{cfg._source}>` (jobs/prepare.yaml; a Slurm array: sbatch --array=0-3 slurm/prepare.sbatch ...), "
+            "as jobs/pipeline.yaml does")])
+
+
 def run(cfg: PretrainConfig) -> int:
-    from hpcnlp.data.pack import prepare
     from hpcnlp.train.harness import TrainingRun
     from hpcnlp.train.mlm import (MLMCollator, build_masked_lm, enable_sparse_mlm_head, fixed_eval_masks,
                                   masked_accuracy, masked_predictions)
@@ -95,10 +114,12 @@ def run(cfg: PretrainConfig) -> int:
         tokenizer = _scratch_tokenizer(cfg, args)
     else:
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
-    with args.main_process_first(local=False, desc="prepare"):  # rank 0 builds, the others reuse it
-        prepared = prepare(cfg.data, tokenizer, with_offsets=cfg.whole_word_masking)
+    prepared = prepared_data(cfg, tokenizer, args.world_size)
     data = prepared.load()
-    eval_ds = fixed_eval_masks(data["eval"], tokenizer, cfg.mlm_probability, cfg.whole_word_masking, args.seed)
+    held = data["eval"]
+    if cfg.data.max_eval_blocks and len(held) > cfg.data.max_eval_blocks:  # start-up must not grow with the corpus
+        held = held.select(range(cfg.data.max_eval_blocks))
+    eval_ds = fixed_eval_masks(held, tokenizer, cfg.mlm_probability, cfg.whole_word_masking, args.seed)
 
     model = build_masked_lm(cfg, tokenizer)
     sparse = cfg.sparse_mlm_head and enable_sparse_mlm_head(model)

@@ -17,6 +17,8 @@ Steered by environment variables (see README "Running on Slurm"):
   HPCNLP_CONTAINER       apptainer | singularity | pyxis | podman (default: apptainer when an image is set)
   HPCNLP_BIND            extra comma-separated dirs to bind into the container
   HPCNLP_PODMAN_ARGS     extra `podman run` options (e.g. --runtime runc)
+  HPCNLP_PASS_ENV        more variable names podman passes in (NCCL_*, TORCH_* and proxies always are)
+  HPCNLP_MODULES         modules slurm/launch.sh loads first (`module load ...`)
   HPCNLP_PYTHON          python on the nodes (default: this interpreter; `python3` inside a container)
 DeepSpeed needs no launcher of its own: `training.deepspeed: jobs/deepspeed/zero2.json` in the job
 config makes the Trainer use it under torchrun.
@@ -35,6 +37,10 @@ from hpcnlp.runtime import env
 
 LAUNCHERS = ("torchrun", "accelerate")
 CONTAINERS = ("none", "apptainer", "singularity", "pyxis", "podman")
+# Variables podman passes into the container: Slurm's, ours, the libraries' switches, proxies.
+PODMAN_ENV = ("SLURM_*", "HPCNLP_*", "OMP_NUM_THREADS", "HF_*", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR",
+              "TOKENIZERS_PARALLELISM", "CUDA_VISIBLE_DEVICES", "NCCL_*", "TORCH_*", "PYTORCH_*",
+              "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 PORT_BASE, PORT_SPAN = 20000, 20000  # rendezvous ports live in [20000, 40000)
 
 
@@ -57,6 +63,8 @@ class Plan:
     workdir: str = field(default_factory=os.getcwd)
     binds: list[str] = field(default_factory=list)
     podman_args: list[str] = field(default_factory=list)
+    gpus: int = 0  # GPUs Slurm gave each node: podman then passes the devices in (CDI)
+    pass_env: list[str] = field(default_factory=list)  # more variables podman passes (the profile's env)
 
 
 # --- rendezvous ---------------------------------------------------------------------------
@@ -145,8 +153,10 @@ def container_wrap(plan: Plan) -> tuple[list[str], list[str]]:
             prefix.append("--userns=keep-id")
         for b in binds:
             prefix += ["-v", f"{b}:{b}"]
-        for name in ("SLURM_*", "HPCNLP_*", "OMP_NUM_THREADS", "HF_*", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR",
-                     "TOKENIZERS_PARALLELISM", "CUDA_VISIBLE_DEVICES"):
+        if plan.gpus:  # CDI names all of the node's GPUs; CUDA_VISIBLE_DEVICES (Slurm's) picks the job's
+            prefix += ["--device", "nvidia.com/gpu=all"]
+        # Podman passes no host variable unless named (Apptainer and pyxis pass them all).
+        for name in (*PODMAN_ENV, *plan.pass_env):
             prefix.append(f"--env={name}")
         return [], [*prefix, "-w", plan.workdir, plan.image]
     raise LaunchError(f"unknown container runtime '{plan.container}'; use one of {CONTAINERS}")
@@ -200,7 +210,8 @@ def plan_from_env(job: str, job_args: list[str]) -> Plan:
                 launcher=env.hpcnlp_setting("LAUNCHER", "torchrun"), container=container, image=image,
                 python=env.hpcnlp_setting("PYTHON", "python3" if container != "none" else sys.executable),
                 workdir=env.slurm_submit_dir(), binds=binds,
-                podman_args=shlex.split(env.hpcnlp_setting("PODMAN_ARGS", "")))
+                podman_args=shlex.split(env.hpcnlp_setting("PODMAN_ARGS", "")), gpus=env.slurm_gpus_on_node(),
+                pass_env=(env.hpcnlp_setting("PASS_ENV") or "").split())
 
 
 def sweep_task_args(manifest: str | None, task_id: int | None) -> list[str]:

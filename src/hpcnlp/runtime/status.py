@@ -41,6 +41,20 @@ def update(path: Path | None, create: bool = False, **fields) -> None:
                              "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
+def link_log(log: str | None, where: Path) -> None:
+    """The job's Slurm log, linked beside its status.json (rank 0, where the job made the dir): the run's
+    files and its log in one place. A name already there that is not our link is left alone."""
+    if not log or env.rank() != 0 or not where.is_dir() or not Path(log).is_file():
+        return
+    link = where / Path(log).name
+    if link.exists() and not link.is_symlink():
+        return
+    tmp = where / f".{link.name}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(Path(log).absolute(), tmp)
+    os.replace(tmp, link)
+
+
 def record_outcome(code: int, requeue: bool, message: str) -> None:
     """The line slurm/launch.sh reads after the step: `<code> <requeue|stop> <message>`."""
     path = env.hpcnlp_setting("OUTCOME_FILE")

@@ -66,10 +66,35 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         self.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
 
 
+class PreparedOrderSampler(torch.utils.data.Sampler):
+    """Prepared pretraining blocks come shuffled (data/pack.py `Blocks`): epoch 0 reads them in that order
+    (sequential reads of the memory-mapped shards), later epochs in a permutation drawn from (seed, epoch)
+    alone. Either way a resumed run sees the same batches, and accelerate's skip_first_batches skips the
+    seen ones by index, reading no data."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate's loader calls it at each epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        if self.epoch == 0:
+            return iter(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
 class ResumableTrainer(Trainer):
     """The Trainer every job uses: a resumed run sees the same batches as the uninterrupted one."""
 
     def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(dataset, "ordered", False):
+            return PreparedOrderSampler(len(dataset), self.args.data_seed or self.args.seed)
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
             sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths,

@@ -135,7 +135,9 @@ def fixed_eval_masks(eval_ds, tokenizer, mlm_probability: float, whole_word_mask
         return {"input_ids": [ids[:n].tolist() for ids, n in zip(out["input_ids"], lengths)],
                 "labels": [lab[:n].tolist() for lab, n in zip(out["labels"], lengths)]}
 
-    return eval_ds.map(mask, batched=True, batch_size=256, remove_columns=eval_ds.column_names)
+    # In memory (data.max_eval_blocks bounds it): datasets would otherwise write its cache file next to
+    # the prepared shards, a dir shared by every run and rank.
+    return eval_ds.map(mask, batched=True, batch_size=256, remove_columns=eval_ds.column_names, keep_in_memory=True)
 
 
 def build_masked_lm(cfg: PretrainConfig, tokenizer):

@@ -1,0 +1,187 @@
+"""The cluster profile (jobs/cluster.yaml) without a Slurm: rendered into sbatch options and launcher
+variables, refused when it cannot work, dry runs that print what would be run, `hpcnlp status` from
+status.json, the job log linked into output_dir. The real-Slurm side is tests/cluster/test_profile.py."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hpcnlp import cluster
+from hpcnlp.config import ClusterProfile, ConfigError
+from hpcnlp.jobs import JOBS
+from hpcnlp.runtime import launch, status
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_PROFILE = {"account": "nlp", "partition": "gpu", "qos": "high", "nodes": 2, "gpus_per_node": 4,
+               "cpus_per_task": 32, "mem": "256G", "time": "12:00:00", "mail_user": "me@example.org",
+               "mail_type": "END,FAIL", "container": "apptainer", "image": "/shared/hpcnlp.sif",
+               "binds": ["/scratch", "/data"], "env": {"NCCL_DEBUG": "WARN"}, "modules": ["cuda/12.8"],
+               "log_dir": "/logs", "sbatch": ["--constraint=h100"]}
+
+
+def hpcnlp(*args: str, cwd=REPO, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpcnlp", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_profile_renders_every_field_and_per_job_options_win():
+    profile = ClusterProfile(**GPU_PROFILE)
+    opts = cluster.sbatch_options(profile, JOBS["pretrain"], "pretrain-pydocs", extra=["--time=1:00:00"])
+    assert opts == ["--job-name=pretrain-pydocs", "--account=nlp", "--partition=gpu", "--qos=high", "--nodes=2",
+                    "--gpus-per-node=4", "--cpus-per-task=32", "--mem=256G", "--mail-user=me@example.org",
+                    "--mail-type=END,FAIL", "--output=/logs/%x-%j.out", "--constraint=h100", "--time=1:00:00"]
+    # Single-process jobs: one node (their header), at most one GPU; arrays: one log per task.
+    single = cluster.sbatch_options(profile, JOBS["export"], "export-x", array=True)
+    assert "--gpus-per-node=1" in single and not any(o.startswith("--nodes") for o in single)
+    assert "--output=/logs/%x-%A_%a.out" in single
+    # Any array job, e.g. a sharded prepare submitted with --sbatch=--array=0-3
+    prep = cluster.sbatch_options(profile, JOBS["prepare"], "prepare", extra=["--array=0-3"])
+    assert "--output=/logs/%x-%A_%a.out" in prep and prep[-1] == "--array=0-3"
+    assert cluster.launch_env(profile) == {
+        "HPCNLP_CONTAINER": "apptainer", "HPCNLP_IMAGE": "/shared/hpcnlp.sif", "HPCNLP_BIND": "/scratch,/data",
+        "HPCNLP_MODULES": "cuda/12.8", "HPCNLP_PASS_ENV": "NCCL_DEBUG", "NCCL_DEBUG": "WARN"}
+    # No profile: job name and log path still, nothing else.
+    assert cluster.sbatch_options(ClusterProfile(), JOBS["pretrain"], "p") == [
+        "--job-name=p", f"--output={Path('outputs/logs').absolute()}/%x-%j.out"]
+
+
+def test_job_names_say_which_run():
+    from hpcnlp.jobs import load_config
+
+    names = {c: cluster.job_name(load_config(REPO / "jobs" / c, check=False))
+             for c in ("pretrain.yaml", "finetune-sentiment.yaml", "export.yaml", "prepare.yaml")}
+    assert names == {"pretrain.yaml": "pretrain-pydocs", "finetune-sentiment.yaml": "finetune-sentiment",
+                     "export.yaml": "export-onnx-sentiment", "prepare.yaml": "prepare"}
+
+
+def test_bad_profiles_are_refused_with_file_field_and_fix(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({"partiton": "gpu", "gpus_per_node": 2, "nproc_per_node": 4,
+                                    "container": "apptainer"}))
+    with pytest.raises(ConfigError) as e:
+        cluster.load_profile(path)
+    assert e.value.lines == [f"{path}: partiton: unknown key. Fix: did you mean 'partition'?"]
+    path.write_text(yaml.safe_dump({"gpus_per_node": 2, "nproc_per_node": 4, "container": "apptainer"}))
+    with pytest.raises(ConfigError) as e:
+        cluster.load_profile(path)
+    assert [p.key for p in e.value.problems] == ["image", "nproc_per_node"]
+    assert "4 processes per node but only 2 GPUs" in str(e.value)
+
+
+def test_check_refuses_half_precision_on_a_cpu_only_profile(tmp_path):
+    cpu, gpu = tmp_path / "cpu.yaml", tmp_path / "gpu.yaml"
+    cpu.write_text("gpus_per_node: 0\n")
+    gpu.write_text("gpus_per_node: 2\n")
+    args = ["check", "--config", "jobs/finetune-sentiment.yaml", "training.bf16=true"]
+    res = hpcnlp(*args, HPCNLP_CLUSTER=str(cpu))
+    assert res.returncode == 2
+    assert "training.bf16: is on, but the job gets no GPU" in res.stderr and str(cpu) in res.stderr
+    assert hpcnlp(*args, HPCNLP_CLUSTER=str(gpu)).returncode == 0
+    # submit sees the GPUs the final options ask for, the job's own --sbatch included
+    res = hpcnlp("submit", "--dry-run", "--config", "jobs/finetune-sentiment.yaml", "training.bf16=true",
+                 HPCNLP_CLUSTER=str(cpu))
+    assert res.returncode == 2 and "nothing was queued" in res.stderr
+    res = hpcnlp("submit", "--dry-run", "--sbatch=--gpus-per-node=1", "--config", "jobs/finetune-sentiment.yaml",
+                 "training.bf16=true", HPCNLP_CLUSTER=str(cpu))
+    assert res.returncode == 0, res.stderr
+
+
+def test_dry_run_of_the_six_stage_pipeline_prints_every_command(tmp_path):
+    profile = tmp_path / "cluster.yaml"
+    profile.write_text(yaml.safe_dump({**GPU_PROFILE, "log_dir": str(tmp_path / "logs")}))
+    state = tmp_path / "state"
+    res = hpcnlp("pipeline", "--config", "jobs/pipeline.yaml", "--dry-run", HPCNLP_CLUSTER=str(profile),
+                 HPCNLP_STATE_DIR=str(state), PATH=f"{tmp_path}/nobin:/usr/bin:/bin")  # no sbatch on PATH
+    assert res.returncode == 0, res.stderr
+    blocks = re.findall(r"^(\w+): would submit (\w+) .*\n  sbatch: (.*)\n  srun:   (.*)\n  node:   (.*)\n  log:    (.*)$",
+                        res.stdout, re.M)
+    assert [b[0] for b in blocks] == ["prepare", "pretrain", "finetune", "distill", "export", "validate"], res.stdout
+    for i, (stage, job, sbatch, srun, node, log) in enumerate(blocks):
+        argv = shlex.split(sbatch)
+        assert "HPCNLP_CONTAINER=apptainer" in argv and "NCCL_DEBUG=WARN" in argv
+        assert argv[argv.index("sbatch"):][:2] == ["sbatch", "--parsable"]
+        assert {"--account=nlp", "--partition=gpu", "--mem=256G", "--constraint=h100"} <= set(argv)
+        assert argv[-2] == str(REPO / "slurm" / f"{job}.sbatch")
+        assert (f"--dependency=afterok:<{blocks[i - 1][0]}>" in argv) == (i > 0)
+        assert srun.startswith("srun --kill-on-bad-exit=1") and "apptainer exec --nv --bind" in srun
+        assert "/scratch,/data" in srun and "/shared/hpcnlp.sif python3 -m hpcnlp.runtime.launch node" in srun
+        assert node.startswith("python3 -m torch.distributed.run") and f"-m hpcnlp {job} --config" in node
+        name = re.search(r"--job-name=(\S+)", sbatch).group(1)
+        assert log == f"{tmp_path}/logs/{name}-%j.out"
+        single = JOBS[job].single_process
+        assert ("--nproc-per-node=1" if single else "--nproc-per-node=4") in node
+        assert ("--gpus-per-node=1" if single else "--gpus-per-node=4") in argv
+    assert "--nodes=2" in blocks[1][2] and "--nnodes=2" in blocks[1][4]  # the stage's own option
+    assert not state.exists() and not (tmp_path / "logs").exists()  # nothing frozen, nothing queued
+
+
+def test_podman_passes_gpus_and_the_nccl_torch_environment():
+    plan = launch.Plan(job="pretrain", job_args=["--config", "c.yaml"], nnodes=1, nproc_per_node=2,
+                       master_addr="h", master_port=1, container="podman", image="hpcnlp:gpu", gpus=2,
+                       pass_env=["MY_PROXY_SETTING"])
+    _, prefix = launch.container_wrap(plan)
+    assert prefix[prefix.index("--device") + 1] == "nvidia.com/gpu=all"
+    assert {"--env=NCCL_*", "--env=TORCH_*", "--env=https_proxy", "--env=MY_PROXY_SETTING"} <= set(prefix)
+    plan.gpus = 0
+    assert "--device" not in launch.container_wrap(plan)[1]
+
+
+def test_status_table_reads_status_json(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "status.json").write_text(json.dumps({
+        "state": "running", "job": "pretrain", "step": 40, "max_steps": 120, "loss": 6.54321, "eta_seconds": 95,
+        "restarts": 1, "slurm_job_ids": ["7"], "queued_job_id": "7", "log": "/logs/pretrain-run-7.out"}))
+    res = hpcnlp("status", str(out), PATH="/usr/bin:/bin")
+    assert res.returncode == 0, res.stderr
+    row = [line for line in res.stdout.splitlines() if line.startswith("| run")][0]
+    assert [c.strip() for c in row.strip("|").split("|")] == ["run", "running", "7", "40/120", "6.5432", "1m35s",
+                                                              "1", "/logs/pretrain-run-7.out"]
+    res = hpcnlp("status", str(tmp_path / "nothing"))
+    assert res.returncode == 2 and "no status.json there" in res.stderr and "nothing was queued" not in res.stderr
+
+
+def test_the_log_is_linked_beside_status_json(tmp_path):
+    log = tmp_path / "logs" / "pretrain-x-7.out"
+    log.parent.mkdir()
+    log.write_text("launch: ...\n")
+    out = tmp_path / "x"
+    out.mkdir()
+    status.link_log(str(log), out)
+    status.link_log(str(log), out)  # a requeue links it again: same link
+    assert (out / log.name).is_symlink() and (out / log.name).read_text() == "launch: ...\n"
+    (out / "other-7.out").write_text("mine")
+    status.link_log(str(tmp_path / "logs" / "missing.out"), out)  # no log: nothing
+    assert sorted(p.name for p in out.iterdir()) == ["other-7.out", "pretrain-x-7.out"]
+
+
+def test_status_of_a_pipeline_has_a_row_per_stage_and_sweep_dry_run_logs_per_task(tmp_path):
+    res = hpcnlp("status", "jobs/pipeline.yaml", PATH="/usr/bin:/bin")
+    assert res.returncode == 0, res.stderr
+    rows = [line.split("|")[1:3] for line in res.stdout.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["prepare", "pretrain", "finetune", "distill", "export", "validate"]
+    res = hpcnlp("sweep", "--dry-run", "--config", "jobs/finetune-sentiment.yaml", f"output_dir={tmp_path}/sw",
+                 "--overrides-list", "training.learning_rate=1e-4", "training.learning_rate=3e-4",
+                 HPCNLP_CLUSTER=str(REPO / "jobs" / "cluster.yaml"))
+    assert res.returncode == 0, res.stderr
+    sbatch = re.search(r"^  sbatch: (.*)$", res.stdout, re.M).group(1)
+    assert f"HPCNLP_SWEEP={tmp_path}/sw/sweep.json" in sbatch and "--array=0-1" in sbatch
+    assert re.search(r"^  log:    .*/outputs/logs/finetune-sw-%A_%a.out$", res.stdout, re.M), res.stdout
+    assert not (tmp_path / "sw").exists()  # a dry run writes no manifest
+
+
+def test_the_check_inside_a_job_leaves_gpus_to_the_allocation(tmp_path):
+    """slurm/launch.sh runs `hpcnlp check` in the job: submit already checked the final options."""
+    cpu = tmp_path / "cpu.yaml"
+    cpu.write_text("gpus_per_node: 0\n")
+    res = hpcnlp("check", "--config", "jobs/finetune-sentiment.yaml", "training.bf16=true", HPCNLP_CLUSTER=str(cpu),
+                 SLURM_JOB_ID="7")
+    assert res.returncode == 0, res.stderr

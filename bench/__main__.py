@@ -29,7 +29,7 @@ RESULTS = REPO / "bench" / "results"
 WORK = REPO / "outputs" / "bench"
 
 
-def plan(quick: bool, levers: bool, gpu: bool, large: bool = False) -> dict[str, dict]:
+def plan(quick: bool, levers: bool, gpu: bool, large: bool = False, adapters: bool = False) -> dict[str, dict]:
     """name -> case. Steps: enough steady steps for a rate on 2 busy cores; the seed recipe is ~40x
     slower per real token, so it gets fewer (a rate needs few)."""
     s, s_seed, w = (3, 2, 1) if quick else (6, 3, 2)
@@ -85,6 +85,8 @@ def plan(quick: bool, levers: bool, gpu: bool, large: bool = False) -> dict[str,
         cases["gpu_bert_base_128"] = {"run": pre + "hpcnlp", "work": work, "block": 128, "steps": 3 * s,
                                       "batch": 64, "warmup": 3, "bert_base": True, "bf16": True}
     cases["onnx_latency"] = {"run": "bench.onnx_latency.run"}
+    if adapters:  # ~40 min of training on the full data: only with --only adapters (+ bench/results/adapters.*)
+        cases["adapters"] = {"run": "bench.adapters.run"}
     if large:  # the Linux kernel source (bench/large.py): only with --only large...
         from bench.large import cases as large_cases
 
@@ -174,7 +176,8 @@ def main() -> int:
     from bench.summary import write
 
     gpu = torch.cuda.is_available()
-    cases = plan(a.quick, a.levers, gpu, large=any(o.startswith("large") for o in a.only or ()))
+    cases = plan(a.quick, a.levers, gpu, large=any(o.startswith("large") for o in a.only or ()),
+                 adapters="adapters" in (a.only or ()))
     results = {}
     if a.only and (RESULTS / "summary.json").is_file():
         results = json.loads((RESULTS / "summary.json").read_text())["results"]

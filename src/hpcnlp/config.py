@@ -177,6 +177,23 @@ class TrainingJobConfig(JobConfig):
 
 
 # ------------------------------------------------------------------------------------------
+# Adapters (LoRA through peft): finetune and pretrain train small low-rank updates, not the encoder
+# ------------------------------------------------------------------------------------------
+class AdapterConfig(Section):
+    """LoRA (peft): `r`, `lora_alpha`, `lora_dropout`, `target_modules` mean what they mean in peft's
+    LoraConfig. The task head always trains in full. The job writes the adapter alone to
+    `<output_dir>/adapter/` and the merged model (a plain model, no adapter ops) to output_dir."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    # Module names (or dotted suffixes) inside each encoder layer; None: the architecture's default
+    # (every linear layer of attention and FFN, hpcnlp.adapters.DEFAULT_TARGETS).
+    target_modules: list[str] | None = Field(None, min_length=1)
+
+
+# ------------------------------------------------------------------------------------------
 # Continued pretraining (masked LM) and corpus preparation
 # ------------------------------------------------------------------------------------------
 class SourceConfig(Section):
@@ -265,10 +282,14 @@ class PretrainConfig(TrainingJobConfig):
     whole_word_masking: bool = False
     # Run the MLM head only where a token is masked (~15% of positions); see train/mlm.py.
     sparse_mlm_head: bool = True
+    adapter: AdapterConfig | None = None  # LoRA instead of training the whole encoder (finetune: same key)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
     def problems(self) -> list[Problem]:
         out = self.data.problems() + self.training.problems()
+        if self.adapter and self.init == "scratch":
+            out.append(Problem(key="adapter", message="LoRA adapts pretrained weights; init: scratch has none",
+                               fix="remove adapter:, or use init: pretrained"))
         if self.training.max_steps <= 0 and self.training.num_train_epochs <= 0:
             out.append(Problem(key="training.max_steps", message="nothing to train",
                                fix="set max_steps > 0 or num_train_epochs > 0"))
@@ -366,6 +387,7 @@ class FinetuneConfig(TrainingJobConfig):
     trust_remote_code: bool = False
     data: FinetuneDataConfig
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    adapter: AdapterConfig | None = None  # LoRA: the encoder stays frozen, low-rank updates + the head train
     class_weights: Literal["balanced"] | dict[str, float] | None = None  # loss weights per label
     early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement
     training: FinetuneTrainingConfig = Field(default_factory=FinetuneTrainingConfig)
@@ -377,6 +399,9 @@ class FinetuneConfig(TrainingJobConfig):
             out.append(Problem(key="early_stopping_patience", message="early stopping needs evaluations and "
                                "training.load_best_model_at_end", fix="set training.eval_strategy to steps or "
                                "epoch and training.load_best_model_at_end: true, or drop early_stopping_patience"))
+        if self.adapter and self.freeze != FreezeConfig():
+            out.append(Problem(key="freeze", message="adapter already freezes the encoder (only LoRA weights "
+                               "and the head train)", fix="remove freeze:, or remove adapter:"))
         names = self.data.label_names
         if names is not None and len(set(names)) != len(names):
             out.append(Problem(key="data.label_names", message="a label is listed twice", fix="list each once"))
@@ -419,6 +444,28 @@ class DistillConfig(TrainingJobConfig):
             out.append(Problem(key="student_num_layers", message="give exactly one of student_num_layers and "
                                "student_model_name_or_path", fix="set the other to null"))
         return out
+
+
+class PruneConfig(TrainingJobConfig):
+    """Structured pruning of a fine-tuned classifier: the least important attention heads and FFN neurons
+    (importance measured on the training data) are removed, then a short recovery fine-tune (listening
+    to `teacher`'s logits when given). The result is a plain smaller model of the same architecture."""
+
+    job: Literal["prune"] = "prune"
+    model_name_or_path: str  # a fine-tuned classifier (hpcnlp finetune output_dir)
+    teacher: str | None = None  # recovery with the distillation loss on its logits; None: gold labels only
+    keep_heads: int = Field(ge=1)  # attention heads kept over all layers (ranked globally, >= 1 per layer)
+    intermediate_size: int = Field(ge=1)  # FFN neurons kept in every layer (config.json holds one size)
+    importance_samples: int = Field(512, ge=1)  # training rows the importance is measured on
+    temperature: float = Field(2.0, gt=0)  # with teacher: as in distill
+    alpha: float = Field(0.5, ge=0, le=1)
+    trust_remote_code: bool = False
+    data: FinetuneDataConfig
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)  # before vs after, same inputs
+    training: TrainingConfig = Field(default_factory=TrainingConfig)  # the recovery fine-tune
+
+    def problems(self) -> list[Problem]:
+        return self.training.problems()
 
 
 class QuantizeConfig(Section):

@@ -12,11 +12,11 @@ from typing import Iterable
 
 from hpcnlp.config import ConfigError, JobConfig, Problem, read_yaml, with_overrides
 from hpcnlp.config import validate as validate_shape
-from hpcnlp.jobs import distill, export, finetune, prepare, pretrain, validate
+from hpcnlp.jobs import distill, export, finetune, prepare, pretrain, prune, validate
 from hpcnlp.runtime import env, rundir, status
 from hpcnlp.spec import JobSpec
 
-JOBS: dict[str, JobSpec] = {m.SPEC.name: m.SPEC for m in (prepare, pretrain, finetune, distill, export, validate)}
+JOBS: dict[str, JobSpec] = {m.SPEC.name: m.SPEC for m in (prepare, pretrain, finetune, distill, prune, export, validate)}
 EXIT_CONFIG = status.EXIT_CONFIG  # the config (or its data) was refused; nothing ran, nothing was written
 
 

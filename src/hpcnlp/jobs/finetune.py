@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from hpcnlp import checks
+from hpcnlp import adapters, checks
 from hpcnlp.config import ConfigError, FinetuneConfig, FreezeConfig, Problem
 from hpcnlp.data import classification, ner
 from hpcnlp.data.labels import IGNORE, data_file_problems, label_maps
@@ -42,6 +42,7 @@ def check(cfg: FinetuneConfig, pending: Iterable[str] = ()) -> list[Problem]:
         if n is not None and cfg.freeze.layers > n:
             out.append(Problem(key="freeze.layers", message=f"the model has {n} layers, cannot freeze "
                                f"{cfg.freeze.layers}", fix=f"use 0..{n} (or freeze.all_but_head: true)"))
+    out += adapters.check(cfg.adapter, cfg.model_name_or_path, pending, cfg.trust_remote_code)
     out += checks.overlaps(cfg.output_dir, {"model_name_or_path": cfg.model_name_or_path,
                                             "tokenizer_name_or_path": cfg.tokenizer_name_or_path, **cfg.data.files()})
     return out + checks.output_dir(cfg, cfg.resume)
@@ -218,7 +219,11 @@ def run(cfg: FinetuneConfig) -> int:
     t = cfg.training
     run = TrainingRun(cfg, load_best_model_at_end=t.load_best_model_at_end and t.eval_strategy != "no")
     model = build_model(cfg, data.label_names)
-    frozen = freeze(model, cfg.freeze)
+    if cfg.adapter:
+        model = adapters.wrap(model, cfg.adapter, cfg.task)
+        frozen = {"adapter": cfg.adapter.model_dump(), **adapters.parameter_counts(model)}
+    else:
+        frozen = freeze(model, cfg.freeze)
     log.info("trainable parameters: %s of %s", f"{frozen['trainable_parameters']:,}",
              f"{frozen['total_parameters']:,}")
     if cfg.task == IS_NER:

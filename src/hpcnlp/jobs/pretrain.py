@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Iterable
 
-from hpcnlp import checks
+from hpcnlp import adapters, checks
 from hpcnlp.config import ConfigError, PretrainConfig, Problem
 from hpcnlp.data.corpus import corpus_problems, expand_files, read_documents
 from hpcnlp.models import load_tokenizer, resolve_model_path
@@ -28,6 +28,8 @@ def check(cfg: PretrainConfig, pending: Iterable[str] = ()) -> list[Problem]:
         out += checks.model("model_name_or_path", cfg.model_name_or_path, pending)
         out += checks.max_seq_length(cfg.data.max_seq_length, "model_name_or_path", cfg.model_name_or_path, pending)
     out += checks.model("tokenizer_name_or_path", cfg.tokenizer_name_or_path, pending)
+    if cfg.init == "pretrained":
+        out += adapters.check(cfg.adapter, cfg.model_name_or_path, pending, cfg.trust_remote_code)
     out += checks.overlaps(cfg.output_dir, {"model_name_or_path": cfg.model_name_or_path if cfg.init == "pretrained"
                                             else None, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
                                             "data.prepared_root": cfg.data.prepared_root})
@@ -121,6 +123,9 @@ def run(cfg: PretrainConfig) -> int:
 
     model = build_masked_lm(cfg, tokenizer)
     sparse = cfg.sparse_mlm_head and enable_sparse_mlm_head(model)
+    if cfg.adapter:  # after the sparse forward: peft calls the model's own forward
+        model = adapters.wrap(model, cfg.adapter, None)
+        log.info("adapter: %s", adapters.parameter_counts(model))
     trainer = run.trainer(model=model, train_dataset=data["train"], eval_dataset=eval_ds,
                           data_collator=MLMCollator(tokenizer, cfg.mlm_probability, cfg.whole_word_masking, args.seed),
                           processing_class=tokenizer, compute_metrics=masked_accuracy,
@@ -140,6 +145,7 @@ def run(cfg: PretrainConfig) -> int:
         if run.is_main:
             atomic_write_json(before_file, before)
 
+    counts = adapters.parameter_counts(model)
     code = run.train()
     if code is not None:
         return code
@@ -150,6 +156,7 @@ def run(cfg: PretrainConfig) -> int:
     if cfg.init == "pretrained":
         keep_pooler(resolve_model_path(cfg.model_name_or_path), out, model.base_model_prefix)
     metrics = {"job": "pretrain", "eval_before": before, "eval_after": after, **run.metrics(),
+               "adapter": cfg.adapter.model_dump() if cfg.adapter else None, **counts,
                "sparse_mlm_head": sparse,
                "prepared": {"path": str(prepared.path), "reused": prepared.reused, **prepared.stats}}
     rows = [{"": "before", **(before or {})}, {"": "after", **after}]

@@ -17,6 +17,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from hpcnlp import adapters
 from hpcnlp.config import ConfigError, Problem, TrainingConfig, TrainingJobConfig, dump_config
 from hpcnlp.report import plot_loss, write_report
 from hpcnlp.runtime import env, rundir, status
@@ -191,7 +192,14 @@ class TrainingRun:
         return 1 if self.replicas is False else None
 
     def save(self) -> None:
-        """The model (safetensors), its config and tokenizer into output_dir (rank 0 writes)."""
+        """The model (safetensors), its config and tokenizer into output_dir (rank 0 writes). An adapter
+        model writes the adapter alone to output_dir/adapter/, then is merged (every rank, the same
+        arithmetic) and saved like any model; the trainer goes on with the merged one."""
+        model = self._trainer.model
+        if adapters.is_adapter_model(model):
+            if self.is_main:
+                adapters.save_adapter(model, self.out / "adapter")
+            self._trainer.model = model.merge_and_unload()
         self._trainer.save_model(self.cfg.output_dir)
         if self.is_main:
             (self.out / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.resolved.yaml says it

@@ -99,3 +99,19 @@ def test_bf16_under_torchrun(tmp_path):
                               timeout=600)
         assert proc.returncode == 0, job + ": " + proc.stdout[-3000:] + proc.stderr[-3000:]
         assert _trained_in_bf16(tmp_path / out, world_size=2)["replicas_identical"] is True, job
+
+
+def test_unset_bf16_is_off_on_cpus_and_on_with_a_bf16_gpu(tmp_path, monkeypatch):
+    import torch
+
+    from hpcnlp.train import harness
+
+    assert TrainingConfig().bf16 is None
+    assert harness.training_arguments(TrainingConfig(), str(tmp_path)).bf16 is False  # this CPU machine
+    assert harness.training_arguments(TrainingConfig(bf16=True), str(tmp_path)).bf16 is True
+    # A bf16 GPU stood in for by torch.cuda's two answers (CI has no GPU); the decision alone is tested.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert harness._bf16({"bf16": None}) is True
+    assert harness._bf16({"bf16": None, "fp16": True}) is False
+    assert harness._bf16({"bf16": False}) is False

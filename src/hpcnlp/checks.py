@@ -133,7 +133,7 @@ def training(t: TrainingConfig, output_dir_: str) -> list[Problem]:
         log.warning("training.bf16: %s", advice)
     from transformers import TrainingArguments
 
-    kwargs = {**t.model_dump(), "deepspeed": None}  # DeepSpeed is checked above; its set-up is the job's
+    kwargs = {**t.model_dump(), "deepspeed": None, "bf16": bool(t.bf16)}  # DeepSpeed is checked above; its set-up is the job's
     with _environ_kept():  # TrainingArguments exports ACCELERATE_* variables: none may leak from a check
         try:
             TrainingArguments(output_dir=output_dir_ or ".", use_cpu=True, **kwargs)
@@ -146,7 +146,8 @@ def training(t: TrainingConfig, output_dir_: str) -> list[Problem]:
 
 def bf16_advice(t: TrainingConfig, flags: dict[str, bool] | None = None, gpu: bool | None = None) -> str | None:
     """Whether bf16 pays on this machine's CPU: a warning when it is asked where there are no bf16 matmul
-    units (AMX), a hint when there are and it is off. None on a GPU machine, or when nothing is to say.
+    units (AMX), a hint when there are and it is off (unset is off on CPUs). None on a GPU machine (unset
+    is on there when the GPU has bf16), or when nothing is to say.
     It judges the machine it runs on: submit from a node like the compute nodes."""
     import torch
 

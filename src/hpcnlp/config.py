@@ -109,7 +109,7 @@ class TrainingConfig(Section):
     per_device_train_batch_size: int = Field(16, ge=1)
     per_device_eval_batch_size: int = Field(32, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    bf16: bool = False
+    bf16: bool | None = None  # unset: on with a GPU that has bf16, off on CPUs (`hpcnlp check` advises there)
     fp16: bool = False
     seed: int = 42
     logging_steps: int = Field(10, ge=1)

@@ -31,6 +31,14 @@ from hpcnlp.train.replicas import replicas_identical
 log = logging.getLogger(__name__)
 
 
+def _bf16(kwargs: dict) -> bool:
+    """training.bf16 unset: the Trainer's bf16 autocast where the GPU has it; on CPUs only when asked (it
+    pays only with AMX units: `hpcnlp check` advises)."""
+    if kwargs.get("bf16") is not None:
+        return bool(kwargs["bf16"])
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not kwargs.get("fp16")
+
+
 def training_arguments(t: TrainingConfig, output_dir: str, **job_settings) -> TrainingArguments:
     """`training:` as TrainingArguments, with what the job owns filled in."""
     kwargs = {
@@ -48,6 +56,7 @@ def training_arguments(t: TrainingConfig, output_dir: str, **job_settings) -> Tr
         **t.model_dump(),  # hpcnlp's defaults and everything the config sets
         **job_settings,
     }
+    kwargs["bf16"] = _bf16(kwargs)
     if kwargs.get("eval_steps") is None:
         kwargs["eval_steps"] = kwargs.get("save_steps")  # evaluate where checkpoints are saved
     return TrainingArguments(output_dir=output_dir, **kwargs)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from helpers import SENTIMENT_DATA, free_port, run_cli, tiny_pretrain, write_config
 from hpcnlp.checks import bf16_advice
@@ -90,7 +91,11 @@ def test_finetune_then_distill_in_bf16(tmp_path):
 @pytest.mark.slow
 def test_bf16_under_torchrun(tmp_path):
     """pretrain, finetune and distill, each two CPU processes (gloo) in bf16; the ranks stay identical."""
-    for job, config, out in (("pretrain", tiny_pretrain(tmp_path, bf16=True), "out"),
+    pretrain = tiny_pretrain(tmp_path, bf16=True)
+    # A process group never tokenizes: the corpus is prepared first, as jobs/pipeline.yaml does.
+    (tmp_path / "prepare.yaml").write_text(yaml.safe_dump({"job": "prepare", "data_from": str(pretrain)}))
+    assert run_cli("prepare", "--config", str(tmp_path / "prepare.yaml")) == 0
+    for job, config, out in (("pretrain", pretrain, "out"),
                              ("finetune", _finetune(tmp_path, 2), "teacher"),
                              ("distill", _distill(tmp_path, tmp_path / "teacher", 2), "student")):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",

@@ -28,6 +28,15 @@ def tiny_pretrain(tmp_path: Path, name: str = "tiny.yaml", **training) -> Path:
                      "eval_strategy": "no", "save_steps": 3, "seed": 11, **training}})
 
 
+def prepare_corpus(config: Path) -> None:
+    """Prepare a pretrain config's corpus, as the pipeline's first stage does: a process group never tokenizes."""
+    from hpcnlp.cli import main
+
+    prepare = config.with_name(f"prepare-{config.name}")
+    prepare.write_text(yaml.safe_dump({"job": "prepare", "data_from": str(config)}))
+    assert main(["prepare", "--config", str(prepare)]) == 0
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (the OS picks it): tests never share a fixed rendezvous port."""
     with socket.socket() as s:

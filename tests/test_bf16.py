@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers import SENTIMENT_DATA, free_port, run_cli, tiny_pretrain, write_config
+from helpers import SENTIMENT_DATA, free_port, prepare_corpus, run_cli, tiny_pretrain, write_config
 from hpcnlp.checks import bf16_advice
 from hpcnlp.config import TrainingConfig
 
@@ -92,9 +91,7 @@ def test_finetune_then_distill_in_bf16(tmp_path):
 def test_bf16_under_torchrun(tmp_path):
     """pretrain, finetune and distill, each two CPU processes (gloo) in bf16; the ranks stay identical."""
     pretrain = tiny_pretrain(tmp_path, bf16=True)
-    # A process group never tokenizes: the corpus is prepared first, as jobs/pipeline.yaml does.
-    (tmp_path / "prepare.yaml").write_text(yaml.safe_dump({"job": "prepare", "data_from": str(pretrain)}))
-    assert run_cli("prepare", "--config", str(tmp_path / "prepare.yaml")) == 0
+    prepare_corpus(pretrain)
     for job, config, out in (("pretrain", pretrain, "out"),
                              ("finetune", _finetune(tmp_path, 2), "teacher"),
                              ("distill", _distill(tmp_path, tmp_path / "teacher", 2), "student")):

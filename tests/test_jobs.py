@@ -99,7 +99,9 @@ def test_seeded_run_logs_pinned_losses(tmp_path):
         torch.set_num_threads(threads)
     losses = _logged_losses(tmp_path / "out", 6)
     print("logged losses:", losses)
-    assert losses == pytest.approx(PINNED_LOSSES, abs=1e-4)
+    # 1e-3: runs of the same code differed by up to 2e-4 at step 6 (kernels' summation order); a change of
+    # data order, masking, init or optimizer moves the losses by far more (the prepared order moved step 2 by 0.05).
+    assert losses == pytest.approx(PINNED_LOSSES, abs=1e-3)
 
 
 @pytest.mark.slow

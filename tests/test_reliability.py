@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import SENTIMENT_DATA, export_config, free_port, preempt_at, run_cli, tiny_pretrain, write_config
+from helpers import (SENTIMENT_DATA, export_config, free_port, preempt_at, prepare_corpus, run_cli, tiny_pretrain,
+                     write_config)
 
 from hpcnlp.runtime import rundir
 from hpcnlp.runtime.checkpoints import MARKER, mark_complete, newest_complete_checkpoint
@@ -171,6 +172,7 @@ def test_a_stalled_rank_fails_the_job_naming_it(tmp_path):
     """2 processes under torchrun; rank 1 is stopped (SIGSTOP) mid-training: the watchdog fails the job
     within step_timeout_minutes, and the outcome line names rank 1, long before the gloo timeout."""
     config = tiny_pretrain(tmp_path, max_steps=100000, save_steps=100000, logging_steps=50)
+    prepare_corpus(config)
     outcome = tmp_path / "outcome"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HPCNLP_OUTCOME_FILE": str(outcome)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),

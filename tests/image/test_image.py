@@ -154,16 +154,19 @@ def test_two_node_slurm_job_trains_inside_the_image(image, tmp_path):
     (work / "corpus").mkdir(parents=True)
     for name in ("tutorial/introduction.rst.txt", "tutorial/controlflow.rst.txt"):
         shutil.copy(REPO / "data" / "corpus" / "python-docs" / name, work / "corpus")
-    config = work / "tiny.yaml"  # a 2-layer BERT from scratch: 2 ranks on 2 shared cores
+    config = work / "tiny.yaml"  # the packaged MiniLM, short blocks: 2 ranks on 2 shared cores
     config.write_text(json.dumps({
-        "job": "pretrain", "init": "scratch", "output_dir": str(work / "out"),
-        "scratch": {"vocab_size": 800, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                    "intermediate_size": 64},
+        "job": "pretrain", "model_name_or_path": "minilm-l6", "output_dir": str(work / "out"),
         "data": {"train_files": [str(work / "corpus" / "*.rst.txt")], "max_seq_length": 32,
                  "eval_fraction": 0.05, "prepared_root": str(work / "prepared")},
         "training": {"max_steps": 6, "per_device_train_batch_size": 8, "logging_steps": 2,
                      "eval_strategy": "no", "save_steps": 3, "seed": 7},
     }))  # JSON is YAML
+    # A process group never tokenizes: prepare first (here with the host's venv; the fingerprint is the
+    # files' and the tokenizer's content, so the image's ranks find it), as jobs/pipeline.yaml does.
+    (work / "prepare.yaml").write_text(json.dumps({"job": "prepare", "data_from": str(config)}))
+    subprocess.run([str(REPO / ".venv" / "bin" / "hpcnlp"), "prepare", "--config", str(work / "prepare.yaml")],
+                   check=True, cwd=work)
     cluster = LocalSlurm(tmp_path / "slurm", nodes=2, first_job_id=7001).start()
     try:
         env = {**cluster.env, "HPCNLP_HOME": str(REPO), "HPCNLP_IMAGE": image, "HPCNLP_CONTAINER": "podman",

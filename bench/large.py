@@ -190,3 +190,30 @@ def table(res: dict) -> list[dict]:
                          "per-task peak RSS MB": r["peak_rss_mb"], "step s (CPU)": r["step_seconds_median"],
                          "start-up s": r["startup_seconds_to_first_step"]})
     return rows
+
+
+def chart(res: dict, out: Path) -> str | None:
+    """large.png: prepare tokens/s (wall) and per-task peak RSS against task count, one line per corpus size."""
+    import matplotlib.pyplot as plt
+
+    from hpcnlp.report import save_figure
+
+    runs = [r for k, r in res.items() if k.startswith("large_prepare_") and "error" not in r]
+    if not runs:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for size in sorted({r["input_mb"] for r in runs}):
+        pts = sorted((r["tasks"], r["tokens_per_second"], r["peak_rss_mb"]) for r in runs if r["input_mb"] == size)
+        tasks, tps, rss = zip(*pts)
+        a.plot(tasks, tps, "o-", label=f"{size:,.0f} MB")
+        b.plot(tasks, rss, "o-", label=f"{size:,.0f} MB")
+    a.set(xlabel="prepare tasks (2 cores)", ylabel="tokens/s (wall clock)", title="prepare: throughput",
+          ylim=(0, max(r["tokens_per_second"] for r in runs) * 1.2))
+    b.set(xlabel="prepare tasks (2 cores)", ylabel="largest per-task peak RSS MB", title="prepare: memory per task",
+          ylim=(0, max(r["peak_rss_mb"] for r in runs) * 1.3))
+    for ax in (a, b):
+        ax.set_xticks(sorted({r["tasks"] for r in runs}))
+        ax.grid(alpha=0.3)
+        ax.legend(title="corpus")
+    save_figure(fig, out / "large.png")
+    return "large.png"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.large import chart as large_chart
 from bench.large import table as large_table
 from bench.timing import mfu
 from hpcnlp.report import markdown_table, save_figure
@@ -152,6 +153,8 @@ def charts(summary: dict, out: Path) -> list[str]:
         ax.grid(alpha=0.3)
     save_figure(fig, out / "scaling.png")
     names.append("scaling.png")
+    if large := large_chart(res, out):
+        names.append(large)
     return names
 
 

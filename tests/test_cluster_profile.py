@@ -97,6 +97,20 @@ def test_check_refuses_fp16_on_a_cpu_only_profile(tmp_path):
     assert res.returncode == 0, res.stderr
 
 
+def test_multi_node_pretrain_without_prepared_data_is_refused_before_queueing(tmp_path):
+    # A process group never tokenizes (its ranks would wait on one rank's hours under the collective
+    # timeout): submit refuses it before it waits in the queue; one process prepares for itself; a
+    # pipeline whose earlier stage prepares the data queues it (the six-stage dry run below).
+    args = ("submit", "--dry-run", "--config", "jobs/pretrain.yaml", f"data.prepared_root={tmp_path}/prepared")
+    env = {"HPCNLP_STATE_DIR": str(tmp_path / "state"), "PATH": f"{tmp_path}/nobin:/usr/bin:/bin"}
+    res = hpcnlp(*args, **env)
+    assert res.returncode == 2 and "nothing was queued" in res.stderr, res.stderr
+    assert "data: no prepared data at" in res.stderr and "2-process run does not tokenize" in res.stderr
+    assert "hpcnlp prepare" in res.stderr
+    res = hpcnlp(args[0], args[1], "--sbatch=--nodes=1", *args[2:], **env)
+    assert res.returncode == 0, res.stderr
+
+
 def test_dry_run_of_the_six_stage_pipeline_prints_every_command(tmp_path):
     profile = tmp_path / "cluster.yaml"
     profile.write_text(yaml.safe_dump({**GPU_PROFILE, "log_dir": str(tmp_path / "logs")}))

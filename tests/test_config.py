@@ -9,6 +9,7 @@ import yaml
 from hpcnlp.cli import main
 from hpcnlp.config import ConfigError, PretrainConfig, with_overrides
 from hpcnlp.jobs import EXIT_CONFIG, load_config
+from helpers import prepare_corpus
 
 
 def _check(tmp_path, cfg: dict, *overrides: str):
@@ -29,8 +30,15 @@ def test_shipped_pretrain_config_is_valid():
 
 def test_valid_config_passes_check(tmp_path, pretrain_config, capsys):
     path, _ = pretrain_config
+    # The shipped cluster profile sends pretrain to 2 nodes: a process group that would refuse to
+    # tokenize is refused before queueing, naming the prepare stage; once prepared, the config passes.
+    assert main(["check", "--config", str(path)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "data: no prepared data at" in err and "2-process run does not tokenize" in err and "hpcnlp prepare" in err
+    prepare_corpus(path)
     assert main(["check", "--config", str(path)]) == 0
     assert "valid 'pretrain' config" in capsys.readouterr().out
+    assert main(["check", "--config", str(path), "data.max_seq_length=32"]) == EXIT_CONFIG  # other data: refused
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path, pretrain_config, capsys):
@@ -73,7 +81,7 @@ def test_hub_id_is_refused(tmp_path, pretrain_config, capsys):
     assert code == EXIT_CONFIG and any("local model dir" in e for e in _errors(capsys))
 
 
-def test_finished_run_needs_resume_or_overwrite(tmp_path, pretrain_config, capsys):
+def test_finished_run_needs_resume_or_overwrite(tmp_path, pretrain_config, capsys, one_node):
     path, cfg = pretrain_config
     out = tmp_path / "out"
     out.mkdir()
@@ -128,7 +136,7 @@ def test_trust_remote_code_is_off_by_default(pretrain_config):
     assert load_config(path).trust_remote_code is False
 
 
-def test_training_is_training_arguments(tmp_path, pretrain_config, capsys):
+def test_training_is_training_arguments(tmp_path, pretrain_config, capsys, one_node):
     """Any TrainingArguments field is a `training:` key, typed as TrainingArguments types it."""
     from hpcnlp.train.harness import training_arguments
 

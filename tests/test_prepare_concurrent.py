@@ -70,7 +70,7 @@ def test_rename_race_without_lock_reuses_the_finished_result(tmp_path, small_cor
 
     cfg, real_build, race = _cfg(small_corpus, tmp_path / "prepared"), pack.build_shard, {}
 
-    def build_while_another_finishes(shard, cfg_, tok, offsets, dest):
+    def build_while_another_finishes(shard, cfg_, tok, offsets, dest, earlier=None):
         if not race:  # only in the outer build: another preparer completes meanwhile
             race["started"] = True
             race["winner"] = pack.prepare(cfg, minilm_tokenizer)

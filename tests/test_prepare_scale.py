@@ -139,11 +139,11 @@ def test_a_failed_task_is_redone_alone(tmp_path, many_shards, minilm_tokenizer, 
     cfg = _cfg(tmp_path, **many_shards)
     real, built = pack.build_shard, []
 
-    def dies_on_shard_10(shard, *args):  # the last of task 1's shards (1, 4, 7, 10)
+    def dies_on_shard_10(shard, *args, **kw):  # the last of task 1's shards (1, 4, 7, 10)
         if args[-1].name == "00010":
             raise MemoryError("killed")
         built.append(args[-1].name)
-        return real(shard, *args)
+        return real(shard, *args, **kw)
 
     monkeypatch.setattr(pack, "build_shard", dies_on_shard_10)
     with pytest.raises(MemoryError):
@@ -153,7 +153,7 @@ def test_a_failed_task_is_redone_alone(tmp_path, many_shards, minilm_tokenizer, 
     done = {d.name: d.stat().st_mtime_ns for d in tmp_path.glob("*/shards/*")}
     assert len(done) == 10 and "00010" not in done and not list(tmp_path.rglob(".tmp-*"))
     built.clear()
-    monkeypatch.setattr(pack, "build_shard", lambda shard, *a: (built.append(a[-1].name), real(shard, *a))[1])
+    monkeypatch.setattr(pack, "build_shard", lambda shard, *a, **kw: (built.append(a[-1].name), real(shard, *a, **kw))[1])
     again = pack.prepare(cfg, minilm_tokenizer, task=(1, 3))  # the requeued task
     assert again.stats is not None and again.stats["shards"] == 11 and built == ["00010"]
     assert {d.name: d.stat().st_mtime_ns for d in tmp_path.glob("*/shards/*") if d.name != "00010"} == done
@@ -188,3 +188,28 @@ def test_a_process_group_never_tokenizes(tmp_path, pretrain_config, minilm_token
     assert not list(tmp_path.rglob("meta.json"))  # nothing was built
     made = prepared_data(cfg, minilm_tokenizer, world_size=1)  # one process: prepares (the demo's one command)
     assert prepared_data(cfg, minilm_tokenizer, world_size=2).path == made.path
+
+
+def test_dedup_across_shards_first_copy_kept_for_any_task_count(tmp_path, minilm_tokenizer):
+    # 3 files of ~1 KB, 1 KB shards: a repeat in another file is a repeat in another shard.
+    paras = [f"paragraph number {i} with some words to make it longer than a line" for i in range(60)]
+    files = []
+    for i, chunk in enumerate((paras[:20], paras[20:40] + paras[:7], paras[40:] + paras[:3] + paras[25:30])):
+        files.append(tmp_path / f"f{i}.txt")
+        files[-1].write_text("\n\n".join(chunk))
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text("\n\n".join([paras[0], "a held-out text seen nowhere else", paras[59]]))
+    base = dict(train_files=[str(f) for f in files], eval_files=[str(eval_file)], max_seq_length=32,
+                shard_mb=0.001, dedup=True)
+    one = pack.prepare(_cfg(tmp_path / "one", **base), minilm_tokenizer)
+    assert one.stats["shards"] >= 4
+    assert one.stats["duplicates_removed"] == 7 + 3 + 5 + 2  # 15 train repeats + 2 eval texts seen in train
+    assert one.stats["documents_train"] == 60 and one.stats["documents_eval"] == 1
+    three = tmp_path / "three"
+    for i in (2, 0, 1):
+        pack.prepare(_cfg(three, **base), minilm_tokenizer, task=(i, 3))
+    assert _bytes(one.path) == _bytes(next(three.iterdir()))
+    # Each text once: the training token stream, decoded, is every paragraph exactly once.
+    stream = [t for b in one.load()["train"].blocks for t in b["input_ids"][1:-1]]
+    docs = [d.strip() for d in minilm_tokenizer.decode(stream).split("[SEP]") if d.strip()]
+    assert sorted(docs) == sorted(p.lower() for p in paras)

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 profile = submit.cluster.load_profile()
                 options = submit.cluster.sbatch_options(profile, JOBS[cfg.job], submit.cluster.job_name(cfg))
-                problems = submit.cluster.profile_problems(cfg, options)
+                problems = submit.cluster.profile_problems(cfg, options, profile)
                 if problems:
                     raise ConfigError(f"{args.config} (with cluster profile {submit.cluster.profile_path()})", problems)
             except ConfigError as e:

@@ -97,24 +97,40 @@ def gpus_requested(options: list[str]) -> int | None:
     return int(value.split(":")[-1]) if value else 0
 
 
-def profile_problems(cfg: JobConfig, options: list[str]) -> list[Problem]:
-    """Settings of a job that cannot work where it is sent: fp16 without a GPU. (bf16 runs on CPUs too,
-    under the Trainer's autocast, and pays where they have AMX: `hpcnlp check` advises on the CPU it runs on.)"""
+def processes(profile: ClusterProfile, spec: JobSpec, options: list[str]) -> tuple[int, int]:
+    """(nodes, processes per node) the job's launcher will start."""
+    nodes = 1 if spec.single_process else int(option_value(options, "--nodes") or spec.slurm.nodes)
+    nproc = 1 if spec.single_process else profile.nproc_per_node or gpus_requested(options) or 1
+    return nodes, nproc
+
+
+def profile_problems(cfg: JobConfig, options: list[str], profile: ClusterProfile,
+                     data_pending: bool = False) -> list[Problem]:
+    """Settings of a job that cannot work where it is sent: fp16 without a GPU; what the job's process
+    group cannot do (a pretrain group never tokenizes: its prepared data must exist, or `data_pending`,
+    an earlier pipeline stage prepares it). bf16 runs on CPUs too, under the Trainer's autocast, and
+    pays where they have AMX: `hpcnlp check` advises on the CPU it runs on."""
+    from hpcnlp.jobs import JOBS
+
+    out = []
+    spec = JOBS[cfg.job]
+    nodes, nproc = processes(profile, spec, options)
+    if spec.group_check and nodes * nproc > 1 and not data_pending:
+        out += spec.group_check(cfg, nodes * nproc)
     training = getattr(cfg, "training", None)
     if gpus_requested(options) != 0 or training is None or not getattr(training, "fp16", False):
-        return []
-    return [Problem(key="training.fp16", message="is on, but the job gets no GPU (CPU-only profile or no "
-                    "--gpus-per-node)", fix="set training.fp16: false (training.bf16 works on CPUs), or "
-                    "gpus_per_node in the cluster profile")]
+        return out
+    return out + [Problem(key="training.fp16", message="is on, but the job gets no GPU (CPU-only profile or no "
+                          "--gpus-per-node)", fix="set training.fp16: false (training.bf16 works on CPUs), or "
+                          "gpus_per_node in the cluster profile")]
 
 
 def launch_lines(profile: ClusterProfile, spec: JobSpec, job_args: list[str], options: list[str],
                  home: Path) -> list[str]:
     """What the batch script will run, as far as it is known before the job starts: the srun line with
     its container wrapper, and the launcher each node execs (rank, rendezvous filled in at run time)."""
-    nodes = 1 if spec.single_process else int(option_value(options, "--nodes") or spec.slurm.nodes)
+    nodes, nproc = processes(profile, spec, options)
     gpus = gpus_requested(options) or 0
-    nproc = 1 if spec.single_process else profile.nproc_per_node or gpus or 1
     # The interpreter slurm/launch.sh will pick: HPCNLP_PYTHON, python3 in an image, else the checkout's .venv.
     venv = home / ".venv" / "bin" / "python"
     python = os.environ.get("HPCNLP_PYTHON") or ("python3" if profile.container != "none"

@@ -215,7 +215,7 @@ class CorpusConfig(Section):
     # weighted: every source's blocks repeated or subsampled to its weight, shuffled together;
     # curriculum: all of the first source's blocks (shuffled), then the second's, ... in listed order.
     mix: Literal["weighted", "curriculum"] = "weighted"
-    dedup: bool = False  # drop exact duplicate documents (content hash) within each shard, counted
+    dedup: bool = False  # drop exact repeats of a document (content hash) anywhere in the corpus; first copy kept, counted
     eval_files: list[str] = Field(default_factory=list)  # held-out text; else split off by document
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"  # JSONL/Parquet column holding the text

@@ -48,6 +48,8 @@ class JobSpec:
     resumable: bool = False
     # Where the job says how it is doing (state, step, job ids, reason); None: nowhere
     status_file: Callable[[JobConfig], Path | None] = lambda cfg: Path(cfg.output_dir) / "status.json"
+    # (cfg, processes) -> what a run of that many processes cannot do, known before queueing; None: nothing
+    group_check: Callable[[JobConfig, int], list[Problem]] | None = None
 
     @property
     def example(self) -> str:

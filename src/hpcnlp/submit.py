@@ -123,13 +123,14 @@ def expand_log(pattern: str, job_id: str, name: str) -> str:
 
 
 def submission(cfg: JobConfig, config: Path, sbatch_args: list[str], profile: ClusterProfile,
-               array: str | None = None, env: dict | None = None) -> Submission:
-    """The sbatch call for a checked config: the profile's options, then the job's own (which win)."""
+               array: str | None = None, env: dict | None = None, data_pending: bool = False) -> Submission:
+    """The sbatch call for a checked config: the profile's options, then the job's own (which win).
+    `data_pending`: an earlier pipeline stage prepares the corpus (see cluster.profile_problems)."""
     spec = JOBS[cfg.job]
     name = cluster.job_name(cfg)
     options = cluster.sbatch_options(profile, spec, name, array=bool(array),
                                      extra=[*([array] if array else []), *sbatch_args])
-    problems = cluster.profile_problems(cfg, options)
+    problems = cluster.profile_problems(cfg, options, profile, data_pending)
     if problems:
         raise ConfigError(f"{cfg._source} (sent with {' '.join(options)})", problems)
     # The batch script finds slurm/launch.sh by HPCNLP_HOME.
@@ -163,12 +164,14 @@ def snapshot(cfg: JobConfig, source: str, overrides: list[str], write: bool = Tr
 
 
 def queue(cfg: JobConfig, source: str, overrides: list[str], sbatch_args: list[str],
-          profile: ClusterProfile | None = None, dry_run: bool = False, title: str = "") -> str | None:
+          profile: ClusterProfile | None = None, dry_run: bool = False, title: str = "",
+          data_pending: bool = False) -> str | None:
     """sbatch the job's template with its frozen config; its status says queued, with the log path.
     Prints `<title>: submitted job <id>, log <path>` (dry run: the sbatch, srun, node and log lines)."""
     profile = profile or cluster.load_profile()
     title = title or cluster.job_name(cfg)
-    sub = submission(cfg, snapshot(cfg, source, overrides, write=not dry_run), sbatch_args, profile)
+    sub = submission(cfg, snapshot(cfg, source, overrides, write=not dry_run), sbatch_args, profile,
+                     data_pending=data_pending)
     if dry_run:
         print(f"{title}: would submit {cfg.job} ({' '.join([source, *overrides])})\n{sub.describe()}")
         return None
@@ -268,6 +271,7 @@ def run_pipeline(path: str, local: bool = False, dry_run: bool = False) -> int:
     stages = load_pipeline(path)
     profile = None if local else cluster.load_profile()
     previous = None  # job id of the last submitted stage (dry run: its name)
+    preparing = False  # a prepare stage is queued ahead: later pretrain stages find its data when they start
     for st in stages:
         if st.skip:
             print(f"{st.name}: complete, skipped")
@@ -283,8 +287,10 @@ def run_pipeline(path: str, local: bool = False, dry_run: bool = False) -> int:
                 return rc
             continue
         dep = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
-        job_id = queue(st.cfg, st.config, st.overrides, [*dep, *st.sbatch], profile, dry_run=dry_run, title=st.name)
+        job_id = queue(st.cfg, st.config, st.overrides, [*dep, *st.sbatch], profile, dry_run=dry_run, title=st.name,
+                       data_pending=preparing)
         previous = job_id or f"<{st.name}>"
+        preparing = preparing or st.cfg.job == "prepare"  # queued before the stages after it
     if local and not dry_run:
         print("\n" + markdown_table([stage_row(st.name, st.cfg) for st in stages]))
     return 0

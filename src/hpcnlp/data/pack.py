@@ -14,8 +14,13 @@ written last, whose presence means complete. The bytes do not depend on N, a rer
 unfinished shards, and a task's memory is bounded by one shard, whatever the corpus size.
 
 A document goes to the eval split by a hash of its text (seeded), so the split needs no global view,
-no document is on both sides and copies of one text land on one side. `data.dedup` drops repeats of
-a text within a shard (content hash); repeats across shards are kept (they would need a global pass).
+no document is on both sides and copies of one text land on one side.
+
+`data.dedup` keeps the first copy of each text in corpus order (plan order: sources as listed, files
+sorted, then data.eval_files, so eval texts already in the training text are dropped too). A shard's
+document hashes (64-bit, read without tokenizing: ~7% of a build) are written once to
+hashes/<k>.npy by whichever task needs them first; shard k drops what shards 0..k-1 hold, checked one
+hash file at a time, so memory stays at one shard's hashes and no task waits for a barrier.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from hpcnlp.config import ConfigError, CorpusConfig, Problem
@@ -35,7 +41,7 @@ from hpcnlp.data.corpus import expand_files, read_documents, split_points, split
 from hpcnlp.runtime.io import atomic_dir, atomic_write_bytes, atomic_write_json, exclusive_lock
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # bump when the packing changes, so old prepared dirs are not reused
+FORMAT_VERSION = 3  # bump when the packing changes, so old prepared dirs are not reused
 DOCS_PER_BATCH = 1000  # documents tokenized per call: bounds a task's memory with the shard
 
 
@@ -159,50 +165,76 @@ def _special_ids(tokenizer) -> tuple[int, int]:
 
 
 class _Packer:
-    """Concatenates tokenized documents and writes full blocks as they fill; the rest at `close`."""
+    """Concatenates tokenized documents and writes full blocks as they fill; the rest at `close`.
+
+    The token stream is a numpy array and blocks go to Arrow as whole columns: per-token Python work
+    cost as much as the tokenizer itself (profiled on an 8 MB kernel-source shard)."""
 
     def __init__(self, path: Path, tokenizer, block: int, with_offsets: bool):
+        import numpy as np
         from datasets.arrow_writer import ArrowWriter
 
         self.writer = ArrowWriter(features=_features(with_offsets), path=str(path))
-        self.tokenizer, self.body, self.with_offsets = tokenizer, block - 2, with_offsets
+        # The Rust tokenizer itself: encode_batch_fast skips offsets when they are not needed (~1.3x).
+        self.backend = tokenizer.backend_tokenizer
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.body, self.with_offsets = block - 2, with_offsets
         self.cls_id, self.sep_id = _special_ids(tokenizer)
-        self.stream: list[int] = []
-        self.offsets: list[tuple[int, int]] = []
+        self.stream = np.zeros(0, np.int32)
+        self.offsets = np.zeros((0, 2), np.int32)
         self.blocks = self.tokens = 0
 
     def add(self, texts: list[str]) -> None:
+        import numpy as np
+
         if not texts:
             return
-        enc = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                             return_token_type_ids=False, return_offsets_mapping=self.with_offsets, verbose=False)
-        for i, ids in enumerate(enc["input_ids"]):
-            self.stream.extend(ids)
-            self.stream.append(self.sep_id)
-            if self.with_offsets:
-                self.offsets.extend(enc["offset_mapping"][i])
-                self.offsets.append((0, 0))
+        encode = self.backend.encode_batch if self.with_offsets else self.backend.encode_batch_fast
+        encs = encode(texts, add_special_tokens=False)
+        sep = [self.sep_id]
+        ids = [e.ids + sep for e in encs]  # every document ends with the separator
+        self.stream = np.concatenate([self.stream, np.fromiter(chain.from_iterable(ids), np.int32,
+                                                               sum(map(len, ids)))])
+        if self.with_offsets:
+            pairs = chain.from_iterable(chain.from_iterable(e.offsets + [(0, 0)] for e in encs))
+            self.offsets = np.concatenate([self.offsets, np.fromiter(pairs, np.int32).reshape(-1, 2)])
         self._flush(final=False)
 
     def _flush(self, final: bool) -> None:
+        import numpy as np
+        import pyarrow as pa
+
         body = self.body
         n = len(self.stream) if final else len(self.stream) // body * body
         if n == 0:
             return
-        out: dict[str, list] = {"input_ids": [], "special_tokens_mask": []}
+        k, rest = divmod(n, body)  # k full blocks, then (final only) one shorter block
+        ends = lambda a, v: np.full((k, 1) + a.shape[2:], v, a.dtype)  # noqa: E731
+        full = self.stream[:k * body].reshape(k, body)
+        ids = [np.hstack([ends(full, self.cls_id), full, ends(full, self.sep_id)]).ravel()]
+        lengths = [body + 2] * k
+        if rest:
+            ids.append(np.concatenate([[self.cls_id], self.stream[k * body:n], [self.sep_id]]).astype(np.int32))
+            lengths.append(rest + 2)
+        ids = np.concatenate(ids)
+        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        mask = (ids == self.sep_id).astype(np.int8)
+        mask[starts[:-1]] = 1  # [CLS]; a [SEP] anywhere is 1 already
+        table = {"input_ids": pa.ListArray.from_arrays(starts, ids),
+                 "special_tokens_mask": pa.ListArray.from_arrays(starts, mask)}
         if self.with_offsets:
-            out["offset_mapping"] = []
-        sep = self.sep_id
-        for start in range(0, n, body):
-            chunk = self.stream[start:start + body]
-            out["input_ids"].append([self.cls_id, *chunk, sep])
-            out["special_tokens_mask"].append([1, *(int(t == sep) for t in chunk), 1])
-            if self.with_offsets:
-                out["offset_mapping"].append([(0, 0), *self.offsets[start:start + body], (0, 0)])
-            self.tokens += len(chunk) + 2
-        self.blocks += len(out["input_ids"])
-        self.writer.write_batch(out)
-        del self.stream[:n], self.offsets[:n]
+            o = self.offsets[:k * body].reshape(k, body, 2)
+            offs = [np.concatenate([ends(o, 0), o, ends(o, 0)], axis=1).reshape(-1, 2)]
+            if rest:
+                offs.append(np.concatenate([np.zeros((1, 2), np.int32), self.offsets[k * body:n],
+                                            np.zeros((1, 2), np.int32)]))
+            table["offset_mapping"] = pa.ListArray.from_arrays(
+                starts, pa.FixedSizeListArray.from_arrays(np.concatenate(offs).ravel(), 2))
+        self.tokens += int(sum(lengths))
+        self.blocks += len(lengths)
+        self.writer.write_table(pa.table(table))
+        self.stream, self.offsets = self.stream[n:], self.offsets[n:]
 
     def close(self) -> dict:
         self._flush(final=True)
@@ -220,8 +252,40 @@ def _held_out(h: bytes, cfg: CorpusConfig) -> bool:
     return int.from_bytes(draw, "big") < cfg.eval_fraction * 2**64
 
 
-def build_shard(shard: dict, cfg: CorpusConfig, tokenizer, with_offsets: bool, dest: Path) -> dict:
-    """Write one shard's train.arrow, eval.arrow and meta.json into dest (atomically)."""
+def _documents(shard: dict, cfg: CorpusConfig):
+    return read_documents([tuple(p) for p in shard["pieces"]], cfg.format, cfg.text_field, cfg.sample_by,
+                          cfg.encoding)
+
+
+def shard_hashes(final: Path, k: int, shard: dict, cfg: CorpusConfig):
+    """64-bit hashes of shard k's non-empty documents, in order (hashes/<k>.npy, built on first use)."""
+    import numpy as np
+
+    path = final / "hashes" / f"{k:05d}.npy"
+    with exclusive_lock(final / "locks" / f"hash-{k:05d}", holder_is=f"another hasher of shard {k}"):
+        if not path.is_file():
+            h = [int.from_bytes(_doc_hash(d["text"])[:8], "little") for d in _documents(shard, cfg) if d["text"]]
+            buf = io.BytesIO()
+            np.save(buf, np.array(h, np.uint64))
+            atomic_write_bytes(path, buf.getvalue())
+    return np.load(path)
+
+
+def seen_before(final: Path, k: int, shards: list[dict], cfg: CorpusConfig):
+    """For each non-empty document of shard k: is its text in an earlier shard? (one file at a time)"""
+    import numpy as np
+
+    mine = shard_hashes(final, k, shards[k], cfg)
+    dup = np.zeros(len(mine), bool)
+    for j in range(k):
+        dup |= np.isin(mine, shard_hashes(final, j, shards[j], cfg))
+    return dup
+
+
+def build_shard(shard: dict, cfg: CorpusConfig, tokenizer, with_offsets: bool, dest: Path,
+                earlier=None) -> dict:
+    """Write one shard's train.arrow, eval.arrow and meta.json into dest (atomically).
+    `earlier` (data.dedup): per non-empty document, True where an earlier shard has its text."""
     t0 = time.perf_counter()
     with atomic_dir(dest) as tmp:
         train = _Packer(tmp / "train.arrow", tokenizer, cfg.max_seq_length, with_offsets)
@@ -232,18 +296,18 @@ def build_shard(shard: dict, cfg: CorpusConfig, tokenizer, with_offsets: bool, d
                                                           for p, s, e in shard["pieces"])}
         seen: set[bytes] = set()
         batch: dict[bool, list[str]] = {False: [], True: []}
-        docs = read_documents([tuple(p) for p in shard["pieces"]], cfg.format, cfg.text_field, cfg.sample_by,
-                              cfg.encoding)
-        for doc in docs:
+        nonempty = -1
+        for doc in _documents(shard, cfg):
             meta["documents_read"] += 1
             meta["replaced_bytes"] += doc["replaced_bytes"]
             text = doc["text"]
             if not text:
                 meta["documents_empty_skipped"] += 1
                 continue
+            nonempty += 1
             h = _doc_hash(text)
             if cfg.dedup:
-                if h in seen:
+                if h in seen or (earlier is not None and earlier[nonempty]):
                     meta["duplicates_removed"] += 1
                     continue
                 seen.add(h)
@@ -275,14 +339,15 @@ _WORK: list = []  # this task's shards; set before forking, so workers get them 
 
 
 def _work(i: int) -> int:
-    k, shard, cfg, tokenizer, with_offsets, final = _WORK[i]
+    k, shards, cfg, tokenizer, with_offsets, final = _WORK[i]
     dest = _shard_dir(final, k)
     # A concurrent preparer of this fingerprint may be on the same shard: one builds, the other reuses.
     with exclusive_lock(final / "locks" / f"{k:05d}", holder_is=f"another preparer of shard {k}"):
         if (dest / "meta.json").is_file():
             return 0
         try:
-            build_shard(shard, cfg, tokenizer, with_offsets, dest)
+            earlier = seen_before(final, k, shards, cfg) if cfg.dedup else None
+            build_shard(shards[k], cfg, tokenizer, with_offsets, dest, earlier=earlier)
         except OSError:
             # The shard appeared while we built it (FileExistsError, or ENOTEMPTY from the rename): a
             # preparer that could not lock (filesystem without flock) finished it first. Same bytes: use it.
@@ -309,7 +374,7 @@ def prepare(cfg: CorpusConfig, tokenizer, with_offsets: bool = False, task: tupl
     shards = plan(cfg)
     final.mkdir(parents=True, exist_ok=True)
     index, count = task
-    mine = [(k, s, cfg, tokenizer, with_offsets, final) for k, s in enumerate(shards) if k % count == index]
+    mine = [(k, shards, cfg, tokenizer, with_offsets, final) for k in range(len(shards)) if k % count == index]
     t0 = time.perf_counter()
     built = _run(mine, cfg.num_proc)
     log.info("prepare: task %d/%d built %d of its %d shards (of %d) in %.1fs", index, count, built, len(mine),

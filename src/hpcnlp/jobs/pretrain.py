@@ -94,12 +94,32 @@ def prepared_data(cfg: PretrainConfig, tokenizer, world_size: int):
         return prepare(cfg.data, tokenizer, with_offsets=offsets)
     if found := find(cfg.data, tokenizer, offsets):
         return found
-    where = Path(cfg.data.prepared_root) / fingerprint(cfg.data, tokenizer, offsets)
-    raise ConfigError(cfg._source, [Problem(
-        key="data", message=f"no prepared data at {where}, and a {world_size}-process run does not tokenize",
+    raise ConfigError(cfg._source, [_not_prepared(cfg, fingerprint(cfg.data, tokenizer, offsets), world_size)])
+
+
+def _not_prepared(cfg: PretrainConfig, fp: str, processes: int) -> Problem:
+    where = Path(cfg.data.prepared_root) / fp
+    return Problem(
+        key="data", message=f"no prepared data at {where}, and a {processes}-process run does not tokenize",
         fix=f"run the prepare stage first: `hpcnlp prepare --config <a prepare config with data_from: "
             f"{cfg._source}>` (jobs/prepare.yaml; a Slurm array: sbatch --array=0-3 slurm/prepare.sbatch ...), "
-            "as jobs/pipeline.yaml does")])
+            "as jobs/pipeline.yaml does")
+
+
+def group_check(cfg: PretrainConfig, processes: int) -> list[Problem]:
+    """Before queueing a multi-process pretrain: its prepared data exists (it would refuse at start).
+    Not knowable for init: scratch (the job trains its tokenizer) or a model an earlier stage writes."""
+    from hpcnlp.data.pack import find, fingerprint
+
+    if cfg.init == "scratch":
+        return []
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return []  # not there yet (an earlier stage's output) or unreadable: check() says which
+    if find(cfg.data, tokenizer, cfg.whole_word_masking):
+        return []
+    return [_not_prepared(cfg, fingerprint(cfg.data, tokenizer, cfg.whole_word_masking), processes)]
 
 
 def run(cfg: PretrainConfig) -> int:
@@ -181,5 +201,5 @@ def summary_row(cfg: PretrainConfig) -> dict:
 
 
 SPEC = JobSpec(name="pretrain", resumable=True, help="continued masked-LM pretraining; perplexity before/after",
-               config=PretrainConfig, check=check, run=run, summary_row=summary_row,
+               config=PretrainConfig, check=check, run=run, summary_row=summary_row, group_check=group_check,
                slurm=SlurmDefaults(nodes=2, time="04:00:00"))

@@ -87,6 +87,36 @@ def test_overwrite_never_mixes_runs_and_keeps_the_old_one_until_the_new_one_fini
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
 
 
+def test_a_rerun_upstream_stage_makes_the_next_stage_another_run(tmp_path):
+    """A pipeline re-ran its upstream stage: the downstream stage's old checkpoints are not this run's."""
+    import hashlib
+    import shutil
+
+    import yaml
+
+    from hpcnlp.checks import output_dir as output_dir_problems
+    from hpcnlp.jobs import load_config
+    from hpcnlp.models import resolve_model_path
+
+    upstream, out = tmp_path / "finetune", tmp_path / "distill"
+    shutil.copytree(resolve_model_path("minilm-l6"), upstream)  # stands for the finetune stage's output
+    rundir.claim(upstream, "up-1", overwrite=False, job="finetune", continuing=False)
+    cfg = load_config("jobs/distill.yaml", [f"teacher={upstream}", f"output_dir={out}", "resume=auto"], check=False)
+    before = rundir.run_hash(cfg.model_dump(mode="json"))
+    assert before != rundir.run_hash({**cfg.model_dump(mode="json"), "teacher": "minilm-l6"})
+    _checkpoint(out, 4, run=before)
+    rundir.claim(out, before, overwrite=False, job="distill", continuing=False)
+    assert output_dir_problems(cfg, "auto") == []  # same upstream weights: its own run, resumed
+    assert rundir.run_hash(cfg.model_dump(mode="json")) == before
+    time.sleep(0.01)
+    (upstream / "model.safetensors").write_bytes((upstream / "model.safetensors").read_bytes())  # re-run
+    problems = output_dir_problems(cfg, "auto")
+    assert len(problems) == 1 and "holds a run of another config" in problems[0].message
+    # Fixed inputs (a package alias) keep the hash they always had.
+    plain = {"job": "x", "model_name_or_path": "minilm-l6"}
+    assert rundir.run_hash(plain) == hashlib.sha256(yaml.safe_dump(plain, sort_keys=True).encode()).hexdigest()[:16]
+
+
 @pytest.mark.slow
 def test_resume_refuses_another_configs_checkpoints(tmp_path, monkeypatch, capsys):
     config = tiny_pretrain(tmp_path)

@@ -43,13 +43,35 @@ class OutputDirRefused(Exception):
         self.fix = fix
 
 
+INPUT_FIELDS = ("model_name_or_path", "teacher")  # the weights a run starts from
+
+
+def input_identity(path: str) -> list | None:
+    """Which run's weights an hpcnlp output dir holds now (its run and its weight files' size and
+    mtime); None for anything else (a package alias, a foreign model dir: fixed inputs)."""
+    p = Path(path)
+    run = read_run(p) if p.is_dir() else None
+    if run is None:
+        return None
+    files = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
+    return [run.get("run"), [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
+
+
 def run_hash(config: dict) -> str:
-    """Identity of what a config trains: its resolved values minus RUN_FIELDS."""
+    """Identity of what a config trains: its resolved values minus RUN_FIELDS, plus which run's weights
+    its inputs hold when they are outputs of earlier hpcnlp jobs. So when a pipeline re-runs an upstream
+    stage, a later stage with the same config is another run: it never continues its old checkpoints
+    on top of the new upstream model (it is refused, or replaced with overwrite: true)."""
     def strip(node: dict, prefix: str = "") -> dict:
         return {k: strip(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in node.items()
                 if f"{prefix}{k}" not in RUN_FIELDS}
 
-    return hashlib.sha256(yaml.safe_dump(strip(config), sort_keys=True).encode()).hexdigest()[:16]
+    key = strip(config)
+    inputs = {k: ident for k in INPUT_FIELDS if isinstance(config.get(k), str)
+              and (ident := input_identity(config[k])) is not None}
+    if inputs:  # absent otherwise: configs on fixed inputs keep the hash they always had
+        key["_inputs"] = inputs
+    return hashlib.sha256(yaml.safe_dump(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_run(output_dir: str | Path) -> dict | None:

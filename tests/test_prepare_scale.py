@@ -213,3 +213,18 @@ def test_dedup_across_shards_first_copy_kept_for_any_task_count(tmp_path, minilm
     stream = [t for b in one.load()["train"].blocks for t in b["input_ids"][1:-1]]
     docs = [d.strip() for d in minilm_tokenizer.decode(stream).split("[SEP]") if d.strip()]
     assert sorted(docs) == sorted(p.lower() for p in paras)
+
+
+def test_long_documents_are_tokenized_in_bounded_calls_with_the_same_tokens(tmp_path, small_corpus, minilm_tokenizer,
+                                                                            monkeypatch):
+    # A task's memory follows the characters per tokenizer call (its Encodings cost ~100 bytes a token),
+    # so long documents go in line-aligned pieces; WordPiece splits at whitespace: the same tokens.
+    base = dict(train_files=[str(small_corpus / "*.rst.txt")], max_seq_length=32,
+                eval_files=[str(small_corpus / "general.rst.txt")])
+    whole = pack.prepare(_cfg(tmp_path / "whole", **base), minilm_tokenizer, with_offsets=True)
+    monkeypatch.setattr(pack, "CALL_CHARS", 300)  # every document is many calls
+    assert len(pack._pieces("x\n" * 1000)) >= 6 and "".join(pack._pieces("x\n" * 1000)) == "x\n" * 1000
+    cut = pack.prepare(_cfg(tmp_path / "cut", **base), minilm_tokenizer, with_offsets=True)
+    a, b = whole.load()["train"].blocks, cut.load()["train"].blocks
+    assert a["input_ids"] == b["input_ids"] and a["special_tokens_mask"] == b["special_tokens_mask"]
+    assert a["offset_mapping"] != b["offset_mapping"]  # offsets count from each piece's start (after a line end)

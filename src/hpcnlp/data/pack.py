@@ -42,7 +42,10 @@ from hpcnlp.runtime.io import atomic_dir, atomic_write_bytes, atomic_write_json,
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 3  # bump when the packing changes, so old prepared dirs are not reused
-DOCS_PER_BATCH = 1000  # documents tokenized per call: bounds a task's memory with the shard
+DOCS_PER_BATCH = 1000  # documents collected before tokenizing
+# Characters per tokenizer call. Its Encodings cost ~100 bytes a token: unbounded, one batch of the
+# kernel's register headers (multi-MB paragraphs of hex macros) took a task from 0.64 to 1.26 GB.
+CALL_CHARS = 1 << 20
 
 
 @dataclass
@@ -186,18 +189,32 @@ class _Packer:
         self.blocks = self.tokens = 0
 
     def add(self, texts: list[str]) -> None:
+        """Tokenize and pack documents, at most CALL_CHARS characters per tokenizer call."""
+        call, size = [], 0
+        for text in texts:
+            pieces = _pieces(text)
+            for i, piece in enumerate(pieces):
+                call.append((piece, i == len(pieces) - 1))
+                size += len(piece)
+                if size >= CALL_CHARS:
+                    self._encode(call)
+                    call, size = [], 0
+        self._encode(call)
+
+    def _encode(self, call: list[tuple[str, bool]]) -> None:
         import numpy as np
 
-        if not texts:
+        if not call:
             return
         encode = self.backend.encode_batch if self.with_offsets else self.backend.encode_batch_fast
-        encs = encode(texts, add_special_tokens=False)
+        encs = encode([text for text, _ in call], add_special_tokens=False)
         sep = [self.sep_id]
-        ids = [e.ids + sep for e in encs]  # every document ends with the separator
+        ids = [e.ids + sep if last else e.ids for e, (_, last) in zip(encs, call)]  # a document ends with [SEP]
         self.stream = np.concatenate([self.stream, np.fromiter(chain.from_iterable(ids), np.int32,
                                                                sum(map(len, ids)))])
         if self.with_offsets:
-            pairs = chain.from_iterable(chain.from_iterable(e.offsets + [(0, 0)] for e in encs))
+            pairs = chain.from_iterable(chain.from_iterable(e.offsets + [(0, 0)] if last else e.offsets
+                                                            for e, (_, last) in zip(encs, call)))
             self.offsets = np.concatenate([self.offsets, np.fromiter(pairs, np.int32).reshape(-1, 2)])
         self._flush(final=False)
 
@@ -241,6 +258,18 @@ class _Packer:
         self.writer.finalize()
         self.writer.close()
         return {"blocks": self.blocks, "tokens": self.tokens}
+
+
+def _pieces(text: str) -> list[str]:
+    """A document longer than CALL_CHARS in pieces cut just after a line end (else a space). BERT-style
+    pre-tokenizers split at whitespace, so the tokens are the same as the whole document's; offsets
+    count from each piece's start (a new word begins there, as after any line end)."""
+    pieces = []
+    while len(text) > CALL_CHARS:
+        cut = max(text.rfind("\n", 0, CALL_CHARS), text.rfind(" ", 0, CALL_CHARS)) + 1 or CALL_CHARS
+        pieces.append(text[:cut])
+        text = text[cut:]
+    return [*pieces, text]
 
 
 def _doc_hash(text: str) -> bytes:

@@ -109,6 +109,7 @@ def test_new_head_without_warmup_warns(tmp_path, headless, capsys):
     assert m["mlm_head_new"] is True and m["head_warmup_steps"] == 0
 
 
+@pytest.mark.slow
 def test_downstream_report_compares_base_and_adapted(tmp_path, headless):
     from helpers import SENTIMENT_DATA
 
@@ -133,3 +134,25 @@ def test_check_names_a_bad_downstream_config(tmp_path, headless, capsys):
     assert main(["check", "--config", str(config)]) != 0
     captured = capsys.readouterr()
     assert "downstream: " in captured.out + captured.err and "missing.yaml" in captured.out + captured.err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_warm_up_as_one(tmp_path, headless):
+    """DDP: every parameter keeps its gradient during the warm-up, so the ranks stay one data-parallel run."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import free_port, prepare_corpus
+
+    config = _config(tmp_path, headless)
+    prepare_corpus(config)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "hpcnlp", "pretrain", "--config", str(config), "training.max_steps=4"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["replicas_identical"] is True
+    start = load_file(str(headless / "model.safetensors"))
+    boundary = load_file(str(tmp_path / "out" / f"checkpoint-{WARMUP}" / "model.safetensors"))
+    assert torch.equal(boundary["bert.encoder.layer.0.output.dense.weight"], start["encoder.layer.0.output.dense.weight"])

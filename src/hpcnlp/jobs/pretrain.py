@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Iterable
 
 from hpcnlp import adapters, checks
-from hpcnlp.config import ConfigError, PretrainConfig, Problem
+from hpcnlp.config import ConfigError, FinetuneConfig, PretrainConfig, Problem, read_yaml, validate, with_overrides
 from hpcnlp.data.corpus import corpus_problems, expand_files, read_documents
+from hpcnlp.jobs import finetune
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb
 from hpcnlp.runtime.io import atomic_write_json
@@ -46,15 +47,21 @@ def _downstream_problems(cfg: PretrainConfig, pending: Iterable[str]) -> list[Pr
     """The downstream finetune config as it will run (from this output_dir), checked now."""
     if not cfg.downstream:
         return []
-    from hpcnlp.jobs import load_config
-
     try:
-        load_config(cfg.downstream, _downstream_overrides(cfg, "adapted"), expect_job="finetune",
-                    pending=[*pending, cfg.output_dir])
+        ft = _downstream_config(cfg, _downstream_overrides(cfg, "adapted"))
+        problems = ft.problems() + finetune.check(ft, [*pending, cfg.output_dir])
     except ConfigError as e:
-        return [Problem(key="downstream", message=f"{cfg.downstream}: {p.key}: {p.message}",
-                        fix=p.fix or "fix the downstream finetune config") for p in e.problems]
-    return []
+        problems = e.problems
+    return [Problem(key="downstream", message=f"{cfg.downstream}: {p.key}: {p.message}",
+                    fix=p.fix or "fix the downstream finetune config") for p in problems]
+
+
+def _downstream_config(cfg: PretrainConfig, overrides: list[str] = ()) -> FinetuneConfig:
+    raw = with_overrides(read_yaml(cfg.downstream), overrides)
+    if raw.get("job", "finetune") != "finetune":
+        raise ConfigError(cfg.downstream, [Problem(key="job", message=f"a '{raw.get('job')}' config, not finetune",
+                                                   fix="give a finetune config (e.g. jobs/finetune-sentiment.yaml)")])
+    return validate(FinetuneConfig, {**raw, "job": "finetune"}, cfg.downstream)
 
 
 def _downstream_dir(cfg: PretrainConfig, name: str) -> Path:
@@ -82,9 +89,7 @@ def downstream(cfg: PretrainConfig) -> dict:
     import subprocess
     import sys
 
-    from hpcnlp.jobs import load_config
-
-    ft = load_config(cfg.downstream, check=False)
+    ft = _downstream_config(cfg)
     metric = ft.training.metric_for_best_model
     result: dict = {"config": cfg.downstream, "metric": metric}
     for name in _downstream_runs(cfg):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import CORPUS, preempt_at, write_config
+from helpers import CORPUS, preempt_at, prepare_corpus, write_config
 from hpcnlp.cli import main
 from hpcnlp.runtime import preempt
 
@@ -119,6 +119,7 @@ def test_downstream_report_compares_base_and_adapted(tmp_path, headless):
         "training": {"max_steps": 2, "per_device_train_batch_size": 16, "eval_strategy": "no", "save_strategy": "no",
                      "load_best_model_at_end": False, "seed": 3}})
     config = _config(tmp_path, headless, downstream=str(finetune))
+    prepare_corpus(config)  # `hpcnlp check` plans for the cluster profile's process group, which never tokenizes
     assert main(["check", "--config", str(config)]) == 0
     assert main(["pretrain", "--config", str(config), "training.max_steps=4"]) == 0
     d = json.loads((tmp_path / "out" / "metrics.json").read_text())["downstream"]
@@ -143,7 +144,7 @@ def test_torchrun_two_processes_warm_up_as_one(tmp_path, headless):
     import subprocess
     import sys
 
-    from helpers import free_port, prepare_corpus
+    from helpers import free_port
 
     config = _config(tmp_path, headless)
     prepare_corpus(config)

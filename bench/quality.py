@@ -109,7 +109,7 @@ def pretrain(args, task: str) -> dict:
     return job(args, f"pretrain-{task}", "pretrain", JOBS / "pretrain.yaml", {
         "data.train_files": [str(text)], "data.sample_by": "line", "data.max_seq_length": 128,
         "data.prepared_root": str(args.work / "prepared"), "data.num_proc": 1,
-        "head_warmup_steps": max(1, steps // 5), "head_learning_rate": 1e-3,
+        "head_warmup_steps": max(1, round(steps * args.head_warmup)), "head_learning_rate": args.head_lr,
         "training.max_steps": steps, "training.learning_rate": args.pretrain_lr, "training.warmup_ratio": 0.06,
         "training.save_steps": max(1, steps // 4), "training.eval_steps": max(1, steps // 4),
         "training.logging_steps": 10})
@@ -262,9 +262,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ner-epochs", type=float, default=5.0)
     p.add_argument("--ner-lr", type=float, default=1e-4)
     p.add_argument("--distill-epochs", type=float, default=3.0)
-    p.add_argument("--rt-pretrain-steps", type=int, default=300, help="batch 32 x 128 tokens; a fifth is head warm-up")
+    p.add_argument("--rt-pretrain-steps", type=int, default=300, help="batch 32 x 128 tokens (~3 epochs of the RT text)")
     p.add_argument("--wnut-pretrain-steps", type=int, default=200)
     p.add_argument("--pretrain-lr", type=float, default=1e-4)
+    p.add_argument("--head-warmup", type=float, default=0.2, help="share of the pretrain steps that train the MLM head alone")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="the MLM head's learning rate during its warm-up")
     p.add_argument("--max-train-samples", type=int, default=None, help="first N training rows (smoke runs)")
     p.add_argument("--max-eval-samples", type=int, default=None, help="first N validation/test rows (smoke runs)")
     p.add_argument("--max-steps", type=int, default=None, help="fine-tune/distill step cap (smoke runs)")

@@ -197,7 +197,7 @@ class HeadWarmupTrainer(ResumableTrainer):
         groups = list(optimizer.param_groups)
         optimizer.param_groups = []
         for g in groups:
-            for is_head in (True, False):
+            for is_head in (False, True):  # the encoder's group first: the logged lr is its lr (0 in the warm-up)
                 params = [p for p in g["params"] if (id(p) in head) == is_head]
                 if params:
                     lr = (self.head_learning_rate or self.args.learning_rate) if is_head else g["lr"]

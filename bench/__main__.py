@@ -29,7 +29,8 @@ RESULTS = REPO / "bench" / "results"
 WORK = REPO / "outputs" / "bench"
 
 
-def plan(quick: bool, levers: bool, gpu: bool, large: bool = False, adapters: bool = False) -> dict[str, dict]:
+def plan(quick: bool, levers: bool, gpu: bool, large: bool = False, adapters: bool = False,
+         quality: bool = False) -> dict[str, dict]:
     """name -> case. Steps: enough steady steps for a rate on 2 busy cores; the seed recipe is ~40x
     slower per real token, so it gets fewer (a rate needs few)."""
     s, s_seed, w = (3, 2, 1) if quick else (6, 3, 2)
@@ -87,6 +88,8 @@ def plan(quick: bool, levers: bool, gpu: bool, large: bool = False, adapters: bo
     cases["onnx_latency"] = {"run": "bench.onnx_latency.run"}
     if adapters:  # ~40 min of training on the full data: only with --only adapters (+ bench/results/adapters.*)
         cases["adapters"] = {"run": "bench.adapters.run"}
+    if quality:  # hours of CPU (bench/quality.py; `python -m bench.quality` shows progress and takes knobs)
+        cases["quality"] = {"run": "bench.quality.run", "timeout_s": 48 * 3600}
     if large:  # the Linux kernel source (bench/large.py): only with --only large...
         from bench.large import cases as large_cases
 
@@ -177,7 +180,7 @@ def main() -> int:
 
     gpu = torch.cuda.is_available()
     cases = plan(a.quick, a.levers, gpu, large=any(o.startswith("large") for o in a.only or ()),
-                 adapters="adapters" in (a.only or ()))
+                 adapters="adapters" in (a.only or ()), quality="quality" in (a.only or ()))
     results = {}
     if a.only and (RESULTS / "summary.json").is_file():
         results = json.loads((RESULTS / "summary.json").read_text())["results"]
@@ -191,7 +194,8 @@ def main() -> int:
     for name, case in cases.items():
         if a.only and not any(name == o or name.startswith(o + "_") for o in a.only):  # `large`: its cases
             continue
-        results[name] = r = run_isolated(case, a.timeout)
+        case = dict(case)
+        results[name] = r = run_isolated(case, case.pop("timeout_s", a.timeout))
         brief = {k: r[k] for k in ("tokens_per_second", "samples_per_second", "eval_loss", "peak_rss_mb",
                                     "error", "log_tail", "wall_seconds") if k in r}
         print(f"[{time.perf_counter() - t0:6.0f} s] {name}: {brief}", flush=True)

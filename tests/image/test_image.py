@@ -132,7 +132,7 @@ def test_short_pretrain_in_the_image(image, tmp_path):
     tmp_path.chmod(0o777)  # the image's user (uid 10001) writes here
     r = in_image("pretrain", "--config", "jobs/pretrain.yaml", "output_dir=/out/run",
                  "data.prepared_root=/out/prepared", "data.max_seq_length=64", "data.num_proc=1",
-                 "data.eval_fraction=0.01", "training.max_steps=3", "training.per_device_train_batch_size=8",
+                 "data.eval_fraction=0.01", "training.max_steps=3", "head_warmup_steps=1", "training.per_device_train_batch_size=8",
                  "training.logging_steps=1",
                  volumes={str(tmp_path): "/out"}, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

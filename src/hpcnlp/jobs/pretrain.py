@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Iterable
 
 from hpcnlp import adapters, checks
-from hpcnlp.config import ConfigError, PretrainConfig, Problem
+from hpcnlp.config import ConfigError, FinetuneConfig, PretrainConfig, Problem, read_yaml, validate, with_overrides
 from hpcnlp.data.corpus import corpus_problems, expand_files, read_documents
+from hpcnlp.jobs import finetune
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb
 from hpcnlp.runtime.io import atomic_write_json
@@ -33,7 +34,80 @@ def check(cfg: PretrainConfig, pending: Iterable[str] = ()) -> list[Problem]:
     out += checks.overlaps(cfg.output_dir, {"model_name_or_path": cfg.model_name_or_path if cfg.init == "pretrained"
                                             else None, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
                                             "data.prepared_root": cfg.data.prepared_root})
-    return out + checks.output_dir(cfg, cfg.resume)
+    return out + checks.output_dir(cfg, cfg.resume) + _downstream_problems(cfg, pending)
+
+
+def _downstream_runs(cfg: PretrainConfig) -> dict[str, str]:
+    """name -> the model the downstream fine-tune starts from: the pretrain's own start and its output."""
+    runs = {"base": cfg.model_name_or_path} if cfg.init == "pretrained" else {}
+    return {**runs, "adapted": cfg.output_dir}
+
+
+def _downstream_problems(cfg: PretrainConfig, pending: Iterable[str]) -> list[Problem]:
+    """The downstream finetune config as it will run (from this output_dir), checked now."""
+    if not cfg.downstream:
+        return []
+    try:
+        ft = _downstream_config(cfg, _downstream_overrides(cfg, "adapted"))
+        problems = ft.problems() + finetune.check(ft, [*pending, cfg.output_dir])
+    except ConfigError as e:
+        problems = e.problems
+    return [Problem(key="downstream", message=f"{cfg.downstream}: {p.key}: {p.message}",
+                    fix=p.fix or "fix the downstream finetune config") for p in problems]
+
+
+def _downstream_config(cfg: PretrainConfig, overrides: list[str] = ()) -> FinetuneConfig:
+    raw = with_overrides(read_yaml(cfg.downstream), overrides)
+    if raw.get("job", "finetune") != "finetune":
+        raise ConfigError(cfg.downstream, [Problem(key="job", message=f"a '{raw.get('job')}' config, not finetune",
+                                                   fix="give a finetune config (e.g. jobs/finetune-sentiment.yaml)")])
+    return validate(FinetuneConfig, {**raw, "job": "finetune"}, cfg.downstream)
+
+
+def _downstream_dir(cfg: PretrainConfig, name: str) -> Path:
+    """Next to output_dir, not in it: a job never writes inside its input model's dir."""
+    return Path(f"{cfg.output_dir.rstrip('/')}-downstream") / name
+
+
+def _downstream_overrides(cfg: PretrainConfig, name: str) -> list[str]:
+    out = _downstream_dir(cfg, name)
+    return [f"model_name_or_path={_downstream_runs(cfg)[name]}", f"output_dir={out}", "resume=auto"]
+
+
+def _downstream_env() -> dict:
+    """This process's environment less the process-group variables: the child is one process of its own."""
+    import os
+
+    drop = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+            "MASTER_PORT", "SLURM_RESTART_COUNT"}
+    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("TORCHELASTIC_")}
+
+
+def downstream(cfg: PretrainConfig) -> dict:
+    """Fine-tune cfg.downstream from the starting model and from this output (each `hpcnlp finetune` in a
+    subprocess, under <output_dir>-downstream/<name>; a finished one is reused) and compare their metric."""
+    import subprocess
+    import sys
+
+    ft = _downstream_config(cfg)
+    metric = ft.training.metric_for_best_model
+    result: dict = {"config": cfg.downstream, "metric": metric}
+    for name in _downstream_runs(cfg):
+        out = _downstream_dir(cfg, name)
+        if not (out / "metrics.json").is_file():
+            log.info("downstream: fine-tuning %s from %s", cfg.downstream, _downstream_runs(cfg)[name])
+            code = subprocess.call([sys.executable, "-m", "hpcnlp", "finetune", "--config", cfg.downstream,
+                                    *_downstream_overrides(cfg, name)], env=_downstream_env())
+            if code != 0:
+                result[name] = {"error": f"hpcnlp finetune exited {code}", "output_dir": str(out)}
+                continue
+        evals = json.loads((out / "metrics.json").read_text())["eval"]
+        result[name] = {"output_dir": str(out), **{split: evals[split].get(metric) for split in ("validation", "test")
+                                                   if split in evals}}
+    for split in ("validation", "test"):
+        if all(isinstance(result.get(n, {}).get(split), (int, float)) for n in ("base", "adapted")):
+            result[f"{split}_difference"] = result["adapted"][split] - result["base"][split]
+    return result
 
 
 def _scratch_tokenizer(cfg: PretrainConfig, args):
@@ -124,8 +198,8 @@ def group_check(cfg: PretrainConfig, processes: int) -> list[Problem]:
 
 def run(cfg: PretrainConfig) -> int:
     from hpcnlp.train.harness import TrainingRun
-    from hpcnlp.train.mlm import (MLMCollator, build_masked_lm, enable_sparse_mlm_head, fixed_eval_masks,
-                                  masked_accuracy, masked_predictions)
+    from hpcnlp.train.mlm import (HeadWarmupTrainer, MLMCollator, enable_sparse_mlm_head, fixed_eval_masks,
+                                  load_masked_lm, masked_accuracy, masked_predictions)
 
     out = Path(cfg.output_dir)
     run = TrainingRun(cfg, remove_unused_columns=False)
@@ -141,15 +215,20 @@ def run(cfg: PretrainConfig) -> int:
         held = held.select(range(cfg.data.max_eval_blocks))
     eval_ds = fixed_eval_masks(held, tokenizer, cfg.mlm_probability, cfg.whole_word_masking, args.seed)
 
-    model = build_masked_lm(cfg, tokenizer)
+    model, head_new = load_masked_lm(cfg, tokenizer)
+    if head_new and cfg.init == "pretrained" and not cfg.head_warmup_steps and not cfg.adapter:
+        log.warning("%s has no trained MLM head (a new one is initialised): its random gradients shake the encoder "
+                    "early on. Set head_warmup_steps (e.g. a fifth of training.max_steps) to train the head alone "
+                    "first", cfg.model_name_or_path)
     sparse = cfg.sparse_mlm_head and enable_sparse_mlm_head(model)
     if cfg.adapter:  # after the sparse forward: peft calls the model's own forward
         model = adapters.wrap(model, cfg.adapter, None)
         log.info("adapter: %s", adapters.parameter_counts(model))
-    trainer = run.trainer(model=model, train_dataset=data["train"], eval_dataset=eval_ds,
+    trainer = run.trainer(trainer_class=HeadWarmupTrainer, model=model, train_dataset=data["train"], eval_dataset=eval_ds,
                           data_collator=MLMCollator(tokenizer, cfg.mlm_probability, cfg.whole_word_masking, args.seed),
                           processing_class=tokenizer, compute_metrics=masked_accuracy,
                           preprocess_logits_for_metrics=masked_predictions)
+    trainer.head_warmup_steps, trainer.head_learning_rate = cfg.head_warmup_steps, cfg.head_learning_rate
 
     before_file = out / "eval_before.json"
     if run.checkpoint and before_file.is_file():
@@ -177,15 +256,25 @@ def run(cfg: PretrainConfig) -> int:
         keep_pooler(resolve_model_path(cfg.model_name_or_path), out, model.base_model_prefix)
     metrics = {"job": "pretrain", "eval_before": before, "eval_after": after, **run.metrics(),
                "adapter": cfg.adapter.model_dump() if cfg.adapter else None, **counts,
-               "sparse_mlm_head": sparse,
+               "sparse_mlm_head": sparse, "mlm_head_new": head_new, "head_warmup_steps": cfg.head_warmup_steps,
+               "head_learning_rate": cfg.head_learning_rate if cfg.head_warmup_steps else None,
                "prepared": {"path": str(prepared.path), "reused": prepared.reused, **prepared.stats}}
     rows = [{"": "before", **(before or {})}, {"": "after", **after}]
+    sections = []
+    if cfg.downstream:  # the model is saved: fine-tune from it (and from the start) before metrics.json marks it done
+        metrics["downstream"] = d = downstream(cfg)
+        table = [{"model": n, **{k: v for k, v in d[n].items() if k != "output_dir"}} for n in _downstream_runs(cfg)]
+        sections.append((f"Downstream: {cfg.downstream} ({d['metric']})",
+                         markdown_table(table, ["model", "validation", "test", "error"])
+                         + "".join(f"\n\nadapted - base, {s}: {d[f'{s}_difference']:+.4f}"
+                                   for s in ("validation", "test") if f"{s}_difference" in d)))
     run.write_report("Continued pretraining (masked LM)", metrics, [
         ("Held-out evaluation (same masked tokens before and after)",
          markdown_table(rows, ["", "loss", "perplexity", "masked_accuracy"])),
         ("Throughput", f"{metrics['tokens_per_second']} non-padding tokens/s, "
                        f"{metrics['samples_per_second']} samples/s over {metrics['global_step']} steps, "
                        f"world size {args.world_size}, peak RSS {metrics['peak_rss_mb']} MB"),
+        *sections,
     ], plot_title=f"MLM pretraining: {cfg.model_name_or_path}")
     log.info("perplexity %.2f -> %.2f; model, metrics.json and report.md in %s",
              (before or {}).get("perplexity", float("nan")), after["perplexity"], out)

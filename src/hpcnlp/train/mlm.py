@@ -21,6 +21,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from hpcnlp.config import PretrainConfig
 from hpcnlp.models import resolve_model_path
+from hpcnlp.train.harness import ResumableTrainer
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,12 @@ def fixed_eval_masks(eval_ds, tokenizer, mlm_probability: float, whole_word_mask
 
 
 def build_masked_lm(cfg: PretrainConfig, tokenizer):
+    return load_masked_lm(cfg, tokenizer)[0]
+
+
+def load_masked_lm(cfg: PretrainConfig, tokenizer):
+    """(model, head_new): head_new is True when the MLM head's own weights were not in the checkpoint
+    (the packaged MiniLM ships without them) or the model is built from scratch."""
     from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
     if cfg.init == "scratch":
@@ -150,6 +157,75 @@ def build_masked_lm(cfg: PretrainConfig, tokenizer):
                             intermediate_size=s.intermediate_size,
                             max_position_embeddings=max(512, cfg.data.max_seq_length),
                             pad_token_id=tokenizer.pad_token_id)
-        return BertForMaskedLM(config)
-    return AutoModelForMaskedLM.from_pretrained(resolve_model_path(cfg.model_name_or_path),
-                                                trust_remote_code=cfg.trust_remote_code)
+        return BertForMaskedLM(config), True
+    model, info = AutoModelForMaskedLM.from_pretrained(resolve_model_path(cfg.model_name_or_path),
+                                                       trust_remote_code=cfg.trust_remote_code,
+                                                       output_loading_info=True)
+    head = set(mlm_head_parameter_names(model))
+    return model, any(k in head for k in info["missing_keys"])
+
+
+def mlm_head_parameter_names(model) -> list[str]:
+    """The MLM head's own parameters: all outside the encoder (base_model_prefix). The decoder weight is
+    tied to the word embeddings, so named_parameters lists it once, under the encoder: it is not one."""
+    prefix = model.base_model_prefix + "."
+    return [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
+
+
+# --- head warm-up: a new MLM head learns before its gradients reach the encoder ---------------
+class HeadWarmupTrainer(ResumableTrainer):
+    """For the first `head_warmup_steps` optimizer steps only the MLM head's own parameters move (at
+    `head_learning_rate`); then everything trains on the Trainer's usual schedule (warm-up and decay,
+    shifted to start at that step and end at max_steps).
+
+    Done with param groups and per-group LambdaLR multipliers, not requires_grad: every parameter keeps
+    its gradient, so DDP's buckets and a resumed run's optimizer state look the same at every step, and
+    the scheduler's step count (in its checkpointed state) decides the phase. An encoder group at lr 0
+    stays bit-identical under AdamW (its update and its weight decay both scale with lr); its Adam
+    moments do accumulate, so it starts with real gradient statistics."""
+
+    head_warmup_steps = 0
+    head_learning_rate: float | None = None
+
+    def create_optimizer(self):
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer()
+        if not (fresh and self.head_warmup_steps):
+            return optimizer
+        names = set(mlm_head_parameter_names(self.model))
+        head = {id(p) for n, p in self.model.named_parameters() if n in names}
+        groups = list(optimizer.param_groups)
+        optimizer.param_groups = []
+        for g in groups:
+            for is_head in (False, True):  # the encoder's group first: the logged lr is its lr (0 in the warm-up)
+                params = [p for p in g["params"] if (id(p) in head) == is_head]
+                if params:
+                    lr = (self.head_learning_rate or self.args.learning_rate) if is_head else g["lr"]
+                    optimizer.add_param_group({**g, "params": params, "lr": lr, "mlm_head": is_head})
+        return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if not self.head_warmup_steps or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        from torch.optim.lr_scheduler import LambdaLR
+        from transformers import get_scheduler
+
+        optimizer = optimizer or self.optimizer
+        n, rest = self.head_warmup_steps, max(num_training_steps - self.head_warmup_steps, 1)
+        # The Trainer's own schedule (type, warm-up, kwargs) over the steps after the warm-up, as a function.
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        normal = get_scheduler(self.args.lr_scheduler_type, probe, num_warmup_steps=self.args.get_warmup_steps(rest),
+                               num_training_steps=rest,
+                               scheduler_specific_kwargs=self.args.lr_scheduler_kwargs).lr_lambdas[0]
+        ratio = self.args.learning_rate / (self.head_learning_rate or self.args.learning_rate)
+
+        def encoder(step):
+            return 0.0 if step < n else normal(step - n)
+
+        def head(step):  # its own constant rate first, then the encoder's
+            return 1.0 if step < n else ratio * normal(step - n)
+
+        self.lr_scheduler = LambdaLR(optimizer, [head if g.get("mlm_head") else encoder
+                                                 for g in optimizer.param_groups])
+        self._created_lr_scheduler = True
+        return self.lr_scheduler

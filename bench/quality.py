@@ -1,0 +1,318 @@
+"""Quality bench (issue 18): does domain pretraining help, and how good are the 6-layer MiniLM and its
+3-layer int8 student on the full Rotten Tomatoes test split? Hours of CPU; not in CI.
+
+    python -m bench.quality [--pieces rt wnut student] [--seeds 1 2 3] [--epochs 3] [--lr 5e-5]
+                            [--ner-epochs 5] [--max-train-samples N] [--work DIR] [--results DIR]
+    python -m bench --only quality      # the same with every default, output captured until it ends
+
+Needs `make data` (data/full/, including rotten-tomatoes/domain.txt and wnut16/domain-tweets.txt).
+- rt: fine-tune Rotten Tomatoes (movie-disjoint splits) from the package and from the package after
+  `hpcnlp pretrain` on RT domain text (training snippets + plot summaries; with head warm-up), once per
+  seed each; test macro-F1 of the epoch best on validation macro-F1 (load_best_model_at_end).
+- wnut: the same for WNUT-2016 NER (entity F1); domain text: VADER's tweets minus WNUT's held-out ones.
+- student: per seed, the rt package fine-tune as teacher -> `hpcnlp distill` (3 layers) -> `hpcnlp
+  export` (dynamic int8) -> `hpcnlp validate`; the int8 model's test macro-F1 (skip: leave it out of --pieces).
+One domain-pretrained model per task (seed 42) serves every fine-tune seed: the error bars are over
+fine-tuning seeds, not over pretraining runs.
+
+Every run is an hpcnlp job from the shipped configs (jobs/*.yaml) with dotted overrides, in
+<work>/<settings tag>/<run>/; the tag hashes every knob but --pieces/--seeds, so changed settings never
+reuse a run. Resumable: a finished run (its job's metrics.json/validation.json + bench.json with its CPU
+time) is read back, not rerun; an interrupted one continues from its checkpoint (resume: auto).
+quality.json/.md are rewritten from every finished run of the current settings after each run, so
+`--seeds 1`, then `--seeds 2 3`, or `--pieces rt`, then `--pieces wnut student`, add up.
+
+The jobs run one at a time as child processes of this one, not through `hpcnlp sweep` on Slurm: the
+local Slurm here is a test cluster on the same 2 cores, so a sweep would queue the same runs one after
+another with nothing gained, and a child process lets the bench count each run's CPU time (getrusage
+of its children: the whole job, data loading and evaluation included, so an upper bound on training).
+On a real cluster the configs the runs record (<run>/config.resolved.yaml) can go to `hpcnlp sweep`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FULL = REPO / "data" / "full"
+JOBS = REPO / "jobs"
+
+
+# --- one run: an hpcnlp job in a child process, recorded -------------------------------------
+def job(args, name: str, command: str, config: Path, overrides: dict, done: str = "metrics.json") -> dict:
+    """Run (or read back) one hpcnlp job: {"dir", "cpu_seconds", "wall_seconds"}."""
+    out = args.tag_dir / name
+    record = out / "bench.json"
+    if _finished(args, name, done):
+        return json.loads(record.read_text())
+    overrides = {"output_dir": str(out), **overrides}
+    cmd = [sys.executable, "-m", "hpcnlp", command, "--config", str(config),
+           *(f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items()
+             if v is not None)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    print(f"[quality] {name}: {' '.join(cmd[2:])}", flush=True)
+    before, t = _children_cpu(), time.perf_counter()
+    code = subprocess.call(cmd, env=env, cwd=REPO)
+    if code != 0:
+        raise SystemExit(f"[quality] {name} failed (exit {code}); rerun the same command to resume")
+    if not list(out.rglob(done)):
+        raise SystemExit(f"[quality] {name}: no {done} in {out}")
+    r = {"dir": str(out), "cpu_seconds": round(_children_cpu() - before, 1),
+         "wall_seconds": round(time.perf_counter() - t, 1)}
+    record.write_text(json.dumps(r))
+    return r
+
+
+def _children_cpu() -> float:
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
+
+
+def _metrics(r: dict) -> dict:
+    return json.loads((Path(r["dir"]) / "metrics.json").read_text())
+
+
+# --- the runs --------------------------------------------------------------------------------
+def _rt_data(args) -> dict:
+    rt = FULL / "rotten-tomatoes"
+    return {"data.train_file": str(rt / "train.csv"), "data.validation_file": str(rt / "validation.csv"),
+            "data.test_file": str(rt / "test.csv"), "data.max_train_samples": args.max_train_samples,
+            "data.max_eval_samples": args.max_eval_samples}
+
+
+def _ner_data(args) -> dict:
+    w = FULL / "wnut16"
+    return {"data.train_file": str(w / "train.conll"), "data.validation_file": str(w / "validation.conll"),
+            "data.test_file": str(w / "test.conll"), "data.max_train_samples": args.max_train_samples,
+            "data.max_eval_samples": args.max_eval_samples}
+
+
+def _finetune_training(epochs: float, lr: float, seed: int, max_steps: int | None) -> dict:
+    return {"training.learning_rate": lr, "training.warmup_ratio": 0.1, "training.num_train_epochs": epochs,
+            "training.per_device_train_batch_size": 16, "training.seed": seed, "training.save_total_limit": 1,
+            "training.max_steps": max_steps, "early_stopping_patience": "null"}
+
+
+def pretrain(args, task: str) -> dict:
+    """The domain-pretrained model of a task (one, seed 42), with head warm-up."""
+    text, steps = {"rt": (FULL / "rotten-tomatoes" / "domain.txt", args.rt_pretrain_steps),
+                   "wnut": (FULL / "wnut16" / "domain-tweets.txt", args.wnut_pretrain_steps)}[task]
+    return job(args, f"pretrain-{task}", "pretrain", JOBS / "pretrain.yaml", {
+        "data.train_files": [str(text)], "data.sample_by": "line", "data.max_seq_length": 128,
+        "data.prepared_root": str(args.work / "prepared"), "data.num_proc": 1,
+        "head_warmup_steps": max(1, round(steps * args.head_warmup)), "head_learning_rate": args.head_lr,
+        "training.max_steps": steps, "training.learning_rate": args.pretrain_lr, "training.warmup_ratio": 0.06,
+        "training.save_steps": max(1, steps // 4), "training.eval_steps": max(1, steps // 4),
+        "training.logging_steps": 10})
+
+
+def finetune(args, task: str, source: str, seed: int) -> dict:
+    model = "minilm-l6" if source == "package" else pretrain(args, task)["dir"]
+    if task == "rt":
+        config, data, epochs, lr = JOBS / "finetune-sentiment.yaml", _rt_data(args), args.epochs, args.lr
+    else:
+        config, data, epochs, lr = JOBS / "finetune-ner.yaml", _ner_data(args), args.ner_epochs, args.ner_lr
+    r = job(args, f"{task}-{source}-s{seed}", "finetune", config, {
+        "model_name_or_path": model, **data, **_finetune_training(epochs, lr, seed, args.max_steps)})
+    m = _metrics(r)
+    return {**r, "test_f1": m["eval"]["test"]["f1"], "validation_f1": m["eval"]["validation"]["f1"]}
+
+
+def student(args, seed: int) -> dict:
+    teacher = finetune(args, "rt", "package", seed)
+    d = job(args, f"student-distill-s{seed}", "distill", JOBS / "distill.yaml", {
+        "teacher": teacher["dir"], **{k: v for k, v in _rt_data(args).items() if k != "data.test_file"},
+        "training.seed": seed, "training.num_train_epochs": args.distill_epochs,
+        "training.max_steps": args.max_steps, **({"latency.repeats": 2} if args.smoke else {})})
+    e = job(args, f"student-export-s{seed}", "export", JOBS / "export.yaml", {
+        "model_name_or_path": d["dir"], "data.train_file": _rt_data(args)["data.train_file"]})
+    v = job(args, f"student-validate-s{seed}", "validate", JOBS / "validate.yaml", {
+        "model_name_or_path": d["dir"], "onnx_dir": e["dir"], "version": f"s{seed}",
+        "output_dir": str(args.tag_dir / f"student-validate-s{seed}" / "artifacts"),
+        "rejected_dir": str(args.tag_dir / f"student-validate-s{seed}" / "rejected"),
+        **({"latency.repeats": 2, "int8_search.max_attempts": 0} if args.smoke else {}),
+        **{k: v for k, v in _rt_data(args).items() if k != "data.max_train_samples"}}, done="validation.json")
+    report = json.loads(next(Path(v["dir"]).rglob("validation.json")).read_text())
+    test = report.get("test_metrics", {})
+    return {"teacher_test_f1": teacher["test_f1"], "student_test_f1": test.get("pytorch", {}).get("f1"),
+            "int8_test_f1": test.get("onnx_int8", {}).get("f1"), "passed": report["passed"],
+            "cpu_seconds": d["cpu_seconds"], "dirs": [d["dir"], e["dir"], v["dir"]]}
+
+
+# --- results ---------------------------------------------------------------------------------
+def _stat(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": round(statistics.fmean(values), 4),
+            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def _finished(args, name: str, done: str = "metrics.json") -> bool:
+    out = args.tag_dir / name
+    return (out / "bench.json").is_file() and bool(list(out.rglob(done)))
+
+
+def collect(args) -> dict:
+    """Every finished run of these settings (any seed) -> the figures the issue asks for."""
+    seeds = sorted({int(p.name.rsplit("-s", 1)[1]) for p in args.tag_dir.glob("*-s*")
+                    if p.name.rsplit("-s", 1)[1].isdigit()}) if args.tag_dir.is_dir() else []
+    runs, per_task = [], {}
+    for task in ("rt", "wnut"):
+        for source in ("package", "dapt"):
+            for seed in seeds:
+                if _finished(args, f"{task}-{source}-s{seed}") and (source == "package"
+                                                                     or _finished(args, f"pretrain-{task}")):
+                    r = finetune(args, task, source, seed)  # finished: read back
+                    runs.append({"task": task, "source": source, "seed": seed, "test_f1": r["test_f1"],
+                                 "validation_f1": r["validation_f1"], "cpu_minutes": round(r["cpu_seconds"] / 60, 1)})
+                    per_task.setdefault((task, source), {})[seed] = r
+    pre = {t: pretrain(args, t) for t in ("rt", "wnut") if _finished(args, f"pretrain-{t}")}
+    students = {s: student(args, s) for s in seeds if _finished(args, f"student-validate-s{s}", "validation.json")}
+
+    def f1(task, source):
+        return _stat([r["test_f1"] for r in per_task.get((task, source), {}).values()])
+
+    def effect(task):
+        a, b = per_task.get((task, "dapt"), {}), per_task.get((task, "package"), {})
+        return _stat([a[s]["test_f1"] - b[s]["test_f1"] for s in sorted(set(a) & set(b))])
+
+    def cpu_minutes(task, source):
+        v = [r["cpu_seconds"] for r in per_task.get((task, source), {}).values()]
+        return round(statistics.fmean(v) / 60, 1) if v else None
+
+    rt = {s: f1("rt", s) for s in ("package", "dapt")}
+    best = max(rt, key=lambda s: rt[s]["mean"] if rt[s]["mean"] is not None else -1)
+    pre_min = {t: round(p["cpu_seconds"] / 60, 1) for t, p in pre.items()}
+    recipe_cpu = cpu_minutes("rt", best)
+    if recipe_cpu is not None and best == "dapt":
+        recipe_cpu = round(recipe_cpu + pre_min.get("rt", 0), 1)
+    int8 = _stat([s["int8_test_f1"] for s in students.values()])
+    return {
+        "rt_test_macro_f1_mean": rt[best]["mean"], "rt_test_macro_f1_std": rt[best]["std"],
+        "rt_test_macro_f1_source": best, "rt_test_macro_f1": rt,
+        "rt_student_int8_test_macro_f1_mean": int8["mean"], "rt_student_int8_test_macro_f1_std": int8["std"],
+        "rt_student_fp32_test_macro_f1": _stat([s["student_test_f1"] for s in students.values()]),
+        "dapt_effect_rt": effect("rt"), "dapt_effect_wnut": effect("wnut"),
+        "wnut_test_entity_f1": {s: f1("wnut", s) for s in ("package", "dapt")},
+        # CPU minutes of one run's child process (job start to end: data, training, evaluation).
+        "train_cpu_minutes": recipe_cpu,
+        "train_cpu_minutes_detail": {"rt_finetune_per_run": {s: cpu_minutes("rt", s) for s in ("package", "dapt")},
+                                     "wnut_finetune_per_run": {s: cpu_minutes("wnut", s) for s in ("package", "dapt")},
+                                     "pretrain": pre_min,
+                                     "student_distill_per_run": round(statistics.fmean(
+                                         [s["cpu_seconds"] for s in students.values()]) / 60, 1) if students else None},
+        "pretrain": {t: {k: _metrics(p).get(k) for k in ("eval_before", "eval_after", "global_step",
+                                                          "head_warmup_steps", "mlm_head_new")}
+                     for t, p in pre.items()},
+        "students": {str(s): {k: v for k, v in r.items() if k != "dirs"} for s, r in students.items()},
+        "seeds": seeds, "settings": args.settings, "settings_tag": args.tag,
+        "machine": {"cores": os.cpu_count(), "threads_per_job": args.threads}, "runs": runs,
+    }
+
+
+def write(args, results: dict) -> None:
+    from hpcnlp.report import markdown_table
+    from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
+
+    def ms(s: dict) -> str:
+        return "" if s.get("mean") is None else f"{s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})"
+
+    r = results
+    rows = [{"figure": "RT test macro-F1, fine-tuned from the package", "mean ± std over seeds": ms(r["rt_test_macro_f1"]["package"])},
+            {"figure": "RT test macro-F1, from the domain-pretrained model", "mean ± std over seeds": ms(r["rt_test_macro_f1"]["dapt"])},
+            {"figure": "RT: domain pretraining's effect (per-seed difference)", "mean ± std over seeds": ms(r["dapt_effect_rt"])},
+            {"figure": "WNUT test entity F1, from the package", "mean ± std over seeds": ms(r["wnut_test_entity_f1"]["package"])},
+            {"figure": "WNUT test entity F1, from the tweet-pretrained model", "mean ± std over seeds": ms(r["wnut_test_entity_f1"]["dapt"])},
+            {"figure": "WNUT: domain pretraining's effect (per-seed difference)", "mean ± std over seeds": ms(r["dapt_effect_wnut"])},
+            {"figure": "RT 3-layer student, int8 ONNX, test macro-F1", "mean ± std over seeds": ms(
+                {"mean": r["rt_student_int8_test_macro_f1_mean"], "std": r["rt_student_int8_test_macro_f1_std"],
+                 "n": len(r["students"])})},
+            {"figure": "RT 3-layer student, PyTorch fp32, test macro-F1", "mean ± std over seeds": ms(r["rt_student_fp32_test_macro_f1"])}]
+    text = ["# Quality (issue 18): MiniLM-L6 on Rotten Tomatoes and WNUT-2016, package vs domain-pretrained", "",
+            f"`python -m bench.quality`, settings {json.dumps(args.settings)} (tag {args.tag}), seeds {r['seeds']}, "
+            f"{os.cpu_count()} cores, {args.threads} threads per job. Test = data/full's held-out split.", "",
+            markdown_table(rows), "",
+            f"CPU minutes (whole job process, an upper bound on training): RT recipe reported above "
+            f"({r['rt_test_macro_f1_source']}): {r['train_cpu_minutes']}; detail: "
+            f"{json.dumps(r['train_cpu_minutes_detail'])}", "", "## Runs", "",
+            markdown_table(r["runs"]) if r["runs"] else "(none finished yet)"]
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.results / "quality.json", results)
+    atomic_write_text(args.results / "quality.md", "\n".join(text) + "\n")
+
+
+# --- entry points ----------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pieces", nargs="+", default=["rt", "wnut", "student"], choices=["rt", "wnut", "student"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--epochs", type=float, default=3.0, help="RT fine-tuning epochs (best on validation kept)")
+    p.add_argument("--lr", type=float, default=5e-5, help="RT fine-tuning learning rate")
+    p.add_argument("--ner-epochs", type=float, default=5.0)
+    p.add_argument("--ner-lr", type=float, default=1e-4)
+    p.add_argument("--distill-epochs", type=float, default=3.0)
+    p.add_argument("--rt-pretrain-steps", type=int, default=300, help="batch 32 x 128 tokens (~3 epochs of the RT text)")
+    p.add_argument("--wnut-pretrain-steps", type=int, default=200)
+    p.add_argument("--pretrain-lr", type=float, default=1e-4)
+    p.add_argument("--head-warmup", type=float, default=0.2, help="share of the pretrain steps that train the MLM head alone")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="the MLM head's learning rate during its warm-up")
+    p.add_argument("--max-train-samples", type=int, default=None, help="first N training rows (smoke runs)")
+    p.add_argument("--max-eval-samples", type=int, default=None, help="first N validation/test rows (smoke runs)")
+    p.add_argument("--max-steps", type=int, default=None, help="fine-tune/distill step cap (smoke runs)")
+    p.add_argument("--smoke", action="store_true", help="few latency repeats, no int8 search (numbers meaningless)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS of each job")
+    p.add_argument("--work", type=Path, default=REPO / "outputs" / "quality-bench")
+    p.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    return p
+
+
+def setup(args) -> None:
+    knobs = {k: v for k, v in vars(args).items() if k not in ("pieces", "seeds", "work", "results", "threads")}
+    args.settings = knobs
+    args.tag = hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:8]
+    args.work = args.work.resolve()
+    args.tag_dir = args.work / args.tag
+    args.tag_dir.mkdir(parents=True, exist_ok=True)
+    need = [FULL / "rotten-tomatoes" / "domain.txt", FULL / "wnut16" / "domain-tweets.txt", FULL / "wnut16" / "test.conll"]
+    if missing := [str(p) for p in need if not p.is_file()]:
+        raise SystemExit(f"missing {missing}: run `make data` first")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    setup(args)
+    for seed in args.seeds:  # seed by seed: a partial run already has every piece's first seeds
+        for piece in args.pieces:
+            if piece == "student":
+                student(args, seed)
+            else:
+                for source in ("package", "dapt"):
+                    finetune(args, piece, source, seed)
+            write(args, collect(args))
+    results = collect(args)
+    write(args, results)
+    print(f"[quality] {args.results}/quality.json, quality.md: "
+          + json.dumps({k: results[k] for k in ("rt_test_macro_f1_mean", "rt_test_macro_f1_std",
+                                                "rt_student_int8_test_macro_f1_mean", "dapt_effect_rt",
+                                                "dapt_effect_wnut", "train_cpu_minutes")}), flush=True)
+    return results
+
+
+def run() -> dict:
+    """`python -m bench --only quality`: every default."""
+    return main([])
+
+
+if __name__ == "__main__":
+    main()

@@ -144,7 +144,12 @@ def pretrain(work: str, corpus: str, steps: int, batch: int, warmup: int) -> dic
     StepClock.on_step_end = note_first
     r = _run(model, data["train"], collator, tokenizer, work, steps, batch, warmup, eval_set(tokenizer, work), used,
              128, remove_unused_columns=False)
+    # Peak RSS counts the memory-mapped shards' pages that were touched (clean page cache, shared by the
+    # node's processes, dropped under pressure); the process's own memory is the anonymous part.
+    status = Path("/proc/self/status").read_text()
+    own = {k: round(int(status.split(f"{k}:")[1].split()[0]) / 1024, 1) for k in ("RssAnon", "RssFile")}
     return {**r, "corpus": corpus, "train_blocks": len(data["train"]), "load_seconds": round(load_seconds, 3),
+            "rss_anon_mb_at_end": own["RssAnon"], "rss_file_mb_at_end": own["RssFile"],
             "startup_seconds_to_first_step": round(first_step[0], 2), "prepared_tokens": prepared.stats["tokens"]}
 
 
@@ -187,7 +192,9 @@ def table(res: dict) -> list[dict]:
         else:
             rows.append({"case": name, "input MB": "", "tasks": "", "tokens": f"{r['prepared_tokens']:,}",
                          "tokens/s (wall)": r.get("wall_tokens_per_second"),
-                         "per-task peak RSS MB": r["peak_rss_mb"], "step s (CPU)": r["step_seconds_median"],
+                         "per-task peak RSS MB": r["peak_rss_mb"], "anon / file RSS MB at end":
+                         f"{r.get('rss_anon_mb_at_end')} / {r.get('rss_file_mb_at_end')}",
+                         "step s (CPU)": r["step_seconds_median"],
                          "start-up s": r["startup_seconds_to_first_step"]})
     return rows
 

@@ -31,15 +31,6 @@ def minilm_tokenizer():
 
 
 @pytest.fixture
-def one_node(tmp_path, monkeypatch) -> None:
-    """A cluster profile of one node, one process: `check` of a pretrain config is not about its process
-    group (the shipped profile sends pretrain to 2 nodes, which must find the corpus prepared)."""
-    profile = tmp_path / "one-node.yaml"
-    profile.write_text("nodes: 1\n")
-    monkeypatch.setenv("HPCNLP_CLUSTER", str(profile))
-
-
-@pytest.fixture
 def small_corpus(tmp_path) -> Path:
     """Four real doc files (a few hundred KB) copied so tests may touch them."""
     out = tmp_path / "corpus"

@@ -62,7 +62,7 @@ def test_bf16_advice_follows_the_cpu():
     assert bf16_advice(on, neither, gpu=True) is None  # GPUs do bf16; this is about CPUs
 
 
-def test_check_warns_when_bf16_is_asked_without_bf16_units(tmp_path, monkeypatch, capsys, one_node):
+def test_check_warns_when_bf16_is_asked_without_bf16_units(tmp_path, monkeypatch, capsys):
     from hpcnlp import tasks
 
     monkeypatch.setattr(tasks, "cpu", lambda: {"model": "Test CPU", "flags": {"avx512_bf16": False,

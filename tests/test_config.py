@@ -30,15 +30,15 @@ def test_shipped_pretrain_config_is_valid():
 
 def test_valid_config_passes_check(tmp_path, pretrain_config, capsys):
     path, _ = pretrain_config
-    # The shipped cluster profile sends pretrain to 2 nodes: a process group that would refuse to
-    # tokenize is refused before queueing, naming the prepare stage; once prepared, the config passes.
-    assert main(["check", "--config", str(path)]) == EXIT_CONFIG
-    err = capsys.readouterr().err
-    assert "data: no prepared data at" in err and "2-process run does not tokenize" in err and "hpcnlp prepare" in err
+    # The shipped cluster profile sends pretrain to 2 nodes, a process group that does not tokenize: check
+    # warns that its data is not prepared yet (submit refuses it; tests/test_cluster_profile.py), and passes.
+    assert main(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "valid 'pretrain' config" in out
+    assert "WARNING hpcnlp.check: data: no prepared data at" in out and "2-process run does not tokenize" in out
     prepare_corpus(path)
     assert main(["check", "--config", str(path)]) == 0
-    assert "valid 'pretrain' config" in capsys.readouterr().out
-    assert main(["check", "--config", str(path), "data.max_seq_length=32"]) == EXIT_CONFIG  # other data: refused
+    assert "no prepared data" not in capsys.readouterr().out
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path, pretrain_config, capsys):
@@ -81,7 +81,7 @@ def test_hub_id_is_refused(tmp_path, pretrain_config, capsys):
     assert code == EXIT_CONFIG and any("local model dir" in e for e in _errors(capsys))
 
 
-def test_finished_run_needs_resume_or_overwrite(tmp_path, pretrain_config, capsys, one_node):
+def test_finished_run_needs_resume_or_overwrite(tmp_path, pretrain_config, capsys):
     path, cfg = pretrain_config
     out = tmp_path / "out"
     out.mkdir()
@@ -136,7 +136,7 @@ def test_trust_remote_code_is_off_by_default(pretrain_config):
     assert load_config(path).trust_remote_code is False
 
 
-def test_training_is_training_arguments(tmp_path, pretrain_config, capsys, one_node):
+def test_training_is_training_arguments(tmp_path, pretrain_config, capsys):
     """Any TrainingArguments field is a `training:` key, typed as TrainingArguments types it."""
     from hpcnlp.train.harness import training_arguments
 

@@ -16,6 +16,8 @@ from hpcnlp.config import ConfigError
 from hpcnlp.jobs import JOBS, load_config, report, run_job
 from hpcnlp.runtime.status import process_exit
 
+log = logging.getLogger("hpcnlp.check")
+
 
 def setup_logging() -> None:
     from hpcnlp.runtime.env import rank
@@ -76,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 profile = submit.cluster.load_profile()
                 options = submit.cluster.sbatch_options(profile, JOBS[cfg.job], submit.cluster.job_name(cfg))
-                problems = submit.cluster.profile_problems(cfg, options, profile)
+                # Data a prepare run may still make is a warning here (submit refuses it, unless an
+                # earlier pipeline stage prepares it): checking a config never depends on having run one.
+                problems = submit.cluster.profile_problems(cfg, options, profile, data_pending=True)
+                for p in submit.cluster.group_problems(cfg, options, profile):
+                    log.warning("%s: %s. Fix: %s", p.key, p.message, p.fix)
                 if problems:
                     raise ConfigError(f"{args.config} (with cluster profile {submit.cluster.profile_path()})", problems)
             except ConfigError as e:

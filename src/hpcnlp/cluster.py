@@ -104,19 +104,22 @@ def processes(profile: ClusterProfile, spec: JobSpec, options: list[str]) -> tup
     return nodes, nproc
 
 
+def group_problems(cfg: JobConfig, options: list[str], profile: ClusterProfile) -> list[Problem]:
+    """What the job's process group (nodes x processes per node, from the options) cannot do."""
+    from hpcnlp.jobs import JOBS
+
+    spec = JOBS[cfg.job]
+    nodes, nproc = processes(profile, spec, options)
+    return spec.group_check(cfg, nodes * nproc) if spec.group_check and nodes * nproc > 1 else []
+
+
 def profile_problems(cfg: JobConfig, options: list[str], profile: ClusterProfile,
                      data_pending: bool = False) -> list[Problem]:
     """Settings of a job that cannot work where it is sent: fp16 without a GPU; what the job's process
     group cannot do (a pretrain group never tokenizes: its prepared data must exist, or `data_pending`,
     an earlier pipeline stage prepares it). bf16 runs on CPUs too, under the Trainer's autocast, and
     pays where they have AMX: `hpcnlp check` advises on the CPU it runs on."""
-    from hpcnlp.jobs import JOBS
-
-    out = []
-    spec = JOBS[cfg.job]
-    nodes, nproc = processes(profile, spec, options)
-    if spec.group_check and nodes * nproc > 1 and not data_pending:
-        out += spec.group_check(cfg, nodes * nproc)
+    out = [] if data_pending else group_problems(cfg, options, profile)
     training = getattr(cfg, "training", None)
     if gpus_requested(options) != 0 or training is None or not getattr(training, "fp16", False):
         return out

@@ -10,17 +10,20 @@ Needs `make data` (data/full/, including rotten-tomatoes/domain.txt and wnut16/d
   `hpcnlp pretrain` on RT domain text (training snippets + plot summaries; with head warm-up), once per
   seed each; test macro-F1 of the epoch best on validation macro-F1 (load_best_model_at_end).
 - wnut: the same for WNUT-2016 NER (entity F1); domain text: VADER's tweets minus WNUT's held-out ones.
-- student: per seed, the rt package fine-tune as teacher -> `hpcnlp distill` (3 layers) -> `hpcnlp
-  export` (dynamic int8) -> `hpcnlp validate`; the int8 model's test macro-F1 (skip: leave it out of --pieces).
+- student: per seed, the rt fine-tune (--student-teacher: dapt, the shipped pipeline's road, or package)
+  as teacher -> `hpcnlp distill` (3 layers) -> `hpcnlp export` (dynamic int8) -> `hpcnlp validate`; the
+  int8 model's test macro-F1 (skip: leave it out of --pieces).
 One domain-pretrained model per task (seed 42) serves every fine-tune seed: the error bars are over
 fine-tuning seeds, not over pretraining runs.
 
 Every run is an hpcnlp job from the shipped configs (jobs/*.yaml) with dotted overrides, in
-<work>/<settings tag>/<run>/; the tag hashes every knob but --pieces/--seeds, so changed settings never
-reuse a run. Resumable: a finished run (its job's metrics.json/validation.json + bench.json with its CPU
-time) is read back, not rerun; an interrupted one continues from its checkpoint (resume: auto).
-quality.json/.md are rewritten from every finished run of the current settings after each run, so
-`--seeds 1`, then `--seeds 2 3`, or `--pieces rt`, then `--pieces wnut student`, add up.
+<work>/runs/<run>-<key>/, where key hashes the run's resolved config (the job file + its overrides, but not
+output_dir), so a run is reused by any settings that make the same job (the WNUT runs when only the RT
+epochs change) and never by settings that change it. Resumable: a finished run (its job's
+metrics.json/validation.json + bench.json with its CPU time) is read back, not rerun; an interrupted one
+continues from its checkpoint (resume: auto). quality.json/.md are rewritten after each run from every
+finished run of the current settings, so `--seeds 1`, then `--seeds 2 3`, or `--pieces rt`, then
+`--pieces wnut student`, add up; `--pieces` with nothing after it only rewrites them.
 
 The jobs run one at a time as child processes of this one, not through `hpcnlp sweep` on Slurm: the
 local Slurm here is a test cluster on the same 2 cores, so a sweep would queue the same runs one after
@@ -34,6 +37,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -47,16 +51,18 @@ JOBS = REPO / "jobs"
 
 
 # --- one run: an hpcnlp job in a child process, recorded -------------------------------------
-def job(args, name: str, command: str, config: Path, overrides: dict, done: str = "metrics.json") -> dict:
-    """Run (or read back) one hpcnlp job: {"dir", "cpu_seconds", "wall_seconds"}."""
-    out = args.tag_dir / name
+def job(args, name: str, command: str, config: Path, overrides: dict, done: str = "metrics.json") -> dict | None:
+    """Run (or read back) one hpcnlp job: {"dir", "cpu_seconds", "wall_seconds"}; None when args.read_only
+    and it has not finished."""
+    out, items = run_dir(args, name, command, config, overrides)
     record = out / "bench.json"
-    if _finished(args, name, done):
-        return json.loads(record.read_text())
-    overrides = {"output_dir": str(out), **overrides}
-    cmd = [sys.executable, "-m", "hpcnlp", command, "--config", str(config),
-           *(f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items()
-             if v is not None)]
+    if record.is_file() and list(out.rglob(done)):
+        return {**json.loads(record.read_text()), "dir": str(out)}
+    if args.read_only:
+        return None
+    # "{out}" in a value (validate's rejected_dir) is this run's directory: not part of the key, like output_dir
+    cmd = [sys.executable, "-m", "hpcnlp", command, "--config", str(config), f"output_dir={out}",
+           *(i.replace("{out}", str(out)) for i in items)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     print(f"[quality] {name}: {' '.join(cmd[2:])}", flush=True)
@@ -70,6 +76,18 @@ def job(args, name: str, command: str, config: Path, overrides: dict, done: str 
          "wall_seconds": round(time.perf_counter() - t, 1)}
     record.write_text(json.dumps(r))
     return r
+
+
+def run_dir(args, name: str, command: str, config: Path, overrides: dict) -> tuple[Path, list[str]]:
+    """<work>/runs/<name>-<hash of the resolved config but output_dir>, and the overrides as CLI items."""
+    from hpcnlp.config import read_yaml, with_overrides
+
+    items = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items()
+             if v is not None]
+    resolved = with_overrides(read_yaml(config), items)
+    resolved.pop("output_dir", None)
+    key = hashlib.sha256(json.dumps([command, resolved], sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return args.work / "runs" / f"{name}-{key}", items
 
 
 def _children_cpu() -> float:
@@ -115,32 +133,42 @@ def pretrain(args, task: str) -> dict:
         "training.logging_steps": 10})
 
 
-def finetune(args, task: str, source: str, seed: int) -> dict:
-    model = "minilm-l6" if source == "package" else pretrain(args, task)["dir"]
+def finetune(args, task: str, source: str, seed: int) -> dict | None:
+    model = "minilm-l6" if source == "package" else (pretrain(args, task) or {}).get("dir")
+    if model is None:
+        return None
     if task == "rt":
         config, data, epochs, lr = JOBS / "finetune-sentiment.yaml", _rt_data(args), args.epochs, args.lr
     else:
         config, data, epochs, lr = JOBS / "finetune-ner.yaml", _ner_data(args), args.ner_epochs, args.ner_lr
     r = job(args, f"{task}-{source}-s{seed}", "finetune", config, {
         "model_name_or_path": model, **data, **_finetune_training(epochs, lr, seed, args.max_steps)})
+    if r is None:
+        return None
     m = _metrics(r)
     return {**r, "test_f1": m["eval"]["test"]["f1"], "validation_f1": m["eval"]["validation"]["f1"]}
 
 
-def student(args, seed: int) -> dict:
-    teacher = finetune(args, "rt", "package", seed)
+def student(args, seed: int) -> dict | None:
+    teacher = finetune(args, "rt", args.student_teacher, seed)
+    if teacher is None:
+        return None
     d = job(args, f"student-distill-s{seed}", "distill", JOBS / "distill.yaml", {
         "teacher": teacher["dir"], **{k: v for k, v in _rt_data(args).items() if k != "data.test_file"},
         "training.seed": seed, "training.num_train_epochs": args.distill_epochs,
         "training.max_steps": args.max_steps, **({"latency.repeats": 2} if args.smoke else {})})
+    if d is None:
+        return None
     e = job(args, f"student-export-s{seed}", "export", JOBS / "export.yaml", {
         "model_name_or_path": d["dir"], "data.train_file": _rt_data(args)["data.train_file"]})
+    if e is None:
+        return None
     v = job(args, f"student-validate-s{seed}", "validate", JOBS / "validate.yaml", {
-        "model_name_or_path": d["dir"], "onnx_dir": e["dir"], "version": f"s{seed}",
-        "output_dir": str(args.tag_dir / f"student-validate-s{seed}" / "artifacts"),
-        "rejected_dir": str(args.tag_dir / f"student-validate-s{seed}" / "rejected"),
+        "model_name_or_path": d["dir"], "onnx_dir": e["dir"], "version": f"s{seed}", "rejected_dir": "{out}/rejected",
         **({"latency.repeats": 2, "int8_search.max_attempts": 0} if args.smoke else {}),
         **{k: v for k, v in _rt_data(args).items() if k != "data.max_train_samples"}}, done="validation.json")
+    if v is None:
+        return None
     report = json.loads(next(Path(v["dir"]).rglob("validation.json")).read_text())
     test = report.get("test_metrics", {})
     return {"teacher_test_f1": teacher["test_f1"], "student_test_f1": test.get("pytorch", {}).get("f1"),
@@ -157,27 +185,25 @@ def _stat(values: list[float]) -> dict:
             "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def _finished(args, name: str, done: str = "metrics.json") -> bool:
-    out = args.tag_dir / name
-    return (out / "bench.json").is_file() and bool(list(out.rglob(done)))
-
-
 def collect(args) -> dict:
     """Every finished run of these settings (any seed) -> the figures the issue asks for."""
-    seeds = sorted({int(p.name.rsplit("-s", 1)[1]) for p in args.tag_dir.glob("*-s*")
-                    if p.name.rsplit("-s", 1)[1].isdigit()}) if args.tag_dir.is_dir() else []
-    runs, per_task = [], {}
-    for task in ("rt", "wnut"):
-        for source in ("package", "dapt"):
-            for seed in seeds:
-                if _finished(args, f"{task}-{source}-s{seed}") and (source == "package"
-                                                                     or _finished(args, f"pretrain-{task}")):
-                    r = finetune(args, task, source, seed)  # finished: read back
+    seeds = sorted({int(m[1]) for p in (args.work / "runs").glob("*-s*-*")
+                    if (m := re.search(r"-s(\d+)-[0-9a-f]{8}$", p.name))})
+    read_only, args.read_only = args.read_only, True  # read finished runs back, run nothing
+    try:
+        runs, per_task = [], {}
+        for task in ("rt", "wnut"):
+            for source in ("package", "dapt"):
+                for seed in seeds:
+                    if (r := finetune(args, task, source, seed)) is None:
+                        continue
                     runs.append({"task": task, "source": source, "seed": seed, "test_f1": r["test_f1"],
                                  "validation_f1": r["validation_f1"], "cpu_minutes": round(r["cpu_seconds"] / 60, 1)})
                     per_task.setdefault((task, source), {})[seed] = r
-    pre = {t: pretrain(args, t) for t in ("rt", "wnut") if _finished(args, f"pretrain-{t}")}
-    students = {s: student(args, s) for s in seeds if _finished(args, f"student-validate-s{s}", "validation.json")}
+        pre = {t: p for t in ("rt", "wnut") if (p := pretrain(args, t)) is not None}
+        students = {s: r for s in seeds if (r := student(args, s)) is not None}
+    finally:
+        args.read_only = read_only
 
     def f1(task, source):
         return _stat([r["test_f1"] for r in per_task.get((task, source), {}).values()])
@@ -215,7 +241,7 @@ def collect(args) -> dict:
                                                           "head_warmup_steps", "mlm_head_new")}
                      for t, p in pre.items()},
         "students": {str(s): {k: v for k, v in r.items() if k != "dirs"} for s, r in students.items()},
-        "seeds": seeds, "settings": args.settings, "settings_tag": args.tag,
+        "seeds": seeds, "settings": args.settings,
         "machine": {"cores": os.cpu_count(), "threads_per_job": args.threads}, "runs": runs,
     }
 
@@ -239,7 +265,7 @@ def write(args, results: dict) -> None:
                  "n": len(r["students"])})},
             {"figure": "RT 3-layer student, PyTorch fp32, test macro-F1", "mean ± std over seeds": ms(r["rt_student_fp32_test_macro_f1"])}]
     text = ["# Quality (issue 18): MiniLM-L6 on Rotten Tomatoes and WNUT-2016, package vs domain-pretrained", "",
-            f"`python -m bench.quality`, settings {json.dumps(args.settings)} (tag {args.tag}), seeds {r['seeds']}, "
+            f"`python -m bench.quality`, settings {json.dumps(args.settings)}, seeds {r['seeds']}, "
             f"{os.cpu_count()} cores, {args.threads} threads per job. Test = data/full's held-out split.", "",
             markdown_table(rows), "",
             f"CPU minutes (whole job process, an upper bound on training): RT recipe reported above "
@@ -255,13 +281,15 @@ def write(args, results: dict) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pieces", nargs="+", default=["rt", "wnut", "student"], choices=["rt", "wnut", "student"])
+    p.add_argument("--pieces", nargs="*", default=["rt", "wnut", "student"], choices=["rt", "wnut", "student"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--epochs", type=float, default=3.0, help="RT fine-tuning epochs (best on validation kept)")
     p.add_argument("--lr", type=float, default=5e-5, help="RT fine-tuning learning rate")
     p.add_argument("--ner-epochs", type=float, default=5.0)
     p.add_argument("--ner-lr", type=float, default=1e-4)
     p.add_argument("--distill-epochs", type=float, default=3.0)
+    p.add_argument("--student-teacher", choices=["package", "dapt"], default="dapt",
+                   help="the RT fine-tune distilled: dapt = the shipped pipeline's road (pretrain -> finetune -> distill)")
     p.add_argument("--rt-pretrain-steps", type=int, default=300, help="batch 32 x 128 tokens (~3 epochs of the RT text)")
     p.add_argument("--wnut-pretrain-steps", type=int, default=200)
     p.add_argument("--pretrain-lr", type=float, default=1e-4)
@@ -280,10 +308,8 @@ def parser() -> argparse.ArgumentParser:
 def setup(args) -> None:
     knobs = {k: v for k, v in vars(args).items() if k not in ("pieces", "seeds", "work", "results", "threads")}
     args.settings = knobs
-    args.tag = hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:8]
     args.work = args.work.resolve()
-    args.tag_dir = args.work / args.tag
-    args.tag_dir.mkdir(parents=True, exist_ok=True)
+    args.read_only = False
     need = [FULL / "rotten-tomatoes" / "domain.txt", FULL / "wnut16" / "domain-tweets.txt", FULL / "wnut16" / "test.conll"]
     if missing := [str(p) for p in need if not p.is_file()]:
         raise SystemExit(f"missing {missing}: run `make data` first")

@@ -65,6 +65,9 @@ def run_job(cfg: JobConfig) -> int:
     """Run a checked config's job and say how it ended: status.json, the outcome line for the batch
     script, the exit code (hpcnlp.runtime.status). A ConfigError found only once the job reads its data
     (a column, a label, a file's format) is reported like a refused config: one line per problem, exit 2."""
+    from hpcnlp.runtime.malloc import fix_mmap_threshold
+
+    fix_mmap_threshold()  # before the job allocates: else its memory climbs step after step (see there)
     spec = JOBS[cfg.job]
     path = spec.status_file(cfg)
     log = env.hpcnlp_setting("LOG")  # the Slurm log (slurm/launch.sh): `hpcnlp status` shows it

@@ -1,7 +1,7 @@
 """Quality bench (issue 18): does domain pretraining help, and how good are the 6-layer MiniLM and its
 3-layer int8 student on the full Rotten Tomatoes test split? Hours of CPU; not in CI.
 
-    python -m bench.quality [--pieces rt wnut student] [--seeds 1 2 3] [--epochs 3] [--lr 5e-5]
+    python -m bench.quality [--pieces rt wnut student] [--seeds 1 2 3] [--epochs 2] [--lr 5e-5]
                             [--ner-epochs 5] [--max-train-samples N] [--work DIR] [--results DIR]
     python -m bench --only quality      # the same with every default, output captured until it ends
 
@@ -60,9 +60,9 @@ def job(args, name: str, command: str, config: Path, overrides: dict, done: str 
         return {**json.loads(record.read_text()), "dir": str(out)}
     if args.read_only:
         return None
-    # "{out}" in a value (validate's rejected_dir) is this run's directory: not part of the key, like output_dir
+    # "<run>" in a value (validate's rejected_dir) is this run's directory: not part of the key, like output_dir
     cmd = [sys.executable, "-m", "hpcnlp", command, "--config", str(config), f"output_dir={out}",
-           *(i.replace("{out}", str(out)) for i in items)]
+           *(i.replace("<run>", str(out)) for i in items)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     print(f"[quality] {name}: {' '.join(cmd[2:])}", flush=True)
@@ -164,7 +164,7 @@ def student(args, seed: int) -> dict | None:
     if e is None:
         return None
     v = job(args, f"student-validate-s{seed}", "validate", JOBS / "validate.yaml", {
-        "model_name_or_path": d["dir"], "onnx_dir": e["dir"], "version": f"s{seed}", "rejected_dir": "{out}/rejected",
+        "model_name_or_path": d["dir"], "onnx_dir": e["dir"], "version": f"s{seed}", "rejected_dir": "<run>/rejected",
         **({"latency.repeats": 2, "int8_search.max_attempts": 0} if args.smoke else {}),
         **{k: v for k, v in _rt_data(args).items() if k != "data.max_train_samples"}}, done="validation.json")
     if v is None:
@@ -283,14 +283,15 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pieces", nargs="*", default=["rt", "wnut", "student"], choices=["rt", "wnut", "student"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--epochs", type=float, default=3.0, help="RT fine-tuning epochs (best on validation kept)")
+    p.add_argument("--epochs", type=float, default=2.0,
+                   help="RT fine-tuning epochs (best on validation kept); 2: jobs/finetune-sentiment.yaml's")
     p.add_argument("--lr", type=float, default=5e-5, help="RT fine-tuning learning rate")
     p.add_argument("--ner-epochs", type=float, default=5.0)
     p.add_argument("--ner-lr", type=float, default=1e-4)
     p.add_argument("--distill-epochs", type=float, default=3.0)
     p.add_argument("--student-teacher", choices=["package", "dapt"], default="dapt",
                    help="the RT fine-tune distilled: dapt = the shipped pipeline's road (pretrain -> finetune -> distill)")
-    p.add_argument("--rt-pretrain-steps", type=int, default=300, help="batch 32 x 128 tokens (~3 epochs of the RT text)")
+    p.add_argument("--rt-pretrain-steps", type=int, default=150, help="batch 32 x 128 tokens (~1.5 passes over the RT text)")
     p.add_argument("--wnut-pretrain-steps", type=int, default=200)
     p.add_argument("--pretrain-lr", type=float, default=1e-4)
     p.add_argument("--head-warmup", type=float, default=0.2, help="share of the pretrain steps that train the MLM head alone")

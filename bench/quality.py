@@ -30,6 +30,8 @@ local Slurm here is a test cluster on the same 2 cores, so a sweep would queue t
 another with nothing gained, and a child process lets the bench count each run's CPU time (getrusage
 of its children: the whole job, data loading and evaluation included, so an upper bound on training).
 On a real cluster the configs the runs record (<run>/config.resolved.yaml) can go to `hpcnlp sweep`.
+Every default: about 4 hours on 2 cores. Two bench processes with `--threads 1` on disjoint `--pieces`/
+`--seeds` (never the same run twice at once) got ~1.4x the tokens/s of one with 2 threads here.
 """
 from __future__ import annotations
 
@@ -60,9 +62,9 @@ def job(args, name: str, command: str, config: Path, overrides: dict, done: str 
         return {**json.loads(record.read_text()), "dir": str(out)}
     if args.read_only:
         return None
-    # "<run>" in a value (validate's rejected_dir) is this run's directory: not part of the key, like output_dir
-    cmd = [sys.executable, "-m", "hpcnlp", command, "--config", str(config), f"output_dir={out}",
-           *(i.replace("<run>", str(out)) for i in items)]
+    # "<run>" in a value (validate's output_dir and rejected_dir) is this run's directory: not part of the key
+    cmd = [sys.executable, "-m", "hpcnlp", command, "--config", str(config),
+           *([] if "output_dir" in overrides else [f"output_dir={out}"]), *(i.replace("<run>", str(out)) for i in items)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     print(f"[quality] {name}: {' '.join(cmd[2:])}", flush=True)
@@ -164,7 +166,7 @@ def student(args, seed: int) -> dict | None:
     if e is None:
         return None
     v = job(args, f"student-validate-s{seed}", "validate", JOBS / "validate.yaml", {
-        "model_name_or_path": d["dir"], "onnx_dir": e["dir"], "version": f"s{seed}", "rejected_dir": "<run>/rejected",
+        "model_name_or_path": d["dir"], "onnx_dir": e["dir"], "version": f"s{seed}", "output_dir": "<run>/artifacts", "rejected_dir": "<run>/rejected",
         **({"latency.repeats": 2, "int8_search.max_attempts": 0} if args.smoke else {}),
         **{k: v for k, v in _rt_data(args).items() if k != "data.max_train_samples"}}, done="validation.json")
     if v is None:

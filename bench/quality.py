@@ -166,7 +166,8 @@ def student(args, seed: int) -> dict | None:
     if e is None:
         return None
     v = job(args, f"student-validate-s{seed}", "validate", JOBS / "validate.yaml", {
-        "model_name_or_path": d["dir"], "onnx_dir": e["dir"], "version": f"s{seed}", "output_dir": "<run>/artifacts", "rejected_dir": "<run>/rejected",
+        "model_name_or_path": d["dir"], "onnx_dir": e["dir"], "version": f"s{seed}",
+        "output_dir": "<run>/artifacts", "rejected_dir": "<run>/rejected",
         **({"latency.repeats": 2, "int8_search.max_attempts": 0} if args.smoke else {}),
         **{k: v for k, v in _rt_data(args).items() if k != "data.max_train_samples"}}, done="validation.json")
     if v is None:

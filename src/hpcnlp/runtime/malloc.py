@@ -15,7 +15,6 @@ tcmalloc), is left alone. (On GPUs activations live in the CUDA allocator; this 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -33,8 +32,7 @@ def fix_mmap_threshold() -> bool:
     if any(a in os.environ.get("LD_PRELOAD", "") for a in ("jemalloc", "tcmalloc", "mimalloc")):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: its libc, no library search
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1

@@ -24,7 +24,7 @@ def peak_memory_mb() -> dict[str, float]:
 
 
 class ThroughputCallback(TrainerCallback):
-    """Adds tokens/s (non-padding, all ranks), samples/s, ETA and memory to every log line.
+    """Adds tokens/s (non-padding, all ranks), samples/s, ETA and memory to every log line; logs each evaluation.
 
     Rates are over the last logging interval, so a slow start does not hide a fast steady state.
     Needs TrainingArguments(include_num_input_tokens_seen="non_padding") for token counts.
@@ -59,6 +59,16 @@ class ThroughputCallback(TrainerCallback):
                      f"{logs['tokens_per_second']:,.0f}", logs["samples_per_second"],
                      _hms(logs["eta_seconds"]), logs["peak_rss_mb"],
                      f" gpu {logs['peak_gpu_mb']} MB" if "peak_gpu_mb" in logs else "")
+
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        # The metrics otherwise only reach trainer_state.json inside the next checkpoint.
+        if not metrics or not state.is_world_process_zero:
+            return
+        shown = {k.removeprefix("eval_"): round(v, 4) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_per_second", "epoch"))}
+        log.info("eval at step %d/%d (epoch %.2f): %s", state.global_step, state.max_steps, state.epoch or 0,
+                 " ".join(f"{k} {v}" for k, v in shown.items()))
 
 
 def _hms(seconds: float) -> str:

@@ -254,3 +254,9 @@ def test_summary_table_lists_every_run(tmp_path):
     assert lines[0] == "| run | global_step | eval_after.loss |"  # shared numeric keys only, flattened
     assert len(lines) == 5 and "task-2 | 4 | 3 |" in lines[4]
     assert summary([str(tmp_path / "sweep" / "task-*")]) == table
+    # With the sweep's manifest, each task's row says which grid point it is.
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"tasks": [
+        [f"training.learning_rate={lr}", f"output_dir={tmp_path}/sweep/task-{i}"] for i, lr in enumerate([1, 2, 3])]}))
+    lines = summary([str(tmp_path / "sweep")]).splitlines()
+    assert lines[0] == "| run | overrides | global_step | eval_after.loss |"
+    assert lines[4].endswith("task-2 | training.learning_rate=3 | 4 | 3 |")

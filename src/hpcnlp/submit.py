@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -363,15 +364,26 @@ def find_metrics(paths: list[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
+def sweep_overrides(run: Path) -> str | None:
+    """A sweep task's own overrides (its sweep.json, output_dir left out); None for a run of no sweep."""
+    m = re.fullmatch(r"task-(\d+)", run.name)
+    try:
+        tasks = json.loads((run.parent / "sweep.json").read_text())["tasks"] if m else None
+        return " ".join(t for t in tasks[int(m[1])] if not t.startswith("output_dir=")) if tasks else None
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
 def summary(paths: list[str], keys: list[str] | None = None) -> str:
     rows = []
     for f in find_metrics(paths):
-        rows.append({"run": str(f.parent), **_flatten(json.loads(f.read_text()))})
+        rows.append({"run": str(f.parent), "overrides": sweep_overrides(f.parent) or "", **_flatten(json.loads(f.read_text()))})
     if not rows:
         return ""
     if not keys:  # the numbers every run has, in the first run's order
-        keys = [k for k in rows[0] if k != "run" and all(k in r for r in rows)]
-    return markdown_table(rows, ["run", *keys])
+        keys = [k for k in rows[0] if k not in ("run", "overrides") and all(k in r for r in rows)]
+    sweep = ["overrides"] if any(r["overrides"] for r in rows) else []  # which grid point each task is
+    return markdown_table(rows, ["run", *sweep, *keys])
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Quality bench (issue 18): does domain pretraining help, and how good are the 6-layer MiniLM and its
 3-layer int8 student on the full Rotten Tomatoes test split? Hours of CPU; not in CI.
 
-    python -m bench.quality [--pieces rt wnut student] [--seeds 1 2 3] [--epochs 2] [--lr 5e-5]
+    python -m bench.quality [--pieces rt wnut student] [--seeds 1 2 3] [--epochs 3] [--lr 5e-5]
                             [--ner-epochs 5] [--max-train-samples N] [--work DIR] [--results DIR]
     python -m bench --only quality      # the same with every default, output captured until it ends
 
@@ -30,8 +30,9 @@ local Slurm here is a test cluster on the same 2 cores, so a sweep would queue t
 another with nothing gained, and a child process lets the bench count each run's CPU time (getrusage
 of its children: the whole job, data loading and evaluation included, so an upper bound on training).
 On a real cluster the configs the runs record (<run>/config.resolved.yaml) can go to `hpcnlp sweep`.
-Every default: about 4 hours on 2 cores. Two bench processes with `--threads 1` on disjoint `--pieces`/
-`--seeds` (never the same run twice at once) got ~1.4x the tokens/s of one with 2 threads here.
+Every default: about 5 CPU-hours (~5 hours one job at a time on 2 cores). Two bench processes with
+`--threads 1` on disjoint `--pieces`/`--seeds` (never the same run twice at once) got ~1.4x the tokens/s
+of one with 2 threads here (the RT grid of bench/results/quality-grid.md ran through `hpcnlp sweep`).
 """
 from __future__ import annotations
 
@@ -286,8 +287,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pieces", nargs="*", default=["rt", "wnut", "student"], choices=["rt", "wnut", "student"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--epochs", type=float, default=2.0,
-                   help="RT fine-tuning epochs (best on validation kept); 2: jobs/finetune-sentiment.yaml's")
+    p.add_argument("--epochs", type=float, default=3.0,
+                   help="RT fine-tuning epochs (best on validation kept); 3: jobs/finetune-sentiment.yaml's")
     p.add_argument("--lr", type=float, default=5e-5, help="RT fine-tuning learning rate")
     p.add_argument("--ner-epochs", type=float, default=5.0)
     p.add_argument("--ner-lr", type=float, default=1e-4)

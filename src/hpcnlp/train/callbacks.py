@@ -60,7 +60,6 @@ class ThroughputCallback(TrainerCallback):
                      _hms(logs["eta_seconds"]), logs["peak_rss_mb"],
                      f" gpu {logs['peak_gpu_mb']} MB" if "peak_gpu_mb" in logs else "")
 
-
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         # The metrics otherwise only reach trainer_state.json inside the next checkpoint.
         if not metrics or not state.is_world_process_zero:

@@ -23,7 +23,8 @@ DATA = REPO / "data" / "classification" / "rotten-tomatoes"
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from hpcnlp.config import FinetuneDataConfig, LatencyConfig, ValidateConfig
+    from hpcnlp.config import FinetuneDataConfig, LatencyConfig
+    from hpcnlp.jobs.validate import ValidateConfig
     from hpcnlp.jobs.validate import Reference, edge_cases, measure_int8, predict, run_edge_cases
     from hpcnlp.models import load_tokenizer
     from hpcnlp.quantize import Quantizer, Recipe, calibration_set, sensitive_matmuls

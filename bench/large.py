@@ -109,7 +109,8 @@ def pretrain(work: str, corpus: str, steps: int, batch: int, warmup: int) -> dic
     t0 = time.perf_counter()
     from bench.pretrain import SEED, _run, corpus_config, eval_set
     from bench.timing import StepClock
-    from hpcnlp.config import CorpusConfig, PretrainConfig
+    from hpcnlp.config import CorpusConfig
+    from hpcnlp.jobs.pretrain import PretrainConfig
     from hpcnlp.data.pack import find, prepare as prepare_corpus
     from hpcnlp.models import load_tokenizer
     from hpcnlp.train.mlm import MLMCollator, build_masked_lm, enable_sparse_mlm_head

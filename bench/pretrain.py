@@ -18,7 +18,8 @@ import torch
 from transformers import set_seed
 
 from bench.timing import CountingCollator, StepClock, peak_rss_mb, steady_rates
-from hpcnlp.config import CorpusConfig, PretrainConfig, TrainingConfig
+from hpcnlp.config import CorpusConfig, TrainingConfig
+from hpcnlp.jobs.pretrain import PretrainConfig
 from hpcnlp.data.corpus import expand_files, read_documents
 from hpcnlp.data.pack import prepare
 from hpcnlp.models import load_tokenizer

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from hpcnlp.cli import main
-from hpcnlp.config import ConfigError, PretrainConfig, with_overrides
+from hpcnlp.config import ConfigError, with_overrides
+from hpcnlp.jobs.pretrain import PretrainConfig
 from hpcnlp.jobs import EXIT_CONFIG, load_config
 from helpers import prepare_corpus
 

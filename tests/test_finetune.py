@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import REPO, run_cli, write_config
-from hpcnlp.config import FreezeConfig
+from hpcnlp.jobs.finetune import FreezeConfig
 from hpcnlp.jobs import load_config
 from hpcnlp.jobs import finetune
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import yaml
 
 from hpcnlp.bundle import SUMS, dir_sha256, sha256
-from hpcnlp.config import ValidateConfig
 from hpcnlp.models import ALIASES, ModelNotFound, resolve_model_path
 from hpcnlp.report import markdown_table
 from hpcnlp.tasks import OPTIMUM_TASKS, PRIMARY_METRIC, cpu_text
@@ -108,7 +107,7 @@ def _hashed(entry: dict) -> str:
     return f"`{entry['file']}` (sha256 `{entry['sha256']}`)" if entry.get("sha256") else f"`{entry['file']}`"
 
 
-def model_card(cfg: ValidateConfig, bundle: Path, task: str, names: list[str], results: dict, passed: bool) -> str:
+def model_card(cfg, bundle: Path, task: str, names: list[str], results: dict, passed: bool) -> str:
     """MODEL_CARD.md of the bundle being built in `bundle` (its files final, but for the card and manifest)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 

@@ -1,6 +1,8 @@
-"""Typed job configs: YAML files whose keys map one-to-one to these fields. Schema only.
+"""The shared schema of job configs: what every job, or several jobs, have. Schema only.
 
-Every job config names its job (`job: pretrain`); the job registry (hpcnlp.jobs) picks the class.
+Each job's own config class lives in its module (hpcnlp/jobs/<job>.py) and is built from these
+sections; every job config names its job (`job: pretrain`) and the job registry (hpcnlp.jobs) picks
+the class.
 Field names follow `transformers.TrainingArguments` wherever they mean the same thing, and the
 `training:` section *is* TrainingArguments: any of its fields, validated against its own types.
 Two layers of checking, both reported as one line per problem naming file, key and fix:
@@ -194,7 +196,7 @@ class AdapterConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------
-# Continued pretraining (masked LM) and corpus preparation
+# A corpus to pretrain on (prepare, pretrain)
 # ------------------------------------------------------------------------------------------
 class SourceConfig(Section):
     """One corpus source in `data.sources`: its files, and its share of the training blocks."""
@@ -255,84 +257,8 @@ class CorpusConfig(Section):
         return self.sources or [SourceConfig(name="train", files=self.train_files, exclude=self.exclude)]
 
 
-class ScratchModelConfig(Section):
-    """Size of a model trained from scratch (`init: scratch`), with a WordPiece vocab from the corpus."""
-
-    vocab_size: int = Field(8000, ge=100)
-    hidden_size: int = Field(256, ge=16)
-    num_hidden_layers: int = Field(4, ge=1)
-    num_attention_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(1024, ge=16)
-
-    @model_validator(mode="after")
-    def _heads_divide(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError("hidden_size must be a multiple of num_attention_heads")
-        return self
-
-class PretrainConfig(TrainingJobConfig):
-    job: Literal["pretrain"] = "pretrain"
-    model_name_or_path: str = "minilm-l6"  # local dir or an installed-package alias
-    tokenizer_name_or_path: str | None = None  # default: the model's own; init scratch: trained on the corpus
-    trust_remote_code: bool = False
-    init: Literal["pretrained", "scratch"] = "pretrained"
-    scratch: ScratchModelConfig = Field(default_factory=ScratchModelConfig)
-    data: CorpusConfig
-    mlm_probability: float = Field(0.15, gt=0, lt=1)
-    whole_word_masking: bool = False
-    # Run the MLM head only where a token is masked (~15% of positions); see train/mlm.py.
-    sparse_mlm_head: bool = True
-    adapter: AdapterConfig | None = None  # LoRA instead of training the whole encoder (finetune: same key)
-    # A checkpoint without a trained MLM head (the packaged MiniLM): for the first head_warmup_steps
-    # optimizer steps only the head's own weights train, at head_learning_rate (None: training.learning_rate),
-    # so its random gradients do not shake the encoder; then everything trains on the usual schedule.
-    head_warmup_steps: int = Field(0, ge=0)
-    head_learning_rate: float | None = Field(None, gt=0)
-    # A finetune job config: after training, fine-tune from the starting model and from this output and
-    # report both metrics and their difference (runs in <output_dir>-downstream/{base,adapted}).
-    downstream: str | None = None
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-
-    def problems(self) -> list[Problem]:
-        out = self.data.problems() + self.training.problems()
-        if self.head_warmup_steps and 0 < self.training.max_steps <= self.head_warmup_steps:
-            out.append(Problem(key="head_warmup_steps",
-                               message=f"{self.head_warmup_steps} head warm-up steps leave none of training.max_steps "
-                                       f"({self.training.max_steps}) for the encoder",
-                               fix="set head_warmup_steps below training.max_steps (e.g. a tenth to a third of it)"))
-        if self.head_warmup_steps and self.adapter:
-            out.append(Problem(key="head_warmup_steps", message="a LoRA adapter trains no MLM head to warm up",
-                               fix="remove head_warmup_steps, or remove adapter:"))
-        if self.adapter and self.init == "scratch":
-            out.append(Problem(key="adapter", message="LoRA adapts pretrained weights; init: scratch has none",
-                               fix="remove adapter:, or use init: pretrained"))
-        if self.training.max_steps <= 0 and self.training.num_train_epochs <= 0:
-            out.append(Problem(key="training.max_steps", message="nothing to train",
-                               fix="set max_steps > 0 or num_train_epochs > 0"))
-        return out
-
-
-class PrepareConfig(JobConfig):
-    """`hpcnlp prepare` alone: tokenize and pack a corpus for later pretraining runs.
-
-    `data_from: jobs/pretrain.yaml` takes the data section, model/tokenizer and whole_word_masking of
-    that pretrain config (read when the config is loaded), so the two never drift apart."""
-
-    job: Literal["prepare"] = "prepare"
-    output_dir: str = ""  # unused: prepared data goes to data.prepared_root
-    data_from: str | None = None
-    model_name_or_path: str = "minilm-l6"
-    tokenizer_name_or_path: str | None = None
-    trust_remote_code: bool = False
-    whole_word_masking: bool = False  # keep token offsets (as the pretrain config with it needs)
-    data: CorpusConfig
-
-    def problems(self) -> list[Problem]:
-        return self.data.problems()
-
-
 # ------------------------------------------------------------------------------------------
-# Fine-tuning: sequence classification and token classification (NER)
+# Labelled data: sequence classification and token classification (finetune, distill, prune, export, validate)
 # ------------------------------------------------------------------------------------------
 class FinetuneDataConfig(Section):
     """Labelled data. Classification: CSV/TSV/JSONL/Parquet; NER: CoNLL or JSONL with tokens+tags."""
@@ -364,72 +290,8 @@ class FinetuneDataConfig(Section):
         return {k: v for k, v in named.items() if v}
 
 
-class FreezeConfig(Section):
-    """Which pretrained weights stay fixed; the task head always trains."""
-
-    embeddings: bool = False
-    layers: int = Field(0, ge=0)  # the first N encoder layers
-    all_but_head: bool = False  # the whole encoder: only the classifier trains
-
-class FinetuneTrainingConfig(TrainingConfig):
-    """TrainingConfig with fine-tuning defaults: length-grouped batches, best checkpoint kept."""
-
-    group_by_length: bool = True
-    eval_strategy: Literal["no", "steps", "epoch"] = "epoch"
-    save_strategy: Literal["no", "steps", "epoch"] = "epoch"
-    load_best_model_at_end: bool = True
-    metric_for_best_model: str = "f1"  # macro F1 (classification), entity F1 (NER); or accuracy, loss...
-    greater_is_better: bool | None = None  # None: True unless the metric is a loss
-
-    def problems(self) -> list[Problem]:
-        out = super().problems()
-        if self.load_best_model_at_end:
-            if self.eval_strategy != self.save_strategy:
-                out.append(Problem(key="training.save_strategy", message=f"load_best_model_at_end needs "
-                                   f"save_strategy == eval_strategy (got {self.save_strategy} and "
-                                   f"{self.eval_strategy})",
-                                   fix="make them equal, or set training.load_best_model_at_end: false"))
-            elif self.eval_strategy == "steps" and self.eval_steps and self.save_steps % self.eval_steps:
-                out.append(Problem(key="training.save_steps", message=f"save_steps {self.save_steps} is not a "
-                                   f"multiple of eval_steps {self.eval_steps}", fix="make it a multiple"))
-        return out
-
-
-class FinetuneConfig(TrainingJobConfig):
-    job: Literal["finetune"] = "finetune"
-    task: Literal["sequence-classification", "token-classification"]
-    model_name_or_path: str = "minilm-l6"  # alias, local dir, or a `hpcnlp pretrain` output_dir
-    tokenizer_name_or_path: str | None = None
-    trust_remote_code: bool = False
-    data: FinetuneDataConfig
-    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
-    adapter: AdapterConfig | None = None  # LoRA: the encoder stays frozen, low-rank updates + the head train
-    class_weights: Literal["balanced"] | dict[str, float] | None = None  # loss weights per label
-    early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement
-    training: FinetuneTrainingConfig = Field(default_factory=FinetuneTrainingConfig)
-
-    def problems(self) -> list[Problem]:
-        out = self.training.problems()
-        t = self.training
-        if self.early_stopping_patience and (t.eval_strategy == "no" or not t.load_best_model_at_end):
-            out.append(Problem(key="early_stopping_patience", message="early stopping needs evaluations and "
-                               "training.load_best_model_at_end", fix="set training.eval_strategy to steps or "
-                               "epoch and training.load_best_model_at_end: true, or drop early_stopping_patience"))
-        if self.adapter and self.freeze != FreezeConfig():
-            out.append(Problem(key="freeze", message="adapter already freezes the encoder (only LoRA weights "
-                               "and the head train)", fix="remove freeze:, or remove adapter:"))
-        names = self.data.label_names
-        if names is not None and len(set(names)) != len(names):
-            out.append(Problem(key="data.label_names", message="a label is listed twice", fix="list each once"))
-        if isinstance(self.class_weights, dict) and names is not None:
-            for label in sorted(set(self.class_weights) - set(names)):
-                out.append(Problem(key=f"class_weights.{label}", message="not in data.label_names",
-                                   fix=f"use one of {names}"))
-        return out
-
-
 # ------------------------------------------------------------------------------------------
-# Post-processing: distill -> export (ONNX, quantize) -> validate (the gate) + bundle
+# Latency measurements (distill, prune, validate)
 # ------------------------------------------------------------------------------------------
 class LatencyConfig(Section):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
@@ -437,127 +299,6 @@ class LatencyConfig(Section):
     repeats: int = Field(20, ge=1)
     warmup: int = Field(3, ge=0)
     num_threads: int | None = Field(None, ge=1)  # None: torch.get_num_threads() (OMP_NUM_THREADS)
-
-class DistillConfig(TrainingJobConfig):
-    """A smaller student learns from a fine-tuned teacher: alpha*T^2*KL(student/T || teacher/T) + (1-alpha)*CE."""
-
-    job: Literal["distill"] = "distill"
-    teacher: str  # a fine-tuned model dir (hpcnlp finetune output_dir)
-    # Student: the teacher with `student_num_layers` of its layers kept evenly (every k-th, k = L / n,
-    # DistilBERT-style), or a smaller local model with the same tokenizer.
-    student_num_layers: int | None = Field(None, ge=1)
-    student_model_name_or_path: str | None = None
-    temperature: float = Field(2.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1)  # weight of the soft (teacher) loss
-    trust_remote_code: bool = False
-    data: FinetuneDataConfig
-    latency: LatencyConfig = Field(default_factory=LatencyConfig)  # teacher vs student, same inputs
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-
-    def problems(self) -> list[Problem]:
-        out = self.training.problems()
-        if (self.student_num_layers is None) == (self.student_model_name_or_path is None):
-            out.append(Problem(key="student_num_layers", message="give exactly one of student_num_layers and "
-                               "student_model_name_or_path", fix="set the other to null"))
-        return out
-
-
-class PruneConfig(TrainingJobConfig):
-    """Structured pruning of a fine-tuned classifier: the least important attention heads and FFN neurons
-    (importance measured on the training data) are removed, then a short recovery fine-tune (listening
-    to `teacher`'s logits when given). The result is a plain smaller model of the same architecture."""
-
-    job: Literal["prune"] = "prune"
-    model_name_or_path: str  # a fine-tuned classifier (hpcnlp finetune output_dir)
-    teacher: str | None = None  # recovery with the distillation loss on its logits; None: gold labels only
-    keep_heads: int = Field(ge=1)  # attention heads kept over all layers (ranked globally, >= 1 per layer)
-    intermediate_size: int = Field(ge=1)  # FFN neurons kept in every layer (config.json holds one size)
-    importance_samples: int = Field(512, ge=1)  # training rows the importance is measured on
-    temperature: float = Field(2.0, gt=0)  # with teacher: as in distill
-    alpha: float = Field(0.5, ge=0, le=1)
-    trust_remote_code: bool = False
-    data: FinetuneDataConfig
-    latency: LatencyConfig = Field(default_factory=LatencyConfig)  # before vs after, same inputs
-    training: TrainingConfig = Field(default_factory=TrainingConfig)  # the recovery fine-tune
-
-    def problems(self) -> list[Problem]:
-        return self.training.problems()
-
-
-class QuantizeConfig(Section):
-    """int8 quantization with onnxruntime (through Optimum's ORTQuantizer)."""
-
-    mode: Literal["none", "dynamic", "static"] = "dynamic"
-    preset: Literal["avx2", "avx512_vnni", "arm64"] = "avx2"  # the CPU the bundle will run on
-    per_channel: bool = False
-    calibration_samples: int = Field(128, ge=1)  # static: rows of data.train_file, shuffled by data.seed
-
-class ExportConfig(JobConfig):
-    """ONNX export with Optimum, optional ORT graph optimization and int8 quantization."""
-
-    job: Literal["export"] = "export"
-    model_name_or_path: str  # a fine-tuned (or distilled, or pretrained MLM) model dir
-    trust_remote_code: bool = False
-    opset: int = Field(17, ge=11, le=21)
-    atol: float | None = Field(None, gt=0)  # Optimum's export check; None: its default for the architecture
-    allow_tolerance_failure: bool = False  # Optimum only warns when atol is missed; we refuse unless this
-    optimization_level: int = Field(0, ge=0, le=3)  # ORT graph optimization O1..O3 (0: none)
-    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
-    data: FinetuneDataConfig | None = None  # static quantization calibrates on data.train_file
-
-    def problems(self) -> list[Problem]:
-        if self.quantize.mode == "static" and self.data is None:
-            return [Problem(key="data", message="static quantization needs calibration data",
-                            fix="add data.train_file (the training data), or use quantize.mode: dynamic")]
-        return []
-
-
-class ValidationThresholds(Section):
-    fp32_atol: float = Field(1e-4, gt=0)  # max abs diff of every output, ONNX fp32 vs PyTorch
-    fp32_min_argmax_agreement: float = Field(1.0, ge=0, le=1)
-    int8_max_metric_drop: float = Field(0.01, ge=0)  # absolute: 0.01 = 1 point of accuracy / F1
-    # int8 vs PyTorch predictions on the whole eval set (token tasks: per token). The metric drop alone
-    # lets flips cancel out: the test suite's sentiment teacher (MiniLM, 0.70 accuracy, many borderline
-    # examples) flips 5.75% of 400 eval answers with dynamic int8 and still gains 1.25 points of accuracy;
-    # it is a different model all the same. 0.97: room for the few borderline examples that int8 noise
-    # flips (per-channel weights: 2.75% there), none for a recipe that changes 1 answer in 20.
-    int8_min_argmax_agreement: float = Field(0.97, ge=0, le=1)
-    # When no int8 recipe passes: ship fp32 alone (no model.int8.onnx, the reason in validation.json/md),
-    # or reject the run.
-    int8_fallback: Literal["fp32", "reject"] = "fp32"
-
-
-class Int8SearchConfig(Section):
-    """When the export's int8 misses the gate, validate tries other recipes (hpcnlp.quantize) in this budget."""
-
-    # recipes made by the search: per-channel, static QDQ, then 1..max_fp32_nodes MatMuls in fp32 (0: only
-    # the export's int8 is judged)
-    max_attempts: int = Field(6, ge=0)
-    max_seconds: float = Field(900, gt=0)  # search wall time, checked before each attempt (Slurm default: 30 min)
-    max_fp32_nodes: int = Field(4, ge=0)  # most sensitive MatMuls kept in fp32, at most
-    calibration_samples: int = Field(128, ge=1)  # static QDQ: rows of data.train_file, shuffled by data.seed
-
-class ValidateConfig(JobConfig):
-    """The gate: ONNX vs PyTorch on real eval data; a passing model ships to <output_dir>/<name>/<version>/."""
-
-    job: Literal["validate"] = "validate"
-    output_dir: str = "artifacts"  # shipped bundles: <output_dir>/<name>/<version>/
-    rejected_dir: str = "rejected"  # failing ones, with their report: <rejected_dir>/<name>/<version>/
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    model_name_or_path: str  # the PyTorch model that was exported (the reference)
-    onnx_dir: str  # `hpcnlp export` output_dir: model.onnx (+ model.int8.onnx)
-    data: FinetuneDataConfig  # eval set: validation_file (else finetune's split of train_file)
-    num_examples: int = Field(64, ge=1)  # N eval examples for the per-output parity checks
-    thresholds: ValidationThresholds = Field(default_factory=ValidationThresholds)
-    int8_search: Int8SearchConfig = Field(default_factory=Int8SearchConfig)
-    latency: LatencyConfig = Field(default_factory=LatencyConfig)
-    license: str = "other"  # the model card's, where the base model's own card states none
-    language: str = "en"  # of the text the model reads (the model card's front matter)
-
-    @property
-    def bundle_dir(self) -> Path:
-        return Path(self.output_dir) / self.name / self.version
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""What a job is: one `JobSpec` per job module (hpcnlp/jobs/<job>.py), collected in hpcnlp.jobs.
+"""What a job is: one `JobSpec` per job module (hpcnlp/jobs/<job>.py), found by the registry (hpcnlp.jobs).
 
 The CLI, the Slurm launcher, submit/pipeline/sweep and `hpcnlp check` read these specs; nothing
-else lists the jobs or knows what a finished run looks like.
+else lists the jobs or knows what a finished run looks like. docs/architecture.md: adding a job.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class JobSpec:
     is_complete: Callable[[JobConfig], bool] = metrics_written
     # {metric, size, latency b1 p50, output} of a run; FileNotFoundError when it wrote no results
     summary_row: Callable[[JobConfig], dict] = lambda cfg: {}
+    order: int = 100  # where it is listed (CLI help, docs): hpcnlp's own jobs in pipeline order, then others
     example_config: str = ""  # the shipped YAML named in docs and slurm/<job>.sbatch; default jobs/<name>.yaml
     # Training jobs checkpoint on Slurm's warning signal and requeue themselves; the others have
     # nothing to resume: their templates say --no-requeue.
@@ -50,6 +51,9 @@ class JobSpec:
     status_file: Callable[[JobConfig], Path | None] = lambda cfg: Path(cfg.output_dir) / "status.json"
     # (cfg, processes) -> what a run of that many processes cannot do, known before queueing; None: nothing
     group_check: Callable[[JobConfig, int], list[Problem]] | None = None
+    # (raw YAML mapping, its source) -> the mapping to validate: a config that takes keys from another
+    # file (prepare's data_from); None: as written
+    expand: Callable[[dict, str], dict] | None = None
 
     @property
     def example(self) -> str:

@@ -1,22 +1,52 @@
-"""The job registry: every job is one module here with a `SPEC` (hpcnlp.spec.JobSpec).
+"""The job registry: every module of this package with a `SPEC` (hpcnlp.spec.JobSpec) is a job.
 
-Adding a job: a module with its config class (hpcnlp.config), check, run and SPEC, listed below, plus
-its YAML in jobs/; `make templates` writes its slurm/<job>.sbatch. The CLI, the launcher,
-submit/pipeline/sweep and `hpcnlp check` all read JOBS.
+Nothing lists the jobs: the registry imports each module here, plus those of the packages named in
+$HPCNLP_JOB_PACKAGES (comma-separated importable packages: a site's own jobs, no fork needed).
+Adding a job: docs/architecture.md. The CLI, the launcher, submit/pipeline/sweep and `hpcnlp check`
+all read JOBS.
 """
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
+import os
+import pkgutil
 import sys
 from typing import Iterable
 
 from hpcnlp.config import ConfigError, JobConfig, Problem, read_yaml, with_overrides
 from hpcnlp.config import validate as validate_shape
-from hpcnlp.jobs import distill, export, finetune, prepare, pretrain, prune, validate
 from hpcnlp.runtime import env, rundir, status
 from hpcnlp.spec import JobSpec
 
-JOBS: dict[str, JobSpec] = {m.SPEC.name: m.SPEC for m in (prepare, pretrain, finetune, distill, prune, export, validate)}
+PACKAGES_VARIABLE = "HPCNLP_JOB_PACKAGES"
+
+
+@functools.cache
+def registry() -> dict[str, JobSpec]:
+    """name -> spec of every job module, hpcnlp's own first (in pipeline order), then the site's."""
+    packages = [__name__] + [p.strip() for p in os.environ.get(PACKAGES_VARIABLE, "").split(",") if p.strip()]
+    found: dict[str, JobSpec] = {}
+    for package in packages:
+        pkg = importlib.import_module(package)
+        for info in pkgutil.iter_modules(pkg.__path__, f"{package}."):
+            spec = getattr(importlib.import_module(info.name), "SPEC", None)
+            if isinstance(spec, JobSpec):
+                if spec.name in found:
+                    raise RuntimeError(f"{info.name}: job '{spec.name}' is defined twice")
+                found[spec.name] = spec
+    return dict(sorted(found.items(), key=lambda kv: kv[1].order))
+
+
+def __getattr__(name: str):
+    # JOBS is built on first use: job modules import their siblings (pretrain -> finetune) through
+    # this package, which must not import them all while it is itself being imported.
+    if name == "JOBS":
+        return registry()
+    raise AttributeError(name)
+
+
 EXIT_CONFIG = status.EXIT_CONFIG  # the config (or its data) was refused; nothing ran, nothing was written
 
 
@@ -27,6 +57,7 @@ def load_config(path, overrides: Iterable[str] = (), expect_job: str | None = No
     source = str(path)
     raw = with_overrides(read_yaml(path), overrides)
     job = raw.get("job", expect_job)
+    JOBS = registry()
     if job not in JOBS:
         close = difflib.get_close_matches(str(job), list(JOBS), n=1)
         raise ConfigError(source, [Problem(key="job", message=f"unknown job {job!r}",
@@ -36,8 +67,8 @@ def load_config(path, overrides: Iterable[str] = (), expect_job: str | None = No
         raise ConfigError(source, [Problem(key="job", message=f"this is a '{job}' config, not '{expect_job}'",
                                            fix=f"run `hpcnlp {job}` or pass a {expect_job} config")])
     spec = JOBS[job]
-    if job == "prepare" and raw.get("data_from"):
-        raw = prepare.with_data_from(raw, source)
+    if spec.expand:
+        raw = spec.expand(raw, source)
     cfg = validate_shape(spec.config, {**raw, "job": job}, source)
     problems = cfg.problems()
     if check:
@@ -68,7 +99,7 @@ def run_job(cfg: JobConfig) -> int:
     from hpcnlp.runtime.malloc import fix_mmap_threshold
 
     fix_mmap_threshold()  # before the job allocates: else its memory climbs step after step (see there)
-    spec = JOBS[cfg.job]
+    spec = registry()[cfg.job]
     path = spec.status_file(cfg)
     log = env.hpcnlp_setting("LOG")  # the Slurm log (slurm/launch.sh): `hpcnlp status` shows it
     status.update(path, state="running", job=cfg.job, reason=None, **({"log": log} if log else {}))

@@ -12,10 +12,12 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
+
+from pydantic import Field
 
 from hpcnlp import checks
-from hpcnlp.config import ConfigError, DistillConfig, Problem
+from hpcnlp.config import ConfigError, FinetuneDataConfig, LatencyConfig, Problem, TrainingConfig, TrainingJobConfig
 from hpcnlp.data.labels import IGNORE, data_file_problems
 from hpcnlp.models import encoder_layers, load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb
@@ -25,6 +27,31 @@ from hpcnlp.tasks import (POSTPROCESS_TASKS, PRIMARY_METRIC, auto_model_class, e
                           load_data, model_task, task_of, torch_runner)
 
 log = logging.getLogger(__name__)
+
+
+# --- config: the job's YAML schema (shared sections in hpcnlp.config) ---------------------------
+class DistillConfig(TrainingJobConfig):
+    """A smaller student learns from a fine-tuned teacher: alpha*T^2*KL(student/T || teacher/T) + (1-alpha)*CE."""
+
+    job: Literal["distill"] = "distill"
+    teacher: str  # a fine-tuned model dir (hpcnlp finetune output_dir)
+    # Student: the teacher with `student_num_layers` of its layers kept evenly (every k-th, k = L / n,
+    # DistilBERT-style), or a smaller local model with the same tokenizer.
+    student_num_layers: int | None = Field(None, ge=1)
+    student_model_name_or_path: str | None = None
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of the soft (teacher) loss
+    trust_remote_code: bool = False
+    data: FinetuneDataConfig
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)  # teacher vs student, same inputs
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    def problems(self) -> list[Problem]:
+        out = self.training.problems()
+        if (self.student_num_layers is None) == (self.student_model_name_or_path is None):
+            out.append(Problem(key="student_num_layers", message="give exactly one of student_num_layers and "
+                               "student_model_name_or_path", fix="set the other to null"))
+        return out
 
 
 def check(cfg: DistillConfig, pending: Iterable[str] = ()) -> list[Problem]:
@@ -195,5 +222,5 @@ def summary_row(cfg: DistillConfig) -> dict:
     return row
 
 
-SPEC = JobSpec(name="distill", resumable=True, help="distill a fine-tuned teacher into a smaller student; retention, speed-up",
+SPEC = JobSpec(name="distill", order=40, resumable=True, help="distill a fine-tuned teacher into a smaller student; retention, speed-up",
                config=DistillConfig, check=check, run=run, summary_row=summary_row)

@@ -11,10 +11,12 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
+
+from pydantic import Field
 
 from hpcnlp import checks
-from hpcnlp.config import ExportConfig, Problem, dump_config
+from hpcnlp.config import dump_config, FinetuneDataConfig, JobConfig, Problem, Section
 from hpcnlp.data.labels import data_file_problems
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.quantize import Quantizer, Recipe, calibration_set
@@ -25,6 +27,36 @@ from hpcnlp.spec import JobSpec, SlurmDefaults
 from hpcnlp.tasks import OPTIMUM_TASKS, POSTPROCESS_TASKS, load_data, model_task, task_of
 
 log = logging.getLogger(__name__)
+
+
+# --- config: the job's YAML schema (shared sections in hpcnlp.config) ---------------------------
+class QuantizeConfig(Section):
+    """int8 quantization with onnxruntime (through Optimum's ORTQuantizer)."""
+
+    mode: Literal["none", "dynamic", "static"] = "dynamic"
+    preset: Literal["avx2", "avx512_vnni", "arm64"] = "avx2"  # the CPU the bundle will run on
+    per_channel: bool = False
+    calibration_samples: int = Field(128, ge=1)  # static: rows of data.train_file, shuffled by data.seed
+
+
+class ExportConfig(JobConfig):
+    """ONNX export with Optimum, optional ORT graph optimization and int8 quantization."""
+
+    job: Literal["export"] = "export"
+    model_name_or_path: str  # a fine-tuned (or distilled, or pretrained MLM) model dir
+    trust_remote_code: bool = False
+    opset: int = Field(17, ge=11, le=21)
+    atol: float | None = Field(None, gt=0)  # Optimum's export check; None: its default for the architecture
+    allow_tolerance_failure: bool = False  # Optimum only warns when atol is missed; we refuse unless this
+    optimization_level: int = Field(0, ge=0, le=3)  # ORT graph optimization O1..O3 (0: none)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    data: FinetuneDataConfig | None = None  # static quantization calibrates on data.train_file
+
+    def problems(self) -> list[Problem]:
+        if self.quantize.mode == "static" and self.data is None:
+            return [Problem(key="data", message="static quantization needs calibration data",
+                            fix="add data.train_file (the training data), or use quantize.mode: dynamic")]
+        return []
 
 
 def check(cfg: ExportConfig, pending: Iterable[str] = ()) -> list[Problem]:
@@ -149,6 +181,6 @@ def summary_row(cfg: ExportConfig) -> dict:
             "size": mb(out / "model.onnx", out / "model.int8.onnx") + (" (fp32 / int8)" if int8 else "")}
 
 
-SPEC = JobSpec(name="export", help="export a model to ONNX with Optimum; optional ORT optimization, int8",
+SPEC = JobSpec(name="export", order=60, help="export a model to ONNX with Optimum; optional ORT optimization, int8",
                config=ExportConfig, check=check, run=run, single_process=True, summary_row=summary_row,
                slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4))

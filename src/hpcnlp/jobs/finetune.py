@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
 
 import numpy as np
 
+from pydantic import Field
+
 from hpcnlp import adapters, checks
-from hpcnlp.config import ConfigError, FinetuneConfig, FreezeConfig, Problem
+from hpcnlp.config import AdapterConfig, ConfigError, FinetuneDataConfig, Problem, Section, TrainingConfig, TrainingJobConfig
 from hpcnlp.data import classification, ner
 from hpcnlp.data.labels import IGNORE, data_file_problems, label_maps
 from hpcnlp.metrics import (classification_compute_metrics, classification_metrics, headline, ner_compute_metrics,
@@ -27,6 +29,72 @@ from hpcnlp.spec import JobSpec
 from hpcnlp.tasks import auto_model_class
 
 log = logging.getLogger(__name__)
+
+
+# --- config: the job's YAML schema (shared sections in hpcnlp.config) ---------------------------
+class FreezeConfig(Section):
+    """Which pretrained weights stay fixed; the task head always trains."""
+
+    embeddings: bool = False
+    layers: int = Field(0, ge=0)  # the first N encoder layers
+    all_but_head: bool = False  # the whole encoder: only the classifier trains
+
+
+class FinetuneTrainingConfig(TrainingConfig):
+    """TrainingConfig with fine-tuning defaults: length-grouped batches, best checkpoint kept."""
+
+    group_by_length: bool = True
+    eval_strategy: Literal["no", "steps", "epoch"] = "epoch"
+    save_strategy: Literal["no", "steps", "epoch"] = "epoch"
+    load_best_model_at_end: bool = True
+    metric_for_best_model: str = "f1"  # macro F1 (classification), entity F1 (NER); or accuracy, loss...
+    greater_is_better: bool | None = None  # None: True unless the metric is a loss
+
+    def problems(self) -> list[Problem]:
+        out = super().problems()
+        if self.load_best_model_at_end:
+            if self.eval_strategy != self.save_strategy:
+                out.append(Problem(key="training.save_strategy", message=f"load_best_model_at_end needs "
+                                   f"save_strategy == eval_strategy (got {self.save_strategy} and "
+                                   f"{self.eval_strategy})",
+                                   fix="make them equal, or set training.load_best_model_at_end: false"))
+            elif self.eval_strategy == "steps" and self.eval_steps and self.save_steps % self.eval_steps:
+                out.append(Problem(key="training.save_steps", message=f"save_steps {self.save_steps} is not a "
+                                   f"multiple of eval_steps {self.eval_steps}", fix="make it a multiple"))
+        return out
+
+
+class FinetuneConfig(TrainingJobConfig):
+    job: Literal["finetune"] = "finetune"
+    task: Literal["sequence-classification", "token-classification"]
+    model_name_or_path: str = "minilm-l6"  # alias, local dir, or a `hpcnlp pretrain` output_dir
+    tokenizer_name_or_path: str | None = None
+    trust_remote_code: bool = False
+    data: FinetuneDataConfig
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    adapter: AdapterConfig | None = None  # LoRA: the encoder stays frozen, low-rank updates + the head train
+    class_weights: Literal["balanced"] | dict[str, float] | None = None  # loss weights per label
+    early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement
+    training: FinetuneTrainingConfig = Field(default_factory=FinetuneTrainingConfig)
+
+    def problems(self) -> list[Problem]:
+        out = self.training.problems()
+        t = self.training
+        if self.early_stopping_patience and (t.eval_strategy == "no" or not t.load_best_model_at_end):
+            out.append(Problem(key="early_stopping_patience", message="early stopping needs evaluations and "
+                               "training.load_best_model_at_end", fix="set training.eval_strategy to steps or "
+                               "epoch and training.load_best_model_at_end: true, or drop early_stopping_patience"))
+        if self.adapter and self.freeze != FreezeConfig():
+            out.append(Problem(key="freeze", message="adapter already freezes the encoder (only LoRA weights "
+                               "and the head train)", fix="remove freeze:, or remove adapter:"))
+        names = self.data.label_names
+        if names is not None and len(set(names)) != len(names):
+            out.append(Problem(key="data.label_names", message="a label is listed twice", fix="list each once"))
+        if isinstance(self.class_weights, dict) and names is not None:
+            for label in sorted(set(self.class_weights) - set(names)):
+                out.append(Problem(key=f"class_weights.{label}", message="not in data.label_names",
+                                   fix=f"use one of {names}"))
+        return out
 IS_NER = "token-classification"
 
 
@@ -273,6 +341,6 @@ def summary_row(cfg: FinetuneConfig) -> dict:
             "size": mb(out / "model.safetensors")}
 
 
-SPEC = JobSpec(name="finetune", resumable=True, help="fine-tune for sequence classification or NER; scores, predictions",
+SPEC = JobSpec(name="finetune", order=30, resumable=True, help="fine-tune for sequence classification or NER; scores, predictions",
                config=FinetuneConfig, check=check, run=run, summary_row=summary_row,
                example_config="jobs/finetune-sentiment.yaml")

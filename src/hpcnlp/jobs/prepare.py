@@ -9,13 +9,33 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
 
 from hpcnlp import checks
-from hpcnlp.config import ConfigError, PrepareConfig, Problem, read_yaml
+from hpcnlp.config import ConfigError, CorpusConfig, JobConfig, Problem, read_yaml
 from hpcnlp.data.corpus import corpus_problems
 from hpcnlp.models import load_tokenizer
 from hpcnlp.spec import JobSpec, SlurmDefaults
+
+
+# --- config: the job's YAML schema (shared sections in hpcnlp.config) ---------------------------
+class PrepareConfig(JobConfig):
+    """`hpcnlp prepare` alone: tokenize and pack a corpus for later pretraining runs.
+
+    `data_from: jobs/pretrain.yaml` takes the data section, model/tokenizer and whole_word_masking of
+    that pretrain config (read when the config is loaded), so the two never drift apart."""
+
+    job: Literal["prepare"] = "prepare"
+    output_dir: str = ""  # unused: prepared data goes to data.prepared_root
+    data_from: str | None = None
+    model_name_or_path: str = "minilm-l6"
+    tokenizer_name_or_path: str | None = None
+    trust_remote_code: bool = False
+    whole_word_masking: bool = False  # keep token offsets (as the pretrain config with it needs)
+    data: CorpusConfig
+
+    def problems(self) -> list[Problem]:
+        return self.data.problems()
 
 
 # What a prepare config takes from the pretrain config named by data_from.
@@ -82,8 +102,9 @@ def summary_row(cfg: PrepareConfig) -> dict:
             "output": str(path)}
 
 
-SPEC = JobSpec(name="prepare", help="tokenize and pack a corpus once (reused by later pretrain runs)",
+SPEC = JobSpec(name="prepare", order=10, help="tokenize and pack a corpus once (reused by later pretrain runs)",
                config=PrepareConfig, check=check, run=run, single_process=True, is_complete=is_complete,
+               expand=lambda raw, source: with_data_from(raw, source) if raw.get("data_from") else raw,
                summary_row=summary_row, status_file=lambda cfg: None,  # no output_dir: prepared data is shared
                slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4,
                                    note="per task; N tasks: sbatch --array=0-<N-1> (a rerun redoes only unfinished shards)"))

@@ -9,10 +9,12 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
+
+from pydantic import Field, model_validator
 
 from hpcnlp import adapters, checks
-from hpcnlp.config import ConfigError, FinetuneConfig, PretrainConfig, Problem, read_yaml, validate, with_overrides
+from hpcnlp.config import AdapterConfig, ConfigError, CorpusConfig, Problem, read_yaml, Section, TrainingConfig, TrainingJobConfig, validate, with_overrides
 from hpcnlp.data.corpus import corpus_problems, expand_files, read_documents
 from hpcnlp.jobs import finetune
 from hpcnlp.models import load_tokenizer, resolve_model_path
@@ -21,6 +23,65 @@ from hpcnlp.runtime.io import atomic_write_json
 from hpcnlp.spec import JobSpec, SlurmDefaults
 
 log = logging.getLogger(__name__)
+
+
+# --- config: the job's YAML schema (shared sections in hpcnlp.config) ---------------------------
+class ScratchModelConfig(Section):
+    """Size of a model trained from scratch (`init: scratch`), with a WordPiece vocab from the corpus."""
+
+    vocab_size: int = Field(8000, ge=100)
+    hidden_size: int = Field(256, ge=16)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(1024, ge=16)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        return self
+
+
+class PretrainConfig(TrainingJobConfig):
+    job: Literal["pretrain"] = "pretrain"
+    model_name_or_path: str = "minilm-l6"  # local dir or an installed-package alias
+    tokenizer_name_or_path: str | None = None  # default: the model's own; init scratch: trained on the corpus
+    trust_remote_code: bool = False
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    scratch: ScratchModelConfig = Field(default_factory=ScratchModelConfig)
+    data: CorpusConfig
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    whole_word_masking: bool = False
+    # Run the MLM head only where a token is masked (~15% of positions); see train/mlm.py.
+    sparse_mlm_head: bool = True
+    adapter: AdapterConfig | None = None  # LoRA instead of training the whole encoder (finetune: same key)
+    # A checkpoint without a trained MLM head (the packaged MiniLM): for the first head_warmup_steps
+    # optimizer steps only the head's own weights train, at head_learning_rate (None: training.learning_rate),
+    # so its random gradients do not shake the encoder; then everything trains on the usual schedule.
+    head_warmup_steps: int = Field(0, ge=0)
+    head_learning_rate: float | None = Field(None, gt=0)
+    # A finetune job config: after training, fine-tune from the starting model and from this output and
+    # report both metrics and their difference (runs in <output_dir>-downstream/{base,adapted}).
+    downstream: str | None = None
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    def problems(self) -> list[Problem]:
+        out = self.data.problems() + self.training.problems()
+        if self.head_warmup_steps and 0 < self.training.max_steps <= self.head_warmup_steps:
+            out.append(Problem(key="head_warmup_steps",
+                               message=f"{self.head_warmup_steps} head warm-up steps leave none of training.max_steps "
+                                       f"({self.training.max_steps}) for the encoder",
+                               fix="set head_warmup_steps below training.max_steps (e.g. a tenth to a third of it)"))
+        if self.head_warmup_steps and self.adapter:
+            out.append(Problem(key="head_warmup_steps", message="a LoRA adapter trains no MLM head to warm up",
+                               fix="remove head_warmup_steps, or remove adapter:"))
+        if self.adapter and self.init == "scratch":
+            out.append(Problem(key="adapter", message="LoRA adapts pretrained weights; init: scratch has none",
+                               fix="remove adapter:, or use init: pretrained"))
+        if self.training.max_steps <= 0 and self.training.num_train_epochs <= 0:
+            out.append(Problem(key="training.max_steps", message="nothing to train",
+                               fix="set max_steps > 0 or num_train_epochs > 0"))
+        return out
 
 
 def check(cfg: PretrainConfig, pending: Iterable[str] = ()) -> list[Problem]:
@@ -56,12 +117,12 @@ def _downstream_problems(cfg: PretrainConfig, pending: Iterable[str]) -> list[Pr
                     fix=p.fix or "fix the downstream finetune config") for p in problems]
 
 
-def _downstream_config(cfg: PretrainConfig, overrides: list[str] = ()) -> FinetuneConfig:
+def _downstream_config(cfg: PretrainConfig, overrides: list[str] = ()) -> finetune.FinetuneConfig:
     raw = with_overrides(read_yaml(cfg.downstream), overrides)
     if raw.get("job", "finetune") != "finetune":
         raise ConfigError(cfg.downstream, [Problem(key="job", message=f"a '{raw.get('job')}' config, not finetune",
                                                    fix="give a finetune config (e.g. jobs/finetune-sentiment.yaml)")])
-    return validate(FinetuneConfig, {**raw, "job": "finetune"}, cfg.downstream)
+    return validate(finetune.FinetuneConfig, {**raw, "job": "finetune"}, cfg.downstream)
 
 
 def _downstream_dir(cfg: PretrainConfig, name: str) -> Path:
@@ -289,6 +350,6 @@ def summary_row(cfg: PretrainConfig) -> dict:
             + f"{after['perplexity']:.1f}", "size": mb(out / "model.safetensors")}
 
 
-SPEC = JobSpec(name="pretrain", resumable=True, help="continued masked-LM pretraining; perplexity before/after",
+SPEC = JobSpec(name="pretrain", order=20, resumable=True, help="continued masked-LM pretraining; perplexity before/after",
                config=PretrainConfig, check=check, run=run, summary_row=summary_row, group_check=group_check,
                slurm=SlurmDefaults(nodes=2, time="04:00:00"))

@@ -22,12 +22,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
 
 import numpy as np
 
+from pydantic import Field
+
 from hpcnlp import checks
-from hpcnlp.config import ConfigError, Problem, PruneConfig
+from hpcnlp.config import ConfigError, FinetuneDataConfig, LatencyConfig, Problem, TrainingConfig, TrainingJobConfig
 from hpcnlp.data.labels import data_file_problems
 from hpcnlp.models import encoder_layers, load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb
@@ -37,6 +39,29 @@ from hpcnlp.tasks import (POSTPROCESS_TASKS, PRIMARY_METRIC, auto_model_class, b
                           latency, load_data, model_task, task_of, torch_runner)
 
 log = logging.getLogger(__name__)
+
+
+# --- config: the job's YAML schema (shared sections in hpcnlp.config) ---------------------------
+class PruneConfig(TrainingJobConfig):
+    """Structured pruning of a fine-tuned classifier: the least important attention heads and FFN neurons
+    (importance measured on the training data) are removed, then a short recovery fine-tune (listening
+    to `teacher`'s logits when given). The result is a plain smaller model of the same architecture."""
+
+    job: Literal["prune"] = "prune"
+    model_name_or_path: str  # a fine-tuned classifier (hpcnlp finetune output_dir)
+    teacher: str | None = None  # recovery with the distillation loss on its logits; None: gold labels only
+    keep_heads: int = Field(ge=1)  # attention heads kept over all layers (ranked globally, >= 1 per layer)
+    intermediate_size: int = Field(ge=1)  # FFN neurons kept in every layer (config.json holds one size)
+    importance_samples: int = Field(512, ge=1)  # training rows the importance is measured on
+    temperature: float = Field(2.0, gt=0)  # with teacher: as in distill
+    alpha: float = Field(0.5, ge=0, le=1)
+    trust_remote_code: bool = False
+    data: FinetuneDataConfig
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)  # before vs after, same inputs
+    training: TrainingConfig = Field(default_factory=TrainingConfig)  # the recovery fine-tune
+
+    def problems(self) -> list[Problem]:
+        return self.training.problems()
 
 # model_type -> (attention output projection, FFN in, FFN out: names inside an encoder layer;
 #                config keys of the head count and the FFN width)
@@ -305,6 +330,6 @@ def summary_row(cfg: PruneConfig) -> dict:
     return row
 
 
-SPEC = JobSpec(name="prune", resumable=True,
+SPEC = JobSpec(name="prune", order=50, resumable=True,
                help="prune attention heads and FFN neurons by importance, recover with a short fine-tune",
                config=PruneConfig, check=check, run=run, summary_row=summary_row)

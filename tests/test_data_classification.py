@@ -9,7 +9,8 @@ import pytest
 
 from hpcnlp.config import FinetuneDataConfig
 from hpcnlp.data import classification
-from hpcnlp.data.labels import DataError, data_file_problems
+from hpcnlp.data.labels import DataError
+from hpcnlp.tasks import data_problems as data_file_problems
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "classification" / "rotten-tomatoes"
 

@@ -89,11 +89,12 @@ def head_modules(model) -> list[str]:
     return [n for name, child in model.named_children() if name != model.base_model_prefix for n in walk(name, child)]
 
 
-def wrap(model, adapter: AdapterConfig, task: str | None):
-    """The model as a PeftModel: LoRA on the target modules, the head trainable, the rest frozen."""
+def wrap(model, adapter: AdapterConfig, task_type: str | None):
+    """The model as a PeftModel: LoRA on the target modules, the head trainable, the rest frozen.
+    `task_type`: peft's TaskType name (the task's peft_task_type); None: a plain encoder (masked LM)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    task_type = {"sequence-classification": TaskType.SEQ_CLS, "token-classification": TaskType.TOKEN_CLS}.get(task)
+    task_type = TaskType[task_type] if task_type else None
     lora = LoraConfig(r=adapter.r, lora_alpha=adapter.lora_alpha, lora_dropout=adapter.lora_dropout,
                       target_modules=target_modules(adapter, model.config.model_type),
                       modules_to_save=head_modules(model), task_type=task_type)

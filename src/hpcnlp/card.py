@@ -15,7 +15,8 @@ import yaml
 from hpcnlp.bundle import SUMS, dir_sha256, sha256
 from hpcnlp.models import ALIASES, ModelNotFound, resolve_model_path
 from hpcnlp.report import markdown_table
-from hpcnlp.tasks import OPTIMUM_TASKS, PRIMARY_METRIC, cpu_text
+from hpcnlp import tasks
+from hpcnlp.tasks import cpu_text
 
 MAX_STAGES = 20  # a chain longer than this is a loop of output dirs naming each other
 
@@ -120,7 +121,7 @@ def model_card(cfg, bundle: Path, task: str, names: list[str], results: dict, pa
     evals = {"validation": (data_file(cfg.data.validation_file or cfg.data.train_file), "metrics")}
     if results.get("test_metrics"):
         evals["test"] = (data_file(cfg.data.test_file), "test_metrics")
-    pipeline_tag = OPTIMUM_TASKS[task]  # Optimum names tasks as the Hub does its pipeline tags
+    pipeline_tag = tasks.get(task).optimum_task  # Optimum names tasks as the Hub does its pipeline tags
 
     datasets = []
     for entry in [d for stage in chain for d in stage["data"]] + [f for f, _ in evals.values()]:
@@ -163,8 +164,7 @@ def model_card(cfg, bundle: Path, task: str, names: list[str], results: dict, pa
                 if split == "validation" and not cfg.data.validation_file else "")
         metric_sections += [f"{split.capitalize()}: {n} examples of {_hashed(f)}{held}.", "", markdown_table(rows), ""]
     has_int8 = "model.int8.onnx" in models
-    run = ("python onnx_inference.py . \"a text to classify\"" if task == "sequence-classification"
-           else "python onnx_inference.py . \"Jane Doe flew to Paris\"")
+    run = f'python onnx_inference.py . "{tasks.get(task).example_text}"'
     body = "\n".join([
         f"# {cfg.name} {cfg.version}", "",
         f"**{'Validated' if passed else 'REJECTED'}** {pipeline_tag} model in ONNX: "
@@ -179,7 +179,7 @@ def model_card(cfg, bundle: Path, task: str, names: list[str], results: dict, pa
         f"{tok['model_max_length']}. Evaluated with inputs truncated to {cfg.data.max_seq_length} tokens "
         f"(`onnx_inference.py --max-length {cfg.data.max_seq_length}`).", "",
         "## Metrics", "", *metric_sections,
-        f"The gate judges {PRIMARY_METRIC.get(task)} on the validation data; its checks, measured values and "
+        f"The gate judges {tasks.get(task).primary_metric} on the validation data; its checks, measured values and "
         "latency are in validation.md.", "",
         f"Latency was measured on {cpu_text(results['cpu'])}, "
         f"{results['threads']} thread(s).", "",

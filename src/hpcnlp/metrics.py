@@ -52,6 +52,11 @@ def ner_metrics(gold: list[list[str]], pred: list[list[str]], strict_iob2: bool 
     }
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
 def headline(metrics: dict) -> dict:
     """The scalars the Trainer logs and picks the best checkpoint by."""
     return {k: metrics[k] for k in HEADLINE if k in metrics}

@@ -23,8 +23,6 @@ CHECK_DECODE_CHARS = 50_000_000  # `hpcnlp check` decodes this much of each file
 
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
                ".parquet": "parquet", ".conll": "conll", ".txt": "conll", ".bio": "conll", ".iob": "conll"}
-TASK_FORMATS = {"sequence-classification": ("csv", "tsv", "jsonl", "parquet"),
-                "token-classification": ("conll", "jsonl")}
 
 
 class DataError(ConfigError):
@@ -110,16 +108,12 @@ def read_columns(path: str, fmt: str, encoding: str = "utf-8") -> list[str]:
     return []
 
 
-def data_file_problems(task: str, data: FinetuneDataConfig, pending: Iterable[str] = ()) -> list[Problem]:
-    """Files exist, formats fit the task, named columns exist (header only; rows are checked at read time).
-    Files in `pending` (made by an earlier pipeline stage) are not checked yet."""
+def data_file_problems(task: str, allowed: tuple[str, ...], wanted: dict[str, str | None], data: FinetuneDataConfig,
+                       pending: Iterable[str] = ()) -> list[Problem]:
+    """Files exist, formats are among the task's `allowed`, its `wanted` columns (key -> column) exist
+    (header only; rows are checked at read time). Files in `pending` (made by an earlier pipeline stage)
+    are not checked yet. hpcnlp.tasks.data_problems calls it with the task's own formats and columns."""
     out = []
-    allowed = TASK_FORMATS[task]
-    if task == "sequence-classification":
-        wanted = {"text_column": data.text_column, "label_column": data.label_column,
-                  "text_pair_column": data.text_pair_column}
-    else:
-        wanted = {"tokens_column": data.tokens_column, "tags_column": data.tags_column}
     for key, path in data.files().items():
         key = f"data.{key}"
         if is_inside(path, pending):

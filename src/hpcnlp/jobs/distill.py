@@ -18,13 +18,14 @@ from pydantic import Field
 
 from hpcnlp import checks
 from hpcnlp.config import ConfigError, FinetuneDataConfig, LatencyConfig, Problem, TrainingConfig, TrainingJobConfig
-from hpcnlp.data.labels import IGNORE, data_file_problems
+from hpcnlp.data.labels import IGNORE
 from hpcnlp.models import encoder_layers, load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb
 from hpcnlp.runtime.io import is_inside
 from hpcnlp.spec import JobSpec
-from hpcnlp.tasks import (POSTPROCESS_TASKS, PRIMARY_METRIC, auto_model_class, evaluate, label_names, latency,
-                          load_data, model_task, task_of, torch_runner)
+from hpcnlp import tasks
+from hpcnlp.tasks import (auto_model_class, evaluate, label_names, latency, load_data, model_task, task_of,
+                          torch_runner)
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,15 @@ def check(cfg: DistillConfig, pending: Iterable[str] = ()) -> list[Problem]:
     out += checks.model("student_model_name_or_path", cfg.student_model_name_or_path, pending)
     task = model_task(cfg.teacher)
     teacher_ready = not is_inside(cfg.teacher, pending) and not any(p.key == "teacher" for p in out)
-    if teacher_ready and task not in POSTPROCESS_TASKS:
+    if teacher_ready and not tasks.labelled(task):
         out.append(Problem(key="teacher", message=f"'{cfg.teacher}' is not a sequence or token classifier",
                            fix="point it at a `hpcnlp finetune` output_dir"))
-    if task in POSTPROCESS_TASKS:
-        out += data_file_problems(task, cfg.data, pending)
+    if tasks.labelled(task):
+        out += tasks.data_problems(task, cfg.data, pending)
         out += checks.max_seq_length(cfg.data.max_seq_length, "teacher", cfg.teacher, pending)
         out += checks.max_seq_length(cfg.data.max_seq_length, "student_model_name_or_path",
                                      cfg.student_model_name_or_path, pending)
-    if task in POSTPROCESS_TASKS and cfg.student_num_layers:
+    if tasks.labelled(task) and cfg.student_num_layers:
         n = (checks.model_config(cfg.teacher) or {}).get("num_hidden_layers")
         if n is None or n % cfg.student_num_layers or cfg.student_num_layers >= n:
             out.append(Problem(key="student_num_layers", message=f"cannot keep {cfg.student_num_layers} of "
@@ -120,7 +121,7 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature: float
     return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(s, y)
 
 
-def _trainer_class():
+def trainer_class():
     import torch
 
     from hpcnlp.train.harness import ResumableTrainer
@@ -150,8 +151,6 @@ def num_parameters(model) -> int:
 
 def run(cfg: DistillConfig) -> int:
     import torch
-    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
-
     from hpcnlp.train.harness import TrainingRun
 
     teacher_dir = resolve_model_path(cfg.teacher)
@@ -163,9 +162,8 @@ def run(cfg: DistillConfig) -> int:
     run = TrainingRun(cfg)
     teacher = auto_model_class(task).from_pretrained(teacher_dir, trust_remote_code=cfg.trust_remote_code)
     student = build_student(cfg, teacher, task, names, tokenizer)
-    collator = (DataCollatorForTokenClassification(tokenizer) if task == "token-classification"
-                else DataCollatorWithPadding(tokenizer))
-    trainer = run.trainer(_trainer_class(), model=student, train_dataset=data.splits["train"],
+    collator = tasks.get(task).collator(tokenizer)
+    trainer = run.trainer(trainer_class(), model=student, train_dataset=data.splits["train"],
                           eval_dataset=data.splits["validation"], data_collator=collator, processing_class=tokenizer,
                           teacher=teacher, temperature=cfg.temperature, alpha=cfg.alpha)
     code = run.train()
@@ -185,7 +183,7 @@ def run(cfg: DistillConfig) -> int:
                         "layers": model.config.num_hidden_layers,
                         "latency": {str(b): latency(runner, eval_ds, b, cfg.latency, pad)
                                     for b in cfg.latency.batch_sizes}}
-    primary = PRIMARY_METRIC[task]
+    primary = tasks.get(task).primary_metric
     t_score, s_score = compare["teacher"]["metrics"][primary], compare["student"]["metrics"][primary]
     metrics = {
         "job": "distill", "task": task, "teacher": teacher_dir, "metric": primary, **compare,

@@ -17,14 +17,14 @@ from pydantic import Field
 
 from hpcnlp import checks
 from hpcnlp.config import dump_config, FinetuneDataConfig, JobConfig, Problem, Section
-from hpcnlp.data.labels import data_file_problems
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.quantize import Quantizer, Recipe, calibration_set
 from hpcnlp.report import markdown_table, mb, write_report
 from hpcnlp.runtime import status
 from hpcnlp.runtime.io import atomic_dir, atomic_write_text
 from hpcnlp.spec import JobSpec, SlurmDefaults
-from hpcnlp.tasks import OPTIMUM_TASKS, POSTPROCESS_TASKS, load_data, model_task, task_of
+from hpcnlp import tasks
+from hpcnlp.tasks import load_data, model_task, task_of
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,10 @@ def check(cfg: ExportConfig, pending: Iterable[str] = ()) -> list[Problem]:
                                             **(cfg.data.files() if cfg.data else {})})
     if cfg.quantize.mode == "static" and cfg.data is not None:
         task = model_task(cfg.model_name_or_path)
-        if task == "fill-mask":
+        if task and not tasks.labelled(task):
             out.append(Problem(key="quantize.mode", message="static quantization calibrates on labelled "
-                               "classification data; this is a masked LM", fix="use quantize.mode: dynamic"))
-        out += data_file_problems(task, cfg.data, pending) if task in POSTPROCESS_TASKS else []
+                               f"data; a {task} model has none", fix="use quantize.mode: dynamic"))
+        out += tasks.data_problems(task, cfg.data, pending) if tasks.labelled(task) else []
     return out
 
 
@@ -93,7 +93,7 @@ def export_onnx(model_dir: str, out: Path, task: str, cfg: ExportConfig) -> list
     optimum_log = logging.getLogger("optimum.exporters.onnx.convert")
     optimum_log.addHandler(warnings)
     try:
-        main_export(model_dir, output=out, task=OPTIMUM_TASKS[task], opset=cfg.opset, atol=cfg.atol,
+        main_export(model_dir, output=out, task=tasks.get(task).optimum_task, opset=cfg.opset, atol=cfg.atol,
                     do_validation=True, trust_remote_code=cfg.trust_remote_code, library_name="transformers")
     finally:
         optimum_log.removeHandler(warnings)

@@ -18,10 +18,9 @@ from pydantic import Field
 
 from hpcnlp import adapters, checks
 from hpcnlp.config import AdapterConfig, ConfigError, FinetuneDataConfig, Problem, Section, TrainingConfig, TrainingJobConfig
-from hpcnlp.data import classification, ner
-from hpcnlp.data.labels import IGNORE, data_file_problems, label_maps
-from hpcnlp.metrics import (classification_compute_metrics, classification_metrics, headline, ner_compute_metrics,
-                            ner_metrics, plot_confusion_matrix)
+from hpcnlp import tasks
+from hpcnlp.data.labels import IGNORE, label_maps
+from hpcnlp.metrics import headline, plot_confusion_matrix
 from hpcnlp.models import encoder_layers, load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text, is_inside
@@ -66,7 +65,7 @@ class FinetuneTrainingConfig(TrainingConfig):
 
 class FinetuneConfig(TrainingJobConfig):
     job: Literal["finetune"] = "finetune"
-    task: Literal["sequence-classification", "token-classification"]
+    task: str  # a labelled task of hpcnlp.tasks: sequence-classification, token-classification
     model_name_or_path: str = "minilm-l6"  # alias, local dir, or a `hpcnlp pretrain` output_dir
     tokenizer_name_or_path: str | None = None
     trust_remote_code: bool = False
@@ -79,6 +78,9 @@ class FinetuneConfig(TrainingJobConfig):
 
     def problems(self) -> list[Problem]:
         out = self.training.problems()
+        if self.task not in tasks.names(labelled=True):
+            out.append(Problem(key="task", message=f"unknown task {self.task!r}",
+                               fix=f"use one of {tasks.names(labelled=True)}"))
         t = self.training
         if self.early_stopping_patience and (t.eval_strategy == "no" or not t.load_best_model_at_end):
             out.append(Problem(key="early_stopping_patience", message="early stopping needs evaluations and "
@@ -95,14 +97,13 @@ class FinetuneConfig(TrainingJobConfig):
                 out.append(Problem(key=f"class_weights.{label}", message="not in data.label_names",
                                    fix=f"use one of {names}"))
         return out
-IS_NER = "token-classification"
 
 
 def check(cfg: FinetuneConfig, pending: Iterable[str] = ()) -> list[Problem]:
     out = checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg)
     out += checks.model("model_name_or_path", cfg.model_name_or_path, pending)
     out += checks.model("tokenizer_name_or_path", cfg.tokenizer_name_or_path, pending)
-    out += data_file_problems(cfg.task, cfg.data, pending)
+    out += tasks.data_problems(cfg.task, cfg.data, pending)
     out += checks.max_seq_length(cfg.data.max_seq_length, "model_name_or_path", cfg.model_name_or_path, pending)
     if cfg.freeze.layers and not is_inside(cfg.model_name_or_path, pending):
         config = checks.model_config(cfg.model_name_or_path) or {}
@@ -173,7 +174,7 @@ def weighted_cross_entropy(weights):
     return loss
 
 
-def _trainer_class():
+def trainer_class():
     from torch.utils.data import SequentialSampler
 
     from hpcnlp.train.harness import ResumableTrainer
@@ -189,45 +190,6 @@ def _trainer_class():
 
 
 # --- evaluation -------------------------------------------------------------------------------
-def _softmax(logits):
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def score_classification(output, ds, label_names):
-    probs = _softmax(output.predictions)
-    pred = probs.argmax(-1)
-    metrics = classification_metrics(list(ds["labels"]), list(pred), label_names)
-    rows = []
-    for i, ex in enumerate(ds):
-        row = {"where": ex["where"], "text": ex["text"]}
-        if "text_pair" in ex:
-            row["text_pair"] = ex["text_pair"]
-        rows.append({**row, "gold": label_names[ex["labels"]], "predicted": label_names[pred[i]],
-                     "score": round(float(probs[i, pred[i]]), 4)})
-    return metrics, rows
-
-
-def score_ner(output, ds, label_names, strict_iob2: bool):
-    """Word-level: each word's prediction is its first sub-token's; a word with no sub-token left
-    (truncated) is predicted O, so it still counts against recall."""
-    probs = _softmax(output.predictions)
-    gold, pred, rows = [], [], []
-    for i, ex in enumerate(ds):
-        first = {}
-        for pos, w in enumerate(ex["word_ids"]):
-            if w >= 0 and w not in first:
-                first[w] = pos
-        ids = [int(probs[i, first[w]].argmax()) if w in first else 0 for w in range(len(ex["tokens"]))]
-        tags = [label_names[k] if w in first else "O" for w, k in enumerate(ids)]
-        scores = [round(float(probs[i, first[w], k]), 4) if w in first else None for w, k in enumerate(ids)]
-        gold.append(ex["tags"])
-        pred.append(tags)
-        rows.append({"where": ex["where"], "text": " ".join(ex["tokens"]), "tokens": ex["tokens"],
-                     "gold": ex["tags"], "predicted": tags, "score": scores})
-    return ner_metrics(gold, pred, strict_iob2), rows
-
-
 def evaluate_all(trainer, cfg: FinetuneConfig, data, out: Path) -> tuple[dict, list[str]]:
     """Score every eval set apart; write predictions.jsonl (test) and confusion matrices (classification)."""
     results, images = {}, []
@@ -235,10 +197,7 @@ def evaluate_all(trainer, cfg: FinetuneConfig, data, out: Path) -> tuple[dict, l
         if name == "train":
             continue
         output = trainer.predict(ds, metric_key_prefix=name)
-        if cfg.task == IS_NER:
-            metrics, rows = score_ner(output, ds, data.label_names, cfg.data.strict_iob2)
-        else:
-            metrics, rows = score_classification(output, ds, data.label_names)
+        metrics, rows = tasks.get(cfg.task).score(output, ds, data.label_names, cfg.data)
         metrics["loss"] = output.metrics.get(f"{name}_loss")
         metrics["file"] = data.files[name]
         results[name] = metrics
@@ -254,29 +213,28 @@ def evaluate_all(trainer, cfg: FinetuneConfig, data, out: Path) -> tuple[dict, l
     return results, images
 
 
-def _tables(results: dict, task: str) -> list[tuple[str, str]]:
+def _tables(results: dict, task: tasks.Task) -> list[tuple[str, str]]:
     overall = [{"set": name, **headline(m), "loss": m.get("loss")} for name, m in results.items()]
-    columns = ["set", "f1", "precision", "recall", "token_accuracy" if task == IS_NER else "accuracy", "loss"]
+    columns = ["set", "f1", "precision", "recall", task.accuracy_key, "loss"]
     sections = [("Scores per evaluation set", markdown_table(overall, columns))]
-    key = "per_type" if task == IS_NER else "per_class"
     for name, m in results.items():
-        rows = [{"label": label, **v} for label, v in m[key].items()]
-        sections.append((f"{name}: per {'entity type' if task == IS_NER else 'class'}",
+        rows = [{"label": label, **v} for label, v in m[task.per_label_key].items()]
+        sections.append((f"{name}: per {task.per_label_title}",
                          markdown_table(rows, ["label", "precision", "recall", "f1", "support"])))
     return sections
 
 
 # --- the job ----------------------------------------------------------------------------------
 def run(cfg: FinetuneConfig) -> int:
-    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, EarlyStoppingCallback
+    from transformers import EarlyStoppingCallback
 
     from hpcnlp.train.harness import TrainingRun
 
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
-    reader = ner if cfg.task == IS_NER else classification
+    task = tasks.get(cfg.task)
     # Every row of every file is checked here, before anything is written (a ConfigError: cli reports it).
-    data = reader.load(cfg.data, tokenizer)
+    data = task.reader.load(cfg.data, tokenizer)
     weights = None
     if cfg.class_weights:
         train_labels = [x for row in data.splits["train"]["labels"] for x in np.atleast_1d(row) if x != IGNORE]
@@ -288,21 +246,17 @@ def run(cfg: FinetuneConfig) -> int:
     run = TrainingRun(cfg, load_best_model_at_end=t.load_best_model_at_end and t.eval_strategy != "no")
     model = build_model(cfg, data.label_names)
     if cfg.adapter:
-        model = adapters.wrap(model, cfg.adapter, cfg.task)
+        model = adapters.wrap(model, cfg.adapter, task.peft_task_type)
         frozen = {"adapter": cfg.adapter.model_dump(), **adapters.parameter_counts(model)}
     else:
         frozen = freeze(model, cfg.freeze)
     log.info("trainable parameters: %s of %s", f"{frozen['trainable_parameters']:,}",
              f"{frozen['total_parameters']:,}")
-    if cfg.task == IS_NER:
-        collator = DataCollatorForTokenClassification(tokenizer)  # pads labels with -100
-        compute_metrics = ner_compute_metrics(data.label_names, cfg.data.strict_iob2)
-    else:
-        collator = DataCollatorWithPadding(tokenizer)
-        compute_metrics = classification_compute_metrics(data.label_names)
+    collator = task.collator(tokenizer)
+    compute_metrics = task.compute_metrics(data.label_names, cfg.data)
     callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
     trainer = run.trainer(
-        _trainer_class(), callbacks, model=model, train_dataset=data.splits["train"],
+        trainer_class(), callbacks, model=model, train_dataset=data.splits["train"],
         eval_dataset=data.splits["validation"], data_collator=collator, processing_class=tokenizer,
         compute_metrics=compute_metrics,
         compute_loss_func=weighted_cross_entropy(weights) if weights is not None else None)
@@ -321,7 +275,7 @@ def run(cfg: FinetuneConfig) -> int:
         **run.metrics(),
         "best_checkpoint": trainer.state.best_model_checkpoint, "best_metric": trainer.state.best_metric,
     }
-    sections = _tables(results, cfg.task) + [
+    sections = _tables(results, task) + [
         ("Training", f"{metrics['global_step']} steps, train loss {metrics['train_loss']:.4f}, "
                      f"{metrics['samples_per_second']} samples/s, {metrics['tokens_per_second']} tokens/s; "
                      f"trainable parameters {frozen['trainable_parameters']:,} of {frozen['total_parameters']:,}; "

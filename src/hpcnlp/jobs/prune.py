@@ -30,12 +30,12 @@ from pydantic import Field
 
 from hpcnlp import checks
 from hpcnlp.config import ConfigError, FinetuneDataConfig, LatencyConfig, Problem, TrainingConfig, TrainingJobConfig
-from hpcnlp.data.labels import data_file_problems
 from hpcnlp.models import encoder_layers, load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb
 from hpcnlp.runtime.io import atomic_write_json, is_inside
 from hpcnlp.spec import JobSpec
-from hpcnlp.tasks import (POSTPROCESS_TASKS, PRIMARY_METRIC, auto_model_class, batches, evaluate, label_names,
+from hpcnlp import tasks
+from hpcnlp.tasks import (auto_model_class, batches, evaluate, label_names,
                           latency, load_data, model_task, task_of, torch_runner)
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,13 @@ def check(cfg: PruneConfig, pending: Iterable[str] = ()) -> list[Problem]:
     out += checks.model("teacher", cfg.teacher, pending)
     task = model_task(cfg.model_name_or_path)
     ready = not is_inside(cfg.model_name_or_path, pending) and not any(p.key == "model_name_or_path" for p in out)
-    if ready and task not in POSTPROCESS_TASKS:
+    if ready and not tasks.labelled(task):
         out.append(Problem(key="model_name_or_path", message=f"'{cfg.model_name_or_path}' is not a sequence or "
                            "token classifier", fix="point it at a `hpcnlp finetune` output_dir"))
-    if task in POSTPROCESS_TASKS:
-        out += data_file_problems(task, cfg.data, pending)
+    if tasks.labelled(task):
+        out += tasks.data_problems(task, cfg.data, pending)
         out += checks.max_seq_length(cfg.data.max_seq_length, "model_name_or_path", cfg.model_name_or_path, pending)
-    if ready and task in POSTPROCESS_TASKS:
+    if ready and tasks.labelled(task):
         out += _size_problems(cfg, checks.model_config(cfg.model_name_or_path) or {})
     if cfg.teacher and not is_inside(cfg.teacher, pending) and task and model_task(cfg.teacher) not in (None, task):
         out.append(Problem(key="teacher", message=f"'{cfg.teacher}' is not a {task} model",
@@ -220,7 +220,7 @@ def head_count(model) -> int:
 
 def _plan_for_run(run, cfg: PruneConfig, model, ds, pad_id: int) -> dict:
     """The run's plan: read back when resuming (prune_plan.json), else measured on rank 0 and shared."""
-    from hpcnlp.train.harness import _from_rank_zero
+    from hpcnlp.train.harness import from_rank_zero
 
     path = Path(cfg.output_dir) / "prune_plan.json"
     p = None
@@ -233,15 +233,13 @@ def _plan_for_run(run, cfg: PruneConfig, model, ds, pad_id: int) -> dict:
             p = plan(model, head_scores, ffn_scores, cfg.keep_heads, cfg.intermediate_size)
             p = json.loads(json.dumps({**p, "head_importance": head_scores}))  # int keys -> str, like on disk
             atomic_write_json(path, p)
-    return _from_rank_zero(p)
+    return from_rank_zero(p)
 
 
 # --- the job --------------------------------------------------------------------------------------
 def run(cfg: PruneConfig) -> int:
     import torch
-    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
-
-    from hpcnlp.jobs.distill import _trainer_class as distill_trainer
+    from hpcnlp.jobs.distill import trainer_class as distill_trainer
     from hpcnlp.train.harness import ResumableTrainer, TrainingRun
 
     model_dir = resolve_model_path(cfg.model_name_or_path)
@@ -261,8 +259,7 @@ def run(cfg: PruneConfig) -> int:
     eval_ds = data.splits["validation"]
     before_recovery = evaluate(torch_runner(model.eval()), eval_ds, task, names, pad) if run.is_main else None
 
-    collator = (DataCollatorForTokenClassification(tokenizer) if task == "token-classification"
-                else DataCollatorWithPadding(tokenizer))
+    collator = tasks.get(task).collator(tokenizer)
     kwargs = dict(model=model, train_dataset=data.splits["train"], eval_dataset=eval_ds, data_collator=collator,
                   processing_class=tokenizer)
     if cfg.teacher:
@@ -289,7 +286,7 @@ def run(cfg: PruneConfig) -> int:
                         "intermediate_size": getattr(m.config, LAYOUT[m.config.model_type][4]),
                         "latency": {str(b): latency(runner, eval_ds, b, cfg.latency, pad)
                                     for b in cfg.latency.batch_sizes}}
-    primary = PRIMARY_METRIC[task]
+    primary = tasks.get(task).primary_metric
     o_score, s_score = compare["original"]["metrics"][primary], compare["pruned"]["metrics"][primary]
     metrics = {
         "job": "prune", "task": task, "model_name_or_path": model_dir, "teacher": cfg.teacher, "metric": primary,

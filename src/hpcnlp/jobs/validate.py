@@ -27,14 +27,14 @@ from pydantic import Field
 
 from hpcnlp import bundle, card, checks
 from hpcnlp.config import dump_config, FinetuneDataConfig, JobConfig, LatencyConfig, Problem, Section
-from hpcnlp.data.labels import data_file_problems
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.quantize import Quantizer, Recipe, calibration_set, search
 from hpcnlp.report import markdown_table, mb, save_figure
 from hpcnlp.runtime import status
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text, is_inside
 from hpcnlp.spec import JobSpec, SlurmDefaults
-from hpcnlp.tasks import (METRIC_BATCH, MODEL_INPUTS, POSTPROCESS_TASKS, PRIMARY_METRIC, auto_model_class, batches,
+from hpcnlp import tasks
+from hpcnlp.tasks import (METRIC_BATCH, MODEL_INPUTS, auto_model_class, batches,
                           cpu, cpu_text, label_names, latency, load_data, metrics, model_task, task_of, torch_runner)
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def check(cfg: ValidateConfig, pending: Iterable[str] = ()) -> list[Problem]:
         out.append(Problem(key="onnx_dir", message=f"no model.onnx in '{cfg.onnx_dir}'",
                            fix="run `hpcnlp export` first and point onnx_dir at its output_dir"))
     task = model_task(cfg.model_name_or_path)
-    out += data_file_problems(task, cfg.data, pending) if task in POSTPROCESS_TASKS else []
+    out += tasks.data_problems(task, cfg.data, pending) if tasks.labelled(task) else []
     if cfg.bundle_dir.exists() and not cfg.overwrite:
         out.append(Problem(key="version", message=f"'{cfg.bundle_dir}' is already shipped",
                            fix="bump version (shipped bundles are immutable), or set overwrite: true"))
@@ -241,15 +241,12 @@ def edge_cases(tokenizer, data, task: str) -> list[dict]:
     no padding, so the empty text really is [CLS] [SEP]. Sentence-pair models get pairs."""
     long = " ".join(["a long review that goes on and on"] * (4 * data.max_seq_length))
     cases = [(name, text, None) for name, text in {**EDGE_TEXTS, "far over max length": long}.items()]
-    if data.text_pair_column and task == "sequence-classification":
+    if data.text_pair_column and not tasks.get(task).token_level:
         cases = [(name, text, PAIR_TEXT) for name, text, _ in cases]
         cases.append(("text pair, second far over max length", "a short first text", long))
     out = []
     for name, text, pair in cases:
-        if task == "token-classification":
-            enc = tokenizer(text.split(), is_split_into_words=True, truncation=True, max_length=data.max_seq_length)
-        else:
-            enc = tokenizer(text, pair, truncation=True, max_length=data.max_seq_length)
+        enc = tasks.get(task).encode(tokenizer, text, pair, data.max_seq_length)
         out.append({"case": name, "text": _shown(text), "pair": None if pair is None else _shown(pair),
                     "tokens": len(enc["input_ids"]),
                     "inputs": {k: np.array([enc[k]], np.int64) for k in MODEL_INPUTS if k in enc}})
@@ -312,7 +309,7 @@ class Reference:
 
     @property
     def token_level(self) -> bool:
-        return self.task == "token-classification"
+        return tasks.get(self.task).token_level
 
     @cached_property
     def metrics(self) -> dict:
@@ -326,7 +323,7 @@ class Reference:
 def measure_int8(path: Path, ref: Reference, cfg: ValidateConfig, threads: int) -> dict:
     """One int8 model against PyTorch: metric drop and agreement on the eval set, agreement on the edge
     cases, batch-1 latency; passed and the checks it failed (int8_checks)."""
-    primary = PRIMARY_METRIC.get(ref.task)
+    primary = tasks.get(ref.task).primary_metric
     runner = ort_runner(ort_session(path, threads))
     preds = predict(runner, ref.eval_ds, ref.pad, ref.token_level)
     got = preds.metrics(ref.task, ref.names)
@@ -383,7 +380,7 @@ def choose_int8(cfg: ValidateConfig, staging: Path, ref: Reference, train, threa
 
 def report_sections(results: dict) -> list[str]:
     """validation.md sections of the int8 recipe search, the edge cases and the out-of-domain eval sets."""
-    primary = PRIMARY_METRIC.get(results["task"])
+    primary = tasks.get(results["task"]).primary_metric
     out = []
     int8 = results.get("int8")
     if int8:
@@ -453,7 +450,7 @@ def run(cfg: ValidateConfig) -> int:
     t0 = time.perf_counter()
     model_dir = resolve_model_path(cfg.model_name_or_path)
     task = task_of(model_dir)
-    if task == "fill-mask":
+    if not tasks.labelled(task):
         log.error("validate gates classifiers (sequence, token); for a masked LM use export's Optimum check")
         return status.EXIT_CONFIG
     names = label_names(model_dir)
@@ -463,7 +460,7 @@ def run(cfg: ValidateConfig) -> int:
     data = load_data(task, cfg.data, tokenizer, model_dir)  # every eval row checked before anything is staged
     eval_ds = data.splits["validation"]
     pad = tokenizer.pad_token_id
-    token_level = task == "token-classification"
+    token_level = tasks.get(task).token_level
 
     staging = bundle.stage(Path(cfg.onnx_dir), Path(cfg.output_dir))
     try:
@@ -499,7 +496,7 @@ def run(cfg: ValidateConfig) -> int:
         if "test" in data.splits:  # held-out data, reported beside the validation file's; the gate stays on that
             results.update(test_file=data.files["test"], test_examples=len(data.splits["test"]),
                            test_metrics={k: ref.score(r, data.splits["test"]) for k, r in runners.items()})
-        checks = gate(results, cfg.thresholds, PRIMARY_METRIC.get(task))
+        checks = gate(results, cfg.thresholds, tasks.get(task).primary_metric)
         passed = all(c["passed"] for c in checks)
         results.update(checks=checks, passed=passed, wall_seconds=round(time.perf_counter() - t0, 2))
         write_reports(staging, cfg, task, names, results, passed)
@@ -578,7 +575,7 @@ def summary_row(cfg: ValidateConfig) -> dict:
     if not (path / "validation.json").is_file():
         return {}
     v = json.loads((path / "validation.json").read_text())
-    metric = PRIMARY_METRIC.get(v["task"], "f1")
+    metric = tasks.get(v["task"]).primary_metric
     runtimes = [k for k in ("pytorch", "onnx_fp32", "onnx_int8") if k in v["metrics"]]
     return {"metric": ("PASSED: " if v["passed"] else "REJECTED: ")
             + ", ".join(f"{k} {v['metrics'][k][metric]:.3f}" for k in runtimes),

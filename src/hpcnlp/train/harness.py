@@ -111,7 +111,7 @@ class ResumableTrainer(Trainer):
         return sampler
 
 
-def _from_rank_zero(value):
+def from_rank_zero(value):
     """Rank 0's value on every rank (one decision, so no rank goes on alone)."""
     import torch.distributed as dist
 
@@ -158,7 +158,7 @@ class TrainingRun:
                 status.update(self.out / "status.json", state="running", job=self.cfg.job, reason=None)
             except rundir.OutputDirRefused as e:
                 error = (str(e), e.fix)
-        error = _from_rank_zero(error)
+        error = from_rank_zero(error)
         if error:
             raise ConfigError(self.cfg._source, [Problem(key="output_dir", message=error[0], fix=error[1])])
 

@@ -1,44 +1,62 @@
-"""What a saved model does, its labelled data and its metric: shared by distill, export and validate.
+"""Tasks: what a saved model does, its labelled data and its metric. One module per task here, each
+with a `TASK` (hpcnlp.tasks.base.Task); the registry finds them, nothing else lists them.
 
-The task is read from the model's config.json (`architectures`), never configured twice. Data are
-read with the fine-tuning readers, with the label set forced to the model's own id2label, so label
-ids mean the same in the data, the PyTorch model and the ONNX file.
+The task of a saved model is read from its config.json (`architectures`), never configured twice.
+Data are read with the task's reader, with the label set forced to the model's own id2label, so label
+ids mean the same in the data, the PyTorch model and the ONNX file. Below the registry: running a
+model over data (PyTorch and onnxruntime share one runner signature), shared by the jobs and ship/.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import json
+import pkgutil
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
-from hpcnlp import metrics as m
-from hpcnlp.data import classification, ner
 from hpcnlp.data.labels import IGNORE
 from hpcnlp.models import ModelNotFound, resolve_model_path
+from hpcnlp.tasks.base import Task
 
-# architecture suffix -> hpcnlp task (same names as `hpcnlp finetune`'s `task:`)
-_ARCHITECTURES = {"ForSequenceClassification": "sequence-classification",
-                  "ForTokenClassification": "token-classification", "ForMaskedLM": "fill-mask"}
-# hpcnlp task -> Optimum exporter task
-OPTIMUM_TASKS = {"sequence-classification": "text-classification",
-                 "token-classification": "token-classification", "fill-mask": "fill-mask"}
-# tasks the post-processing jobs (distill, validate, static quantization) take
-POSTPROCESS_TASKS = ("sequence-classification", "token-classification")
-# the one metric each task is judged by (retention %, int8 metric drop)
-PRIMARY_METRIC = {"sequence-classification": "accuracy", "token-classification": "f1"}
+
+@functools.cache
+def registry() -> dict[str, Task]:
+    found = {}
+    for info in pkgutil.iter_modules(__path__, f"{__name__}."):
+        task = getattr(importlib.import_module(info.name), "TASK", None)
+        if isinstance(task, Task):
+            found[task.name] = task
+    return found
+
+
+def get(name: str) -> Task:
+    return registry()[name]
+
+
+def names(labelled: bool | None = None) -> list[str]:
+    """Task names; labelled=True: those fine-tuned on labelled data (finetune's `task:` choices)."""
+    return sorted(n for n, t in registry().items() if labelled is None or t.labelled == labelled)
+
+
+def labelled(name: str | None) -> bool:
+    """A task fine-tuned on labelled data (distill, prune, static int8 and validate's gate take it)."""
+    return name in registry() and registry()[name].labelled
 
 
 def task_of(model_dir: str | Path) -> str:
+    """The name of a saved model's task (get(name) is the Task)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     for arch in config.get("architectures") or []:
-        for suffix, task in _ARCHITECTURES.items():
-            if arch.endswith(suffix):
-                return task
-    raise ValueError(f"{model_dir}/config.json: architectures {config.get('architectures')} is not a sequence "
-                     "classifier, token classifier or masked LM")
+        for task in registry().values():
+            if arch.endswith(task.architecture):
+                return task.name
+    raise ValueError(f"{model_dir}/config.json: architectures {config.get('architectures')} is none of the "
+                     f"tasks' ({', '.join(t.architecture for t in registry().values())})")
 
 
 def model_task(name_or_path: str) -> str | None:
@@ -52,9 +70,7 @@ def model_task(name_or_path: str) -> str | None:
 def auto_model_class(task: str):
     import transformers
 
-    return getattr(transformers, {"sequence-classification": "AutoModelForSequenceClassification",
-                                  "token-classification": "AutoModelForTokenClassification",
-                                  "fill-mask": "AutoModelForMaskedLM"}[task])
+    return getattr(transformers, get(task).auto_model)
 
 
 def label_names(model_dir: str | Path) -> list[str]:
@@ -65,7 +81,17 @@ def label_names(model_dir: str | Path) -> list[str]:
 def load_data(task: str, data, tokenizer, model_dir: str | Path):
     """Tokenized splits (train, validation, test...) labelled with the model's own label ids."""
     data = data.model_copy(update={"label_names": label_names(model_dir)})
-    return (classification if task == "sequence-classification" else ner).load(data, tokenizer)
+    return get(task).reader.load(data, tokenizer)
+
+
+def data_problems(task: str, data, pending=()) -> list:
+    """The task's data files: exist, fit its formats, have its columns (hpcnlp.data.labels)."""
+    from hpcnlp.data.labels import data_file_problems
+
+    if task not in registry():
+        return []  # an unknown task is the config's own problem (finetune: `task`)
+    t = get(task)
+    return data_file_problems(t.name, t.data_formats, t.data_columns(data), data, pending)
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -91,15 +117,7 @@ def batches(ds, batch_size: int, pad_id: int = 0, pad_to: int | None = None):
 
 def metrics(task: str, logits: list[np.ndarray], labels: list[np.ndarray], names: list[str]) -> dict:
     """The fine-tuning job's headline metrics (same code, same names), over all batches."""
-    if task == "sequence-classification":
-        pred = np.concatenate([lg.argmax(-1) for lg in logits])
-        return m.headline(m.classification_metrics(np.concatenate(labels).tolist(), pred.tolist(), names))
-    gold, pred = [], []
-    for lg, lab in zip(logits, labels):
-        g, p = m.word_tags(lg, lab, names)
-        gold += g
-        pred += p
-    return m.headline(m.ner_metrics(gold, pred))
+    return get(task).batch_metrics(logits, labels, names)
 
 
 # --- running a model over data: PyTorch and onnxruntime share one call signature -------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import SENTIMENT, SENTIMENT_DATA, export_config, free_port, preempt_at, run_cli, validate_config, write_config
-from hpcnlp import adapters
+from hpcnlp.train import adapters
 from hpcnlp.config import AdapterConfig
 
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}

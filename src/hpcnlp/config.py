@@ -191,7 +191,7 @@ class AdapterConfig(Section):
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.1, ge=0, lt=1)
     # Module names (or dotted suffixes) inside each encoder layer; None: the architecture's default
-    # (every linear layer of attention and FFN, hpcnlp.adapters.DEFAULT_TARGETS).
+    # (every linear layer of attention and FFN, hpcnlp.train.adapters.DEFAULT_TARGETS).
     target_modules: list[str] | None = Field(None, min_length=1)
 
 

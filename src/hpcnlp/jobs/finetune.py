@@ -16,7 +16,8 @@ import numpy as np
 
 from pydantic import Field
 
-from hpcnlp import adapters, checks
+from hpcnlp import checks
+from hpcnlp.train import adapters
 from hpcnlp.config import AdapterConfig, ConfigError, FinetuneDataConfig, Problem, Section, TrainingConfig, TrainingJobConfig
 from hpcnlp import tasks
 from hpcnlp.data.labels import IGNORE, label_maps

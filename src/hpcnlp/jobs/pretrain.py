@@ -13,7 +13,8 @@ from typing import Iterable, Literal
 
 from pydantic import Field, model_validator
 
-from hpcnlp import adapters, checks
+from hpcnlp import checks
+from hpcnlp.train import adapters
 from hpcnlp.config import AdapterConfig, ConfigError, CorpusConfig, Problem, read_yaml, Section, TrainingConfig, TrainingJobConfig, validate, with_overrides
 from hpcnlp.data.corpus import corpus_problems, expand_files, read_documents
 from hpcnlp.jobs import finetune

@@ -17,7 +17,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from hpcnlp import adapters
+from hpcnlp.train import adapters
 from hpcnlp.config import ConfigError, Problem, TrainingConfig, TrainingJobConfig, dump_config
 from hpcnlp.report import plot_loss, write_report
 from hpcnlp.runtime import env, rundir, status

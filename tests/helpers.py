@@ -4,7 +4,10 @@ Imported by name (`from helpers import ...`); the fixtures that use them are in 
 """
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -42,6 +45,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# What every job process of a test sees: one thread (the machine is shared), nothing fetched from the hub.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+
+
+def torchrun_command(args: list[str], nproc: int = 2, port: int | None = None) -> list[str]:
+    """`python -m torch.distributed.run` on this node, `nproc` processes of `hpcnlp <args>`, on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+            "--master-port", str(port or free_port()), "-m", "hpcnlp", *args]
+
+
+def torchrun_env(env: dict | None = None) -> dict:
+    """The test's environment, one thread per process, offline, plus `env`."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **OFFLINE_ENV, **(env or {})}
+
+
+def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 600
+             ) -> subprocess.CompletedProcess:
+    """Run `hpcnlp <args>` under torchrun (see torchrun_command), output captured as text.
+
+        proc = torchrun(["pretrain", "--config", str(config), "training.max_steps=4"])
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """
+    return subprocess.run(torchrun_command(args, nproc), env=torchrun_env(env), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def preempt_at(monkeypatch, step: int) -> None:

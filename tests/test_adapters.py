@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import onnx
 import pytest
 import torch
 
-from helpers import SENTIMENT, SENTIMENT_DATA, export_config, free_port, preempt_at, run_cli, validate_config, write_config
+from helpers import SENTIMENT, SENTIMENT_DATA, export_config, preempt_at, run_cli, torchrun, validate_config, write_config
 from hpcnlp.train import adapters
 from hpcnlp.config import AdapterConfig
 
@@ -92,16 +89,14 @@ def test_lora_resumes_after_preemption_with_the_same_losses(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_lora_under_torchrun_ranks_agree(tmp_path):
     cfg = finetune_config(tmp_path, max_steps=4)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "hpcnlp", "finetune", "--config", str(cfg)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)
+    proc = torchrun(["finetune", "--config", str(cfg)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["replicas_identical"] is True
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_lora_pretrain_trains_the_adapter_and_the_mlm_head(tmp_path, pretrain_config):
     """Masked-LM with LoRA: the loss falls; the merged model reloads as a plain masked LM."""
     from transformers import AutoModelForMaskedLM

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import SENTIMENT_DATA, free_port, prepare_corpus, run_cli, tiny_pretrain, write_config
+from helpers import SENTIMENT_DATA, prepare_corpus, run_cli, tiny_pretrain, torchrun, write_config
 from hpcnlp.checks import bf16_advice
 from hpcnlp.config import TrainingConfig
 
@@ -74,6 +71,7 @@ def test_check_warns_when_bf16_is_asked_without_bf16_units(tmp_path, monkeypatch
     assert "ok:" in out
 
 
+@pytest.mark.slow
 def test_pretrain_in_bf16(tmp_path):
     assert run_cli("pretrain", "--config", str(tiny_pretrain(tmp_path, bf16=True))) == 0
     _trained_in_bf16(tmp_path / "out")
@@ -95,10 +93,7 @@ def test_bf16_under_torchrun(tmp_path):
     for job, config, out in (("pretrain", pretrain, "out"),
                              ("finetune", _finetune(tmp_path, 2), "teacher"),
                              ("distill", _distill(tmp_path, tmp_path / "teacher", 2), "student")):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(free_port()), "-m", "hpcnlp", job, "--config", str(config)]
-        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                              timeout=600)
+        proc = torchrun([job, "--config", str(config)])
         assert proc.returncode == 0, job + ": " + proc.stdout[-3000:] + proc.stderr[-3000:]
         assert _trained_in_bf16(tmp_path / out, world_size=2)["replicas_identical"] is True, job
 

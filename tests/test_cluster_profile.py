@@ -111,12 +111,19 @@ def test_multi_node_pretrain_without_prepared_data_is_refused_before_queueing(tm
     assert res.returncode == 0, res.stderr
 
 
-def test_dry_run_of_the_six_stage_pipeline_prints_every_command(tmp_path):
+def test_dry_run_of_the_six_stage_pipeline_prints_every_command(tmp_path, monkeypatch):
+    # Hermetic: run from a working dir in tmp with the checkout's jobs/ and data/ linked in, so the stages'
+    # relative outputs (outputs/prepared, outputs/pipeline/...) are tmp's, never the checkout's (after
+    # `make demo` its outputs/prepared made the prepare stage "complete, skipped").
+    for name in ("jobs", "data"):
+        (tmp_path / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp_path)
     profile = tmp_path / "cluster.yaml"
     profile.write_text(yaml.safe_dump({**GPU_PROFILE, "log_dir": str(tmp_path / "logs")}))
     state = tmp_path / "state"
-    res = hpcnlp("pipeline", "--config", "jobs/pipeline.yaml", "--dry-run", HPCNLP_CLUSTER=str(profile),
-                 HPCNLP_STATE_DIR=str(state), PATH=f"{tmp_path}/nobin:/usr/bin:/bin")  # no sbatch on PATH
+    res = hpcnlp("pipeline", "--config", "jobs/pipeline.yaml", "--dry-run", cwd=tmp_path, HPCNLP_CLUSTER=str(profile),
+                 HPCNLP_STATE_DIR=str(state), HPCNLP_HOME=str(REPO),
+                 PATH=f"{tmp_path}/nobin:/usr/bin:/bin")  # no sbatch on PATH
     assert res.returncode == 0, res.stderr
     blocks = re.findall(r"^(\w+): would submit (\w+) .*\n  sbatch: (.*)\n  srun:   (.*)\n  node:   (.*)\n  log:    (.*)$",
                         res.stdout, re.M)
@@ -138,6 +145,7 @@ def test_dry_run_of_the_six_stage_pipeline_prints_every_command(tmp_path):
         assert ("--gpus-per-node=1" if single else "--gpus-per-node=4") in argv
     assert "--nodes=2" in blocks[1][2] and "--nnodes=2" in blocks[1][4]  # the stage's own option
     assert not state.exists() and not (tmp_path / "logs").exists()  # nothing frozen, nothing queued
+    assert not (tmp_path / "outputs").exists()  # a dry run prepares nothing either
 
 
 def test_podman_passes_gpus_and_the_nccl_torch_environment():

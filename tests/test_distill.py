@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import NER_DATA, SENTIMENT_DATA, free_port, run_cli, write_config
+from helpers import NER_DATA, SENTIMENT_DATA, run_cli, torchrun, write_config
 
 from hpcnlp.jobs.distill import distillation_loss, student_from_teacher
 
@@ -86,10 +83,7 @@ def test_distill_token_classifier(ner_teacher, tmp_path):
 def test_distill_under_torchrun_checks_that_ranks_agree(sentiment_teacher, tmp_path):
     """The shared Trainer harness: distill, like pretrain and finetune, compares the ranks' weights."""
     cfg = _distill_config(tmp_path, sentiment_teacher, {**SENTIMENT_DATA, "max_eval_samples": 32}, 4)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "hpcnlp", "distill", "--config", str(cfg)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)
+    proc = torchrun(["distill", "--config", str(cfg)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = json.loads((tmp_path / "student" / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["global_step"] == 4 and m["replicas_identical"] is True

@@ -152,6 +152,7 @@ def test_class_weights():
     assert loss.item() == pytest.approx(((per_row * torch.tensor([1.0, 3.0])).sum() / 4).item())
 
 
+@pytest.mark.slow
 def test_pipeline_path_from_a_masked_lm_dir(tmp_path, minilm_path, minilm_tokenizer):
     """Start from a saved MiniLM *MLM* model (what `hpcnlp pretrain` writes), with frozen layers, class
     weights and an extra eval set reported apart."""
@@ -176,6 +177,7 @@ def test_pipeline_path_from_a_masked_lm_dir(tmp_path, minilm_path, minilm_tokeni
     assert (tmp_path / "out" / "confusion_matrix.test-as-ood.png").is_file()
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
     # Only the head trains, at a tiny rate: accuracy on 16 rows cannot change, so the second
     # evaluation is no improvement and patience 1 stops the run there; the best is checkpoint-1.
@@ -194,6 +196,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
     assert torch.equal(final, best) and not torch.equal(final, last)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_newest_checkpoint(tmp_path):
     data = {"train_file": str(SENTIMENT / "train.csv"), "validation_file": str(SENTIMENT / "validation.csv"),
             "max_train_samples": 32, "max_eval_samples": 8}

@@ -52,6 +52,7 @@ def warmed(tmp_path_factory, headless):
     return tmp, config
 
 
+@pytest.mark.slow
 def test_encoder_frozen_during_warmup_then_trains(warmed, headless):
     tmp, _ = warmed
     start = load_file(str(headless / "model.safetensors"))
@@ -80,6 +81,7 @@ def _initial_head(headless: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_resume_across_the_warmup_boundary_matches(warmed, monkeypatch):
     tmp, config = warmed
     out = tmp / "preempted"
@@ -101,6 +103,7 @@ def test_check_refuses_warmup_as_long_as_training(tmp_path, headless, capsys):
     assert "head_warmup_steps" in text and "max_steps" in text
 
 
+@pytest.mark.slow
 def test_new_head_without_warmup_warns(tmp_path, headless, capsys):
     config = _config(tmp_path, headless, head_warmup_steps=0)
     assert main(["pretrain", "--config", str(config), "training.max_steps=1", "training.save_steps=1"]) == 0
@@ -140,17 +143,11 @@ def test_check_names_a_bad_downstream_config(tmp_path, headless, capsys):
 @pytest.mark.slow
 def test_torchrun_two_processes_warm_up_as_one(tmp_path, headless):
     """DDP: every parameter keeps its gradient during the warm-up, so the ranks stay one data-parallel run."""
-    import os
-    import subprocess
-    import sys
-
-    from helpers import free_port
+    from helpers import torchrun
 
     config = _config(tmp_path, headless)
     prepare_corpus(config)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "hpcnlp", "pretrain", "--config", str(config), "training.max_steps=4"]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    proc = torchrun(["pretrain", "--config", str(config), "training.max_steps=4"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["replicas_identical"] is True

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import free_port, preempt_at
+from helpers import preempt_at, torchrun
 from hpcnlp.cli import main
 from hpcnlp.data.pack import Blocks
 from hpcnlp.runtime import preempt
@@ -132,13 +129,10 @@ def test_scratch_init_trains_its_own_vocab(tmp_path, pretrain_config):
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path, pretrain_config):
     path, cfg = pretrain_config
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # A process group never tokenizes (it refuses): prepare is its own step, from the same data section.
     (tmp_path / "prepare.yaml").write_text(yaml.safe_dump({"job": "prepare", "data_from": str(path)}))
     assert main(["prepare", "--config", str(tmp_path / "prepare.yaml")]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "hpcnlp", "pretrain", "--config", str(path), "training.max_steps=4"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = torchrun(["pretrain", "--config", str(path), "training.max_steps=4"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = json.loads((Path(cfg["output_dir"]) / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["global_step"] == 4

@@ -106,6 +106,7 @@ def test_importance_scores_every_head_and_neuron():
     assert not any(p.grad is not None for p in model.parameters())  # gradients dropped after each batch
 
 
+@pytest.mark.slow
 def test_check_refuses_impossible_sizes(sentiment_teacher, tmp_path, capsys):
     cfg = prune_config(tmp_path, sentiment_teacher)
     assert run_cli("check", "--config", str(cfg), "keep_heads=3", "intermediate_size=4096") == 2

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import (SENTIMENT_DATA, export_config, free_port, preempt_at, prepare_corpus, run_cli, tiny_pretrain,
-                     write_config)
+from helpers import (SENTIMENT_DATA, export_config, preempt_at, prepare_corpus, run_cli, tiny_pretrain, torchrun_command,
+                     torchrun_env, write_config)
 
 from hpcnlp.runtime import rundir
 from hpcnlp.runtime.checkpoints import MARKER, mark_complete, newest_complete_checkpoint
@@ -204,10 +204,9 @@ def test_a_stalled_rank_fails_the_job_naming_it(tmp_path):
     config = tiny_pretrain(tmp_path, max_steps=100000, save_steps=100000, logging_steps=50)
     prepare_corpus(config)
     outcome = tmp_path / "outcome"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HPCNLP_OUTCOME_FILE": str(outcome)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "hpcnlp", "pretrain", "--config", str(config), "step_timeout_minutes=0.2"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = torchrun_command(["pretrain", "--config", str(config), "step_timeout_minutes=0.2"])
+    proc = subprocess.Popen(cmd, env=torchrun_env({"HPCNLP_OUTCOME_FILE": str(outcome)}), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     lines, pid, t0 = [], None, None
     try:
         for line in proc.stdout:

@@ -211,8 +211,8 @@ def test_pipeline_references_resolve_and_pending_outputs_pass_the_check(tmp_path
 
 
 def test_pipeline_refuses_unknown_stage_reference_naming_file_and_key(tmp_path, scratch_config):
-    from hpcnlp.config import ConfigError
     from hpcnlp.cluster.pipeline import load_pipeline
+    from hpcnlp.config import ConfigError
 
     path = _write(tmp_path / "pipe.yaml", {"stages": [
         {"name": "second", "config": str(scratch_config), "overrides": {"model_name_or_path": "${first.output_dir}"}}]})

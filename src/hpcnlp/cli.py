@@ -17,6 +17,7 @@ from hpcnlp.config import ConfigError
 from hpcnlp.jobs import JOBS, load_config, report, run_job
 from hpcnlp.runtime.status import process_exit
 
+
 def setup_logging() -> None:
     from hpcnlp.runtime.env import rank
 

@@ -203,3 +203,38 @@ def test_the_check_inside_a_job_leaves_gpus_to_the_allocation(tmp_path):
     res = hpcnlp("check", "--config", "jobs/finetune-sentiment.yaml", "training.fp16=true", HPCNLP_CLUSTER=str(cpu),
                  SLURM_JOB_ID="7")
     assert res.returncode == 0, res.stderr
+
+
+def test_a_site_job_without_a_batch_script_gets_its_template_rendered_at_submit(tmp_path):
+    """A job from $HPCNLP_JOB_PACKAGES has no slurm/<job>.sbatch: submit renders its template into the
+    state dir (the dry run names it and writes nothing) and sbatches that."""
+    pkg = tmp_path / "site" / "sitejobs"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "hello.py").write_text(
+        "from hpcnlp.config import JobConfig\nfrom hpcnlp.spec import JobSpec\n\n\n"
+        "class HelloConfig(JobConfig):\n    job: str = 'hello'\n\n\n"
+        "SPEC = JobSpec(name='hello', help='say hello', config=HelloConfig, check=lambda cfg, pending: [],\n"
+        "               run=lambda cfg: 0, single_process=True)\n")
+    config = tmp_path / "hello.yaml"
+    config.write_text(f"job: hello\noutput_dir: {tmp_path}/out\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/sbatch-args\necho 42\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    state = tmp_path / "state"
+    env = {"HPCNLP_JOB_PACKAGES": "sitejobs", "HPCNLP_STATE_DIR": str(state), "HPCNLP_CLUSTER": "",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+           "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    script = state / "templates" / "hello.sbatch"
+    res = hpcnlp("submit", "--dry-run", "--config", str(config), cwd=tmp_path, **env)
+    assert res.returncode == 0, res.stderr
+    assert f" {script} {state}/configs/hello-" in res.stdout and not script.exists()
+    res = hpcnlp("submit", "--config", str(config), cwd=tmp_path, **env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("submit: submitted job 42, log ")
+    args = (tmp_path / "sbatch-args").read_text().splitlines()
+    assert args[-2] == str(script) and args[-1].startswith(f"{state}/configs/hello-")
+    text = script.read_text()
+    assert text.startswith("#!/bin/bash\n# hpcnlp hello: say hello.") and "export HPCNLP_SINGLE_PROCESS=1" in text
+    assert text.endswith('slurm/launch.sh" hello "$@"\n')

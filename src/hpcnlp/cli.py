@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         _config_parser(spec.name, spec.help, sub)
     verify = sub.add_parser("verify", help="re-check a shipped bundle: checksums, ONNX loadability (exit 1 on problems)")
     verify.add_argument("bundle", help="bundle dir, e.g. artifacts/<name>/<version>")
-    for command in COMMANDS.values():  # Slurm: submit, pipeline, sweep, summary, status
+    for command in COMMANDS.values():  # Slurm: submit, pipeline, sweep, status, summary
         command.add_parser(sub)
     return parser
 

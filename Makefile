@@ -66,7 +66,7 @@ docs:
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 templates: setup
-	$(BIN)/python -c "from hpcnlp.submit import write_templates; print(*write_templates(), sep='\n')"
+	$(BIN)/python -c "from hpcnlp.cluster.templates import write_templates; print(*write_templates(), sep='\n')"
 
 bench: setup
 	$(BIN)/python -m bench

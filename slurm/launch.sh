@@ -7,7 +7,7 @@
 #    request goes through a flag file every rank polls);
 # 5. exit with the code rank 0 wrote in the outcome file (whatever torchrun made of the ranks' codes),
 #    and requeue only when it says a checkpoint of this job was saved and max_requeues allows it.
-#    Codes: 0 finished, 1 failed, 2 config refused, 3 rejected, 4 stalled, 75 checkpointed (README).
+#    Codes: 0 finished, 1 failed, 2 config refused, 3 rejected, 4 stalled, 75 checkpointed (docs/slurm.md).
 # A plain scancel still cancels: SIGTERM is not trapped here.
 set -uo pipefail
 job=$1; shift

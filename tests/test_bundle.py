@@ -117,7 +117,7 @@ def test_a_wheel_carries_the_bundled_script(tmp_path):
 def test_pipeline_stage_row_reads_the_bundle(sentiment_bundle):
     """The last line of `make demo`'s table: gate verdict, metric per runtime, sizes, latency."""
     from hpcnlp.jobs import load_config
-    from hpcnlp.submit import stage_row
+    from hpcnlp.cluster.pipeline import stage_row
 
     cfg = load_config(str(sentiment_bundle.parents[2] / "validate.yaml"), check=False)
     row = stage_row("validate", cfg)

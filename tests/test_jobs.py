@@ -14,7 +14,8 @@ from helpers import (CORPUS, REPO, SENTIMENT_DATA, export_config, preempt_at, ti
 from hpcnlp.cli import build_parser
 from hpcnlp.jobs import JOBS, load_config
 from hpcnlp.runtime import preempt
-from hpcnlp.submit import render_template, run_pipeline
+from hpcnlp.cluster.pipeline import run_pipeline
+from hpcnlp.cluster.templates import render_template
 
 SRC = REPO / "src" / "hpcnlp"
 

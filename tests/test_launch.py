@@ -1,6 +1,6 @@
 """The Python half of slurm/launch.sh (runtime/launch.py), the preemption flag, and the submit-side
 logic (pipeline resolution, sweep manifests, summary) without a Slurm: pure functions and real bash.
-The real-Slurm runs are in tests/cluster/."""
+The real-Slurm runs are in tests/slurm/."""
 from __future__ import annotations
 
 import json
@@ -104,9 +104,20 @@ def test_plan_refuses_outside_slurm(monkeypatch):
 def test_single_process_jobs_ignore_the_gpu_count(monkeypatch, tmp_path):
     """export/validate/prepare on a 4-GPU node: one process (four would race on one output_dir); on two
     nodes `hpcnlp check` refuses them before anything starts."""
-    assert launch.node_processes("finetune", 4) == 4
-    assert {job: launch.node_processes(job, 4) for job in ("prepare", "export", "validate")} == {
-        "prepare": 1, "export": 1, "validate": 1}
+    from hpcnlp.cluster.templates import render_template
+    from hpcnlp.jobs import JOBS
+
+    # The planner has no job registry: the job's batch script (from its spec) says it runs as one process.
+    single = {job for job, spec in JOBS.items() if "export HPCNLP_SINGLE_PROCESS=1" in render_template(spec)}
+    assert single == {"prepare", "export", "validate"}
+    assert launch.node_processes(False, 4) == 4 and launch.node_processes(True, 4) == 1
+    monkeypatch.setattr(launch, "_scontrol", lambda *a: "NodeAddr=10.0.0.1" if a[0] == "show" and a[1] == "node"
+                        else "n1 n2")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-2]")
+    monkeypatch.setenv("SLURM_JOB_ID", "12345")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
+    assert launch.plan_from_env("finetune", []).nproc_per_node == 4
+    assert launch.plan_from_env("export", [], single_process=True).nproc_per_node == 1
     from hpcnlp.config import ConfigError
     from hpcnlp.jobs import load_config
 
@@ -186,7 +197,7 @@ def scratch_config(tmp_path, small_corpus):
 
 
 def test_pipeline_references_resolve_and_pending_outputs_pass_the_check(tmp_path, scratch_config):
-    from hpcnlp.submit import load_pipeline
+    from hpcnlp.cluster.pipeline import load_pipeline
 
     path = _write(tmp_path / "pipe.yaml", {"stages": [
         {"name": "first", "config": str(scratch_config)},
@@ -200,8 +211,8 @@ def test_pipeline_references_resolve_and_pending_outputs_pass_the_check(tmp_path
 
 
 def test_pipeline_refuses_unknown_stage_reference_naming_file_and_key(tmp_path, scratch_config):
+    from hpcnlp.cluster.pipeline import load_pipeline
     from hpcnlp.config import ConfigError
-    from hpcnlp.submit import load_pipeline
 
     path = _write(tmp_path / "pipe.yaml", {"stages": [
         {"name": "second", "config": str(scratch_config), "overrides": {"model_name_or_path": "${first.output_dir}"}}]})
@@ -221,7 +232,7 @@ def test_submit_refuses_bad_config_before_sbatch(tmp_path, scratch_config):
 
 @pytest.mark.slow
 def test_pipeline_local_runs_stages_in_order_then_skips_them(tmp_path, scratch_config, monkeypatch, capsys):
-    from hpcnlp.submit import run_pipeline
+    from hpcnlp.cluster.pipeline import run_pipeline
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     path = _write(tmp_path / "pipe.yaml", {"stages": [
@@ -242,7 +253,7 @@ def test_pipeline_local_runs_stages_in_order_then_skips_them(tmp_path, scratch_c
 
 
 def test_summary_table_lists_every_run(tmp_path):
-    from hpcnlp.submit import summary
+    from hpcnlp.cluster.summary import summary
 
     for i, loss in enumerate([2.5, 2.25, 3.0]):
         d = tmp_path / "sweep" / f"task-{i}"

@@ -1,7 +1,7 @@
 """Unattended runs: nothing is lost, corrupted or silently redone. Checkpoint markers, run identity,
 the output_dir lock, overwrite, ownership of output dirs, status.json and the outcome line the batch
 script turns into its exit code, requeue caps, the step watchdog. Real tiny runs, no mocks; the real
-Slurm side (requeues, chaos) is in tests/cluster/."""
+Slurm side (requeues, chaos) is in tests/slurm/."""
 from __future__ import annotations
 
 import json

@@ -11,12 +11,11 @@ import os
 import sys
 import warnings
 
-from hpcnlp import submit
+from hpcnlp.cluster import COMMANDS
+from hpcnlp.cluster.plan import check_on_profile
 from hpcnlp.config import ConfigError
 from hpcnlp.jobs import JOBS, load_config, report, run_job
 from hpcnlp.runtime.status import process_exit
-
-log = logging.getLogger("hpcnlp.check")
 
 
 def setup_logging() -> None:
@@ -54,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         _config_parser(spec.name, spec.help, sub)
     verify = sub.add_parser("verify", help="re-check a shipped bundle: checksums, ONNX loadability (exit 1 on problems)")
     verify.add_argument("bundle", help="bundle dir, e.g. artifacts/<name>/<version>")
-    submit.add_parsers(sub)  # Slurm: submit, pipeline, sweep, summary
+    for command in COMMANDS.values():  # Slurm: submit, pipeline, sweep, status, summary
+        command.add_parser(sub)
     return parser
 
 
@@ -65,28 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         from hpcnlp.bundle import verify_main
 
         return verify_main(args.bundle)
-    if args.command in submit.COMMANDS:
-        return submit.main(args)
+    if args.command in COMMANDS:
+        return COMMANDS[args.command].main(args)
     try:
         cfg = load_config(args.config, args.overrides, expect_job=None if args.command == "check" else args.command)
     except ConfigError as e:
         return report(e)
     if args.command == "check":
-        # And one the cluster profile can run; not inside a job, where the allocation is what it is
-        # (submit checked the options it was given, --sbatch ones included).
-        if submit.cluster.profile_path() and not os.environ.get("SLURM_JOB_ID"):
-            try:
-                profile = submit.cluster.load_profile()
-                options = submit.cluster.sbatch_options(profile, JOBS[cfg.job], submit.cluster.job_name(cfg))
-                # Data a prepare run may still make is a warning here (submit refuses it, unless an
-                # earlier pipeline stage prepares it): checking a config never depends on having run one.
-                problems = submit.cluster.profile_problems(cfg, options, profile, data_pending=True)
-                for p in submit.cluster.group_problems(cfg, options, profile):
-                    log.warning("%s: %s. Fix: %s", p.key, p.message, p.fix)
-                if problems:
-                    raise ConfigError(f"{args.config} (with cluster profile {submit.cluster.profile_path()})", problems)
-            except ConfigError as e:
-                return report(e)
+        try:  # and one the cluster profile can run, with the same plan submit makes
+            check_on_profile(cfg, JOBS[cfg.job], args.config)
+        except ConfigError as e:
+            return report(e)
         print(f"ok: {args.config} is a valid '{cfg.job}' config")
         return 0
     code = process_exit(run_job(cfg))

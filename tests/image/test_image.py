@@ -145,7 +145,7 @@ def test_short_pretrain_in_the_image(image, tmp_path):
 @pytest.mark.slow
 def test_two_node_slurm_job_trains_inside_the_image(image, tmp_path):
     """slurm/pretrain.sbatch on a real local Slurm (2 slurmd nodes), each node's task in podman."""
-    sys.path.insert(0, str(REPO / "tests" / "cluster"))
+    sys.path.insert(0, str(REPO / "tests" / "slurm"))
     from slurm_harness import LocalSlurm, can_run
 
     if reason := can_run():

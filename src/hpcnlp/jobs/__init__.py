@@ -72,10 +72,17 @@ def load_config(path, overrides: Iterable[str] = (), expect_job: str | None = No
     cfg = validate_shape(spec.config, {**raw, "job": job}, source)
     problems = cfg.problems()
     if check:
-        problems += spec.check(cfg, list(pending)) + _placement_problems(spec)
+        problems += check_config(cfg, pending)
     if problems:
         raise ConfigError(source, problems)
     return cfg
+
+
+def check_config(cfg: JobConfig, pending: Iterable[str] = ()) -> list[Problem]:
+    """The job's meaning checks (files, data, placement) of an already validated config: what
+    load_config's `check` adds. `pending`: paths earlier pipeline stages will create."""
+    spec = registry()[cfg.job]
+    return spec.check(cfg, list(pending)) + _placement_problems(spec)
 
 
 def _placement_problems(spec: JobSpec) -> list[Problem]:

@@ -10,7 +10,7 @@ training stack lives in a container image):
         execs torchrun or `accelerate launch` with the right node rank, which start the
         processes of `hpcnlp <job> --config ...`.
 
-Steered by environment variables (see README "Running on Slurm"):
+Steered by environment variables (see docs/slurm.md):
   HPCNLP_LAUNCHER        torchrun (default) | accelerate
   HPCNLP_NPROC_PER_NODE  processes per node (default: GPUs Slurm gave the node, else 1)
   HPCNLP_IMAGE           container image; unset = run in the current environment (a venv)
@@ -20,6 +20,7 @@ Steered by environment variables (see README "Running on Slurm"):
   HPCNLP_PASS_ENV        more variable names podman passes in (NCCL_*, TORCH_* and proxies always are)
   HPCNLP_MODULES         modules slurm/launch.sh loads first (`module load ...`)
   HPCNLP_PYTHON          python on the nodes (default: this interpreter; `python3` inside a container)
+  HPCNLP_SINGLE_PROCESS  1: the job runs as one process on its node (set by slurm/<job>.sbatch from the spec)
 DeepSpeed needs no launcher of its own: `training.deepspeed: jobs/deepspeed/zero2.json` in the job
 config makes the Trainer use it under torchrun.
 """
@@ -54,8 +55,10 @@ class Plan:
     job_args: list[str]  # --config <file> key=value ...
     nnodes: int
     nproc_per_node: int
-    master_addr: str
-    master_port: int
+    # The rendezvous (rank 0's node); None until the job has its nodes (a dry run's display passes
+    # its own description to srun_command instead)
+    master_addr: str | None = None
+    master_port: int | None = None
     launcher: str = "torchrun"
     container: str = "none"
     image: str | None = None
@@ -112,9 +115,10 @@ def node_address(node: str) -> str:
 
 
 # --- command lines ------------------------------------------------------------------------
-def node_command(launcher: str, nnodes: int, nproc_per_node: int, node_rank: int, master_addr: str,
-                 master_port: int, job: str, job_args: list[str], python: str = sys.executable) -> list[str]:
-    """What one node runs: a launcher starting `nproc_per_node` processes of `hpcnlp <job>`."""
+def node_command(launcher: str, nnodes: int, nproc_per_node: int, node_rank: int | str, master_addr: str,
+                 master_port: int | str, job: str, job_args: list[str], python: str = sys.executable) -> list[str]:
+    """What one node runs: a launcher starting `nproc_per_node` processes of `hpcnlp <job>`. The node rank
+    and port are strings where they are not known yet: a dry run shows `$SLURM_NODEID`, `<port>`."""
     target = ["-m", "hpcnlp", job, *job_args]
     if launcher == "torchrun":
         return [python, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
@@ -162,18 +166,28 @@ def container_wrap(plan: Plan) -> tuple[list[str], list[str]]:
     raise LaunchError(f"unknown container runtime '{plan.container}'; use one of {CONTAINERS}")
 
 
-def node_launcher_command(plan: Plan) -> list[str]:
-    """The per-node half, called with the plan's values; the node rank is filled in on the node."""
+def rendezvous(plan: Plan) -> str:
+    """`address:port` of rank 0's node, as the node half takes it (--master)."""
+    if plan.master_addr is None or plan.master_port is None:
+        raise LaunchError("no rendezvous yet: the plan has no nodes (plan_from_env makes one inside the job)")
+    return f"{plan.master_addr}:{plan.master_port}"
+
+
+def node_launcher_command(plan: Plan, master: str | None = None) -> list[str]:
+    """The per-node half, called with the plan's values; the node rank is filled in on the node.
+    `master`: the rendezvous as `address:port`, default the plan's; before the job has nodes (a dry
+    run) a description of it, e.g. `<first node>:<port>`."""
     return [plan.python, "-m", "hpcnlp.runtime.launch", "node", f"--launcher={plan.launcher}",
             f"--nnodes={plan.nnodes}", f"--nproc-per-node={plan.nproc_per_node}",
-            f"--master={plan.master_addr}:{plan.master_port}", "--", plan.job, *plan.job_args]
+            f"--master={master or rendezvous(plan)}", "--", plan.job, *plan.job_args]
 
 
-def srun_command(plan: Plan) -> list[str]:
-    """One task per node; if any task fails, Slurm kills the others, so the whole step fails."""
+def srun_command(plan: Plan, master: str | None = None) -> list[str]:
+    """One task per node; if any task fails, Slurm kills the others, so the whole step fails.
+    `master`: as for node_launcher_command."""
     srun_opts, prefix = container_wrap(plan)
     return ["srun", "--kill-on-bad-exit=1", f"--nodes={plan.nnodes}", f"--ntasks={plan.nnodes}",
-            "--ntasks-per-node=1", *srun_opts, *prefix, *node_launcher_command(plan)]
+            "--ntasks-per-node=1", *srun_opts, *prefix, *node_launcher_command(plan, master)]
 
 
 def check_command(plan: Plan) -> list[str]:
@@ -185,15 +199,14 @@ def check_command(plan: Plan) -> list[str]:
     return [*prefix, *check]
 
 
-def node_processes(job: str, requested: int) -> int:
-    """Processes this node starts: one for jobs that are not data-parallel (their spec says so; N copies
-    would race on output_dir), else the planned count. Runs on the node, where the job's stack is."""
-    from hpcnlp.jobs import JOBS
-
-    return 1 if job in JOBS and JOBS[job].single_process else requested
+def node_processes(single_process: bool, requested: int) -> int:
+    """Processes a node starts: one for jobs that are not data-parallel (their spec says so, and their
+    batch script sets HPCNLP_SINGLE_PROCESS=1: N copies would race on output_dir), else `requested`."""
+    return 1 if single_process else requested
 
 
-def plan_from_env(job: str, job_args: list[str]) -> Plan:
+def plan_from_env(job: str, job_args: list[str], single_process: bool = False) -> Plan:
+    """The plan inside the allocation; `single_process`: the job runs as one process (its spec says so)."""
     nodelist = env.slurm_nodelist()
     job_id = env.slurm_job_id()
     if not nodelist or not job_id:
@@ -201,9 +214,9 @@ def plan_from_env(job: str, job_args: list[str]) -> Plan:
                           "submit with `sbatch slurm/<job>.sbatch` or `hpcnlp submit`")
     image = env.hpcnlp_setting("IMAGE")
     container = env.hpcnlp_setting("CONTAINER", "apptainer" if image else "none")
-    # Single-process jobs are brought down to one process on the node (node_processes) and refused on
-    # several nodes by `hpcnlp check`: both need the job registry, which lives with the job's stack.
-    nproc = env.hpcnlp_setting("NPROC_PER_NODE") or env.slurm_gpus_on_node() or 1
+    # Single-process jobs are brought down to one process on the node here, and refused on several
+    # nodes by `hpcnlp check` (which has the job registry, with the job's stack).
+    nproc = node_processes(single_process, int(env.hpcnlp_setting("NPROC_PER_NODE") or env.slurm_gpus_on_node() or 1))
     binds = [b for b in (env.hpcnlp_setting("BIND") or "").split(",") if b]
     return Plan(job=job, job_args=list(job_args), nnodes=env.slurm_num_nodes(), nproc_per_node=int(nproc),
                 master_addr=node_address(first_node(nodelist)), master_port=job_port(job_id),
@@ -235,7 +248,7 @@ def bash_assignments(plan: Plan) -> str:
 def describe(plan: Plan) -> str:
     where = "bare" if plan.container == "none" else f"{plan.container} {plan.image}"
     return (f"{plan.job}: {plan.nnodes} node(s) x {plan.nproc_per_node} process(es), {plan.launcher}, "
-            f"rendezvous {plan.master_addr}:{plan.master_port}, {where}")
+            f"rendezvous {rendezvous(plan)}, {where}")
 
 
 # --- entry points -------------------------------------------------------------------------
@@ -256,10 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "plan":
             extra = sweep_task_args(env.hpcnlp_setting("SWEEP"), env.slurm_array_task_id())
-            sys.stdout.write(bash_assignments(plan_from_env(a.job, [*a.job_args, *extra])))
+            single = env.hpcnlp_setting("SINGLE_PROCESS") == "1"  # slurm/<job>.sbatch says it
+            sys.stdout.write(bash_assignments(plan_from_env(a.job, [*a.job_args, *extra], single)))
             return 0
         addr, port = a.master.rsplit(":", 1)
-        cmd = node_command(a.launcher, a.nnodes, node_processes(a.job, a.nproc_per_node), env.slurm_node_id(),
+        cmd = node_command(a.launcher, a.nnodes, a.nproc_per_node, env.slurm_node_id(),
                            addr, int(port), a.job, a.job_args, python=sys.executable)
     except (LaunchError, subprocess.CalledProcessError, OSError, ValueError) as e:
         print(f"launch: error: {e}", file=sys.stderr)

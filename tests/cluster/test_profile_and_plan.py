@@ -1,6 +1,6 @@
 """The cluster profile (jobs/cluster.yaml) without a Slurm: rendered into sbatch options and launcher
 variables, refused when it cannot work, dry runs that print what would be run, `hpcnlp status` from
-status.json, the job log linked into output_dir. The real-Slurm side is tests/cluster/test_profile.py."""
+status.json, the job log linked into output_dir. The real-Slurm side is tests/slurm/test_profile.py."""
 from __future__ import annotations
 
 import json
@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpcnlp import cluster
-from hpcnlp.config import ClusterProfile, ConfigError
+from hpcnlp.cluster import options
+from hpcnlp.cluster.profile import ClusterProfile, load_profile
+from hpcnlp.config import ConfigError
 from hpcnlp.jobs import JOBS
 from hpcnlp.runtime import launch, status
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GPU_PROFILE = {"account": "nlp", "partition": "gpu", "qos": "high", "nodes": 2, "gpus_per_node": 4,
                "cpus_per_task": 32, "mem": "256G", "time": "12:00:00", "mail_user": "me@example.org",
                "mail_type": "END,FAIL", "container": "apptainer", "image": "/shared/hpcnlp.sif",
@@ -34,29 +35,29 @@ def hpcnlp(*args: str, cwd=REPO, **env) -> subprocess.CompletedProcess:
 
 def test_profile_renders_every_field_and_per_job_options_win():
     profile = ClusterProfile(**GPU_PROFILE)
-    opts = cluster.sbatch_options(profile, JOBS["pretrain"], "pretrain-pydocs", extra=["--time=1:00:00"])
+    opts = options.sbatch_options(profile, JOBS["pretrain"], "pretrain-pydocs", extra=["--time=1:00:00"])
     assert opts == ["--job-name=pretrain-pydocs", "--account=nlp", "--partition=gpu", "--qos=high", "--nodes=2",
                     "--gpus-per-node=4", "--cpus-per-task=32", "--mem=256G", "--mail-user=me@example.org",
                     "--mail-type=END,FAIL", "--output=/logs/%x-%j.out", "--constraint=h100", "--time=1:00:00"]
     # Single-process jobs: one node (their header), at most one GPU; arrays: one log per task.
-    single = cluster.sbatch_options(profile, JOBS["export"], "export-x", array=True)
+    single = options.sbatch_options(profile, JOBS["export"], "export-x", array=True)
     assert "--gpus-per-node=1" in single and not any(o.startswith("--nodes") for o in single)
     assert "--output=/logs/%x-%A_%a.out" in single
     # Any array job, e.g. a sharded prepare submitted with --sbatch=--array=0-3
-    prep = cluster.sbatch_options(profile, JOBS["prepare"], "prepare", extra=["--array=0-3"])
+    prep = options.sbatch_options(profile, JOBS["prepare"], "prepare", extra=["--array=0-3"])
     assert "--output=/logs/%x-%A_%a.out" in prep and prep[-1] == "--array=0-3"
-    assert cluster.launch_env(profile) == {
+    assert options.launch_env(profile) == {
         "HPCNLP_CONTAINER": "apptainer", "HPCNLP_IMAGE": "/shared/hpcnlp.sif", "HPCNLP_BIND": "/scratch,/data",
         "HPCNLP_MODULES": "cuda/12.8", "HPCNLP_PASS_ENV": "NCCL_DEBUG", "NCCL_DEBUG": "WARN"}
     # No profile: job name and log path still, nothing else.
-    assert cluster.sbatch_options(ClusterProfile(), JOBS["pretrain"], "p") == [
+    assert options.sbatch_options(ClusterProfile(), JOBS["pretrain"], "p") == [
         "--job-name=p", f"--output={Path('outputs/logs').absolute()}/%x-%j.out"]
 
 
 def test_job_names_say_which_run():
     from hpcnlp.jobs import load_config
 
-    names = {c: cluster.job_name(load_config(REPO / "jobs" / c, check=False))
+    names = {c: options.job_name(load_config(REPO / "jobs" / c, check=False))
              for c in ("pretrain.yaml", "finetune-sentiment.yaml", "export.yaml", "prepare.yaml")}
     assert names == {"pretrain.yaml": "pretrain-pydocs", "finetune-sentiment.yaml": "finetune-sentiment",
                      "export.yaml": "export-onnx-sentiment", "prepare.yaml": "prepare"}
@@ -67,11 +68,11 @@ def test_bad_profiles_are_refused_with_file_field_and_fix(tmp_path):
     path.write_text(yaml.safe_dump({"partiton": "gpu", "gpus_per_node": 2, "nproc_per_node": 4,
                                     "container": "apptainer"}))
     with pytest.raises(ConfigError) as e:
-        cluster.load_profile(path)
+        load_profile(path)
     assert e.value.lines == [f"{path}: partiton: unknown key. Fix: did you mean 'partition'?"]
     path.write_text(yaml.safe_dump({"gpus_per_node": 2, "nproc_per_node": 4, "container": "apptainer"}))
     with pytest.raises(ConfigError) as e:
-        cluster.load_profile(path)
+        load_profile(path)
     assert [p.key for p in e.value.problems] == ["image", "nproc_per_node"]
     assert "4 processes per node but only 2 GPUs" in str(e.value)
 
@@ -210,3 +211,38 @@ def test_the_check_inside_a_job_leaves_gpus_to_the_allocation(tmp_path):
     res = hpcnlp("check", "--config", "jobs/finetune-sentiment.yaml", "training.fp16=true", HPCNLP_CLUSTER=str(cpu),
                  SLURM_JOB_ID="7")
     assert res.returncode == 0, res.stderr
+
+
+def test_a_site_job_without_a_batch_script_gets_its_template_rendered_at_submit(tmp_path):
+    """A job from $HPCNLP_JOB_PACKAGES has no slurm/<job>.sbatch: submit renders its template into the
+    state dir (the dry run names it and writes nothing) and sbatches that."""
+    pkg = tmp_path / "site" / "sitejobs"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "hello.py").write_text(
+        "from hpcnlp.config import JobConfig\nfrom hpcnlp.spec import JobSpec\n\n\n"
+        "class HelloConfig(JobConfig):\n    job: str = 'hello'\n\n\n"
+        "SPEC = JobSpec(name='hello', help='say hello', config=HelloConfig, check=lambda cfg, pending: [],\n"
+        "               run=lambda cfg: 0, single_process=True)\n")
+    config = tmp_path / "hello.yaml"
+    config.write_text(f"job: hello\noutput_dir: {tmp_path}/out\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/sbatch-args\necho 42\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    state = tmp_path / "state"
+    env = {"HPCNLP_JOB_PACKAGES": "sitejobs", "HPCNLP_STATE_DIR": str(state), "HPCNLP_CLUSTER": "",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+           "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    script = state / "templates" / "hello.sbatch"
+    res = hpcnlp("submit", "--dry-run", "--config", str(config), cwd=tmp_path, **env)
+    assert res.returncode == 0, res.stderr
+    assert f" {script} {state}/configs/hello-" in res.stdout and not script.exists()
+    res = hpcnlp("submit", "--config", str(config), cwd=tmp_path, **env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("submit: submitted job 42, log ")
+    args = (tmp_path / "sbatch-args").read_text().splitlines()
+    assert args[-2] == str(script) and args[-1].startswith(f"{state}/configs/hello-")
+    text = script.read_text()
+    assert text.startswith("#!/bin/bash\n# hpcnlp hello: say hello.") and "export HPCNLP_SINGLE_PROCESS=1" in text
+    assert text.endswith('slurm/launch.sh" hello "$@"\n')

@@ -1,0 +1,88 @@
+"""`hpcnlp submit`: check a job config, freeze it, then sbatch its batch script with it.
+
+The config is checked with the same code as `hpcnlp check` (hpcnlp.jobs.load_config, then
+hpcnlp.cluster.plan against the cluster profile) before sbatch is called: a bad config is refused and
+nothing waits in the queue. The batch script (slurm/<job>.sbatch) checks again at start.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from pathlib import Path
+
+from hpcnlp.cluster.options import job_name, option_value
+from hpcnlp.cluster.plan import plan, refused
+from hpcnlp.cluster.profile import ClusterProfile, load_profile
+from hpcnlp.cluster.templates import state_dir
+from hpcnlp.config import ConfigError, JobConfig, dump_config
+from hpcnlp.jobs import load_config, registry
+from hpcnlp.runtime import status
+from hpcnlp.runtime.io import atomic_write_text
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("submit", help="check a job config, then sbatch slurm/<job>.sbatch with it")
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                   help="extra sbatch option, e.g. --sbatch=--nodes=4 (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check and print the sbatch, launch and log lines; queue nothing")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        submit(args.config, args.overrides, args.sbatch, dry_run=args.dry_run)
+    except ConfigError as e:
+        return refused(e)
+    return 0
+
+
+def submit(config: str, overrides: list[str], sbatch_args: list[str] = (), dry_run: bool = False) -> str | None:
+    return queue(load_config(config, overrides), config, overrides, list(sbatch_args), dry_run=dry_run,
+                 title="submit")
+
+
+def snapshot(cfg: JobConfig, source: str, overrides: list[str], write: bool = True) -> Path:
+    """The resolved config, frozen where the job reads it at every start and requeue: editing the YAML
+    after submitting changes nothing in a queued or running job. Named by its content."""
+    from importlib import metadata
+
+    from hpcnlp.bundle import git_commit
+
+    body = dump_config(cfg)
+    path = state_dir() / "configs" / f"{cfg.job}-{hashlib.sha256(body.encode()).hexdigest()[:12]}.yaml"
+    header = (f"# Frozen by hpcnlp {metadata.version('hpcnlp')} (code {git_commit() or 'not in git'}) on "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n# from {source} {' '.join(overrides)}\n")
+    if write and not path.is_file():
+        atomic_write_text(path, header + body)
+    return path.absolute()
+
+
+def expand_log(pattern: str, job_id: str, name: str) -> str:
+    """Slurm's %x (name), %j (id), %A (array id) in a log path; %a (the task) is said as <task>."""
+    return pattern.replace("%x", name).replace("%j", job_id).replace("%A", job_id).replace("%a", "<task>")
+
+
+def queue(cfg: JobConfig, source: str, overrides: list[str], sbatch_args: list[str],
+          profile: ClusterProfile | None = None, dry_run: bool = False, title: str = "",
+          data_pending: bool = False) -> str | None:
+    """sbatch the job's template with its frozen config; its status says queued, with the log path.
+    Prints `<title>: submitted job <id>, log <path>` (dry run: the sbatch, srun, node and log lines)."""
+    profile = profile or load_profile()
+    title = title or job_name(cfg)
+    spec = registry()[cfg.job]
+    sub = plan(cfg, spec, profile, snapshot(cfg, source, overrides, write=not dry_run), source, sbatch_args,
+               data_pending=data_pending).checked()
+    if dry_run:
+        print(f"{title}: would submit {cfg.job} ({' '.join([source, *overrides])})\n{sub.describe()}")
+        return None
+    job_id = sub.run()
+    log = expand_log(sub.log, job_id, sub.name)
+    status.update(spec.status_file(cfg), create=True, state="queued", job=cfg.job, queued_job_id=job_id,
+                  reason=None, log=log)
+    after = option_value(sbatch_args, "--dependency")
+    print(f"{title}: submitted job {job_id}" + (f" (after {after.split(':', 1)[1]})" if after else "")
+          + f", log {log}", flush=True)
+    return job_id

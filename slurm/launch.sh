@@ -33,7 +33,7 @@ export HPCNLP_PREEMPT_FILE=$state_dir/preempt-$SLURM_JOB_ID
 export HPCNLP_OUTCOME_FILE=$state_dir/outcome-$SLURM_JOB_ID
 rm -f "$HPCNLP_PREEMPT_FILE" "$HPCNLP_OUTCOME_FILE"
 
-plan=$(PYTHONPATH=$HPCNLP_HOME/src${PYTHONPATH:+:$PYTHONPATH} "$planner" -m hpcnlp.runtime.launch plan "$job" --config "$@") || exit 2
+plan=$(PYTHONPATH=$HPCNLP_HOME/src${PYTHONPATH:+:$PYTHONPATH} "$planner" -m hpcnlp.cluster.launcher plan "$job" --config "$@") || exit 2
 eval "$plan"
 echo "launch: $(date +%T) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s): $DESCRIBE"
 "${CHECK[@]}" || { echo "launch: config refused; nothing started" >&2; exit 2; }

@@ -104,12 +104,16 @@ def test_plan_refuses_outside_slurm(monkeypatch):
 def test_single_process_jobs_ignore_the_gpu_count(monkeypatch, tmp_path):
     """export/validate/prepare on a 4-GPU node: one process (four would race on one output_dir); on two
     nodes `hpcnlp check` refuses them before anything starts."""
-    from hpcnlp.cluster.templates import render_template
+    from hpcnlp.cluster import launcher
     from hpcnlp.jobs import JOBS
 
-    # The planner has no job registry: the job's batch script (from its spec) says it runs as one process.
-    single = {job for job, spec in JOBS.items() if "export HPCNLP_SINGLE_PROCESS=1" in render_template(spec)}
-    assert single == {"prepare", "export", "validate"}
+    assert {job for job, spec in JOBS.items() if spec.single_process} == {"prepare", "export", "validate"}
+    seen = {}
+    monkeypatch.setattr(launch, "main", lambda argv, single_process: seen.setdefault(argv[1], single_process))
+    for job in JOBS:  # slurm/launch.sh's planner entry tells the planner what the spec says
+        launcher.main(["plan", job, "--config", "x.yaml"])
+    assert {job for job, single in seen.items() if single} == {"prepare", "export", "validate"}
+    monkeypatch.undo()
     assert launch.node_processes(False, 4) == 4 and launch.node_processes(True, 4) == 1
     monkeypatch.setattr(launch, "_scontrol", lambda *a: "NodeAddr=10.0.0.1" if a[0] == "show" and a[1] == "node"
                         else "n1 n2")

@@ -53,9 +53,6 @@ def render_template(spec: JobSpec) -> str:
            f"#SBATCH --signal=B:USR1@{s.signal_seconds}            # before the time limit: checkpoint, then requeue"]
           if spec.resumable else
           ["#SBATCH --no-requeue                  # nothing to resume: a failed run is rerun by hand"]),
-        # The launcher's planner has no job registry (standard library only): the script tells it.
-        *(["export HPCNLP_SINGLE_PROCESS=1        # the launcher starts one process on the node"]
-          if spec.single_process else []),
         f'exec "${{HPCNLP_HOME:-$SLURM_SUBMIT_DIR}}/slurm/launch.sh" {spec.name} "$@"',
         ""])
 

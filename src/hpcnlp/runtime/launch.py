@@ -20,7 +20,6 @@ Steered by environment variables (see docs/slurm.md):
   HPCNLP_PASS_ENV        more variable names podman passes in (NCCL_*, TORCH_* and proxies always are)
   HPCNLP_MODULES         modules slurm/launch.sh loads first (`module load ...`)
   HPCNLP_PYTHON          python on the nodes (default: this interpreter; `python3` inside a container)
-  HPCNLP_SINGLE_PROCESS  1: the job runs as one process on its node (set by slurm/<job>.sbatch from the spec)
 DeepSpeed needs no launcher of its own: `training.deepspeed: jobs/deepspeed/zero2.json` in the job
 config makes the Trainer use it under torchrun.
 """
@@ -200,8 +199,8 @@ def check_command(plan: Plan) -> list[str]:
 
 
 def node_processes(single_process: bool, requested: int) -> int:
-    """Processes a node starts: one for jobs that are not data-parallel (their spec says so, and their
-    batch script sets HPCNLP_SINGLE_PROCESS=1: N copies would race on output_dir), else `requested`."""
+    """Processes a node starts: one for jobs that are not data-parallel (their spec says so: N copies
+    would race on output_dir), else `requested`."""
     return 1 if single_process else requested
 
 
@@ -252,7 +251,9 @@ def describe(plan: Plan) -> str:
 
 
 # --- entry points -------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, single_process: bool = False) -> int:
+    """`plan` (slurm/launch.sh, through hpcnlp.cluster.launcher, which knows `single_process` from the
+    job's spec) or `node` (each node's srun task)."""
     p = argparse.ArgumentParser(prog="python -m hpcnlp.runtime.launch", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("plan", help="print bash assignments CHECK=(...) CMD=(...) for slurm/launch.sh")
@@ -269,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "plan":
             extra = sweep_task_args(env.hpcnlp_setting("SWEEP"), env.slurm_array_task_id())
-            single = env.hpcnlp_setting("SINGLE_PROCESS") == "1"  # slurm/<job>.sbatch says it
-            sys.stdout.write(bash_assignments(plan_from_env(a.job, [*a.job_args, *extra], single)))
+            sys.stdout.write(bash_assignments(plan_from_env(a.job, [*a.job_args, *extra], single_process)))
             return 0
         addr, port = a.master.rsplit(":", 1)
         cmd = node_command(a.launcher, a.nnodes, a.nproc_per_node, env.slurm_node_id(),

@@ -25,10 +25,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from hpcnlp.config import FinetuneDataConfig, LatencyConfig
     from hpcnlp.jobs.validate import ValidateConfig
-    from hpcnlp.jobs.validate import Reference, edge_cases, measure_int8, predict, run_edge_cases
     from hpcnlp.models import load_tokenizer
-    from hpcnlp.quantize import Quantizer, Recipe, calibration_set, sensitive_matmuls
     from hpcnlp.report import markdown_table
+    from hpcnlp.ship.edge_cases import edge_cases, run_edge_cases
+    from hpcnlp.ship.int8_search import measure_int8, sensitive_matmuls
+    from hpcnlp.ship.measure import Reference, predict
+    from hpcnlp.ship.quantize import Quantizer, Recipe, calibration_set
     from hpcnlp.tasks import PRIMARY_METRIC, auto_model_class, batches, label_names, load_data, task_of, torch_runner
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

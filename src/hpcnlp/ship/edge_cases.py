@@ -3,14 +3,9 @@ emoji, CJK, Arabic, far over max length; sentence pairs for pair models). Every 
 all and agree with PyTorch on them (the gate's edge-case rows)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from hpcnlp.tasks import MODEL_INPUTS
-
-if TYPE_CHECKING:
-    from hpcnlp.ship.measure import Reference
 
 # What users send and eval sets rarely hold; "far over max length" is built from data.max_seq_length.
 EDGE_TEXTS = {"empty": "", "whitespace only": " \t\n ", "one character": "x",
@@ -66,12 +61,13 @@ def compare_edge(reference: list[dict], got: list[dict]) -> list[dict]:
     return rows
 
 
-def edge_results(runners: dict, ref: Reference) -> list[dict]:
-    """Per edge case: its text and token count, and each ONNX model's diff and agreement with PyTorch."""
-    compared = {k: compare_edge(ref.edge_outputs, run_edge_cases(r, ref.cases)) for k, r in runners.items()
+def edge_results(runners: dict, cases: list[dict], reference: list[dict]) -> list[dict]:
+    """Per edge case: its text and token count, and each ONNX model's diff and agreement with PyTorch
+    (`reference`: PyTorch's outputs on the cases)."""
+    compared = {k: compare_edge(reference, run_edge_cases(r, cases)) for k, r in runners.items()
                 if k != "pytorch"}
     return [{"case": c["case"], "text": c["text"], "pair": c["pair"], "tokens": c["tokens"],
-             **{k: rows[i] for k, rows in compared.items()}} for i, c in enumerate(ref.cases)]
+             **{k: rows[i] for k, rows in compared.items()}} for i, c in enumerate(cases)]
 
 
 def edge_summary(per_case: list[dict]) -> dict:

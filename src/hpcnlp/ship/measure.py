@@ -125,7 +125,7 @@ def measure(cfg, staging: Path, ref: Reference, data, int8: dict | None, threads
     log.info("parity %s", {k: (v["max_abs_diff"], v["argmax_agreement"]) for k, v in results["parity"].items()})
     if int8:
         results["int8"] = int8
-    results["edge_cases"] = edge_results(runners, ref)
+    results["edge_cases"] = edge_results(runners, ref.cases, ref.edge_outputs)
     results["extra_eval"] = {name: {"file": data.files[name], "examples": len(data.splits[name]),
                                     "metrics": {k: ref.score(r, data.splits[name]) for k, r in runners.items()}}
                              for name in cfg.data.extra_eval_files}  # reported, not gated

@@ -25,11 +25,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from hpcnlp.config import FinetuneDataConfig, LatencyConfig
     from hpcnlp.jobs.validate import ValidateConfig
-    from hpcnlp.jobs.validate import Reference, edge_cases, measure_int8, predict, run_edge_cases
     from hpcnlp.models import load_tokenizer
-    from hpcnlp.quantize import Quantizer, Recipe, calibration_set, sensitive_matmuls
     from hpcnlp.report import markdown_table
-    from hpcnlp.tasks import PRIMARY_METRIC, auto_model_class, batches, label_names, load_data, task_of, torch_runner
+    from hpcnlp.ship.edge_cases import edge_cases, run_edge_cases
+    from hpcnlp.ship.int8_search import measure_int8, sensitive_matmuls
+    from hpcnlp.ship.measure import Reference, predict
+    from hpcnlp.ship.quantize import Quantizer, Recipe, calibration_set
+    from hpcnlp import tasks
+    from hpcnlp.tasks import auto_model_class, batches, label_names, load_data, task_of, torch_runner
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir")
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = edge_cases(tokenizer, cfg.data, task)
     sample = eval_ds.select(range(min(64, len(eval_ds))))
     ref = Reference(task, names, pad, eval_ds, sample, cases,
-                    predict(torch_runner(model), eval_ds, pad, task == "token-classification"),
+                    predict(torch_runner(model), eval_ds, pad, tasks.get(task).token_level),
                     run_edge_cases(torch_runner(model), cases))
     onnx_dir = Path(args.onnx_dir)
     exported = json.loads((onnx_dir / "metrics.json").read_text()) if (onnx_dir / "metrics.json").is_file() else {}
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             path = quantizer(recipe, Path(work) / f"int8-fp32-{k}.onnx")
             results.append((recipe.name, measure_int8(path, ref, cfg, threads)))
 
-    primary = PRIMARY_METRIC[task]
+    primary = tasks.get(task).primary_metric
     print(f"{args.model_dir} ({task}), {len(eval_ds)} eval rows of {args.eval}, preset {preset}, {threads} thread(s)")
     print(markdown_table([{"recipe": name, f"{primary} drop": m["metric_drop"],
                            "flip rate": round(1 - m["argmax_agreement"], 4),

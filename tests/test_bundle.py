@@ -53,7 +53,7 @@ def test_verify_passes_then_catches_a_modified_file(sentiment_bundle, tmp_path, 
 
 def test_verify_catches_an_unloadable_model(sentiment_bundle, tmp_path):
     """Checksums can be recomputed by whoever broke the file; loadability is checked too."""
-    from hpcnlp import bundle
+    from hpcnlp.ship import bundle
 
     copy = tmp_path / "bundle"
     shutil.copytree(sentiment_bundle, copy)
@@ -97,7 +97,7 @@ def test_bundled_script_is_the_packages(sentiment_bundle):
     from importlib import resources
 
     assert (sentiment_bundle / "onnx_inference.py").read_bytes() == \
-        resources.files("hpcnlp").joinpath("onnx_inference.py").read_bytes()
+        resources.files("hpcnlp.ship").joinpath("onnx_inference.py").read_bytes()
 
 
 def test_a_wheel_carries_the_bundled_script(tmp_path):
@@ -111,7 +111,7 @@ def test_a_wheel_carries_the_bundled_script(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                     "-q", "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
     wheel, = (tmp_path / "dist").glob("hpcnlp-*.whl")
-    assert "hpcnlp/onnx_inference.py" in zipfile.ZipFile(wheel).namelist()
+    assert "hpcnlp/ship/onnx_inference.py" in zipfile.ZipFile(wheel).namelist()
 
 
 def test_pipeline_stage_row_reads_the_bundle(sentiment_bundle):
@@ -130,7 +130,7 @@ def test_pipeline_stage_row_reads_the_bundle(sentiment_bundle):
 def _edited_copy(sentiment_bundle, tmp_path, edit):
     """A copy of the bundle whose manifest `edit` changed, SHA256SUMS rewritten to match (as whoever made
     the change could): only verify's rules can catch it."""
-    from hpcnlp import bundle
+    from hpcnlp.ship import bundle
 
     copy = tmp_path / "bundle"
     shutil.copytree(sentiment_bundle, copy)
@@ -144,7 +144,7 @@ def _edited_copy(sentiment_bundle, tmp_path, edit):
 
 @pytest.mark.parametrize("how", ["parent", "absolute", "symlink"])
 def test_verify_refuses_names_outside_the_bundle(sentiment_bundle, tmp_path, how):
-    from hpcnlp import bundle
+    from hpcnlp.ship import bundle
 
     outside = tmp_path / "outside.txt"
     outside.write_text("not part of the bundle")
@@ -161,7 +161,7 @@ def test_verify_refuses_names_outside_the_bundle(sentiment_bundle, tmp_path, how
 
 @pytest.mark.parametrize("name", ["model.onnx", "config.json", "tokenizer.json", "MODEL_CARD.md", "validation.json"])
 def test_verify_requires_the_bundle_files(sentiment_bundle, tmp_path, name):
-    from hpcnlp import bundle
+    from hpcnlp.ship import bundle
 
     def edit(copy, manifest):
         (copy / name).unlink()
@@ -172,14 +172,14 @@ def test_verify_requires_the_bundle_files(sentiment_bundle, tmp_path, name):
 
 
 def test_verify_refuses_a_rejected_bundle(sentiment_bundle, tmp_path):
-    from hpcnlp import bundle
+    from hpcnlp.ship import bundle
 
     problems = bundle.verify(_edited_copy(sentiment_bundle, tmp_path, lambda c, m: m.update(passed=False)))
     assert len(problems) == 1 and "the gate did not pass" in problems[0]
 
 
 def test_verify_refuses_an_empty_file_list(sentiment_bundle, tmp_path):
-    from hpcnlp import bundle
+    from hpcnlp.ship import bundle
 
     def edit(copy, manifest):
         for name in manifest["files"]:
@@ -225,7 +225,7 @@ def test_shipped_bundle_has_the_umask_modes(sentiment_teacher, sentiment_onnx, t
 def test_model_card_stands_alone(sentiment_bundle, sentiment_teacher):
     from huggingface_hub import ModelCard
 
-    from hpcnlp.bundle import sha256
+    from hpcnlp.ship.bundle import sha256
 
     card = ModelCard.load(sentiment_bundle / "MODEL_CARD.md")
     text = (sentiment_bundle / "MODEL_CARD.md").read_text()

@@ -12,8 +12,8 @@ from helpers import SENTIMENT
 def test_lineage_follows_hpcnlp_outputs_to_the_base_model(tmp_path, minilm_path):
     """A distilled student of a fine-tuned MiniLM: three stages, base model first, with its license from
     its own card, each model and data file by hash, no path."""
-    from hpcnlp import card
-    from hpcnlp.bundle import dir_sha256, sha256
+    from hpcnlp.ship import card
+    from hpcnlp.ship.bundle import dir_sha256, sha256
 
     def job_output(name: str, job: dict) -> str:
         out = tmp_path / name
@@ -38,7 +38,7 @@ def test_lineage_follows_hpcnlp_outputs_to_the_base_model(tmp_path, minilm_path)
 
 
 def test_lineage_of_a_foreign_model_is_that_model(tmp_path, minilm_path):
-    from hpcnlp import card
+    from hpcnlp.ship import card
 
     shutil.copytree(minilm_path, tmp_path / "m")
     (tmp_path / "m" / "README.md").unlink()
@@ -47,7 +47,7 @@ def test_lineage_of_a_foreign_model_is_that_model(tmp_path, minilm_path):
 
 
 def test_lineage_names_a_pretraining_corpus_by_its_prepared_fingerprint(tmp_path, minilm_path):
-    from hpcnlp import card
+    from hpcnlp.ship import card
 
     out = tmp_path / "pretrain-pydocs"
     out.mkdir()

@@ -167,7 +167,8 @@ def test_static_quantization_with_ort_optimization(sentiment_teacher, tmp_path):
 def test_gate_counts_a_drop_of_exactly_the_limit_as_passed():
     """4 of 400 examples is 1 point: float subtraction (0.7825 - 0.7725 > 0.01) must not reject it."""
     from hpcnlp.jobs.validate import ValidationThresholds
-    from hpcnlp.jobs.validate import int8_checks, metric_drop
+    from hpcnlp.ship.gate import int8_checks
+    from hpcnlp.ship.measure import metric_drop
 
     th = ValidationThresholds(int8_max_metric_drop=0.01)
     measured = {"argmax_agreement": 0.98, "edge_argmax_agreement": 1.0,

@@ -148,7 +148,8 @@ def test_sensitivity_ranking_finds_the_matmuls_that_int8_hurts(sentiment_onnx, t
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
-    from hpcnlp.quantize import Quantizer, Recipe, sensitive_matmuls
+    from hpcnlp.ship.int8_search import sensitive_matmuls
+    from hpcnlp.ship.quantize import Quantizer, Recipe
 
     fp32, int8 = Path(sentiment_onnx) / "model.onnx", Path(sentiment_onnx) / "model.int8.onnx"
     texts = pd.read_csv(SENTIMENT / "validation.csv")["text"].head(32).tolist()

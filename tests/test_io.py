@@ -103,7 +103,7 @@ def test_replace_dir_without_renameat2_renames_aside(tmp_path, monkeypatch, capl
 
 
 def test_publish_swaps_bundles_in_one_step(tmp_path, monkeypatch):
-    from hpcnlp import bundle
+    from hpcnlp.ship import bundle
 
     new, final = _dirs(tmp_path)
     with pytest.raises(FileExistsError, match="immutable"):

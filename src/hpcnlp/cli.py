@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     if args.command == "verify":  # a bundle, not a job config
-        from hpcnlp.bundle import verify_main
+        from hpcnlp.ship.bundle import verify_main
 
         return verify_main(args.bundle)
     if args.command in COMMANDS:

@@ -49,7 +49,7 @@ def snapshot(cfg: JobConfig, source: str, overrides: list[str], write: bool = Tr
     after submitting changes nothing in a queued or running job. Named by its content."""
     from importlib import metadata
 
-    from hpcnlp.bundle import git_commit
+    from hpcnlp.ship.bundle import git_commit
 
     body = dump_config(cfg)
     path = state_dir() / "configs" / f"{cfg.job}-{hashlib.sha256(body.encode()).hexdigest()[:12]}.yaml"

@@ -18,7 +18,7 @@ from pydantic import Field
 from hpcnlp import checks
 from hpcnlp.config import dump_config, FinetuneDataConfig, JobConfig, Problem, Section
 from hpcnlp.models import load_tokenizer, resolve_model_path
-from hpcnlp.quantize import Quantizer, Recipe, calibration_set
+from hpcnlp.ship.quantize import Quantizer, Recipe, calibration_set
 from hpcnlp.report import markdown_table, mb, write_report
 from hpcnlp.runtime import status
 from hpcnlp.runtime.io import atomic_dir, atomic_write_text

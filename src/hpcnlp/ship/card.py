@@ -12,10 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from hpcnlp.bundle import SUMS, dir_sha256, sha256
 from hpcnlp.models import ALIASES, ModelNotFound, resolve_model_path
 from hpcnlp.report import markdown_table
 from hpcnlp import tasks
+from hpcnlp.ship.bundle import SUMS, dir_sha256, sha256
 from hpcnlp.tasks import cpu_text
 
 MAX_STAGES = 20  # a chain longer than this is a loop of output dirs naming each other

@@ -3,13 +3,14 @@
 <root>/<name>/<version>/
   model.onnx, model.int8.onnx   the models (fp32, int8 when made)
   config.json                   id2label / label2id; tokenizer.json + tokenizer_config.json + vocab ...
-  onnx_inference.py             inference with onnxruntime + tokenizers only (hpcnlp/onnx_inference.py)
+  onnx_inference.py             inference with onnxruntime + tokenizers only (hpcnlp/ship/onnx_inference.py)
   MODEL_CARD.md, validation.md, validation.json, latency.png
   manifest.json                 sha256 and size of every other file, versions, provenance, gate results
   SHA256SUMS                    every other file's sha256 (manifest.json's too), for `sha256sum -c`
 
 A bundle is built in a staging dir beside its destination and renamed into place in one step
-(`publish`), so a half-built bundle never sits where shipped ones go.
+(`publish`), so a half-built bundle never sits where shipped ones go; a rejected one is moved to its own
+dir (`reject`).
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def package_versions() -> dict[str, str | None]:
 
 def git_commit() -> str | None:
     """HEAD of the repo the code runs from, '+dirty' with uncommitted changes; None outside git."""
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]  # src/hpcnlp/ship/bundle.py
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
@@ -81,7 +82,7 @@ def stage(onnx_dir: Path, root: Path) -> Path:
     for name in ("model.onnx", "model.int8.onnx", "config.json", *TOKENIZER_FILES):
         if (onnx_dir / name).is_file():
             shutil.copyfile(onnx_dir / name, tmp / name)
-    (tmp / SCRIPT).write_bytes(resources.files("hpcnlp").joinpath(SCRIPT).read_bytes())
+    (tmp / SCRIPT).write_bytes(resources.files("hpcnlp.ship").joinpath(SCRIPT).read_bytes())
     return tmp
 
 
@@ -109,6 +110,16 @@ def publish(staging: Path, final: Path, replace: bool = False) -> Path:
     if final.exists() and not replace:
         raise FileExistsError(f"{final} exists; bundles are immutable: bump the version")
     replace_dir(staging, final)
+    return final
+
+
+def reject(staging: Path, final: Path) -> Path:
+    """Move the staged bundle, report included, to where rejected ones go (a rejected one there before is
+    replaced): never among shipped bundles."""
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staging), final)
     return final
 
 

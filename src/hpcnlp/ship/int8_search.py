@@ -1,17 +1,15 @@
-"""int8 recipes for an fp32 ONNX model (Optimum's ORTQuantizer), and the search `hpcnlp validate` runs
-when the export's int8 misses the gate. Shared by export (one recipe) and validate (the search).
+"""The int8 recipe search `hpcnlp validate` runs when the export's int8 misses the gate.
 
-A recipe is dynamic or static (QDQ, activation ranges calibrated on training rows), per-tensor or
-per-channel weights, plus MatMul nodes kept in fp32 (onnxruntime's `nodes_to_exclude`). The search
-tries, in order: the export's own recipe, dynamic per-channel, static QDQ per-channel, then the one of
+It tries, in order: the export's own recipe, dynamic per-channel, static QDQ per-channel, then the one of
 those closest to PyTorch with its most sensitive MatMuls in fp32, one more each time; it stops at the
 first recipe that passes, or when its budget (attempts, seconds, fp32 MatMuls) is spent. The order is
 by cost: per-channel weights cost nothing at run time, static QDQ needs calibration rows and fixed
-ranges, and every MatMul kept in fp32 gives back part of int8's speed and size.
+ranges, and every MatMul kept in fp32 gives back part of int8's speed and size. Recipes are made by
+hpcnlp.ship.quantize; each is measured against the PyTorch reference and judged with the gate's int8 rows.
 """
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -22,78 +20,15 @@ from typing import Callable
 
 import numpy as np
 
+from hpcnlp.ship.edge_cases import compare_edge, edge_summary, run_edge_cases
+from hpcnlp.ship.gate import int8_checks
+from hpcnlp.ship.measure import PARITY_BATCH, Reference, metric_drop, predict
+from hpcnlp.ship.onnx import ort_runner, ort_session
+from hpcnlp.ship.quantize import Quantizer, Recipe, calibration_set
+from hpcnlp import tasks
+from hpcnlp.tasks import batches, latency
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    static: bool = False  # False: activation ranges measured at run time (dynamic)
-    per_channel: bool = False  # one weight scale per output channel instead of one per tensor
-    fp32_nodes: tuple[str, ...] = ()  # MatMul nodes left unquantized
-
-    @property
-    def name(self) -> str:
-        name = ("static QDQ" if self.static else "dynamic") + (" per-channel" if self.per_channel else "")
-        return name + (f" + {len(self.fp32_nodes)} MatMul(s) in fp32" if self.fp32_nodes else "")
-
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    """onnxruntime's quantizer logs one INFO line per tensor to the root logger."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def calibration_set(train, samples: int, seed: int, pad_id: int, seq_length: int):
-    """Rows of the (tokenized) training split, shuffled, padded to one length (static ranges need fixed shapes)."""
-    from datasets import Dataset
-
-    from hpcnlp.tasks import MODEL_INPUTS, batches
-
-    train = train.shuffle(seed=seed)
-    train = train.select(range(min(samples, len(train))))
-    inputs, _ = next(batches(train, len(train), pad_id, pad_to=seq_length))
-    return Dataset.from_dict({k: v.tolist() for k, v in inputs.items() if k in MODEL_INPUTS})
-
-
-class Quantizer:
-    """int8 copies of one plain (not ORT-optimized) fp32 ONNX file. `calibration()` returns the rows of
-    static recipes; their activation ranges are computed once and reused by every static recipe."""
-
-    def __init__(self, fp32: Path, preset: str, calibration: Callable | None = None):
-        self.fp32, self.preset, self.calibration = Path(fp32), preset, calibration
-        self.calibration_rows: int | None = None
-        self._ranges = None
-
-    def __call__(self, recipe: Recipe, dest: Path) -> Path:
-        from optimum.onnxruntime import ORTQuantizer
-        from optimum.onnxruntime.configuration import AutoCalibrationConfig, AutoQuantizationConfig
-
-        qconfig = getattr(AutoQuantizationConfig, self.preset)(
-            is_static=recipe.static, per_channel=recipe.per_channel, nodes_to_exclude=list(recipe.fp32_nodes))
-        quantizer = ORTQuantizer.from_pretrained(self.fp32.parent, file_name=self.fp32.name)
-        # Optimum also writes config, tokenizer and ort_config.json where it saves: a scratch dir, only the
-        # model is kept.
-        with tempfile.TemporaryDirectory(dir=Path(dest).parent, prefix=".quantize-") as tmp:
-            if recipe.static and self._ranges is None:
-                if self.calibration is None:
-                    raise ValueError("static quantization needs calibration rows")
-                calib = self.calibration()
-                self.calibration_rows = len(calib)
-                with _quiet_root_logger():
-                    self._ranges = quantizer.fit(dataset=calib, calibration_config=AutoCalibrationConfig.minmax(calib),
-                                                 operators_to_quantize=qconfig.operators_to_quantize,
-                                                 onnx_augmented_model_name=Path(tmp) / "augmented_model.onnx")
-            with _quiet_root_logger():
-                quantizer.quantize(quantization_config=qconfig, save_dir=tmp,
-                                   calibration_tensors_range=self._ranges if recipe.static else None)
-            os.replace(Path(tmp) / f"{self.fp32.stem}_quantized.onnx", dest)
-        return Path(dest)
 
 
 def sensitive_matmuls(fp32: Path, int8: Path, feeds) -> list[tuple[str, float]]:
@@ -178,3 +113,65 @@ def search(exported: Recipe, exported_path: Path, quantizer: Quantizer, measure:
         tried.append(Attempt(recipe, path, measure(path), time.monotonic() - start))
         log.info("int8 recipe %s: %s", recipe.name, "passed" if tried[-1].measured["passed"] else "failed")
     return tried, tried[-1], "passed"
+
+
+def measure_int8(path: Path, ref: Reference, cfg, threads: int) -> dict:
+    """One int8 model against PyTorch: metric drop and agreement on the eval set, agreement on the edge
+    cases, batch-1 latency; passed and the checks it failed (int8_checks). cfg: validate's config (latency,
+    thresholds)."""
+    primary = tasks.get(ref.task).primary_metric
+    runner = ort_runner(ort_session(path, threads))
+    preds = predict(runner, ref.eval_ds, ref.pad, ref.token_level)
+    got = preds.metrics(ref.task, ref.names)
+    edge = compare_edge(ref.edge_outputs, run_edge_cases(runner, ref.cases))
+    m = {"metrics": got, "metric_drop": metric_drop(ref.metrics, got, primary) if primary else None,
+         "argmax_agreement": ref.predictions.agreement(preds),
+         "edge_argmax_agreement": edge_summary(edge)["argmax_agreement"],
+         "latency_b1_p50_ms": latency(runner, ref.eval_ds, 1, cfg.latency, ref.pad)["p50_ms"]}
+    failed = [c["check"] for c in int8_checks(m, cfg.thresholds, primary) if not c["passed"]]
+    return {**m, "passed": not failed, "failed": failed}
+
+
+def choose_int8(cfg, staging: Path, ref: Reference, train, threads: int) -> dict | None:
+    """Judge the export's int8; when it misses the gate, search other recipes within cfg.int8_search
+    (cfg: validate's config). The passing model is left as staging/model.int8.onnx. None passing: fp32
+    ships alone (the file is removed), or the run is rejected (thresholds.int8_fallback, applied by the
+    gate). The search's record for validation.json; None when the export made no int8 model."""
+    int8 = staging / "model.int8.onnx"
+    if not int8.is_file():
+        return None
+    export_metrics = Path(cfg.onnx_dir) / "metrics.json"
+    exported = json.loads(export_metrics.read_text()) if export_metrics.is_file() else {}
+    made = exported.get("quantization") or {}
+    recipe = Recipe(static=made.get("mode") == "static", per_channel=bool(made.get("per_channel")))
+    s = cfg.int8_search
+    quantizer = Quantizer(staging / "model.onnx", made.get("preset", "avx2"), lambda: calibration_set(
+        train, s.calibration_samples, cfg.data.seed, ref.pad, cfg.data.max_seq_length))
+    # ORT's quantizer cannot type the fused ops of an O1-O3 graph (see export): no new recipes from one.
+    optimized = exported.get("optimization_level")
+    with tempfile.TemporaryDirectory(dir=staging.parent, prefix=".int8-search-") as work:
+        tried, chosen, why = search(
+            recipe, int8, quantizer, lambda p: measure_int8(p, ref, cfg, threads), Path(work),
+            max_attempts=0 if optimized else s.max_attempts, max_seconds=s.max_seconds,
+            max_fp32_nodes=s.max_fp32_nodes,
+            rank_feeds=lambda: (x for x, _ in batches(ref.sample, PARITY_BATCH, ref.pad)))
+        if chosen is not None and chosen.path != int8:
+            os.replace(chosen.path, int8)
+        elif chosen is None and cfg.thresholds.int8_fallback == "fp32":
+            int8.unlink()  # fp32 ships alone; a rejected bundle keeps the export's int8 for a look
+    if optimized and chosen is None:
+        why = (f"model.onnx is ORT-optimized (O{optimized}); other recipes need the plain graph: export with "
+               "optimization_level: 0")
+    out = {"exported_recipe": recipe.name, "attempts": [a.row() for a in tried], "search_stopped": why,
+           "recipe": chosen.recipe.name if chosen else None,
+           "fp32_nodes": list(chosen.recipe.fp32_nodes) if chosen else [],
+           "latency_b1_p50_ms": chosen.measured["latency_b1_p50_ms"] if chosen else None, "reason": None}
+    if chosen is None:
+        best = max(tried, key=lambda a: a.measured["argmax_agreement"])
+        out["reason"] = (f"no int8 recipe passed ({len(tried)} tried; search stopped: {why}); closest: "
+                         f"{best.recipe.name}, failed: {', '.join(best.measured['failed'])}")
+        log.warning("int8: %s; %s", out["reason"], "fp32 ships alone" if cfg.thresholds.int8_fallback == "fp32"
+                    else "rejecting (int8_fallback: reject)")
+    elif chosen.recipe != recipe:
+        log.info("int8: the export's %s missed the gate; %s passed", recipe.name, chosen.recipe.name)
+    return out

@@ -1,0 +1,40 @@
+"""onnxruntime for the gate: sessions on CUDA where onnxruntime has it (else CPU), and runners with the
+same call as hpcnlp.tasks.torch_runner (model inputs -> named outputs), so that every model is measured
+the same way."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def providers() -> list[str]:
+    """CUDA where onnxruntime has it, else CPU."""
+    import onnxruntime as ort
+
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+
+
+def ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(str(path), opts, providers=providers())
+
+
+def ort_runner(session):
+    wanted = {i.name for i in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()]
+
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, {k: v for k, v in inputs.items() if k in wanted})))
+    return run
+
+
+def opset(path: Path) -> int | None:
+    """The default-domain opset an ONNX file was exported with (the manifest's)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)

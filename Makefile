@@ -43,11 +43,14 @@ $(VENV)/.installed: requirements/lock.txt requirements/docs.txt requirements/lin
 demo: setup
 	$(BIN)/hpcnlp pipeline --config jobs/demo.yaml --local
 
+# Two workers on the two cores (pytest-xdist); tests/conftest.py keeps each file, and the real-Slurm
+# tests together, on one worker. A single test: .venv/bin/python -m pytest tests/<file>::<test>.
+XDIST := -n 2 --dist loadgroup
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) tests
 
 test-fast: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not cluster and not image" tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) -m "not slow and not cluster and not image" tests
 
 LINTED := src tests bench data
 lint: setup

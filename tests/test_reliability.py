@@ -201,7 +201,7 @@ def test_validate_refuses_rejected_dir_inside_output_dir(tmp_path, capsys):
 def test_a_stalled_rank_fails_the_job_naming_it(tmp_path):
     """2 processes under torchrun; rank 1 is stopped (SIGSTOP) mid-training: the watchdog fails the job
     within step_timeout_minutes, and the outcome line names rank 1, long before the gloo timeout."""
-    config = tiny_pretrain(tmp_path, max_steps=100000, save_steps=100000, logging_steps=50)
+    config = tiny_pretrain(tmp_path, max_steps=100000, save_steps=100000, logging_steps=5)
     prepare_corpus(config)
     outcome = tmp_path / "outcome"
     cmd = torchrun_command(["pretrain", "--config", str(config), "step_timeout_minutes=0.2"])
@@ -213,7 +213,7 @@ def test_a_stalled_rank_fails_the_job_naming_it(tmp_path):
             lines.append(line)
             if "rank 1 of 2 ready" in line:
                 pid = int(line.split("(pid ")[1].split()[0])
-            if pid and "step 100/" in line:
+            if pid and "step 10/" in line:
                 os.kill(pid, signal.SIGSTOP)
                 t0 = time.monotonic()
                 break
@@ -263,7 +263,7 @@ def test_finetune_resumed_mid_epoch_sees_the_same_batches(tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_restart_cost_does_not_grow_with_the_steps_done(tmp_path, monkeypatch):
     """A resumed run skips the batches already trained by index, without building them: resumed at step
-    10 or at step 300, it collates only the batches still to train (+ dataloader prefetch). The seconds
+    10 or at step 100, it collates only the batches still to train (+ dataloader prefetch). The seconds
     from start to the first new step are printed for both (timings belong to benchmarks, not asserts)."""
     from hpcnlp.runtime import preempt
     from hpcnlp.train import mlm
@@ -283,8 +283,8 @@ def test_restart_cost_does_not_grow_with_the_steps_done(tmp_path, monkeypatch):
         return original_step_end(self, args, state, control, **kw)
 
     results = {}
-    for done in (10, 300):
-        config = tiny_pretrain(tmp_path, f"r{done}.yaml", max_steps=320, save_steps=1000, logging_steps=50)
+    for done in (10, 100):
+        config = tiny_pretrain(tmp_path, f"r{done}.yaml", max_steps=120, save_steps=1000, logging_steps=50)
         out = f"output_dir={tmp_path / f'r{done}'}"
         with monkeypatch.context() as m:
             preempt_at(m, done)
@@ -297,8 +297,8 @@ def test_restart_cost_does_not_grow_with_the_steps_done(tmp_path, monkeypatch):
             t0 = time.perf_counter()
             assert run_cli("pretrain", "--config", str(config), out, "resume=auto") == 0
         results[done] = (len(built), first_step["t"] - t0)
-        assert 320 - done <= len(built) <= 320 - done + 2, (done, len(built))
-    print(f"resumed at step 10: {results[10][1]:.2f} s to the first new step; at step 300: {results[300][1]:.2f} s")
+        assert 120 - done <= len(built) <= 120 - done + 2, (done, len(built))
+    print(f"resumed at step 10: {results[10][1]:.2f} s to the first new step; at step 100: {results[100][1]:.2f} s")
 
 
 @pytest.mark.slow

@@ -36,7 +36,8 @@ PROFILES = {
     "cpu": {"gpus_per_node": 0, "cpus_per_task": 4, "time": "04:00:00"},
     "gpu": {"account": "nlp", "partition": "gpu", "gpus_per_node": 4, "cpus_per_task": 32, "mem": "256G",
             "container": "apptainer", "image": "{tmp}/images/hpcnlp.sif", "binds": ["/scratch"],
-            "env": {"NCCL_DEBUG": "WARN"}},
+            "env": {"NCCL_DEBUG": "WARN"}, "cpu_partition": "cpu",
+            "jobs": {"prepare": {"cpus_per_task": 16, "time": "04:00:00"}}},
 }
 
 # What a shipped config reads that an earlier stage writes (submit checks it is there and what it is).

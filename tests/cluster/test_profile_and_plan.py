@@ -39,9 +39,10 @@ def test_profile_renders_every_field_and_per_job_options_win():
     assert opts == ["--job-name=pretrain-pydocs", "--account=nlp", "--partition=gpu", "--qos=high", "--nodes=2",
                     "--gpus-per-node=4", "--cpus-per-task=32", "--mem=256G", "--mail-user=me@example.org",
                     "--mail-type=END,FAIL", "--output=/logs/%x-%j.out", "--constraint=h100", "--time=1:00:00"]
-    # Single-process jobs: one node (their header), at most one GPU; arrays: one log per task.
+    # Single-process jobs: one node (their header), no GPU unless the profile's jobs: section asks;
+    # arrays: one log per task.
     single = options.sbatch_options(profile, JOBS["export"], "export-x", array=True)
-    assert "--gpus-per-node=1" in single and not any(o.startswith("--nodes") for o in single)
+    assert not any(o.startswith(("--nodes", "--gpus")) for o in single)
     assert "--output=/logs/%x-%A_%a.out" in single
     # Any array job, e.g. a sharded prepare submitted with --sbatch=--array=0-3
     prep = options.sbatch_options(profile, JOBS["prepare"], "prepare", extra=["--array=0-3"])
@@ -120,7 +121,9 @@ def test_dry_run_of_the_six_stage_pipeline_prints_every_command(tmp_path, monkey
         (tmp_path / name).symlink_to(REPO / name)
     monkeypatch.chdir(tmp_path)
     profile = tmp_path / "cluster.yaml"
-    profile.write_text(yaml.safe_dump({**GPU_PROFILE, "log_dir": str(tmp_path / "logs")}))
+    (tmp_path / "hpcnlp.sif").write_text("")  # apptainer's image must be a file
+    profile.write_text(yaml.safe_dump({**GPU_PROFILE, "log_dir": str(tmp_path / "logs"),
+                                       "image": str(tmp_path / "hpcnlp.sif")}))
     state = tmp_path / "state"
     res = hpcnlp("pipeline", "--config", "jobs/pipeline.yaml", "--dry-run", cwd=tmp_path, HPCNLP_CLUSTER=str(profile),
                  HPCNLP_STATE_DIR=str(state), HPCNLP_HOME=str(REPO),
@@ -137,13 +140,13 @@ def test_dry_run_of_the_six_stage_pipeline_prints_every_command(tmp_path, monkey
         assert argv[-2] == str(REPO / "slurm" / f"{job}.sbatch")
         assert (f"--dependency=afterok:<{blocks[i - 1][0]}>" in argv) == (i > 0)
         assert srun.startswith("srun --kill-on-bad-exit=1") and "apptainer exec --nv --bind" in srun
-        assert "/scratch,/data" in srun and "/shared/hpcnlp.sif python3 -m hpcnlp.runtime.launch node" in srun
+        assert "/scratch,/data" in srun and "/hpcnlp.sif python3 -m hpcnlp.runtime.launch node" in srun
         assert node.startswith("python3 -m torch.distributed.run") and f"-m hpcnlp {job} --config" in node
         name = re.search(r"--job-name=(\S+)", sbatch).group(1)
         assert log == f"{tmp_path}/logs/{name}-%j.out"
         single = JOBS[job].single_process
         assert ("--nproc-per-node=1" if single else "--nproc-per-node=4") in node
-        assert ("--gpus-per-node=1" if single else "--gpus-per-node=4") in argv
+        assert ((not any(a.startswith("--gpus") for a in argv)) if single else "--gpus-per-node=4" in argv), (job, argv)
     assert "--nodes=2" in blocks[1][2] and "--nnodes=2" in blocks[1][4]  # the stage's own option
     assert not state.exists() and not (tmp_path / "logs").exists()  # nothing frozen, nothing queued
     assert not (tmp_path / "outputs").exists()  # a dry run prepares nothing either

@@ -144,3 +144,39 @@ def test_bad_time_and_missing_image_are_refused(tmp_path):
     for uri in ("docker://ghcr.io/x/hpcnlp:1", "library://x/y", "oras://reg/x:1"):
         assert not ClusterProfile(container="apptainer", image=uri).problems()
     assert not ClusterProfile(container="pyxis", image="nvcr.io#x/y").problems()  # not a path for pyxis
+
+
+# --- 3. GPUs from Slurm but no CUDA in torch: refuse, do not train on the CPU ------------------------
+def test_cuda_guard_refuses_gpus_torch_cannot_use(allocation, tmp_path):
+    import torch
+
+    from hpcnlp.config import TrainingConfig
+    from hpcnlp.train import harness
+
+    allocation.setattr(torch.cuda, "is_available", lambda: False)
+    allocation.setattr(harness, "nvidia_driver", lambda: "535.104.05")
+    allocation.setenv("SLURM_GPUS_ON_NODE", "4")
+    with pytest.raises(ConfigError) as e:
+        harness.training_arguments(TrainingConfig(), str(tmp_path / "run"))
+    [line] = e.value.lines
+    assert "Slurm gave this job 4 GPU(s) but torch.cuda.is_available() is False" in line
+    assert f"CUDA {torch.version.cuda or 'none'}" in line and "driver 535.104.05" in line
+    allocation.delenv("SLURM_GPUS_ON_NODE")
+    allocation.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=0,1"):
+        harness.training_arguments(TrainingConfig(), str(tmp_path / "run"))
+    # No GPUs given (or outside an allocation): CPU training as before
+    allocation.delenv("CUDA_VISIBLE_DEVICES")
+    assert harness.training_arguments(TrainingConfig(), str(tmp_path / "run")).use_cpu
+    allocation.setenv("SLURM_GPUS_ON_NODE", "4")
+    allocation.delenv("SLURM_JOB_ID")
+    assert harness.training_arguments(TrainingConfig(), str(tmp_path / "run")).use_cpu
+
+
+def test_nvidia_driver_says_when_there_is_no_nvidia_smi(monkeypatch):
+    import shutil
+
+    from hpcnlp.train import harness
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert harness.nvidia_driver() == "no nvidia-smi"

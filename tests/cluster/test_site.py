@@ -180,3 +180,178 @@ def test_nvidia_driver_says_when_there_is_no_nvidia_smi(monkeypatch):
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert harness.nvidia_driver() == "no nvidia-smi"
+
+
+# --- a user's working dir with the fake Slurm tools ---------------------------------------------------
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, fake_slurm):
+    for name in ("jobs", "data"):
+        (tmp_path / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HPCNLP_STATE_DIR", str(tmp_path / "state"))
+    for name in SLURM_VARS:
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "cpu.yaml").write_text("gpus_per_node: 0\n")
+    monkeypatch.setenv("HPCNLP_CLUSTER", str(tmp_path / "cpu.yaml"))
+    return tmp_path
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# --- 5. the dry run of a multi-GPU pretrain with no prepared data prints the plan --------------------
+def test_dry_run_without_prepared_data_prints_the_plan_and_names_prepare(workdir, fake_slurm, capsys):
+    (workdir / "gpu.yaml").write_text("gpus_per_node: 4\npartition: gpu\n")
+    os.environ["HPCNLP_CLUSTER"] = str(workdir / "gpu.yaml")
+    rc, out, err = cli(capsys, "submit", "--config", "jobs/pretrain.yaml", "--dry-run")
+    assert rc == 0, err
+    assert "  sbatch: " in out and "--gpus-per-node=4" in out and "--nproc-per-node=4" in out
+    assert "warning: jobs/pretrain.yaml: data: no prepared data at" in err
+    assert "run the prepare stage first (hpcnlp submit --config jobs/prepare.yaml" in err
+    rc, out, err = cli(capsys, "submit", "--config", "jobs/pretrain.yaml")  # a real submit still refuses
+    assert rc == 2 and "no prepared data" in err and fake_slurm.calls("sbatch") == []
+
+
+# --- 6. a run with a job queued or running is not submitted again ------------------------------------
+def test_second_submission_of_a_queued_run_is_refused_unless_forced(workdir, fake_slurm, capsys):
+    assert cli(capsys, "submit", "--config", "jobs/finetune-sentiment.yaml")[0] == 0
+    fake_slurm.set_state("1001", "PENDING")
+    rc, out, err = cli(capsys, "submit", "--config", "jobs/finetune-sentiment.yaml")
+    assert rc == 2 and "already has job 1001 (PENDING) queued or running" in err and "--force" in err
+    assert len(fake_slurm.calls("sbatch")) == 1
+    # squeue failing: maybe alive, refused, saying so
+    bad = workdir / "badbin"
+    bad.mkdir()
+    (bad / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n")
+    (bad / "squeue").chmod(0o755)
+    path = os.environ["PATH"]
+    os.environ["PATH"] = f"{bad}:{path}"
+    try:
+        rc, out, err = cli(capsys, "submit", "--config", "jobs/finetune-sentiment.yaml")
+        assert rc == 2 and "squeue could not say" in err and "Unable to contact" in err
+    finally:
+        os.environ["PATH"] = path
+    assert cli(capsys, "submit", "--config", "jobs/finetune-sentiment.yaml", "--force")[0] == 0
+    assert len(fake_slurm.calls("sbatch")) == 2
+    # Once Slurm no longer lists it, a new submission goes through
+    fake_slurm.set_state("1001", None)
+    fake_slurm.set_state("1002", "COMPLETED")
+    assert cli(capsys, "submit", "--config", "jobs/finetune-sentiment.yaml")[0] == 0
+
+
+def test_pipeline_and_sweep_rerun_while_queued_are_refused(workdir, fake_slurm, capsys):
+    assert cli(capsys, "pipeline", "--config", "jobs/pipeline.yaml")[0] == 0
+    assert len(fake_slurm.calls("sbatch")) == 6
+    fake_slurm.set_state("1002", "PENDING")  # the pretrain stage, after prepare
+    rc, out, err = cli(capsys, "pipeline", "--config", "jobs/pipeline.yaml")
+    assert rc == 2 and "stage 'pretrain'" in err and "1002 (PENDING)" in err and len(fake_slurm.calls("sbatch")) == 6
+    sweep = ["sweep", "--config", "jobs/finetune-sentiment.yaml", "output_dir=outputs/sw", "--overrides-list",
+             "training.seed=1", "training.seed=2"]
+    assert cli(capsys, *sweep)[0] == 0
+    array = fake_slurm.calls("sbatch")[-1]
+    fake_slurm.set_state("1007", "PENDING")
+    rc, out, err = cli(capsys, *sweep)
+    assert rc == 2 and "sweep 'outputs/sw' already has job 1007" in err
+    # --force: a second manifest; the first (which the queued array reads) is untouched
+    first = Path(array["env"]["HPCNLP_SWEEP"])
+    before = first.read_text()
+    assert cli(capsys, *sweep, "--force")[0] == 0
+    second = Path(fake_slurm.calls("sbatch")[-1]["env"]["HPCNLP_SWEEP"])
+    assert second != first and first.read_text() == before
+    assert json.loads((workdir / "outputs" / "sw" / "sweep.json").read_text())["manifest"] == second.name
+
+
+# --- 11. status: stale runs, complete prepare, queued sweep tasks --------------------------------------
+def test_status_says_stale_when_the_process_and_the_job_are_gone(workdir, fake_slurm, capsys):
+    import socket
+
+    run = workdir / "outputs" / "finetune-sentiment"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "running", "slurm_job_ids": ["77"], "eta_seconds": 600,
+                                                 "step": 5, "max_steps": 100}))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (run.parent / ".finetune-sentiment.lock").write_text(json.dumps({"slurm_job_id": "77", "pid": dead.pid,
+                                                                     "host": socket.gethostname()}))
+    rc, out, err = cli(capsys, "status", str(run))
+    assert "stale: process gone" in out and "10m00s" not in out
+    fake_slurm.set_state("77", "RUNNING")  # Slurm still runs it (on another node, say): not stale
+    (run.parent / ".finetune-sentiment.lock").unlink()
+    rc, out, err = cli(capsys, "status", str(run))
+    assert "stale" not in out and "10m00s" in out
+    fake_slurm.set_state("77", None)  # no lock, Slurm forgot it
+    assert "stale: process gone" in cli(capsys, "status", str(run))[1]
+
+
+def test_status_shows_a_prepared_corpus_complete_as_pipeline_skips_it(workdir, fake_slurm, capsys):
+    assert cli(capsys, "prepare", "--config", "jobs/prepare.yaml")[0] == 0
+    rc, out, err = cli(capsys, "status", "jobs/prepare.yaml")
+    assert rc == 0 and "| prepare | complete" in out.replace("  ", " ").replace("  ", " ")
+    rc, out, err = cli(capsys, "pipeline", "--config", "jobs/pipeline.yaml", "--dry-run")
+    assert "prepare: complete, skipped" in out
+    rc, out, err = cli(capsys, "status", "jobs/pipeline.yaml")
+    row = next(line for line in out.splitlines() if line.startswith("| prepare"))
+    assert [c.strip() for c in row.strip("|").split("|")][1] == "complete"
+
+
+def test_sweep_tasks_show_queued_right_after_submission(workdir, fake_slurm, capsys):
+    assert cli(capsys, "sweep", "--config", "jobs/finetune-sentiment.yaml", "output_dir=outputs/sw",
+               "--overrides-list", "training.seed=1", "training.seed=2")[0] == 0
+    fake_slurm.set_state("1001", "PENDING")
+    fake_slurm.set_state("1001_0", "PENDING")
+    fake_slurm.set_state("1001_1", "PENDING")
+    rc, out, err = cli(capsys, "status", "outputs/sw")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| task-")]
+    assert [r[:4] for r in rows] == [["task-0", "queued", "PENDING", "1001_0"], ["task-1", "queued", "PENDING", "1001_1"]]
+
+
+# --- 12. cancel and logs ----------------------------------------------------------------------------
+def test_cancel_scancels_what_a_run_pipeline_or_sweep_has_queued(workdir, fake_slurm, capsys):
+    assert cli(capsys, "submit", "--config", "jobs/finetune-sentiment.yaml")[0] == 0
+    rc, out, err = cli(capsys, "cancel", "outputs/finetune-sentiment")
+    assert rc == 0 and "cancelled job 1001 (finetune-sentiment)" in out
+    assert fake_slurm.calls("scancel")[-1]["argv"] == ["1001"]
+    st = json.loads((workdir / "outputs" / "finetune-sentiment" / "status.json").read_text())
+    assert st["state"] == "cancelled"
+    assert "nothing queued or running" in cli(capsys, "cancel", "jobs/finetune-sentiment.yaml")[1]
+    assert len(fake_slurm.calls("scancel")) == 1
+    # A sweep: the array job once (its pending tasks with it), every task marked
+    assert cli(capsys, "sweep", "--config", "jobs/finetune-sentiment.yaml", "output_dir=outputs/sw",
+               "--overrides-list", "training.seed=1", "training.seed=2")[0] == 0
+    rc, out, err = cli(capsys, "cancel", "outputs/sw")
+    assert "cancelled job 1002 (sweep outputs/sw)" in out and fake_slurm.calls("scancel")[-1]["argv"] == ["1002"]
+    for i in (0, 1):
+        assert json.loads((workdir / "outputs" / "sw" / f"task-{i}" / "status.json").read_text())["state"] == "cancelled"
+    # A pipeline: every stage's job
+    assert cli(capsys, "pipeline", "--config", "jobs/pipeline.yaml")[0] == 0
+    rc, out, err = cli(capsys, "cancel", "jobs/pipeline.yaml")
+    assert rc == 0 and sorted(fake_slurm.calls("scancel")[-1]["argv"]) == [str(i) for i in range(1004, 1009)]
+    assert "cancelled job 1008 (validate)" in out  # prepare (1003) has no status.json: shared data
+
+
+def test_logs_prints_and_follows_the_recorded_slurm_log(workdir, fake_slurm, capsys):
+    assert cli(capsys, "submit", "--config", "jobs/finetune-sentiment.yaml")[0] == 0
+    st = json.loads((workdir / "outputs" / "finetune-sentiment" / "status.json").read_text())
+    log = Path(st["log"])
+    rc, out, err = cli(capsys, "logs", "outputs/finetune-sentiment")
+    assert rc == 0 and "does not exist yet: job 1001 has not started" in out
+    log.write_text("line 1\n")
+    assert cli(capsys, "logs", "jobs/finetune-sentiment.yaml")[1] == "line 1\n"
+    # -f: prints what is appended while the job runs, stops once it has ended
+    fake_slurm.set_state("1001", "RUNNING")
+    import threading
+
+    def finish():
+        import time
+        time.sleep(0.5)
+        with open(log, "a") as f:
+            f.write("line 2\n")
+        fake_slurm.set_state("1001", "COMPLETED")
+
+    threading.Thread(target=finish).start()
+    rc, out, err = cli(capsys, "logs", "outputs/finetune-sentiment", "-f", "--interval", "0.2")
+    assert rc == 0 and out == "line 1\nline 2\n"

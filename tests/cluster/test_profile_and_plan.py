@@ -102,15 +102,19 @@ def test_check_refuses_fp16_on_a_cpu_only_profile(tmp_path):
 def test_multi_node_pretrain_without_prepared_data_is_refused_before_queueing(tmp_path):
     # A process group never tokenizes (its ranks would wait on one rank's hours under the collective
     # timeout): submit refuses it before it waits in the queue; one process prepares for itself; a
-    # pipeline whose earlier stage prepares the data queues it (the six-stage dry run below).
-    args = ("submit", "--dry-run", "--config", "jobs/pretrain.yaml", f"data.prepared_root={tmp_path}/prepared")
+    # pipeline whose earlier stage prepares the data queues it (the six-stage dry run below). The dry
+    # run prints the whole plan, with a warning naming the prepare stage.
+    args = ("submit", "--config", "jobs/pretrain.yaml", f"data.prepared_root={tmp_path}/prepared")
     env = {"HPCNLP_STATE_DIR": str(tmp_path / "state"), "PATH": f"{tmp_path}/nobin:/usr/bin:/bin"}
     res = hpcnlp(*args, **env)
     assert res.returncode == 2 and "nothing was queued" in res.stderr, res.stderr
     assert "data: no prepared data at" in res.stderr and "2-process run does not tokenize" in res.stderr
     assert "hpcnlp prepare" in res.stderr
-    res = hpcnlp(args[0], args[1], "--sbatch=--nodes=1", *args[2:], **env)
-    assert res.returncode == 0, res.stderr
+    res = hpcnlp(args[0], "--dry-run", *args[1:], **env)
+    assert res.returncode == 0 and "  sbatch: " in res.stdout, res.stderr
+    assert "warning: jobs/pretrain.yaml: data: no prepared data at" in res.stderr and "prepare stage" in res.stderr
+    res = hpcnlp(args[0], "--dry-run", "--sbatch=--nodes=1", *args[1:], **env)
+    assert res.returncode == 0 and "warning" not in res.stderr.replace("WARNING hpcnlp.checks", ""), res.stderr
 
 
 def test_dry_run_of_the_six_stage_pipeline_prints_every_command(tmp_path, monkeypatch):
@@ -202,7 +206,7 @@ def test_status_of_a_pipeline_has_a_row_per_stage_and_sweep_dry_run_logs_per_tas
                  HPCNLP_CLUSTER=str(REPO / "jobs" / "cluster.yaml"))
     assert res.returncode == 0, res.stderr
     sbatch = re.search(r"^  sbatch: (.*)$", res.stdout, re.M).group(1)
-    assert f"HPCNLP_SWEEP={tmp_path}/sw/sweep.json" in sbatch and "--array=0-1" in sbatch
+    assert re.search(rf"HPCNLP_SWEEP={tmp_path}/sw/sweep-[\d-]+-\w{{6}}\.json ", sbatch) and "--array=0-1" in sbatch
     assert re.search(r"^  log:    .*/outputs/logs/finetune-sw-%A_%a.out$", res.stdout, re.M), res.stdout
     assert not (tmp_path / "sw").exists()  # a dry run writes no manifest
 

@@ -355,3 +355,38 @@ def test_logs_prints_and_follows_the_recorded_slurm_log(workdir, fake_slurm, cap
     threading.Thread(target=finish).start()
     rc, out, err = cli(capsys, "logs", "outputs/finetune-sentiment", "-f", "--interval", "0.2")
     assert rc == 0 and out == "line 1\nline 2\n"
+
+
+# --- 8. check takes a cluster profile and a pipeline ---------------------------------------------------
+def test_check_takes_a_cluster_profile_and_a_pipeline(workdir, fake_slurm, capsys):
+    rc, out, err = cli(capsys, "check", "--config", "jobs/cluster.yaml")
+    assert rc == 0 and "is a valid cluster profile" in out and "unknown job" not in err
+    (workdir / "gpu.yaml").write_text("partition: gpu\ncpu_partition: cpu\ngpus_per_node: 4\ntime: 12h\n")
+    rc, out, err = cli(capsys, "check", "--config", "gpu.yaml")
+    assert rc == 2 and "gpu.yaml: time: '12h' is not a Slurm time limit" in err
+    (workdir / "gpu.yaml").write_text("partition: gpu\ncpu_partition: cpu\ngpus_per_node: 4\n")
+    rc, out, err = cli(capsys, "check", "--config", "gpu.yaml")
+    assert rc == 0 and "  export: --partition=cpu" in out and "  pretrain: --partition=gpu --gpus-per-node=4" in out
+    rc, out, err = cli(capsys, "check", "--config", "jobs/pipeline.yaml")
+    assert rc == 0, err
+    assert "valid pipeline: prepare, pretrain, finetune, distill, export, validate" in out
+    assert fake_slurm.calls("sbatch") == [] and not (workdir / "state").exists()  # nothing queued or frozen
+    (workdir / "bad-pipeline.yaml").write_text("stages:\n  - {config: jobs/finetune-sentiment.yaml, "
+                                               "overrides: {training.learning_rate: -1}}\n")
+    rc, out, err = cli(capsys, "check", "--config", "bad-pipeline.yaml")
+    assert rc == 2 and "learning_rate" in err
+
+
+# --- 9. report_to names an installed integration ------------------------------------------------------
+def test_report_to_without_its_package_is_refused_at_check(workdir, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "mlflow") else real(name, *a))
+    rc, out, err = cli(capsys, "check", "--config", "jobs/finetune-sentiment.yaml", "training.report_to=[wandb,tensorboard]")
+    assert rc == 2 and "training.report_to: 'wandb' is not installed here. Fix: pip install wandb" in err
+    assert "'tensorboard' is not installed" not in err
+    for ok in ("none", "all", "tensorboard", "[none]"):
+        assert cli(capsys, "check", "--config", "jobs/finetune-sentiment.yaml", f"training.report_to={ok}")[0] == 0
+    rc, out, err = cli(capsys, "check", "--config", "jobs/finetune-sentiment.yaml", "training.report_to=wandbb")
+    assert rc == 2 and "unknown integration 'wandbb'" in err

@@ -50,6 +50,9 @@ def test_srun_step_passes_cpus_per_task_and_the_gpus(allocation):
     head = srun[:srun.index("hpcnlp.runtime.launch")]
     assert "--cpus-per-task=32" in head and "--gpus-per-node=a100:4" in head
     assert "export SRUN_CPUS_PER_TASK=32" in launch.bash_assignments(plan).splitlines()
+    evaled = subprocess.run(["bash", "-c", 'eval "$PLAN"; echo "$SRUN_CPUS_PER_TASK ${CMD[5]}"'], text=True,
+                            capture_output=True, env={**os.environ, "PLAN": launch.bash_assignments(plan)}).stdout
+    assert evaled.split() == ["32", "--cpus-per-task=32"]  # launch.sh evals the plan: srun sees both
     # No --cpus-per-task on the allocation: the node's CPUs are the one task's
     allocation.delenv("SLURM_CPUS_PER_TASK")
     allocation.setenv("SLURM_CPUS_ON_NODE", "64")

@@ -5,7 +5,9 @@ training stack lives in a container image):
 
   plan  (on the batch host, once):  rendezvous (first node's address, a port free and stable for
         the job), the config check command, and the `srun` line that starts ONE task per node,
-        wrapped in the container runtime when an image is set. Printed as bash assignments.
+        wrapped in the container runtime when an image is set. Printed as bash assignments. The step
+        is given the allocation's CPUs (--cpus-per-task, and SRUN_CPUS_PER_TASK: since Slurm 22.05 srun
+        does not inherit them) and GPUs (hpcnlp.runtime.gres reads every form a job may ask in).
   node  (on every node, inside the container if any): reads that node's own SLURM_NODEID and
         execs torchrun or `accelerate launch` with the right node rank, which start the
         processes of `hpcnlp <job> --config ...`.

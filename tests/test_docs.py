@@ -106,7 +106,10 @@ def test_quickstart_yaml_blocks_validate(source, text, tmp_path):
             else:  # the cluster profile
                 _load_profile()(path)
         except ConfigError as e:
-            pytest.fail(f"{source}: yaml block {i} is refused:\n" + "\n".join(e.lines))
+            # The image path is the site's (a shared dir of its cluster), not this machine's
+            lines = [line for p, line in zip(e.problems, e.lines) if not (p.key == "image" and "not a file" in p.message)]
+            if lines:
+                pytest.fail(f"{source}: yaml block {i} is refused:\n" + "\n".join(lines))
         checked += 1
     if source == "docs/quickstart.md":
         assert checked, "docs/quickstart.md shows the cluster profile as a yaml block"

@@ -36,7 +36,8 @@ PROFILES = {
     "cpu": {"gpus_per_node": 0, "cpus_per_task": 4, "time": "04:00:00"},
     "gpu": {"account": "nlp", "partition": "gpu", "gpus_per_node": 4, "cpus_per_task": 32, "mem": "256G",
             "container": "apptainer", "image": "{tmp}/images/hpcnlp.sif", "binds": ["/scratch"],
-            "env": {"NCCL_DEBUG": "WARN"}},
+            "env": {"NCCL_DEBUG": "WARN"}, "cpu_partition": "cpu",
+            "jobs": {"prepare": {"cpus_per_task": 16, "time": "04:00:00"}}},
 }
 
 # What a shipped config reads that an earlier stage writes (submit checks it is there and what it is).
@@ -81,6 +82,7 @@ def normalise(text: str, tmp: Path) -> str:
     for path, name in sorted({(str(tmp), "<tmp>"), (str(tmp.resolve()), "<tmp>"), (str(REPO), "<repo>")},
                              key=lambda p: -len(p[0])):
         text = text.replace(path, name)
+    text = re.sub(r"/sweep-[\d-]+-\w{6}\.json", "/sweep-<time>-<id>.json", text)
     return re.sub(r"(/configs/[\w-]+?)-[0-9a-f]{12}\.yaml", r"\1-<hash>.yaml", text)
 
 
@@ -159,7 +161,14 @@ def test_sweep_golden_is_one_array_job(profile, workdir, fake_slurm, monkeypatch
     assert "--array=0-1%1" in call["argv"]
     manifest = json.loads((workdir / "outputs" / "finetune-sentiment" / "sweep.json").read_text())
     assert [t[-1] for t in manifest["tasks"]] == [f"output_dir=outputs/finetune-sentiment/task-{i}" for i in (0, 1)]
-    assert call["env"]["HPCNLP_SWEEP"] == str(workdir / "outputs" / "finetune-sentiment" / "sweep.json")
+    # The array reads its own manifest (never rewritten); sweep.json is the latest's copy, naming it
+    own = Path(call["env"]["HPCNLP_SWEEP"])
+    assert own.parent == workdir / "outputs" / "finetune-sentiment" and re.fullmatch(r"sweep-[\d-]+-\w{6}\.json", own.name)
+    assert json.loads(own.read_text())["tasks"] == manifest["tasks"] and manifest["manifest"] == own.name
+    assert manifest["job_id"] == "1001"
+    for i in (0, 1):  # `hpcnlp status` says queued at once
+        task = json.loads((workdir / "outputs" / "finetune-sentiment" / f"task-{i}" / "status.json").read_text())
+        assert task["state"] == "queued" and task["queued_job_id"] == f"1001_{i}" and task["log"].endswith(f"1001_{i}.out")
     compare("sweep", profile, render(command, profile, out, calls=[call], tmp=workdir))
 
 

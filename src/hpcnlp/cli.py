@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from hpcnlp.cluster import COMMANDS
+from hpcnlp.cluster.checkfile import check_file
 from hpcnlp.cluster.plan import check_on_profile
 from hpcnlp.config import ConfigError
 from hpcnlp.jobs import JOBS, load_config, report, run_job
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hpcnlp", description="Adapt transformer encoders on Slurm clusters and ship them as ONNX.",
         epilog="Each job reads a YAML config (jobs/*.yaml); `hpcnlp <command> --help` says more.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
-    _config_parser("check", "validate a job config without running it (exit 2 on problems)", sub)
+    _config_parser("check", "validate a job config, a cluster profile or a pipeline without running it "
+                   "(exit 2 on problems)", sub)
     for spec in JOBS.values():
         _config_parser(spec.name, spec.help, sub)
     verify = sub.add_parser("verify", help="re-check a shipped bundle: checksums, ONNX loadability (exit 1 on problems)")
@@ -68,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in COMMANDS:
         return COMMANDS[args.command].main(args)
     try:
+        if args.command == "check":  # a cluster profile or a pipeline YAML is checked as what it is
+            code = check_file(args.config, args.overrides)
+            if code is not None:
+                return code
         cfg = load_config(args.config, args.overrides, expect_job=None if args.command == "check" else args.command)
     except ConfigError as e:
         return report(e)

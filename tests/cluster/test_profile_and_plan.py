@@ -39,9 +39,10 @@ def test_profile_renders_every_field_and_per_job_options_win():
     assert opts == ["--job-name=pretrain-pydocs", "--account=nlp", "--partition=gpu", "--qos=high", "--nodes=2",
                     "--gpus-per-node=4", "--cpus-per-task=32", "--mem=256G", "--mail-user=me@example.org",
                     "--mail-type=END,FAIL", "--output=/logs/%x-%j.out", "--constraint=h100", "--time=1:00:00"]
-    # Single-process jobs: one node (their header), at most one GPU; arrays: one log per task.
+    # Single-process jobs: one node (their header), no GPU unless the profile's jobs: section asks;
+    # arrays: one log per task.
     single = options.sbatch_options(profile, JOBS["export"], "export-x", array=True)
-    assert "--gpus-per-node=1" in single and not any(o.startswith("--nodes") for o in single)
+    assert not any(o.startswith(("--nodes", "--gpus")) for o in single)
     assert "--output=/logs/%x-%A_%a.out" in single
     # Any array job, e.g. a sharded prepare submitted with --sbatch=--array=0-3
     prep = options.sbatch_options(profile, JOBS["prepare"], "prepare", extra=["--array=0-3"])
@@ -101,15 +102,19 @@ def test_check_refuses_fp16_on_a_cpu_only_profile(tmp_path):
 def test_multi_node_pretrain_without_prepared_data_is_refused_before_queueing(tmp_path):
     # A process group never tokenizes (its ranks would wait on one rank's hours under the collective
     # timeout): submit refuses it before it waits in the queue; one process prepares for itself; a
-    # pipeline whose earlier stage prepares the data queues it (the six-stage dry run below).
-    args = ("submit", "--dry-run", "--config", "jobs/pretrain.yaml", f"data.prepared_root={tmp_path}/prepared")
+    # pipeline whose earlier stage prepares the data queues it (the six-stage dry run below). The dry
+    # run prints the whole plan, with a warning naming the prepare stage.
+    args = ("submit", "--config", "jobs/pretrain.yaml", f"data.prepared_root={tmp_path}/prepared")
     env = {"HPCNLP_STATE_DIR": str(tmp_path / "state"), "PATH": f"{tmp_path}/nobin:/usr/bin:/bin"}
     res = hpcnlp(*args, **env)
     assert res.returncode == 2 and "nothing was queued" in res.stderr, res.stderr
     assert "data: no prepared data at" in res.stderr and "2-process run does not tokenize" in res.stderr
     assert "hpcnlp prepare" in res.stderr
-    res = hpcnlp(args[0], args[1], "--sbatch=--nodes=1", *args[2:], **env)
-    assert res.returncode == 0, res.stderr
+    res = hpcnlp(args[0], "--dry-run", *args[1:], **env)
+    assert res.returncode == 0 and "  sbatch: " in res.stdout, res.stderr
+    assert "warning: jobs/pretrain.yaml: data: no prepared data at" in res.stderr and "prepare stage" in res.stderr
+    res = hpcnlp(args[0], "--dry-run", "--sbatch=--nodes=1", *args[1:], **env)
+    assert res.returncode == 0 and "warning" not in res.stderr.replace("WARNING hpcnlp.checks", ""), res.stderr
 
 
 def test_dry_run_of_the_six_stage_pipeline_prints_every_command(tmp_path, monkeypatch):
@@ -120,7 +125,9 @@ def test_dry_run_of_the_six_stage_pipeline_prints_every_command(tmp_path, monkey
         (tmp_path / name).symlink_to(REPO / name)
     monkeypatch.chdir(tmp_path)
     profile = tmp_path / "cluster.yaml"
-    profile.write_text(yaml.safe_dump({**GPU_PROFILE, "log_dir": str(tmp_path / "logs")}))
+    (tmp_path / "hpcnlp.sif").write_text("")  # apptainer's image must be a file
+    profile.write_text(yaml.safe_dump({**GPU_PROFILE, "log_dir": str(tmp_path / "logs"),
+                                       "image": str(tmp_path / "hpcnlp.sif")}))
     state = tmp_path / "state"
     res = hpcnlp("pipeline", "--config", "jobs/pipeline.yaml", "--dry-run", cwd=tmp_path, HPCNLP_CLUSTER=str(profile),
                  HPCNLP_STATE_DIR=str(state), HPCNLP_HOME=str(REPO),
@@ -137,13 +144,13 @@ def test_dry_run_of_the_six_stage_pipeline_prints_every_command(tmp_path, monkey
         assert argv[-2] == str(REPO / "slurm" / f"{job}.sbatch")
         assert (f"--dependency=afterok:<{blocks[i - 1][0]}>" in argv) == (i > 0)
         assert srun.startswith("srun --kill-on-bad-exit=1") and "apptainer exec --nv --bind" in srun
-        assert "/scratch,/data" in srun and "/shared/hpcnlp.sif python3 -m hpcnlp.runtime.launch node" in srun
+        assert "/scratch,/data" in srun and "/hpcnlp.sif python3 -m hpcnlp.runtime.launch node" in srun
         assert node.startswith("python3 -m torch.distributed.run") and f"-m hpcnlp {job} --config" in node
         name = re.search(r"--job-name=(\S+)", sbatch).group(1)
         assert log == f"{tmp_path}/logs/{name}-%j.out"
         single = JOBS[job].single_process
         assert ("--nproc-per-node=1" if single else "--nproc-per-node=4") in node
-        assert ("--gpus-per-node=1" if single else "--gpus-per-node=4") in argv
+        assert ((not any(a.startswith("--gpus") for a in argv)) if single else "--gpus-per-node=4" in argv), (job, argv)
     assert "--nodes=2" in blocks[1][2] and "--nnodes=2" in blocks[1][4]  # the stage's own option
     assert not state.exists() and not (tmp_path / "logs").exists()  # nothing frozen, nothing queued
     assert not (tmp_path / "outputs").exists()  # a dry run prepares nothing either
@@ -199,7 +206,7 @@ def test_status_of_a_pipeline_has_a_row_per_stage_and_sweep_dry_run_logs_per_tas
                  HPCNLP_CLUSTER=str(REPO / "jobs" / "cluster.yaml"))
     assert res.returncode == 0, res.stderr
     sbatch = re.search(r"^  sbatch: (.*)$", res.stdout, re.M).group(1)
-    assert f"HPCNLP_SWEEP={tmp_path}/sw/sweep.json" in sbatch and "--array=0-1" in sbatch
+    assert re.search(rf"HPCNLP_SWEEP={tmp_path}/sw/sweep-[\d-]+-\w{{6}}\.json ", sbatch) and "--array=0-1" in sbatch
     assert re.search(r"^  log:    .*/outputs/logs/finetune-sw-%A_%a.out$", res.stdout, re.M), res.stdout
     assert not (tmp_path / "sw").exists()  # a dry run writes no manifest
 

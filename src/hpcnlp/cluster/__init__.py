@@ -5,11 +5,13 @@
   plan       one job planned: options, what the profile cannot run, the sbatch call (check, submit,
              pipeline, sweep and their dry runs all use it)
   templates  the batch scripts slurm/<job>.sbatch (`make templates`)
+  jobs_alive what Slurm says of the jobs a run recorded: status, cancel, the duplicate-submission guard
 
 One module per command, each with add_parser(subparsers) and main(args) -> exit code: COMMANDS.
 """
 from __future__ import annotations
 
-from hpcnlp.cluster import pipeline, status, submit, summary, sweep
+from hpcnlp.cluster import cancel, logs, pipeline, status, submit, summary, sweep
 
-COMMANDS = {"submit": submit, "pipeline": pipeline, "sweep": sweep, "status": status, "summary": summary}
+COMMANDS = {"submit": submit, "pipeline": pipeline, "sweep": sweep, "status": status, "summary": summary,
+            "cancel": cancel, "logs": logs}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hpcnlp.cluster.profile import ClusterProfile
 from hpcnlp.config import JobConfig
+from hpcnlp.runtime import gres
 from hpcnlp.spec import JobSpec
 
 
@@ -37,12 +38,13 @@ def option_value(options: list[str], name: str) -> str | None:
 
 def sbatch_options(profile: ClusterProfile, spec: JobSpec, name: str, array: bool = False,
                    extra: list[str] = ()) -> list[str]:
-    """The profile as sbatch options for one job; `extra` (per job or stage) wins. Single-process jobs
-    (export, validate, prepare) get one node and at most one GPU whatever the profile says."""
-    p = profile
+    """The profile as sbatch options for one job (its `jobs:` section over the top-level values); `extra`
+    (per job or stage) wins. Single-process jobs (export, validate, prepare) get one node, and no GPU
+    and the cpu_partition unless their `jobs:` section says otherwise (ClusterProfile.for_job)."""
+    p = profile.for_job(spec.name, spec.single_process)
     array = array or any(option_name(o) in ("--array", "-a") for o in extra)  # any array job: one log per task
     single = spec.single_process
-    gpus = min(p.gpus_per_node, 1) if single else p.gpus_per_node
+    gpus = p.gpus_per_node
     log = Path(p.log_dir).absolute() / ("%x-%A_%a.out" if array else "%x-%j.out")
     pairs = [("job-name", name), ("account", p.account), ("partition", p.partition), ("qos", p.qos),
              ("nodes", None if single else p.nodes), ("gpus-per-node", gpus or None),
@@ -51,10 +53,10 @@ def sbatch_options(profile: ClusterProfile, spec: JobSpec, name: str, array: boo
     return merge([f"--{k}={v}" for k, v in pairs if v is not None] + p.sbatch, list(extra))
 
 
-def launch_env(profile: ClusterProfile) -> dict[str, str]:
+def launch_env(profile: ClusterProfile, spec: JobSpec | None = None) -> dict[str, str]:
     """What slurm/launch.sh reads (HPCNLP_*), plus the profile's own variables; sbatch passes the
     submitting environment to the job (--export=ALL, Slurm's default)."""
-    p = profile
+    p = profile.for_job(spec.name, spec.single_process) if spec else profile
     out = {"HPCNLP_LAUNCHER": p.launcher if p.launcher != "torchrun" else None,
            "HPCNLP_CONTAINER": p.container if p.container != "none" else None, "HPCNLP_IMAGE": p.image,
            "HPCNLP_BIND": ",".join(p.binds) or None,
@@ -64,16 +66,31 @@ def launch_env(profile: ClusterProfile) -> dict[str, str]:
     return {**{k: v for k, v in out.items() if v is not None}, **p.env}
 
 
-def gpus_requested(options: list[str]) -> int | None:
-    """GPUs per node the options ask for; None when they say it another way (--gres, --gpus)."""
-    if any(option_name(o) in ("--gres", "--gpus", "--gpus-per-task", "-G") for o in options):
-        return None
-    value = option_value(options, "--gpus-per-node")
-    return int(value.split(":")[-1]) if value else 0
+def nodes_requested(spec: JobSpec, options: list[str]) -> int:
+    value = option_value(options, "--nodes") or option_value(options, "-N") or str(spec.slurm.nodes)
+    return int(value.split("-")[0])  # --nodes=2-4: at least 2
+
+
+def gpus_requested(options: list[str], nodes: int = 1) -> int:
+    """GPUs per node the options ask for, in any form (--gpus-per-node, --gres, --gpus, --gpus-per-task):
+    hpcnlp.runtime.gres, the reader the launcher uses inside the job too. 0: none."""
+    tasks = option_value(options, "--ntasks-per-node")
+    found = gres.per_node(gpus_per_node=option_value(options, "--gpus-per-node"), gres=option_value(options, "--gres"),
+                          gpus=option_value(options, "--gpus") or option_value(options, "-G"),
+                          gpus_per_task=option_value(options, "--gpus-per-task"), nodes=nodes,
+                          tasks_per_node=int(tasks) if tasks and tasks.isdigit() else 1)
+    return found or 0
+
+
+def step_gpu_option(options: list[str], nodes: int = 1) -> str | None:
+    """How the job's srun step will ask for its GPUs (as hpcnlp.runtime.launch does at run time)."""
+    return gres.step_option(gpus_requested(options, nodes), option_value(options, "--gpus-per-node"))
 
 
 def processes(profile: ClusterProfile, spec: JobSpec, options: list[str]) -> tuple[int, int]:
-    """(nodes, processes per node) the job's launcher will start."""
-    nodes = 1 if spec.single_process else int(option_value(options, "--nodes") or spec.slurm.nodes)
-    nproc = 1 if spec.single_process else profile.nproc_per_node or gpus_requested(options) or 1
+    """(nodes, processes per node) the job's launcher will start: as the launcher plans it at run time
+    (HPCNLP_NPROC_PER_NODE, else the GPUs Slurm gave the node, else 1)."""
+    profile = profile.for_job(spec.name, spec.single_process)
+    nodes = 1 if spec.single_process else nodes_requested(spec, options)
+    nproc = 1 if spec.single_process else profile.nproc_per_node or gpus_requested(options, nodes) or 1
     return nodes, nproc

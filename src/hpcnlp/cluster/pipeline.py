@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpcnlp.cluster.jobs_alive import run_busy
 from hpcnlp.cluster.plan import refused
 from hpcnlp.cluster.profile import load_profile
 from hpcnlp.cluster.submit import queue
@@ -26,11 +27,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--local", action="store_true", help="run the stages here, one after another, no Slurm")
     p.add_argument("--dry-run", action="store_true",
                    help="check every stage and print its sbatch, launch and log lines; queue nothing")
+    p.add_argument("--force", action="store_true",
+                   help="queue even when stages of the chain still have jobs queued or running")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        return run_pipeline(args.config, local=args.local, dry_run=args.dry_run)
+        return run_pipeline(args.config, local=args.local, dry_run=args.dry_run, force=args.force)
     except ConfigError as e:
         return refused(e)
 
@@ -114,9 +117,21 @@ def load_pipeline(path: str, check: bool = True) -> list[Stage]:
     return stages
 
 
-def run_pipeline(path: str, local: bool = False, dry_run: bool = False) -> int:
+def busy_stages(path: str, stages: list[Stage]) -> None:
+    """ConfigError when a stage to be queued still has a job queued or running (the chain queued
+    before): nothing of the new chain is queued then."""
+    jobs = registry()
+    problems = [p.model_copy(update={"key": f"{st.name}"}) for st in stages if not st.skip
+                for p in run_busy(f"stage '{st.name}' ({st.cfg.output_dir})", jobs[st.cfg.job].status_file(st.cfg))]
+    if problems:
+        raise ConfigError(path, problems)
+
+
+def run_pipeline(path: str, local: bool = False, dry_run: bool = False, force: bool = False) -> int:
     stages = load_pipeline(path)
     profile = None if local else load_profile()
+    if not local and not dry_run and not force:
+        busy_stages(path, stages)
     previous = None  # job id of the last submitted stage (dry run: its name)
     preparing = False  # a prepare stage is queued ahead: later pretrain stages find its data when they start
     for st in stages:
@@ -138,7 +153,7 @@ def run_pipeline(path: str, local: bool = False, dry_run: bool = False) -> int:
             continue
         dep = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
         job_id = queue(st.cfg, st.config, st.overrides, [*dep, *st.sbatch], profile, dry_run=dry_run, title=st.name,
-                       data_pending=preparing)
+                       data_pending=preparing, force=True)  # busy stages were refused above, all at once
         previous = job_id or f"<{st.name}>"
         preparing = preparing or st.cfg.job == "prepare"  # queued before the stages after it
     if local and not dry_run:

@@ -12,7 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcnlp.cluster.options import gpus_requested, job_name, launch_env, option_value, processes, sbatch_options
+from hpcnlp.cluster.options import (gpus_requested, job_name, launch_env, option_value, processes, sbatch_options,
+                                    step_gpu_option)
 from hpcnlp.cluster.profile import ClusterProfile, load_profile, profile_path
 from hpcnlp.cluster.templates import batch_script, home
 from hpcnlp.config import ConfigError, JobConfig, Problem
@@ -77,6 +78,7 @@ def plan(cfg: JobConfig, spec: JobSpec, profile: ClusterProfile, config: Path | 
     from, for errors), with the profile's problems. `array`: an --array=... option; `env`: more variables
     for the job; `data_pending`: an earlier pipeline stage prepares the corpus (see profile_problems)."""
     name = job_name(cfg)
+    profile = profile.for_job(spec.name, spec.single_process)  # its `jobs:` section over the top-level values
     options = sbatch_options(profile, spec, name, array=bool(array),
                              extra=[*([array] if array else []), *sbatch_args])
     group = group_problems(cfg, spec, options, profile)
@@ -101,7 +103,8 @@ def profile_problems(cfg: JobConfig, options: list[str], group: list[Problem]) -
     earlier pipeline stage prepares it). bf16 runs on CPUs too, under the Trainer's autocast, and pays
     where they have AMX: `hpcnlp check` advises on the CPU it runs on."""
     training = getattr(cfg, "training", None)
-    if gpus_requested(options) != 0 or training is None or not getattr(training, "fp16", False):
+    gpus = gpus_requested(options, int((option_value(options, "--nodes") or "1").split("-")[0]))
+    if gpus != 0 or training is None or not getattr(training, "fp16", False):
         return list(group)
     return [*group, Problem(key="training.fp16", message="is on, but the job gets no GPU (CPU-only profile or no "
                             "--gpus-per-node)", fix="set training.fp16: false (training.bf16 works on CPUs), or "
@@ -113,7 +116,9 @@ def launch_lines(profile: ClusterProfile, spec: JobSpec, job_args: list[str], op
     """What the batch script will run, as far as it is known before the job starts: the srun line with
     its container wrapper, and the launcher each node execs (rank, rendezvous filled in at run time)."""
     nodes, nproc = processes(profile, spec, options)
-    gpus = gpus_requested(options) or 0
+    gpus = gpus_requested(options, nodes)
+    # The step's CPUs: the allocation's cpus-per-task (the options', else the batch header's)
+    cpus = option_value(options, "--cpus-per-task") or spec.slurm.cpus_per_task
     # The interpreter slurm/launch.sh will pick: HPCNLP_PYTHON, python3 in an image, else the checkout's .venv.
     venv = home / ".venv" / "bin" / "python"
     python = os.environ.get("HPCNLP_PYTHON") or ("python3" if profile.container != "none"
@@ -121,7 +126,7 @@ def launch_lines(profile: ClusterProfile, spec: JobSpec, job_args: list[str], op
     plan = launch.Plan(job=spec.name, job_args=["--config", *job_args], nnodes=nodes, nproc_per_node=nproc,
                        launcher=profile.launcher, container=profile.container, image=profile.image,
                        python=python, workdir=os.getcwd(), binds=profile.binds, gpus=gpus,
-                       pass_env=list(profile.env))
+                       pass_env=list(profile.env), cpus_per_task=cpus, gpu_option=step_gpu_option(options, nodes))
     # Not known before the job has its nodes: the rendezvous and each node's rank.
     node = launch.node_command(profile.launcher, nodes, nproc, "$SLURM_NODEID", "<first node>", "<port>",
                                spec.name, plan.job_args, python=python)

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from hpcnlp.cluster.jobs_alive import ALIVE, FINAL, current_job, read_status, slurm_state
 from hpcnlp.cluster.pipeline import load_pipeline
 from hpcnlp.cluster.plan import refused
-from hpcnlp.config import ConfigError, Problem, read_yaml
+from hpcnlp.config import ConfigError, JobConfig, Problem, read_yaml
 from hpcnlp.jobs import load_config, registry
 from hpcnlp.report import markdown_table
+from hpcnlp.runtime import rundir
+from hpcnlp.spec import JobSpec
 
-FINAL = {"finished", "failed", "rejected"}
+ACTIVE = {"queued", "running", "preempted"}  # status.json states that say a process is (about to be) at work
 
 
 def add_parser(subparsers) -> None:
@@ -32,29 +34,6 @@ def main(args: argparse.Namespace) -> int:
         return refused(e, queueing=False)
 
 
-def slurm_state(job_id: str | None) -> str:
-    """The job's state as Slurm knows it: squeue (pending, running, recently ended), else sacct; '' when
-    there is no Slurm here or it has forgotten the job."""
-    if not job_id or not shutil.which("squeue"):
-        return ""
-    for cmd in (["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
-                ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]):
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if res.returncode == 0 and res.stdout.split():
-            return res.stdout.split()[0]
-    return ""
-
-
-def current_job(st: dict) -> str | None:
-    """The job id working on the run now: the one submitted last, unless a later one already ran."""
-    ran = st.get("slurm_job_ids") or []
-    queued = st.get("queued_job_id")
-    return queued if queued and queued not in ran else (ran[-1] if ran else queued)
-
-
 def eta(seconds) -> str:
     if not isinstance(seconds, (int, float)):
         return ""
@@ -64,39 +43,72 @@ def eta(seconds) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def status_row(name: str, path: Path | None) -> dict:
-    try:
-        st = json.loads(path.read_text()) if path else {}
-    except (OSError, ValueError):
-        st = {}
-    job = current_job(st)
-    step = f"{st['step']}/{st.get('max_steps', '?')}" if "step" in st else ""
-    loss = st.get("loss")
-    return {"stage": name, "state": st.get("state", "not started"), "slurm": slurm_state(job), "job id": job or "",
-            "step": step, "loss": f"{loss:.4f}" if isinstance(loss, (int, float)) else "",
-            "ETA": eta(st.get("eta_seconds")) if st.get("state") == "running" else "",
-            "restarts": st.get("restarts", ""), "log": st.get("log", ""), "reason": st.get("reason") or ""}
+@dataclass
+class Run:
+    """One run a target names: its name in the table, its status.json, and (from a config) its job."""
+
+    name: str
+    status: Path | None
+    cfg: JobConfig | None = None
+    spec: JobSpec | None = None
+    output_dir: Path | None = None
 
 
-def status_rows(target: str) -> list[dict]:
-    """Rows of `hpcnlp status`: a pipeline YAML (one per stage), a job config, a sweep's output_dir (one
-    per task), or a run's output_dir."""
+def resolve_runs(target: str) -> list[Run]:
+    """The runs of a target of `hpcnlp status`, `cancel`, `logs`: a pipeline YAML (one per stage), a job
+    config, a sweep's output_dir (one per task), or a run's output_dir."""
     p = Path(target)
     if p.is_file():
         raw = read_yaml(p)
         jobs = registry()
         if "stages" in raw:
-            stages = load_pipeline(target, check=False)
-            return [status_row(st.name, jobs[st.cfg.job].status_file(st.cfg)) for st in stages]
+            return [Run(st.name, jobs[st.cfg.job].status_file(st.cfg), st.cfg, jobs[st.cfg.job],
+                        Path(st.cfg.output_dir) if st.cfg.output_dir else None)
+                    for st in load_pipeline(target, check=False)]
         cfg = load_config(target, check=False)
-        return [status_row(cfg.job, jobs[cfg.job].status_file(cfg))]
+        return [Run(cfg.job, jobs[cfg.job].status_file(cfg), cfg, jobs[cfg.job],
+                    Path(cfg.output_dir) if cfg.output_dir else None)]
     if (p / "sweep.json").is_file():
         tasks = json.loads((p / "sweep.json").read_text())["tasks"]
-        return [status_row(f"task-{i}", p / f"task-{i}" / "status.json") for i in range(len(tasks))]
+        return [Run(f"task-{i}", p / f"task-{i}" / "status.json", output_dir=p / f"task-{i}") for i in range(len(tasks))]
     if not (p / "status.json").is_file():
         raise ConfigError(target, [Problem(key="<target>", message="no status.json there, and not a config",
                                            fix="give a run's or a sweep's output_dir, a job config or a pipeline YAML")])
-    return [status_row(p.name, p / "status.json")]
+    return [Run(p.name, p / "status.json", output_dir=p)]
+
+
+def stale(st: dict, slurm: str | None, output_dir: Path | None) -> bool:
+    """status.json says queued or running, but nothing works on the run: its Slurm job is over or
+    forgotten (or there is none) and the process that held the run's lock is gone (or there is no lock)."""
+    if st.get("state") not in ACTIVE or slurm in ALIVE:
+        return False
+    alive = rundir.process_alive(rundir.lock_holder(output_dir)) if output_dir else None
+    if alive is not None:  # this host's process: its pid says
+        return not alive
+    return slurm is not None  # Slurm answered: the job is over or forgotten (None: no Slurm to ask here)
+
+
+def status_row(name: str, path: Path | None, cfg: JobConfig | None = None, spec: JobSpec | None = None,
+               output_dir: Path | None = None) -> dict:
+    st = read_status(path)
+    job = current_job(st)
+    slurm = slurm_state(job)
+    step = f"{st['step']}/{st.get('max_steps', '?')}" if "step" in st else ""
+    loss = st.get("loss")
+    state = st.get("state", "not started")
+    if stale(st, slurm, output_dir or (path.parent if path else None)):
+        state = "stale: process gone"
+    elif cfg is not None and spec is not None and state == "not started" and spec.is_complete(cfg):
+        state = "complete"  # what `hpcnlp pipeline` skips (prepare's shared data has no status.json)
+    return {"stage": name, "state": state, "slurm": slurm or "", "job id": job or "",
+            "step": step, "loss": f"{loss:.4f}" if isinstance(loss, (int, float)) else "",
+            "ETA": eta(st.get("eta_seconds")) if state == "running" else "",
+            "restarts": st.get("restarts", ""), "log": st.get("log", ""), "reason": st.get("reason") or ""}
+
+
+def status_rows(target: str) -> list[dict]:
+    """Rows of `hpcnlp status`, one per run of the target (resolve_runs)."""
+    return [status_row(r.name, r.status, r.cfg, r.spec, r.output_dir) for r in resolve_runs(target)]
 
 
 def show_status(target: str, watch: float | None = None) -> int:
@@ -110,7 +122,8 @@ def show_status(target: str, watch: float | None = None) -> int:
             return 0
         head = f"{time.strftime('%H:%M:%S')} hpcnlp status {target} (every {watch:g} s; Ctrl-C stops)"
         print(f"\033[H\033[2J{head}\n{table}", flush=True)  # clear the screen, then the table
-        if all(r["state"] in FINAL and r["slurm"] in ("", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for r in rows):
+        if all((r["state"] in FINAL or r["state"] in ("complete", "stale: process gone"))
+               and r["slurm"] not in ALIVE for r in rows):
             return 0
         try:
             time.sleep(watch)

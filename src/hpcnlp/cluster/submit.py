@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 import time
 from pathlib import Path
 
+from hpcnlp.cluster.jobs_alive import run_busy
 from hpcnlp.cluster.options import job_name, option_value
 from hpcnlp.cluster.plan import plan, refused
 from hpcnlp.cluster.profile import ClusterProfile, load_profile
@@ -28,20 +30,23 @@ def add_parser(subparsers) -> None:
                    help="extra sbatch option, e.g. --sbatch=--nodes=4 (repeatable)")
     p.add_argument("--dry-run", action="store_true",
                    help="check and print the sbatch, launch and log lines; queue nothing")
+    p.add_argument("--force", action="store_true",
+                   help="submit even when the run already has a job queued or running (or squeue cannot say)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        submit(args.config, args.overrides, args.sbatch, dry_run=args.dry_run)
+        submit(args.config, args.overrides, args.sbatch, dry_run=args.dry_run, force=args.force)
     except ConfigError as e:
         return refused(e)
     return 0
 
 
-def submit(config: str, overrides: list[str], sbatch_args: list[str] = (), dry_run: bool = False) -> str | None:
+def submit(config: str, overrides: list[str], sbatch_args: list[str] = (), dry_run: bool = False,
+           force: bool = False) -> str | None:
     return queue(load_config(config, overrides), config, overrides, list(sbatch_args), dry_run=dry_run,
-                 title="submit")
+                 title="submit", force=force)
 
 
 def snapshot(cfg: JobConfig, source: str, overrides: list[str], write: bool = True) -> Path:
@@ -67,14 +72,29 @@ def expand_log(pattern: str, job_id: str, name: str) -> str:
 
 def queue(cfg: JobConfig, source: str, overrides: list[str], sbatch_args: list[str],
           profile: ClusterProfile | None = None, dry_run: bool = False, title: str = "",
-          data_pending: bool = False) -> str | None:
+          data_pending: bool = False, force: bool = False) -> str | None:
     """sbatch the job's template with its frozen config; its status says queued, with the log path.
-    Prints `<title>: submitted job <id>, log <path>` (dry run: the sbatch, srun, node and log lines)."""
+    Prints `<title>: submitted job <id>, log <path>` (dry run: the sbatch, srun, node and log lines).
+    A dry run prints the whole plan even when the run would be refused for data a prepare run has yet
+    to make (a warning names the prepare stage); a real submit refuses it, and refuses a run that already
+    has a job queued or running (unless `force`)."""
     profile = profile or load_profile()
     title = title or job_name(cfg)
     spec = registry()[cfg.job]
-    sub = plan(cfg, spec, profile, snapshot(cfg, source, overrides, write=not dry_run), source, sbatch_args,
-               data_pending=data_pending).checked()
+    planned = plan(cfg, spec, profile, snapshot(cfg, source, overrides, write=not dry_run), source, sbatch_args,
+                   data_pending=data_pending or dry_run)
+    sub = planned.checked()
+    if dry_run and not data_pending:
+        for p in planned.deferred:
+            print(f"warning: {source}: {p.key}: {p.message}. Fix: {p.fix}", file=sys.stderr)
+        if planned.deferred:
+            print(f"warning: {title}: submitting it now is refused until its data is prepared: run the prepare stage "
+                  f"first (hpcnlp submit --config jobs/prepare.yaml, or the whole chain: hpcnlp pipeline --config "
+                  f"jobs/pipeline.yaml)", file=sys.stderr)
+    if not dry_run and not force:
+        busy = run_busy(f"run '{cfg.output_dir}'", spec.status_file(cfg))
+        if busy:
+            raise ConfigError(source, busy)
     if dry_run:
         print(f"{title}: would submit {cfg.job} ({' '.join([source, *overrides])})\n{sub.describe()}")
         return None

@@ -82,7 +82,49 @@ def check_config(cfg: JobConfig, pending: Iterable[str] = ()) -> list[Problem]:
     """The job's meaning checks (files, data, placement) of an already validated config: what
     load_config's `check` adds. `pending`: paths earlier pipeline stages will create."""
     spec = registry()[cfg.job]
-    return spec.check(cfg, list(pending)) + _placement_problems(spec)
+    return spec.check(cfg, list(pending)) + _placement_problems(spec) + report_to_problems(cfg)
+
+
+# training.report_to: the integration -> (modules any one of which it needs, what to pip install)
+REPORTERS = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"), "comet_ml": (("comet_ml",), "comet-ml"), "clearml": (("clearml",), "clearml"),
+    "neptune": (("neptune",), "neptune"), "azure_ml": (("azureml.core",), "azureml-core"),
+    "dagshub": (("dagshub",), "dagshub"), "dvclive": (("dvclive",), "dvclive"), "flyte": (("flytekit",), "flytekit"),
+    "codecarbon": (("codecarbon",), "codecarbon"), "swanlab": (("swanlab",), "swanlab"),
+    "trackio": (("trackio",), "trackio"),
+}
+
+
+def report_to_problems(cfg: JobConfig) -> list[Problem]:
+    """training.report_to naming an integration whose package is not installed: the Trainer would fail
+    at its first step, after the queue wait. "none" and "all" (whatever is installed) are fine."""
+    import importlib.util
+
+    training = getattr(cfg, "training", None)
+    value = getattr(training, "report_to", None) if training is not None else None
+    names = [value] if isinstance(value, str) else list(value or [])
+    out = []
+    for name in names:
+        if name in ("none", "all", None):
+            continue
+        if name not in REPORTERS:
+            out.append(Problem(key="training.report_to", message=f"unknown integration '{name}'",
+                               fix=f"use none, all or one of {sorted(REPORTERS)}"))
+            continue
+        modules, package = REPORTERS[name]
+
+        def found(module: str) -> bool:
+            try:
+                return importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                return False
+
+        if not any(found(m) for m in modules):
+            out.append(Problem(key="training.report_to", message=f"'{name}' is not installed here",
+                               fix=f"pip install {package} (into the environment or image the job runs in), "
+                               "or remove it from report_to"))
+    return out
 
 
 def _placement_problems(spec: JobSpec) -> list[Problem]:

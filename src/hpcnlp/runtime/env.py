@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from hpcnlp.runtime import gres
+
 
 def rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -37,7 +39,33 @@ def slurm_num_nodes() -> int:
 
 
 def slurm_gpus_on_node() -> int:
-    return int(os.environ.get("SLURM_GPUS_ON_NODE", "0") or 0)
+    """GPUs Slurm gave this node, whichever way the job asked (hpcnlp.runtime.gres: the same reader the
+    dry run uses on the sbatch options)."""
+    return gres.from_environment(dict(os.environ))
+
+
+def slurm_gpus_per_node_request() -> str | None:
+    """The job's --gpus-per-node as given (`4`, `a100:4`), when it used that form."""
+    return os.environ.get("SLURM_GPUS_PER_NODE") or None
+
+
+def slurm_cpus_per_task() -> int | None:
+    """CPUs of each task of the allocation: SLURM_CPUS_PER_TASK, else (no --cpus-per-task) all the CPUs
+    Slurm gave this node (SLURM_CPUS_ON_NODE) for the one task per node; None outside an allocation.
+    Since Slurm 22.05 srun does not inherit it: the launcher passes it to the step explicitly."""
+    for name in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        value = (os.environ.get(name) or "").split("(")[0].split(",")[0]
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def in_allocation() -> bool:
+    return bool(os.environ.get("SLURM_JOB_ID"))
+
+
+def cuda_visible_devices() -> str | None:
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 def slurm_submit_dir() -> str:

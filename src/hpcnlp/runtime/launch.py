@@ -5,7 +5,9 @@ training stack lives in a container image):
 
   plan  (on the batch host, once):  rendezvous (first node's address, a port free and stable for
         the job), the config check command, and the `srun` line that starts ONE task per node,
-        wrapped in the container runtime when an image is set. Printed as bash assignments.
+        wrapped in the container runtime when an image is set. Printed as bash assignments. The step
+        is given the allocation's CPUs (--cpus-per-task, and SRUN_CPUS_PER_TASK: since Slurm 22.05 srun
+        does not inherit them) and GPUs (hpcnlp.runtime.gres reads every form a job may ask in).
   node  (on every node, inside the container if any): reads that node's own SLURM_NODEID and
         execs torchrun or `accelerate launch` with the right node rank, which start the
         processes of `hpcnlp <job> --config ...`.
@@ -33,7 +35,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from hpcnlp.runtime import env
+from hpcnlp.runtime import env, gres
 
 LAUNCHERS = ("torchrun", "accelerate")
 CONTAINERS = ("none", "apptainer", "singularity", "pyxis", "podman")
@@ -67,6 +69,10 @@ class Plan:
     podman_args: list[str] = field(default_factory=list)
     gpus: int = 0  # GPUs Slurm gave each node: podman then passes the devices in (CDI)
     pass_env: list[str] = field(default_factory=list)  # more variables podman passes (the profile's env)
+    # CPUs of the one task per node: the allocation's cpus-per-task (Slurm >= 22.05: a step does not
+    # inherit it, and with task/affinity the node's launcher and all its ranks would share ONE CPU)
+    cpus_per_task: int | str | None = None
+    gpu_option: str | None = None  # how the step asks for the allocation's GPUs (--gpus-per-node=4, --gres=...)
 
 
 # --- rendezvous ---------------------------------------------------------------------------
@@ -185,8 +191,10 @@ def srun_command(plan: Plan, master: str | None = None) -> list[str]:
     """One task per node; if any task fails, Slurm kills the others, so the whole step fails.
     `master`: as for node_launcher_command."""
     srun_opts, prefix = container_wrap(plan)
+    resources = [*([f"--cpus-per-task={plan.cpus_per_task}"] if plan.cpus_per_task else []),
+                 *([plan.gpu_option] if plan.gpu_option else [])]
     return ["srun", "--kill-on-bad-exit=1", f"--nodes={plan.nnodes}", f"--ntasks={plan.nnodes}",
-            "--ntasks-per-node=1", *srun_opts, *prefix, *node_launcher_command(plan, master)]
+            "--ntasks-per-node=1", *resources, *srun_opts, *prefix, *node_launcher_command(plan, master)]
 
 
 def check_command(plan: Plan) -> list[str]:
@@ -217,13 +225,15 @@ def plan_from_env(job: str, job_args: list[str], single_process: bool = False) -
     # nodes by `hpcnlp check` (which has the job registry, with the job's stack).
     nproc = node_processes(single_process, int(env.hpcnlp_setting("NPROC_PER_NODE") or env.slurm_gpus_on_node() or 1))
     binds = [b for b in (env.hpcnlp_setting("BIND") or "").split(",") if b]
+    gpus = env.slurm_gpus_on_node()
     return Plan(job=job, job_args=list(job_args), nnodes=env.slurm_num_nodes(), nproc_per_node=int(nproc),
                 master_addr=node_address(first_node(nodelist)), master_port=job_port(job_id),
                 launcher=env.hpcnlp_setting("LAUNCHER", "torchrun"), container=container, image=image,
                 python=env.hpcnlp_setting("PYTHON", "python3" if container != "none" else sys.executable),
                 workdir=env.slurm_submit_dir(), binds=binds,
-                podman_args=shlex.split(env.hpcnlp_setting("PODMAN_ARGS", "")), gpus=env.slurm_gpus_on_node(),
-                pass_env=(env.hpcnlp_setting("PASS_ENV") or "").split())
+                podman_args=shlex.split(env.hpcnlp_setting("PODMAN_ARGS", "")), gpus=gpus,
+                pass_env=(env.hpcnlp_setting("PASS_ENV") or "").split(), cpus_per_task=env.slurm_cpus_per_task(),
+                gpu_option=gres.step_option(gpus, env.slurm_gpus_per_node_request()))
 
 
 def sweep_task_args(manifest: str | None, task_id: int | None) -> list[str]:
@@ -240,7 +250,9 @@ def sweep_task_args(manifest: str | None, task_id: int | None) -> list[str]:
 
 def bash_assignments(plan: Plan) -> str:
     q = lambda cmd: " ".join(shlex.quote(c) for c in cmd)  # noqa: E731
-    return "\n".join([f"CHECK=({q(check_command(plan))})", f"CMD=({q(srun_command(plan))})",
+    # srun reads SRUN_CPUS_PER_TASK too (22.05+): set for any srun the batch script runs (pyxis' check)
+    cpus = [f"export SRUN_CPUS_PER_TASK={shlex.quote(str(plan.cpus_per_task))}"] if plan.cpus_per_task else []
+    return "\n".join([*cpus, f"CHECK=({q(check_command(plan))})", f"CMD=({q(srun_command(plan))})",
                       f"DESCRIBE={shlex.quote(describe(plan))}"]) + "\n"
 
 

@@ -88,6 +88,28 @@ def lock_path(output_dir: str | Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
 
+def lock_holder(output_dir: str | Path) -> dict | None:
+    """Who holds the output_dir's lock now (job id, host, pid, since); None: nobody."""
+    try:
+        holder = json.loads(lock_path(output_dir).read_text())
+        return holder if isinstance(holder, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def process_alive(holder: dict | None) -> bool | None:
+    """Whether a lock holder's process still runs: known only on its own host (None elsewhere)."""
+    if not holder or holder.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(holder.get("pid", 0)), 0)
+        return True
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+
+
 def _holder_gone(holder: dict) -> bool:
     job = holder.get("slurm_job_id")
     if job and job == env.slurm_job_id():

@@ -39,8 +39,43 @@ def _bf16(kwargs: dict) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not kwargs.get("fp16")
 
 
+def nvidia_driver() -> str:
+    """The NVIDIA driver version nvidia-smi reports, or why there is none."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return "no nvidia-smi"
+    try:
+        res = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"nvidia-smi failed ({e})"
+    lines = res.stdout.split()
+    return lines[0] if res.returncode == 0 and lines else f"nvidia-smi failed ({(res.stderr or res.stdout).strip()[:120]})"
+
+
+def cuda_guard(source: str = "<config>") -> None:
+    """Slurm gave this job GPUs but torch sees none (a driver older than the wheels' CUDA, a container
+    run without --nv, a CPU build of torch): refuse (exit 2) rather than train for hours on the CPU."""
+    if not env.in_allocation():
+        return
+    gpus = env.slurm_gpus_on_node()
+    visible = (env.cuda_visible_devices() or "").strip()
+    if (gpus <= 0 and visible in ("", "-1", "NoDevFiles")) or torch.cuda.is_available():
+        return
+    given = f"{gpus} GPU(s)" if gpus > 0 else f"CUDA_VISIBLE_DEVICES={visible}"
+    raise ConfigError(source, [Problem(
+        key="cuda", message=f"Slurm gave this job {given} but torch.cuda.is_available() is False "
+        f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'none: a CPU build'}; driver {nvidia_driver()})",
+        fix="use a node whose NVIDIA driver supports that CUDA version (CUDA 13 wheels need driver >= 580), run "
+            "the container with GPUs (apptainer --nv, pyxis, podman CDI), or submit without GPUs")])
+
+
 def training_arguments(t: TrainingConfig, output_dir: str, **job_settings) -> TrainingArguments:
-    """`training:` as TrainingArguments, with what the job owns filled in."""
+    """`training:` as TrainingArguments, with what the job owns filled in. Refuses (ConfigError, exit 2)
+    when Slurm gave the job GPUs that torch cannot use (cuda_guard)."""
+    cuda_guard(output_dir)
     kwargs = {
         # Without use_cpu, accelerate finds no backend on a GPU-less machine: under torchrun every
         # rank then trains alone (no DDP, every rank "rank 0"). use_cpu makes it MULTI_CPU over gloo.

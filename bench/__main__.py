@@ -5,6 +5,7 @@ tried on the hpcnlp path: fused AdamW and torch.compile in fp32; in bf16 batch 3
 attention (SDPA is the default), 2 threads and torch.compile. The matmul peaks (fp32 and bf16), the
 CPU model and its ISA flags are recorded in the same run: MFU is against the dtype trained in and the best.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ RESULTS = REPO / "bench" / "results"
 WORK = REPO / "outputs" / "bench"
 
 
-def plan(quick: bool, levers: bool, gpu: bool, large: bool = False, adapters: bool = False,
-         quality: bool = False) -> dict[str, dict]:
+def plan(
+    quick: bool, levers: bool, gpu: bool, large: bool = False, adapters: bool = False, quality: bool = False
+) -> dict[str, dict]:
     """name -> case. Steps: enough steady steps for a rate on 2 busy cores; the seed recipe is ~40x
     slower per real token, so it gets fewer (a rate needs few)."""
     s, s_seed, w = (3, 2, 1) if quick else (6, 3, 2)
@@ -43,31 +45,92 @@ def plan(quick: bool, levers: bool, gpu: bool, large: bool = False, adapters: bo
     for times, num_proc in ((1, 1), (4, 1), (4, 2), (16, 1)):
         if quick and times > 4:
             continue
-        cases[f"prepare_x{times}_np{num_proc}"] = {"run": "bench.prepare.run", "work": work, "times": times,
-                                                   "num_proc": num_proc}
+        cases[f"prepare_x{times}_np{num_proc}"] = {
+            "run": "bench.prepare.run",
+            "work": work,
+            "times": times,
+            "num_proc": num_proc,
+        }
     b = 8  # 8 x 128 = 1024 tokens per step at every block size: 8 x 128, 4 x 256, 2 x 512
-    cases.update({
-        "pretrain_hpcnlp_128": {"run": pre + "hpcnlp", "work": work, "block": 128, "steps": s, "batch": b, "warmup": w},
-        "pretrain_run_mlm_128": {"run": pre + "run_mlm", "work": work, "block": 128, "steps": s, "batch": b, "warmup": w},
-        "pretrain_hpcnlp_256": {"run": pre + "hpcnlp", "work": work, "block": 256, "steps": s, "batch": b // 2, "warmup": w},
-        "pretrain_hpcnlp_512": {"run": pre + "hpcnlp", "work": work, "block": 512, "steps": s, "batch": b // 4, "warmup": w},
-        "pretrain_run_mlm_512": {"run": pre + "run_mlm", "work": work, "block": 512, "steps": s, "batch": b // 4, "warmup": w},
-        "pretrain_seed_recipe": {"run": pre + "seed_recipe", "work": work, "steps": s_seed, "batch": b // 4, "warmup": 1},
-        "finetune_hpcnlp": {"run": "bench.finetune.hpcnlp", "work": work, "steps": f_dyn, "batch": 16, "warmup": w},
-        "finetune_run_glue": {"run": "bench.finetune.padded", "work": work, "steps": f, "batch": 16, "warmup": w,
-                              "max_length": 128},
-        "finetune_seed_recipe": {"run": "bench.finetune.padded", "work": work, "steps": f_seed, "batch": 16,
-                                 "warmup": 1, "max_length": 512},
-    })
+    cases.update(
+        {
+            "pretrain_hpcnlp_128": {
+                "run": pre + "hpcnlp",
+                "work": work,
+                "block": 128,
+                "steps": s,
+                "batch": b,
+                "warmup": w,
+            },
+            "pretrain_run_mlm_128": {
+                "run": pre + "run_mlm",
+                "work": work,
+                "block": 128,
+                "steps": s,
+                "batch": b,
+                "warmup": w,
+            },
+            "pretrain_hpcnlp_256": {
+                "run": pre + "hpcnlp",
+                "work": work,
+                "block": 256,
+                "steps": s,
+                "batch": b // 2,
+                "warmup": w,
+            },
+            "pretrain_hpcnlp_512": {
+                "run": pre + "hpcnlp",
+                "work": work,
+                "block": 512,
+                "steps": s,
+                "batch": b // 4,
+                "warmup": w,
+            },
+            "pretrain_run_mlm_512": {
+                "run": pre + "run_mlm",
+                "work": work,
+                "block": 512,
+                "steps": s,
+                "batch": b // 4,
+                "warmup": w,
+            },
+            "pretrain_seed_recipe": {
+                "run": pre + "seed_recipe",
+                "work": work,
+                "steps": s_seed,
+                "batch": b // 4,
+                "warmup": 1,
+            },
+            "finetune_hpcnlp": {"run": "bench.finetune.hpcnlp", "work": work, "steps": f_dyn, "batch": 16, "warmup": w},
+            "finetune_run_glue": {
+                "run": "bench.finetune.padded",
+                "work": work,
+                "steps": f,
+                "batch": 16,
+                "warmup": w,
+                "max_length": 128,
+            },
+            "finetune_seed_recipe": {
+                "run": "bench.finetune.padded",
+                "work": work,
+                "steps": f_seed,
+                "batch": 16,
+                "warmup": 1,
+                "max_length": 512,
+            },
+        }
+    )
     # bf16 (the Trainer's own autocast, training.bf16: true) on the same cases; BERT-base size as a second model
     bf16 = {"bf16": True}
-    cases.update({
-        "pretrain_hpcnlp_bf16_128": {**cases["pretrain_hpcnlp_128"], **bf16},
-        "pretrain_hpcnlp_bf16_512": {**cases["pretrain_hpcnlp_512"], **bf16},
-        "finetune_hpcnlp_bf16": {**cases["finetune_hpcnlp"], **bf16},
-        "pretrain_bert_base_128": {**cases["pretrain_hpcnlp_128"], "bert_base": True},
-        "pretrain_bert_base_bf16_128": {**cases["pretrain_hpcnlp_128"], "bert_base": True, **bf16},
-    })
+    cases.update(
+        {
+            "pretrain_hpcnlp_bf16_128": {**cases["pretrain_hpcnlp_128"], **bf16},
+            "pretrain_hpcnlp_bf16_512": {**cases["pretrain_hpcnlp_512"], **bf16},
+            "finetune_hpcnlp_bf16": {**cases["finetune_hpcnlp"], **bf16},
+            "pretrain_bert_base_128": {**cases["pretrain_hpcnlp_128"], "bert_base": True},
+            "pretrain_bert_base_bf16_128": {**cases["pretrain_hpcnlp_128"], "bert_base": True, **bf16},
+        }
+    )
     if levers:
         base = cases["pretrain_hpcnlp_128"]
         cases["lever_base"] = base  # the same case again, so each lever compares within its own run
@@ -83,8 +146,16 @@ def plan(quick: bool, levers: bool, gpu: bool, large: bool = False, adapters: bo
         cases["lever_bf16_torch_compile"] = {**b16, "torch_compile": True}
     if gpu:
         cases["gpu_matmul_peak"] = {"run": pre + "matmul_peak", "work": work, "device": "cuda"}
-        cases["gpu_bert_base_128"] = {"run": pre + "hpcnlp", "work": work, "block": 128, "steps": 3 * s,
-                                      "batch": 64, "warmup": 3, "bert_base": True, "bf16": True}
+        cases["gpu_bert_base_128"] = {
+            "run": pre + "hpcnlp",
+            "work": work,
+            "block": 128,
+            "steps": 3 * s,
+            "batch": 64,
+            "warmup": 3,
+            "bert_base": True,
+            "bf16": True,
+        }
     cases["onnx_latency"] = {"run": "bench.onnx_latency.run"}
     if adapters:  # ~40 min of training on the full data: only with --only adapters (+ bench/results/adapters.*)
         cases["adapters"] = {"run": "bench.adapters.run"}
@@ -140,8 +211,9 @@ def ratios(res: dict) -> dict:
         "pretrain_bf16_vs_run_mlm_512": _ratio(tps("pretrain_hpcnlp_bf16_512"), tps("pretrain_run_mlm_512")),
         "finetune_bf16_vs_run_glue": _ratio(sps("finetune_hpcnlp_bf16"), sps("finetune_run_glue")),
         "pretrain_mfu_best_dtype": _best_mfu(res, peak, "pretrain_hpcnlp_128", "pretrain_hpcnlp_bf16_128"),
-        "pretrain_mfu_best_dtype_bert_base": _best_mfu(res, peak, "pretrain_bert_base_128",
-                                                       "pretrain_bert_base_bf16_128"),
+        "pretrain_mfu_best_dtype_bert_base": _best_mfu(
+            res, peak, "pretrain_bert_base_128", "pretrain_bert_base_bf16_128"
+        ),
         "int8_vs_best_fp32_b1": int8_vs_best_fp32(res),
         **large_ratios(res),
     }
@@ -155,9 +227,14 @@ def _summary(results: dict, quick: bool, gpu: bool, seconds: float) -> dict:
     cpu = cpu_info()
     return {
         "ratios": ratios(results),
-        "machine": {"cpu": cpu["model"], "cpu_flags": cpu["flags"], "cores": os.cpu_count(),
-                    "torch_threads": int(os.environ["OMP_NUM_THREADS"]), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if gpu else None},
+        "machine": {
+            "cpu": cpu["model"],
+            "cpu_flags": cpu["flags"],
+            "cores": os.cpu_count(),
+            "torch_threads": int(os.environ["OMP_NUM_THREADS"]),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if gpu else None,
+        },
         "gpu": None if gpu else "skipped: no CUDA device (torch.cuda.is_available() is False)",
         "quick": quick,
         "total_seconds": round(seconds, 1),
@@ -170,8 +247,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny step counts")
     parser.add_argument("--levers", action="store_true", help="also measure the levers tried")
     parser.add_argument("--only", nargs="*", help="run only these case names (others: kept from summary.json)")
-    parser.add_argument("--timeout", type=float, default=1800,
-                        help="seconds per case (onnx_latency first trains its two models)")
+    parser.add_argument(
+        "--timeout", type=float, default=1800, help="seconds per case (onnx_latency first trains its two models)"
+    )
     a = parser.parse_args()
 
     import torch
@@ -179,8 +257,14 @@ def main() -> int:
     from bench.summary import write
 
     gpu = torch.cuda.is_available()
-    cases = plan(a.quick, a.levers, gpu, large=any(o.startswith("large") for o in a.only or ()),
-                 adapters="adapters" in (a.only or ()), quality="quality" in (a.only or ()))
+    cases = plan(
+        a.quick,
+        a.levers,
+        gpu,
+        large=any(o.startswith("large") for o in a.only or ()),
+        adapters="adapters" in (a.only or ()),
+        quality="quality" in (a.only or ()),
+    )
     results = {}
     if a.only and (RESULTS / "summary.json").is_file():
         results = json.loads((RESULTS / "summary.json").read_text())["results"]
@@ -194,10 +278,21 @@ def main() -> int:
     for name, case in cases.items():
         if a.only and not any(name == o or name.startswith(o + "_") for o in a.only):  # `large`: its cases
             continue
-        case = dict(case)
-        results[name] = r = run_isolated(case, case.pop("timeout_s", a.timeout))
-        brief = {k: r[k] for k in ("tokens_per_second", "samples_per_second", "eval_loss", "peak_rss_mb",
-                                    "error", "log_tail", "wall_seconds") if k in r}
+        settings = dict(case)
+        results[name] = r = run_isolated(settings, settings.pop("timeout_s", a.timeout))
+        brief = {
+            k: r[k]
+            for k in (
+                "tokens_per_second",
+                "samples_per_second",
+                "eval_loss",
+                "peak_rss_mb",
+                "error",
+                "log_tail",
+                "wall_seconds",
+            )
+            if k in r
+        }
         print(f"[{time.perf_counter() - t0:6.0f} s] {name}: {brief}", flush=True)
         summary = _summary(results, a.quick, gpu, time.perf_counter() - t0)
         write(summary, RESULTS)  # after every case: an interrupted run still leaves its numbers

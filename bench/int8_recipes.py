@@ -9,6 +9,7 @@ MODEL_DIR: the PyTorch model that was exported; ONNX_DIR: its `hpcnlp export` ou
 plain graph: optimization_level 0). Data: the Rotten Tomatoes files unless --train/--eval say otherwise.
 Short by design (a few hundred eval rows, 20 batch-1 runs per recipe): a minute or two for MiniLM-L6.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ DATA = REPO / "data" / "classification" / "rotten-tomatoes"
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from hpcnlp import tasks
     from hpcnlp.config import FinetuneDataConfig, LatencyConfig
     from hpcnlp.jobs.validate import ValidateConfig
     from hpcnlp.models import load_tokenizer
@@ -31,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     from hpcnlp.ship.int8_search import measure_int8, sensitive_matmuls
     from hpcnlp.ship.measure import Reference, predict
     from hpcnlp.ship.quantize import Quantizer, Recipe, calibration_set
-    from hpcnlp import tasks
     from hpcnlp.tasks import auto_model_class, batches, label_names, load_data, task_of, torch_runner
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,11 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="default: torch's (OMP_NUM_THREADS)")
     args = p.parse_args(argv)
 
-    cfg = ValidateConfig(name="bench", version="0", model_name_or_path=args.model_dir, onnx_dir=args.onnx_dir,
-                         data=FinetuneDataConfig(train_file=args.train, validation_file=args.eval,
-                                                 max_seq_length=args.max_seq_length,
-                                                 max_eval_samples=args.eval_samples),
-                         latency=LatencyConfig(batch_sizes=[1], seq_length=args.max_seq_length, repeats=20))
+    cfg = ValidateConfig(
+        name="bench",
+        version="0",
+        model_name_or_path=args.model_dir,
+        onnx_dir=args.onnx_dir,
+        data=FinetuneDataConfig(
+            train_file=args.train,
+            validation_file=args.eval,
+            max_seq_length=args.max_seq_length,
+            max_eval_samples=args.eval_samples,
+        ),
+        latency=LatencyConfig(batch_sizes=[1], seq_length=args.max_seq_length, repeats=20),
+    )
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     task, names = task_of(args.model_dir), label_names(args.model_dir)
@@ -59,24 +68,33 @@ def main(argv: list[str] | None = None) -> int:
     model = auto_model_class(task).from_pretrained(args.model_dir).eval()
     cases = edge_cases(tokenizer, cfg.data, task)
     sample = eval_ds.select(range(min(64, len(eval_ds))))
-    ref = Reference(task, names, pad, eval_ds, sample, cases,
-                    predict(torch_runner(model), eval_ds, pad, tasks.get(task).token_level),
-                    run_edge_cases(torch_runner(model), cases))
+    ref = Reference(
+        task,
+        names,
+        pad,
+        eval_ds,
+        sample,
+        cases,
+        predict(torch_runner(model), eval_ds, pad, tasks.get(task).token_level),
+        run_edge_cases(torch_runner(model), cases),
+    )
     onnx_dir = Path(args.onnx_dir)
     exported = json.loads((onnx_dir / "metrics.json").read_text()) if (onnx_dir / "metrics.json").is_file() else {}
     preset = (exported.get("quantization") or {}).get("preset", "avx2")
 
     results = [("fp32 (model.onnx)", measure_int8(onnx_dir / "model.onnx", ref, cfg, threads))]
     with tempfile.TemporaryDirectory(prefix="int8-recipes-") as work:
-        quantizer = Quantizer(onnx_dir / "model.onnx", preset, lambda: calibration_set(
-            data.splits["train"], 128, cfg.data.seed, pad, cfg.data.max_seq_length))
+        quantizer = Quantizer(
+            onnx_dir / "model.onnx",
+            preset,
+            lambda: calibration_set(data.splits["train"], 128, cfg.data.seed, pad, cfg.data.max_seq_length),
+        )
         made = {}
         for recipe in (Recipe(), Recipe(per_channel=True), Recipe(static=True, per_channel=True)):
             made[recipe] = quantizer(recipe, Path(work) / f"int8-{len(made)}.onnx")
             results.append((recipe.name, measure_int8(made[recipe], ref, cfg, threads)))
         base = max(made, key=lambda r: dict(results)[r.name]["argmax_agreement"])
-        ranked = sensitive_matmuls(onnx_dir / "model.onnx", made[base],
-                                   (x for x, _ in batches(sample, 8, pad)))
+        ranked = sensitive_matmuls(onnx_dir / "model.onnx", made[base], (x for x, _ in batches(sample, 8, pad)))
         for k in range(1, args.max_fp32_nodes + 1):
             recipe = Recipe(base.static, base.per_channel, tuple(n for n, _ in ranked[:k]))
             path = quantizer(recipe, Path(work) / f"int8-fp32-{k}.onnx")
@@ -84,13 +102,26 @@ def main(argv: list[str] | None = None) -> int:
 
     primary = tasks.get(task).primary_metric
     print(f"{args.model_dir} ({task}), {len(eval_ds)} eval rows of {args.eval}, preset {preset}, {threads} thread(s)")
-    print(markdown_table([{"recipe": name, f"{primary} drop": m["metric_drop"],
-                           "flip rate": round(1 - m["argmax_agreement"], 4),
-                           "edge-case flip rate": round(1 - m["edge_argmax_agreement"], 4),
-                           "batch-1 p50 ms": m["latency_b1_p50_ms"], "default gate": "pass" if m["passed"] else "fail"}
-                          for name, m in results]))
-    print("most sensitive MatMuls (relative output error) of", base.name + ":",
-          ", ".join(f"{n} {e:.3f}" for n, e in ranked[:args.max_fp32_nodes]))
+    print(
+        markdown_table(
+            [
+                {
+                    "recipe": name,
+                    f"{primary} drop": m["metric_drop"],
+                    "flip rate": round(1 - m["argmax_agreement"], 4),
+                    "edge-case flip rate": round(1 - m["edge_argmax_agreement"], 4),
+                    "batch-1 p50 ms": m["latency_b1_p50_ms"],
+                    "default gate": "pass" if m["passed"] else "fail",
+                }
+                for name, m in results
+            ]
+        )
+    )
+    print(
+        "most sensitive MatMuls (relative output error) of",
+        base.name + ":",
+        ", ".join(f"{n} {e:.3f}" for n, e in ranked[: args.max_fp32_nodes]),
+    )
     return 0
 
 

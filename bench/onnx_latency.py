@@ -11,6 +11,7 @@ CPU (avx512_vnni when it has VNNI, else avx2): measured here, avx2's reduced-ran
 PyTorch, VNNI's 3.0x.
     python -m bench.onnx_latency [TEACHER STUDENT]    # or run() from `make bench`
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ def train_models() -> dict[str, Path]:
     """The Rotten Tomatoes classifier of jobs/finetune-sentiment.yaml and its 3-layer student."""
     teacher, student = MODELS / "finetune", MODELS / "distill"
     for job, config, overrides, out in (
-            ("finetune", "jobs/finetune-sentiment.yaml", [], teacher),
-            ("distill", "jobs/distill.yaml", [f"teacher={teacher}"], student)):
+        ("finetune", "jobs/finetune-sentiment.yaml", [], teacher),
+        ("distill", "jobs/distill.yaml", [f"teacher={teacher}"], student),
+    ):
         if not (out / "metrics.json").is_file():
             from hpcnlp.cli import main
 
@@ -54,36 +56,73 @@ def _job(command: str, cfg: dict, path: Path) -> int:
 
 def measure(name: str, model: Path, work: Path, repeats: int) -> dict:
     """Export (fp32 + dynamic int8), then the validate gate's measurements on the whole validation sample."""
-    data = {"train_file": str(DATA / "train.csv"), "validation_file": str(DATA / "validation.csv"),
-            "max_seq_length": 128}
+    data = {
+        "train_file": str(DATA / "train.csv"),
+        "validation_file": str(DATA / "validation.csv"),
+        "max_seq_length": 128,
+    }
     onnx_dir = work / f"onnx-{name}"
-    assert _job("export", {"job": "export", "model_name_or_path": str(model), "output_dir": str(onnx_dir),
-                           "overwrite": True, "quantize": {"mode": "dynamic", "preset": cpu_preset()}},
-                work / f"export-{name}.yaml") == 0
-    rc = _job("validate", {"job": "validate", "name": f"bench-{name}", "version": "0", "overwrite": True,
-                           "model_name_or_path": str(model), "onnx_dir": str(onnx_dir),
-                           "output_dir": str(work / "artifacts"), "rejected_dir": str(work / "rejected"),
-                           "data": data, "latency": {"batch_sizes": [1, 32], "seq_length": 128, "repeats": repeats},
-                           # the export's dynamic int8 is what this bench measures, judged as before the flip
-                           # rate limit; the recipe search has its own bench (bench/int8_recipes.py)
-                           "thresholds": {"int8_min_argmax_agreement": 0.0, "int8_fallback": "reject"},
-                           "int8_search": {"max_attempts": 0}},
-              work / f"validate-{name}.yaml")
+    assert (
+        _job(
+            "export",
+            {
+                "job": "export",
+                "model_name_or_path": str(model),
+                "output_dir": str(onnx_dir),
+                "overwrite": True,
+                "quantize": {"mode": "dynamic", "preset": cpu_preset()},
+            },
+            work / f"export-{name}.yaml",
+        )
+        == 0
+    )
+    rc = _job(
+        "validate",
+        {
+            "job": "validate",
+            "name": f"bench-{name}",
+            "version": "0",
+            "overwrite": True,
+            "model_name_or_path": str(model),
+            "onnx_dir": str(onnx_dir),
+            "output_dir": str(work / "artifacts"),
+            "rejected_dir": str(work / "rejected"),
+            "data": data,
+            "latency": {"batch_sizes": [1, 32], "seq_length": 128, "repeats": repeats},
+            # the export's dynamic int8 is what this bench measures, judged as before the flip
+            # rate limit; the recipe search has its own bench (bench/int8_recipes.py)
+            "thresholds": {"int8_min_argmax_agreement": 0.0, "int8_fallback": "reject"},
+            "int8_search": {"max_attempts": 0},
+        },
+        work / f"validate-{name}.yaml",
+    )
     bundle = work / ("artifacts" if rc == 0 else "rejected") / f"bench-{name}" / "0"
     report = json.loads((bundle / "validation.json").read_text())
-    out = {"passed_gate": report["passed"], "threads": report["threads"], "eval_examples": report["eval_examples"],
-           "int8_preset": cpu_preset(),
-           "sizes_mb": {f: round((bundle / f).stat().st_size / 2**20, 1) for f in ("model.onnx", "model.int8.onnx")}}
+    out = {
+        "passed_gate": report["passed"],
+        "threads": report["threads"],
+        "eval_examples": report["eval_examples"],
+        "int8_preset": cpu_preset(),
+        "sizes_mb": {f: round((bundle / f).stat().st_size / 2**20, 1) for f in ("model.onnx", "model.int8.onnx")},
+    }
     for variant, lat in report["latency"].items():
         out[variant] = {**report["metrics"][variant], **{f"batch{b}": v for b, v in lat.items()}}
     out["pytorch_bf16"] = pytorch_bf16(model, data, repeats)
     base = out["pytorch"]
-    out["speedup_vs_pytorch"] = {v: {b: round(base[f"batch{b}"]["p50_ms"] / out[v][f"batch{b}"]["p50_ms"], 2)
-                                     for b in ("1", "32")} for v in ("onnx_fp32", "onnx_int8", "pytorch_bf16")}
+    out["speedup_vs_pytorch"] = {
+        v: {b: round(base[f"batch{b}"]["p50_ms"] / out[v][f"batch{b}"]["p50_ms"], 2) for b in ("1", "32")}
+        for v in ("onnx_fp32", "onnx_int8", "pytorch_bf16")
+    }
     out["int8_accuracy_drop_points"] = round(100 * (base["accuracy"] - out["onnx_int8"]["accuracy"]), 2)
     # the int8 target is against the faster fp32 runtime, PyTorch or onnxruntime
-    out["int8_vs_best_fp32"] = {b: round(min(base[f"batch{b}"]["p50_ms"], out["onnx_fp32"][f"batch{b}"]["p50_ms"])
-                                         / out["onnx_int8"][f"batch{b}"]["p50_ms"], 2) for b in ("1", "32")}
+    out["int8_vs_best_fp32"] = {
+        b: round(
+            min(base[f"batch{b}"]["p50_ms"], out["onnx_fp32"][f"batch{b}"]["p50_ms"])
+            / out["onnx_int8"][f"batch{b}"]["p50_ms"],
+            2,
+        )
+        for b in ("1", "32")
+    }
     return out
 
 
@@ -112,15 +151,18 @@ def run(repeats: int = 20, teacher: str | None = None, student: str | None = Non
     res = {name: measure(name, path, work, repeats) for name, path in models.items()}
     t, s = res["teacher"], res["student"]
     res["student_vs_teacher"] = {
-        "speedup_pytorch": {b: round(t["pytorch"][f"batch{b}"]["p50_ms"] / s["pytorch"][f"batch{b}"]["p50_ms"], 2)
-                            for b in ("1", "32")},
+        "speedup_pytorch": {
+            b: round(t["pytorch"][f"batch{b}"]["p50_ms"] / s["pytorch"][f"batch{b}"]["p50_ms"], 2) for b in ("1", "32")
+        },
         "f1_retention_pct": round(100 * s["pytorch"]["f1"] / t["pytorch"]["f1"], 2),
-        "accuracy_retention_pct": round(100 * s["pytorch"]["accuracy"] / t["pytorch"]["accuracy"], 2)}
+        "accuracy_retention_pct": round(100 * s["pytorch"]["accuracy"] / t["pytorch"]["accuracy"], 2),
+    }
     res["targets"] = {
         "int8_2.5x_at_batch1": t["int8_vs_best_fp32"]["1"] >= 2.5,
         "int8_le_1pt_accuracy_loss": t["int8_accuracy_drop_points"] <= 1.0,
         "student_1.8x_faster": res["student_vs_teacher"]["speedup_pytorch"]["1"] >= 1.8,
-        "student_ge_97pct_f1": res["student_vs_teacher"]["f1_retention_pct"] >= 97}
+        "student_ge_97pct_f1": res["student_vs_teacher"]["f1_retention_pct"] >= 97,
+    }
     return res
 
 

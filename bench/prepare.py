@@ -1,4 +1,5 @@
 """`hpcnlp prepare` (tokenize + pack) throughput and peak memory: num_proc 1 vs 2, corpus x1/x4/x16."""
+
 from __future__ import annotations
 
 import os
@@ -35,14 +36,26 @@ def corpus_copies(work: str, times: int) -> str:
 def run(work: str, times: int, num_proc: int) -> dict:
     tokenizer = load_tokenizer("minilm-l6")
     root = corpus_copies(work, times)
-    cfg = CorpusConfig(train_files=[f"{root}/**/*.rst.txt"], max_seq_length=128, num_proc=num_proc,
-                       prepared_root=str(Path(work) / f"prepared-x{times}-np{num_proc}"))
+    cfg = CorpusConfig(
+        train_files=[f"{root}/**/*.rst.txt"],
+        max_seq_length=128,
+        num_proc=num_proc,
+        prepared_root=str(Path(work) / f"prepared-x{times}-np{num_proc}"),
+    )
     shutil.rmtree(cfg.prepared_root, ignore_errors=True)  # measure a build, never a reuse
     base_rss = peak_rss_mb()  # interpreter + torch + transformers, before any data
     t0 = time.perf_counter()
     stats = prepare(cfg, tokenizer).stats
     seconds = time.perf_counter() - t0
     shutil.rmtree(cfg.prepared_root, ignore_errors=True)
-    return {"times": times, "num_proc": num_proc, "tokens": stats["tokens"], "blocks": stats["blocks"],
-            "seconds": round(seconds, 2), "tokens_per_second": round(stats["tokens"] / seconds, 1),
-            "padding_share": stats["padding_share"], "peak_rss_mb": peak_rss_mb(), "rss_before_mb": base_rss}
+    return {
+        "times": times,
+        "num_proc": num_proc,
+        "tokens": stats["tokens"],
+        "blocks": stats["blocks"],
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(stats["tokens"] / seconds, 1),
+        "padding_share": stats["padding_share"],
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_mb": base_rss,
+    }

@@ -7,6 +7,7 @@
 - run_mlm: HF `run_mlm.py` style: tokenize lines, `group_texts` into blocks, stock collator,
   stock Trainer, stock forward.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,9 +20,9 @@ from transformers import set_seed
 
 from bench.timing import CountingCollator, StepClock, peak_rss_mb, steady_rates
 from hpcnlp.config import CorpusConfig, TrainingConfig
-from hpcnlp.jobs.pretrain import PretrainConfig
 from hpcnlp.data.corpus import expand_files, read_documents
 from hpcnlp.data.pack import prepare
+from hpcnlp.jobs.pretrain import PretrainConfig
 from hpcnlp.models import load_tokenizer
 from hpcnlp.train.harness import training_arguments
 from hpcnlp.train.mlm import MLMCollator, build_masked_lm, enable_sparse_mlm_head, fixed_eval_masks
@@ -41,14 +42,29 @@ def corpus_files() -> tuple[list[str], list[str]]:
 
 def corpus_config(block: int, work: str, **kw) -> CorpusConfig:
     train, held = corpus_files()
-    return CorpusConfig(train_files=train, eval_files=held, max_seq_length=block, sample_by="paragraph",
-                        prepared_root=str(Path(work) / "prepared"), **kw)
+    return CorpusConfig(
+        train_files=train,
+        eval_files=held,
+        max_seq_length=block,
+        sample_by="paragraph",
+        prepared_root=str(Path(work) / "prepared"),
+        **kw,
+    )
 
 
 def training_args(work: str, steps: int, batch: int, **kw):
     """The pretrain job's TrainingArguments (hpcnlp.train.harness), `kw` being any TrainingArguments field."""
-    cfg = TrainingConfig(learning_rate=1e-4, weight_decay=0.01, max_steps=steps, per_device_train_batch_size=batch,
-                         logging_steps=steps, eval_strategy="no", save_strategy="no", seed=SEED, **kw)
+    cfg = TrainingConfig(
+        learning_rate=1e-4,
+        weight_decay=0.01,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        logging_steps=steps,
+        eval_strategy="no",
+        save_strategy="no",
+        seed=SEED,
+        **kw,
+    )
     return training_arguments(cfg, str(Path(work) / "trainer"))
 
 
@@ -93,8 +109,14 @@ def _run(model, train_ds, collator, tokenizer, work, steps, batch, warmup, eval_
     from transformers import Trainer
 
     counts, clock = CountingCollator(collator, tokenizer.pad_token_id), StepClock()
-    trainer = Trainer(model=model, args=training_args(work, steps, batch, **args), train_dataset=train_ds,
-                      data_collator=counts, processing_class=tokenizer, callbacks=[clock])
+    trainer = Trainer(
+        model=model,
+        args=training_args(work, steps, batch, **args),
+        train_dataset=train_ds,
+        data_collator=counts,
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
     trainer.train()
     rates = steady_rates(clock, counts, warmup)
     flops = train_flops(model.config, rates, block, sparse)
@@ -103,13 +125,22 @@ def _run(model, train_ds, collator, tokenizer, work, steps, batch, warmup, eval_
     t = time.process_time()
     with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16, enabled=bf16):
         loss = eval_loss(model, tokenizer, eval_ds)
-    return {**rates, "train_gflops_per_second": round(flops / 1e9, 2),
-            "train_flops_per_token": round(flops * rates["seconds"] / rates["tokens"]),
-            "eval_loss": loss, "eval_cpu_seconds": round(time.process_time() - t, 2), "steps": steps,
-            "batch_size": batch,
-            "block_size": block, "sparse_mlm_head": sparse, "dtype": "bf16" if bf16 else "fp32",
-            "model_params_m": round(model.num_parameters() / 1e6, 1),
-            "attention": model.config._attn_implementation, "threads": torch.get_num_threads(), **_memory()}
+    return {
+        **rates,
+        "train_gflops_per_second": round(flops / 1e9, 2),
+        "train_flops_per_token": round(flops * rates["seconds"] / rates["tokens"]),
+        "eval_loss": loss,
+        "eval_cpu_seconds": round(time.process_time() - t, 2),
+        "steps": steps,
+        "batch_size": batch,
+        "block_size": block,
+        "sparse_mlm_head": sparse,
+        "dtype": "bf16" if bf16 else "fp32",
+        "model_params_m": round(model.num_parameters() / 1e6, 1),
+        "attention": model.config._attn_implementation,
+        "threads": torch.get_num_threads(),
+        **_memory(),
+    }
 
 
 def _memory() -> dict:
@@ -119,8 +150,17 @@ def _memory() -> dict:
     return out
 
 
-def hpcnlp(work: str, block: int, steps: int, batch: int, warmup: int, sparse: bool = True,
-           bert_base: bool = False, attention: str | None = None, **args) -> dict:
+def hpcnlp(
+    work: str,
+    block: int,
+    steps: int,
+    batch: int,
+    warmup: int,
+    sparse: bool = True,
+    bert_base: bool = False,
+    attention: str | None = None,
+    **args,
+) -> dict:
     """The pretrain job's path: packed blocks, MLMCollator, sparse head (unless turned off); `args` are
     TrainingConfig keys (bf16, optim, torch_compile, ...); `attention` sets attn_implementation."""
     tokenizer = load_tokenizer("minilm-l6")
@@ -139,8 +179,21 @@ def hpcnlp(work: str, block: int, steps: int, batch: int, warmup: int, sparse: b
         model = build_masked_lm(cfg, tokenizer)
     used = sparse and enable_sparse_mlm_head(model)
     collator = MLMCollator(tokenizer, cfg.mlm_probability, cfg.whole_word_masking, SEED)
-    return _run(model, data["train"], collator, tokenizer, work, steps, batch, warmup, eval_ds, used, block,
-                remove_unused_columns=False, **args)
+    return _run(
+        model,
+        data["train"],
+        collator,
+        tokenizer,
+        work,
+        steps,
+        batch,
+        warmup,
+        eval_ds,
+        used,
+        block,
+        remove_unused_columns=False,
+        **args,
+    )
 
 
 def _lines(files: list[str]) -> list[str]:
@@ -164,8 +217,11 @@ def seed_recipe(work: str, steps: int, batch: int, warmup: int, **args) -> dict:
     tokenizer = load_tokenizer("minilm-l6")
     eval_ds = eval_set(tokenizer, work)
     lines = Dataset.from_dict({"text": _lines(corpus_files()[0])})
-    train = lines.map(lambda b: tokenizer(b["text"], padding="max_length", truncation=True, max_length=512),
-                      batched=True, remove_columns=["text"])
+    train = lines.map(
+        lambda b: tokenizer(b["text"], padding="max_length", truncation=True, max_length=512),
+        batched=True,
+        remove_columns=["text"],
+    )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
     return _run(_stock_model(), train, collator, tokenizer, work, steps, batch, warmup, eval_ds, False, 512, **args)
 
@@ -175,7 +231,7 @@ def group_texts(examples, block_size: int):
     concatenated = {k: sum(examples[k], []) for k in examples.keys()}
     total_length = len(concatenated[list(examples.keys())[0]])
     total_length = (total_length // block_size) * block_size
-    return {k: [t[i:i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
+    return {k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
 
 
 def run_mlm(work: str, block: int, steps: int, batch: int, warmup: int, **args) -> dict:
@@ -185,12 +241,12 @@ def run_mlm(work: str, block: int, steps: int, batch: int, warmup: int, **args) 
     tokenizer = load_tokenizer("minilm-l6")
     eval_ds = eval_set(tokenizer, work)
     lines = Dataset.from_dict({"text": _lines(corpus_files()[0])})
-    tokenized = lines.map(lambda b: tokenizer(b["text"], return_special_tokens_mask=True), batched=True,
-                          remove_columns=["text"])
+    tokenized = lines.map(
+        lambda b: tokenizer(b["text"], return_special_tokens_mask=True), batched=True, remove_columns=["text"]
+    )
     train = tokenized.map(group_texts, batched=True, fn_kwargs={"block_size": block})
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
-    return _run(_stock_model(), train, collator, tokenizer, work, steps, batch, warmup, eval_ds, False, block,
-                **args)
+    return _run(_stock_model(), train, collator, tokenizer, work, steps, batch, warmup, eval_ds, False, block, **args)
 
 
 def matmul_peak(work: str, device: str = "cpu") -> dict:
@@ -202,8 +258,13 @@ def matmul_peak(work: str, device: str = "cpu") -> dict:
         bf16 = matmul_peak_gflops(8192, 5.0, "cuda", torch.bfloat16)
         return {"gflops": bf16, "gflops_bf16": bf16, "dtype": "bf16", "device": torch.cuda.get_device_name()}
     fp32, bf16 = matmul_peak_gflops(), matmul_peak_gflops(dtype=torch.bfloat16)
-    return {"gflops": fp32, "gflops_fp32": fp32, "gflops_bf16": bf16, "best_dtype": "bf16" if bf16 > fp32 else "fp32",
-            "threads": torch.get_num_threads()}
+    return {
+        "gflops": fp32,
+        "gflops_fp32": fp32,
+        "gflops_bf16": bf16,
+        "best_dtype": "bf16" if bf16 > fp32 else "fp32",
+        "threads": torch.get_num_threads(),
+    }
 
 
 def perplexity(loss: float) -> float:

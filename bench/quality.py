@@ -34,6 +34,7 @@ Every default: about 5 CPU-hours (~5 hours one job at a time on 2 cores). Two be
 `--threads 1` on disjoint `--pieces`/`--seeds` (never the same run twice at once) got ~1.4x the tokens/s
 of one with 2 threads here (the RT grid of bench/results/quality-grid.md ran through `hpcnlp sweep`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,10 +65,24 @@ def job(args, name: str, command: str, config: Path, overrides: dict, done: str 
     if args.read_only:
         return None
     # "<run>" in a value (validate's output_dir and rejected_dir) is this run's directory: not part of the key
-    cmd = [sys.executable, "-m", "hpcnlp", command, "--config", str(config),
-           *([] if "output_dir" in overrides else [f"output_dir={out}"]), *(i.replace("<run>", str(out)) for i in items)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "hpcnlp",
+        command,
+        "--config",
+        str(config),
+        *([] if "output_dir" in overrides else [f"output_dir={out}"]),
+        *(i.replace("<run>", str(out)) for i in items),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
     print(f"[quality] {name}: {' '.join(cmd[2:])}", flush=True)
     before, t = _children_cpu(), time.perf_counter()
     code = subprocess.call(cmd, env=env, cwd=REPO)
@@ -75,8 +90,11 @@ def job(args, name: str, command: str, config: Path, overrides: dict, done: str 
         raise SystemExit(f"[quality] {name} failed (exit {code}); rerun the same command to resume")
     if not list(out.rglob(done)):
         raise SystemExit(f"[quality] {name}: no {done} in {out}")
-    r = {"dir": str(out), "cpu_seconds": round(_children_cpu() - before, 1),
-         "wall_seconds": round(time.perf_counter() - t, 1)}
+    r = {
+        "dir": str(out),
+        "cpu_seconds": round(_children_cpu() - before, 1),
+        "wall_seconds": round(time.perf_counter() - t, 1),
+    }
     record.write_text(json.dumps(r))
     return r
 
@@ -85,8 +103,9 @@ def run_dir(args, name: str, command: str, config: Path, overrides: dict) -> tup
     """<work>/runs/<name>-<hash of the resolved config but output_dir>, and the overrides as CLI items."""
     from hpcnlp.config import read_yaml, with_overrides
 
-    items = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items()
-             if v is not None]
+    items = [
+        f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in overrides.items() if v is not None
+    ]
     resolved = with_overrides(read_yaml(config), items)
     resolved.pop("output_dir", None)
     key = hashlib.sha256(json.dumps([command, resolved], sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -105,35 +124,66 @@ def _metrics(r: dict) -> dict:
 # --- the runs --------------------------------------------------------------------------------
 def _rt_data(args) -> dict:
     rt = FULL / "rotten-tomatoes"
-    return {"data.train_file": str(rt / "train.csv"), "data.validation_file": str(rt / "validation.csv"),
-            "data.test_file": str(rt / "test.csv"), "data.max_train_samples": args.max_train_samples,
-            "data.max_eval_samples": args.max_eval_samples}
+    return {
+        "data.train_file": str(rt / "train.csv"),
+        "data.validation_file": str(rt / "validation.csv"),
+        "data.test_file": str(rt / "test.csv"),
+        "data.max_train_samples": args.max_train_samples,
+        "data.max_eval_samples": args.max_eval_samples,
+    }
 
 
 def _ner_data(args) -> dict:
     w = FULL / "wnut16"
-    return {"data.train_file": str(w / "train.conll"), "data.validation_file": str(w / "validation.conll"),
-            "data.test_file": str(w / "test.conll"), "data.max_train_samples": args.max_train_samples,
-            "data.max_eval_samples": args.max_eval_samples}
+    return {
+        "data.train_file": str(w / "train.conll"),
+        "data.validation_file": str(w / "validation.conll"),
+        "data.test_file": str(w / "test.conll"),
+        "data.max_train_samples": args.max_train_samples,
+        "data.max_eval_samples": args.max_eval_samples,
+    }
 
 
 def _finetune_training(epochs: float, lr: float, seed: int, max_steps: int | None) -> dict:
-    return {"training.learning_rate": lr, "training.warmup_ratio": 0.1, "training.num_train_epochs": epochs,
-            "training.per_device_train_batch_size": 16, "training.seed": seed, "training.save_total_limit": 1,
-            "training.max_steps": max_steps, "early_stopping_patience": "null"}
+    return {
+        "training.learning_rate": lr,
+        "training.warmup_ratio": 0.1,
+        "training.num_train_epochs": epochs,
+        "training.per_device_train_batch_size": 16,
+        "training.seed": seed,
+        "training.save_total_limit": 1,
+        "training.max_steps": max_steps,
+        "early_stopping_patience": "null",
+    }
 
 
 def pretrain(args, task: str) -> dict:
     """The domain-pretrained model of a task (one, seed 42), with head warm-up."""
-    text, steps = {"rt": (FULL / "rotten-tomatoes" / "domain.txt", args.rt_pretrain_steps),
-                   "wnut": (FULL / "wnut16" / "domain-tweets.txt", args.wnut_pretrain_steps)}[task]
-    return job(args, f"pretrain-{task}", "pretrain", JOBS / "pretrain.yaml", {
-        "data.train_files": [str(text)], "data.sample_by": "line", "data.max_seq_length": 128,
-        "data.prepared_root": str(args.work / "prepared"), "data.num_proc": 1,
-        "head_warmup_steps": max(1, round(steps * args.head_warmup)), "head_learning_rate": args.head_lr,
-        "training.max_steps": steps, "training.learning_rate": args.pretrain_lr, "training.warmup_ratio": 0.06,
-        "training.save_steps": max(1, steps // 4), "training.eval_steps": max(1, steps // 4),
-        "training.logging_steps": 10})
+    text, steps = {
+        "rt": (FULL / "rotten-tomatoes" / "domain.txt", args.rt_pretrain_steps),
+        "wnut": (FULL / "wnut16" / "domain-tweets.txt", args.wnut_pretrain_steps),
+    }[task]
+    return job(
+        args,
+        f"pretrain-{task}",
+        "pretrain",
+        JOBS / "pretrain.yaml",
+        {
+            "data.train_files": [str(text)],
+            "data.sample_by": "line",
+            "data.max_seq_length": 128,
+            "data.prepared_root": str(args.work / "prepared"),
+            "data.num_proc": 1,
+            "head_warmup_steps": max(1, round(steps * args.head_warmup)),
+            "head_learning_rate": args.head_lr,
+            "training.max_steps": steps,
+            "training.learning_rate": args.pretrain_lr,
+            "training.warmup_ratio": 0.06,
+            "training.save_steps": max(1, steps // 4),
+            "training.eval_steps": max(1, steps // 4),
+            "training.logging_steps": 10,
+        },
+    )
 
 
 def finetune(args, task: str, source: str, seed: int) -> dict | None:
@@ -144,8 +194,13 @@ def finetune(args, task: str, source: str, seed: int) -> dict | None:
         config, data, epochs, lr = JOBS / "finetune-sentiment.yaml", _rt_data(args), args.epochs, args.lr
     else:
         config, data, epochs, lr = JOBS / "finetune-ner.yaml", _ner_data(args), args.ner_epochs, args.ner_lr
-    r = job(args, f"{task}-{source}-s{seed}", "finetune", config, {
-        "model_name_or_path": model, **data, **_finetune_training(epochs, lr, seed, args.max_steps)})
+    r = job(
+        args,
+        f"{task}-{source}-s{seed}",
+        "finetune",
+        config,
+        {"model_name_or_path": model, **data, **_finetune_training(epochs, lr, seed, args.max_steps)},
+    )
     if r is None:
         return None
     m = _metrics(r)
@@ -156,28 +211,59 @@ def student(args, seed: int) -> dict | None:
     teacher = finetune(args, "rt", args.student_teacher, seed)
     if teacher is None:
         return None
-    d = job(args, f"student-distill-s{seed}", "distill", JOBS / "distill.yaml", {
-        "teacher": teacher["dir"], **{k: v for k, v in _rt_data(args).items() if k != "data.test_file"},
-        "training.seed": seed, "training.num_train_epochs": args.distill_epochs,
-        "training.max_steps": args.max_steps, **({"latency.repeats": 2} if args.smoke else {})})
+    d = job(
+        args,
+        f"student-distill-s{seed}",
+        "distill",
+        JOBS / "distill.yaml",
+        {
+            "teacher": teacher["dir"],
+            **{k: v for k, v in _rt_data(args).items() if k != "data.test_file"},
+            "training.seed": seed,
+            "training.num_train_epochs": args.distill_epochs,
+            "training.max_steps": args.max_steps,
+            **({"latency.repeats": 2} if args.smoke else {}),
+        },
+    )
     if d is None:
         return None
-    e = job(args, f"student-export-s{seed}", "export", JOBS / "export.yaml", {
-        "model_name_or_path": d["dir"], "data.train_file": _rt_data(args)["data.train_file"]})
+    e = job(
+        args,
+        f"student-export-s{seed}",
+        "export",
+        JOBS / "export.yaml",
+        {"model_name_or_path": d["dir"], "data.train_file": _rt_data(args)["data.train_file"]},
+    )
     if e is None:
         return None
-    v = job(args, f"student-validate-s{seed}", "validate", JOBS / "validate.yaml", {
-        "model_name_or_path": d["dir"], "onnx_dir": e["dir"], "version": f"s{seed}",
-        "output_dir": "<run>/artifacts", "rejected_dir": "<run>/rejected",
-        **({"latency.repeats": 2, "int8_search.max_attempts": 0} if args.smoke else {}),
-        **{k: v for k, v in _rt_data(args).items() if k != "data.max_train_samples"}}, done="validation.json")
+    v = job(
+        args,
+        f"student-validate-s{seed}",
+        "validate",
+        JOBS / "validate.yaml",
+        {
+            "model_name_or_path": d["dir"],
+            "onnx_dir": e["dir"],
+            "version": f"s{seed}",
+            "output_dir": "<run>/artifacts",
+            "rejected_dir": "<run>/rejected",
+            **({"latency.repeats": 2, "int8_search.max_attempts": 0} if args.smoke else {}),
+            **{k: v for k, v in _rt_data(args).items() if k != "data.max_train_samples"},
+        },
+        done="validation.json",
+    )
     if v is None:
         return None
     report = json.loads(next(Path(v["dir"]).rglob("validation.json")).read_text())
     test = report.get("test_metrics", {})
-    return {"teacher_test_f1": teacher["test_f1"], "student_test_f1": test.get("pytorch", {}).get("f1"),
-            "int8_test_f1": test.get("onnx_int8", {}).get("f1"), "passed": report["passed"],
-            "cpu_seconds": d["cpu_seconds"], "dirs": [d["dir"], e["dir"], v["dir"]]}
+    return {
+        "teacher_test_f1": teacher["test_f1"],
+        "student_test_f1": test.get("pytorch", {}).get("f1"),
+        "int8_test_f1": test.get("onnx_int8", {}).get("f1"),
+        "passed": report["passed"],
+        "cpu_seconds": d["cpu_seconds"],
+        "dirs": [d["dir"], e["dir"], v["dir"]],
+    }
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -185,14 +271,18 @@ def _stat(values: list[float]) -> dict:
     values = [v for v in values if v is not None]
     if not values:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": round(statistics.fmean(values), 4),
-            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0, "n": len(values)}
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def collect(args) -> dict:
     """Every finished run of these settings (any seed) -> the figures the issue asks for."""
-    seeds = sorted({int(m[1]) for p in (args.work / "runs").glob("*-s*-*")
-                    if (m := re.search(r"-s(\d+)-[0-9a-f]{8}$", p.name))})
+    seeds = sorted(
+        {int(m[1]) for p in (args.work / "runs").glob("*-s*-*") if (m := re.search(r"-s(\d+)-[0-9a-f]{8}$", p.name))}
+    )
     read_only, args.read_only = args.read_only, True  # read finished runs back, run nothing
     try:
         runs, per_task = [], {}
@@ -201,8 +291,16 @@ def collect(args) -> dict:
                 for seed in seeds:
                     if (r := finetune(args, task, source, seed)) is None:
                         continue
-                    runs.append({"task": task, "source": source, "seed": seed, "test_f1": r["test_f1"],
-                                 "validation_f1": r["validation_f1"], "cpu_minutes": round(r["cpu_seconds"] / 60, 1)})
+                    runs.append(
+                        {
+                            "task": task,
+                            "source": source,
+                            "seed": seed,
+                            "test_f1": r["test_f1"],
+                            "validation_f1": r["validation_f1"],
+                            "cpu_minutes": round(r["cpu_seconds"] / 60, 1),
+                        }
+                    )
                     per_task.setdefault((task, source), {})[seed] = r
         pre = {t: p for t in ("rt", "wnut") if (p := pretrain(args, t)) is not None}
         students = {s: r for s in seeds if (r := student(args, s)) is not None}
@@ -228,25 +326,38 @@ def collect(args) -> dict:
         recipe_cpu = round(recipe_cpu + pre_min.get("rt", 0), 1)
     int8 = _stat([s["int8_test_f1"] for s in students.values()])
     return {
-        "rt_test_macro_f1_mean": rt[best]["mean"], "rt_test_macro_f1_std": rt[best]["std"],
-        "rt_test_macro_f1_source": best, "rt_test_macro_f1": rt,
-        "rt_student_int8_test_macro_f1_mean": int8["mean"], "rt_student_int8_test_macro_f1_std": int8["std"],
+        "rt_test_macro_f1_mean": rt[best]["mean"],
+        "rt_test_macro_f1_std": rt[best]["std"],
+        "rt_test_macro_f1_source": best,
+        "rt_test_macro_f1": rt,
+        "rt_student_int8_test_macro_f1_mean": int8["mean"],
+        "rt_student_int8_test_macro_f1_std": int8["std"],
         "rt_student_fp32_test_macro_f1": _stat([s["student_test_f1"] for s in students.values()]),
-        "dapt_effect_rt": effect("rt"), "dapt_effect_wnut": effect("wnut"),
+        "dapt_effect_rt": effect("rt"),
+        "dapt_effect_wnut": effect("wnut"),
         "wnut_test_entity_f1": {s: f1("wnut", s) for s in ("package", "dapt")},
         # CPU minutes of one run's child process (job start to end: data, training, evaluation).
         "train_cpu_minutes": recipe_cpu,
-        "train_cpu_minutes_detail": {"rt_finetune_per_run": {s: cpu_minutes("rt", s) for s in ("package", "dapt")},
-                                     "wnut_finetune_per_run": {s: cpu_minutes("wnut", s) for s in ("package", "dapt")},
-                                     "pretrain": pre_min,
-                                     "student_distill_per_run": round(statistics.fmean(
-                                         [s["cpu_seconds"] for s in students.values()]) / 60, 1) if students else None},
-        "pretrain": {t: {k: _metrics(p).get(k) for k in ("eval_before", "eval_after", "global_step",
-                                                          "head_warmup_steps", "mlm_head_new")}
-                     for t, p in pre.items()},
+        "train_cpu_minutes_detail": {
+            "rt_finetune_per_run": {s: cpu_minutes("rt", s) for s in ("package", "dapt")},
+            "wnut_finetune_per_run": {s: cpu_minutes("wnut", s) for s in ("package", "dapt")},
+            "pretrain": pre_min,
+            "student_distill_per_run": round(statistics.fmean([s["cpu_seconds"] for s in students.values()]) / 60, 1)
+            if students
+            else None,
+        },
+        "pretrain": {
+            t: {
+                k: _metrics(p).get(k)
+                for k in ("eval_before", "eval_after", "global_step", "head_warmup_steps", "mlm_head_new")
+            }
+            for t, p in pre.items()
+        },
         "students": {str(s): {k: v for k, v in r.items() if k != "dirs"} for s, r in students.items()},
-        "seeds": seeds, "settings": args.settings,
-        "machine": {"cores": os.cpu_count(), "threads_per_job": args.threads}, "runs": runs,
+        "seeds": seeds,
+        "settings": args.settings,
+        "machine": {"cores": os.cpu_count(), "threads_per_job": args.threads},
+        "runs": runs,
     }
 
 
@@ -258,24 +369,62 @@ def write(args, results: dict) -> None:
         return "" if s.get("mean") is None else f"{s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})"
 
     r = results
-    rows = [{"figure": "RT test macro-F1, fine-tuned from the package", "mean ± std over seeds": ms(r["rt_test_macro_f1"]["package"])},
-            {"figure": "RT test macro-F1, from the domain-pretrained model", "mean ± std over seeds": ms(r["rt_test_macro_f1"]["dapt"])},
-            {"figure": "RT: domain pretraining's effect (per-seed difference)", "mean ± std over seeds": ms(r["dapt_effect_rt"])},
-            {"figure": "WNUT test entity F1, from the package", "mean ± std over seeds": ms(r["wnut_test_entity_f1"]["package"])},
-            {"figure": "WNUT test entity F1, from the tweet-pretrained model", "mean ± std over seeds": ms(r["wnut_test_entity_f1"]["dapt"])},
-            {"figure": "WNUT: domain pretraining's effect (per-seed difference)", "mean ± std over seeds": ms(r["dapt_effect_wnut"])},
-            {"figure": "RT 3-layer student, int8 ONNX, test macro-F1", "mean ± std over seeds": ms(
-                {"mean": r["rt_student_int8_test_macro_f1_mean"], "std": r["rt_student_int8_test_macro_f1_std"],
-                 "n": len(r["students"])})},
-            {"figure": "RT 3-layer student, PyTorch fp32, test macro-F1", "mean ± std over seeds": ms(r["rt_student_fp32_test_macro_f1"])}]
-    text = ["# Quality (issue 18): MiniLM-L6 on Rotten Tomatoes and WNUT-2016, package vs domain-pretrained", "",
-            f"`python -m bench.quality`, settings {json.dumps(args.settings)}, seeds {r['seeds']}, "
-            f"{os.cpu_count()} cores, {args.threads} threads per job. Test = data/full's held-out split.", "",
-            markdown_table(rows), "",
-            f"CPU minutes (whole job process, an upper bound on training): RT recipe reported above "
-            f"({r['rt_test_macro_f1_source']}): {r['train_cpu_minutes']}; detail: "
-            f"{json.dumps(r['train_cpu_minutes_detail'])}", "", "## Runs", "",
-            markdown_table(r["runs"]) if r["runs"] else "(none finished yet)"]
+    rows = [
+        {
+            "figure": "RT test macro-F1, fine-tuned from the package",
+            "mean ± std over seeds": ms(r["rt_test_macro_f1"]["package"]),
+        },
+        {
+            "figure": "RT test macro-F1, from the domain-pretrained model",
+            "mean ± std over seeds": ms(r["rt_test_macro_f1"]["dapt"]),
+        },
+        {
+            "figure": "RT: domain pretraining's effect (per-seed difference)",
+            "mean ± std over seeds": ms(r["dapt_effect_rt"]),
+        },
+        {
+            "figure": "WNUT test entity F1, from the package",
+            "mean ± std over seeds": ms(r["wnut_test_entity_f1"]["package"]),
+        },
+        {
+            "figure": "WNUT test entity F1, from the tweet-pretrained model",
+            "mean ± std over seeds": ms(r["wnut_test_entity_f1"]["dapt"]),
+        },
+        {
+            "figure": "WNUT: domain pretraining's effect (per-seed difference)",
+            "mean ± std over seeds": ms(r["dapt_effect_wnut"]),
+        },
+        {
+            "figure": "RT 3-layer student, int8 ONNX, test macro-F1",
+            "mean ± std over seeds": ms(
+                {
+                    "mean": r["rt_student_int8_test_macro_f1_mean"],
+                    "std": r["rt_student_int8_test_macro_f1_std"],
+                    "n": len(r["students"]),
+                }
+            ),
+        },
+        {
+            "figure": "RT 3-layer student, PyTorch fp32, test macro-F1",
+            "mean ± std over seeds": ms(r["rt_student_fp32_test_macro_f1"]),
+        },
+    ]
+    text = [
+        "# Quality (issue 18): MiniLM-L6 on Rotten Tomatoes and WNUT-2016, package vs domain-pretrained",
+        "",
+        f"`python -m bench.quality`, settings {json.dumps(args.settings)}, seeds {r['seeds']}, "
+        f"{os.cpu_count()} cores, {args.threads} threads per job. Test = data/full's held-out split.",
+        "",
+        markdown_table(rows),
+        "",
+        f"CPU minutes (whole job process, an upper bound on training): RT recipe reported above "
+        f"({r['rt_test_macro_f1_source']}): {r['train_cpu_minutes']}; detail: "
+        f"{json.dumps(r['train_cpu_minutes_detail'])}",
+        "",
+        "## Runs",
+        "",
+        markdown_table(r["runs"]) if r["runs"] else "(none finished yet)",
+    ]
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.results / "quality.json", results)
     atomic_write_text(args.results / "quality.md", "\n".join(text) + "\n")
@@ -283,22 +432,35 @@ def write(args, results: dict) -> None:
 
 # --- entry points ----------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--pieces", nargs="*", default=["rt", "wnut", "student"], choices=["rt", "wnut", "student"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--epochs", type=float, default=3.0,
-                   help="RT fine-tuning epochs (best on validation kept); 3: jobs/finetune-sentiment.yaml's")
+    p.add_argument(
+        "--epochs",
+        type=float,
+        default=3.0,
+        help="RT fine-tuning epochs (best on validation kept); 3: jobs/finetune-sentiment.yaml's",
+    )
     p.add_argument("--lr", type=float, default=5e-5, help="RT fine-tuning learning rate")
     p.add_argument("--ner-epochs", type=float, default=5.0)
     p.add_argument("--ner-lr", type=float, default=1e-4)
     p.add_argument("--distill-epochs", type=float, default=3.0)
-    p.add_argument("--student-teacher", choices=["package", "dapt"], default="dapt",
-                   help="the RT fine-tune distilled: dapt = the shipped pipeline's road (pretrain -> finetune -> distill)")
-    p.add_argument("--rt-pretrain-steps", type=int, default=150, help="batch 32 x 128 tokens (~1.5 passes over the RT text)")
+    p.add_argument(
+        "--student-teacher",
+        choices=["package", "dapt"],
+        default="dapt",
+        help="the RT fine-tune distilled: dapt = the shipped pipeline's road (pretrain -> finetune -> distill)",
+    )
+    p.add_argument(
+        "--rt-pretrain-steps", type=int, default=150, help="batch 32 x 128 tokens (~1.5 passes over the RT text)"
+    )
     p.add_argument("--wnut-pretrain-steps", type=int, default=200)
     p.add_argument("--pretrain-lr", type=float, default=1e-4)
-    p.add_argument("--head-warmup", type=float, default=0.2, help="share of the pretrain steps that train the MLM head alone")
+    p.add_argument(
+        "--head-warmup", type=float, default=0.2, help="share of the pretrain steps that train the MLM head alone"
+    )
     p.add_argument("--head-lr", type=float, default=1e-3, help="the MLM head's learning rate during its warm-up")
     p.add_argument("--max-train-samples", type=int, default=None, help="first N training rows (smoke runs)")
     p.add_argument("--max-eval-samples", type=int, default=None, help="first N validation/test rows (smoke runs)")
@@ -315,7 +477,11 @@ def setup(args) -> None:
     args.settings = knobs
     args.work = args.work.resolve()
     args.read_only = False
-    need = [FULL / "rotten-tomatoes" / "domain.txt", FULL / "wnut16" / "domain-tweets.txt", FULL / "wnut16" / "test.conll"]
+    need = [
+        FULL / "rotten-tomatoes" / "domain.txt",
+        FULL / "wnut16" / "domain-tweets.txt",
+        FULL / "wnut16" / "test.conll",
+    ]
     if missing := [str(p) for p in need if not p.is_file()]:
         raise SystemExit(f"missing {missing}: run `make data` first")
 
@@ -333,10 +499,23 @@ def main(argv: list[str] | None = None) -> dict:
             write(args, collect(args))
     results = collect(args)
     write(args, results)
-    print(f"[quality] {args.results}/quality.json, quality.md: "
-          + json.dumps({k: results[k] for k in ("rt_test_macro_f1_mean", "rt_test_macro_f1_std",
-                                                "rt_student_int8_test_macro_f1_mean", "dapt_effect_rt",
-                                                "dapt_effect_wnut", "train_cpu_minutes")}), flush=True)
+    print(
+        f"[quality] {args.results}/quality.json, quality.md: "
+        + json.dumps(
+            {
+                k: results[k]
+                for k in (
+                    "rt_test_macro_f1_mean",
+                    "rt_test_macro_f1_std",
+                    "rt_student_int8_test_macro_f1_mean",
+                    "dapt_effect_rt",
+                    "dapt_effect_wnut",
+                    "train_cpu_minutes",
+                )
+            }
+        ),
+        flush=True,
+    )
     return results
 
 

@@ -1,4 +1,5 @@
 """summary.json (ratios + every case), summary.md (tables) and the PNG charts."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,20 +10,24 @@ from bench.timing import mfu
 from hpcnlp.report import markdown_table, save_figure
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
 
-PRETRAIN = [("pretrain_hpcnlp_128", "hpcnlp: packed 128, sparse MLM head", "pretrain_run_mlm_128"),
-            ("pretrain_run_mlm_128", "run_mlm.py style: group_texts 128, stock", None),
-            ("pretrain_hpcnlp_512", "hpcnlp: packed 512, sparse MLM head", "pretrain_run_mlm_512"),
-            ("pretrain_run_mlm_512", "run_mlm.py style: group_texts 512, stock", None),
-            ("pretrain_hpcnlp_256", "hpcnlp: packed 256, sparse MLM head", None),
-            ("pretrain_seed_recipe", "seeds' recipe: each line padded to 512, stock", None),
-            ("pretrain_hpcnlp_bf16_128", "hpcnlp bf16: packed 128, sparse MLM head", "pretrain_run_mlm_128"),
-            ("pretrain_hpcnlp_bf16_512", "hpcnlp bf16: packed 512, sparse MLM head", "pretrain_run_mlm_512"),
-            ("pretrain_bert_base_128", "BERT-base size fp32: packed 128, sparse head", None),
-            ("pretrain_bert_base_bf16_128", "BERT-base size bf16: packed 128, sparse head", "pretrain_bert_base_128")]
-FINETUNE = [("finetune_hpcnlp", "hpcnlp: dynamic padding + group_by_length"),
-            ("finetune_run_glue", "run_glue.py style: pad to 128"),
-            ("finetune_seed_recipe", "seeds' recipe: pad to 512"),
-            ("finetune_hpcnlp_bf16", "hpcnlp bf16: dynamic padding + group_by_length")]
+PRETRAIN = [
+    ("pretrain_hpcnlp_128", "hpcnlp: packed 128, sparse MLM head", "pretrain_run_mlm_128"),
+    ("pretrain_run_mlm_128", "run_mlm.py style: group_texts 128, stock", None),
+    ("pretrain_hpcnlp_512", "hpcnlp: packed 512, sparse MLM head", "pretrain_run_mlm_512"),
+    ("pretrain_run_mlm_512", "run_mlm.py style: group_texts 512, stock", None),
+    ("pretrain_hpcnlp_256", "hpcnlp: packed 256, sparse MLM head", None),
+    ("pretrain_seed_recipe", "seeds' recipe: each line padded to 512, stock", None),
+    ("pretrain_hpcnlp_bf16_128", "hpcnlp bf16: packed 128, sparse MLM head", "pretrain_run_mlm_128"),
+    ("pretrain_hpcnlp_bf16_512", "hpcnlp bf16: packed 512, sparse MLM head", "pretrain_run_mlm_512"),
+    ("pretrain_bert_base_128", "BERT-base size fp32: packed 128, sparse head", None),
+    ("pretrain_bert_base_bf16_128", "BERT-base size bf16: packed 128, sparse head", "pretrain_bert_base_128"),
+]
+FINETUNE = [
+    ("finetune_hpcnlp", "hpcnlp: dynamic padding + group_by_length"),
+    ("finetune_run_glue", "run_glue.py style: pad to 128"),
+    ("finetune_seed_recipe", "seeds' recipe: pad to 512"),
+    ("finetune_hpcnlp_bf16", "hpcnlp bf16: dynamic padding + group_by_length"),
+]
 
 
 def _ok(results: dict, name: str) -> dict | None:
@@ -33,11 +38,15 @@ def _ok(results: dict, name: str) -> dict | None:
 def tables(summary: dict) -> str:
     res = summary["results"]
     peak = _ok(res, "matmul_peak") or {}
-    out = [f"Machine: {summary['machine']}. 2048x2048 torch.mm peak (same run, {peak.get('threads')} thread): "
-           f"fp32 {peak.get('gflops')} GFLOP/s, bf16 {peak.get('gflops_bf16')} GFLOP/s. MFU: against the peak "
-           "of the dtype trained in; MFU best: against the faster dtype's peak.",
-           "", "Rates are per CPU second of the (1-thread) process, so neighbours on a shared machine do not "
-           "skew the ratios; wall-clock rates of the same steps are shown too.", ""]
+    out = [
+        f"Machine: {summary['machine']}. 2048x2048 torch.mm peak (same run, {peak.get('threads')} thread): "
+        f"fp32 {peak.get('gflops')} GFLOP/s, bf16 {peak.get('gflops_bf16')} GFLOP/s. MFU: against the peak "
+        "of the dtype trained in; MFU best: against the faster dtype's peak.",
+        "",
+        "Rates are per CPU second of the (1-thread) process, so neighbours on a shared machine do not "
+        "skew the ratios; wall-clock rates of the same steps are shown too.",
+        "",
+    ]
     out += ["### Ratios", "", markdown_table([{"ratio": k, "value": v} for k, v in summary["ratios"].items()]), ""]
 
     rows = []
@@ -49,14 +58,28 @@ def tables(summary: dict) -> str:
             rows.append({"recipe": label, "real tokens/s": res.get(name, {}).get("error", "not run")[:60]})
             continue
         base = _ok(res, vs) if vs else None
-        rows.append({"recipe": label, "real tokens/s": r["tokens_per_second"],
-                     "vs baseline": f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "",
-                     "wall tokens/s": r.get("wall_tokens_per_second", ""), "step s": r["step_seconds_median"], "padding": f"{100 * r['padding_share']:.0f}%",
-                     "MFU": mfu(r, peak).get("mfu", ""), "MFU best": mfu(r, peak).get("mfu_best_dtype", ""),
-                     "eval CPU s": r.get("eval_cpu_seconds", ""), "peak RSS MB": r["peak_rss_mb"],
-                     "eval loss": r["eval_loss"], "steps x batch": f"{r['steps']} x {r['batch_size']}"})
-    out += ["### Pretraining (MiniLM-L6 unless named, Python docs; eval loss on the same held-out masked tokens)", "",
-            markdown_table(rows), ""]
+        rows.append(
+            {
+                "recipe": label,
+                "real tokens/s": r["tokens_per_second"],
+                "vs baseline": f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "",
+                "wall tokens/s": r.get("wall_tokens_per_second", ""),
+                "step s": r["step_seconds_median"],
+                "padding": f"{100 * r['padding_share']:.0f}%",
+                "MFU": mfu(r, peak).get("mfu", ""),
+                "MFU best": mfu(r, peak).get("mfu_best_dtype", ""),
+                "eval CPU s": r.get("eval_cpu_seconds", ""),
+                "peak RSS MB": r["peak_rss_mb"],
+                "eval loss": r["eval_loss"],
+                "steps x batch": f"{r['steps']} x {r['batch_size']}",
+            }
+        )
+    out += [
+        "### Pretraining (MiniLM-L6 unless named, Python docs; eval loss on the same held-out masked tokens)",
+        "",
+        markdown_table(rows),
+        "",
+    ]
 
     rows = []
     for name, label in FINETUNE:
@@ -64,29 +87,49 @@ def tables(summary: dict) -> str:
         if r is None:
             rows.append({"recipe": label, "samples/s": res.get(name, {}).get("error", "not run")[:60]})
             continue
-        rows.append({"recipe": label, "samples/s": r["samples_per_second"],
-                     "wall samples/s": r.get("wall_samples_per_second", ""),
-                     "padding": f"{100 * r['padding_share']:.0f}%", "peak RSS MB": r["peak_rss_mb"],
-                     "eval accuracy": r["eval_accuracy"], "eval loss": r["eval_loss"],
-                     "steps x batch": f"{r['steps']} x {r['batch_size']}"})
+        rows.append(
+            {
+                "recipe": label,
+                "samples/s": r["samples_per_second"],
+                "wall samples/s": r.get("wall_samples_per_second", ""),
+                "padding": f"{100 * r['padding_share']:.0f}%",
+                "peak RSS MB": r["peak_rss_mb"],
+                "eval accuracy": r["eval_accuracy"],
+                "eval loss": r["eval_loss"],
+                "steps x batch": f"{r['steps']} x {r['batch_size']}",
+            }
+        )
     out += ["### Fine-tuning (Rotten Tomatoes sentences, batch 16)", "", markdown_table(rows), ""]
 
-    rows = [{"corpus": f"x{r['times']}", "num_proc": r["num_proc"], "tokens": r["tokens"],
-             "tokens/s": r["tokens_per_second"], "peak RSS MB": r["peak_rss_mb"],
-             "RSS before data MB": r["rss_before_mb"]}
-            for k, r in sorted(res.items(), key=lambda kv: (kv[1].get("times", 0), kv[1].get("num_proc", 0)))
-            if k.startswith("prepare_") and "error" not in r]
+    rows = [
+        {
+            "corpus": f"x{r['times']}",
+            "num_proc": r["num_proc"],
+            "tokens": r["tokens"],
+            "tokens/s": r["tokens_per_second"],
+            "peak RSS MB": r["peak_rss_mb"],
+            "RSS before data MB": r["rss_before_mb"],
+        }
+        for k, r in sorted(res.items(), key=lambda kv: (kv[1].get("times", 0), kv[1].get("num_proc", 0)))
+        if k.startswith("prepare_") and "error" not in r
+    ]
     out += ["### prepare (tokenize + pack 128)", "", markdown_table(rows), ""]
     large = large_table(res)
     if large:
         out += ["### Large corpus: Linux kernel source (bench/large.py)", "", markdown_table(large), ""]
-    gpu = summary["gpu"] or {**{k: res.get(k) for k in ("gpu_matmul_peak", "gpu_bert_base_128")},
-                             "mfu_vs_gpu_bf16_peak": mfu(_ok(res, "gpu_bert_base_128"), _ok(res, "gpu_matmul_peak"))}
+    gpu = summary["gpu"] or {
+        **{k: res.get(k) for k in ("gpu_matmul_peak", "gpu_bert_base_128")},
+        "mfu_vs_gpu_bf16_peak": mfu(_ok(res, "gpu_bert_base_128"), _ok(res, "gpu_matmul_peak")),
+    }
     out += ["### GPU (BERT-base, bf16, packed 128, sparse head)", "", f"{gpu}", ""]
     if "onnx_latency" in res:
         r = res["onnx_latency"]
-        out += ["### ONNX latency (bench/onnx_latency.py; seq 128, p50)", "",
-                f"not measured: {r['error']}: {' '.join(r.get('log_tail', [])[-1:])}" if "error" in r else onnx_table(r), ""]
+        out += [
+            "### ONNX latency (bench/onnx_latency.py; seq 128, p50)",
+            "",
+            f"not measured: {r['error']}: {' '.join(r.get('log_tail', [])[-1:])}" if "error" in r else onnx_table(r),
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -98,16 +141,27 @@ def onnx_table(r: dict) -> str:
             if variant not in m:
                 continue
             v = m[variant]
-            rows.append({"model": model, "runtime": variant, "accuracy": v["accuracy"], "f1": v["f1"],
-                         "batch 1 ms": v["batch1"]["p50_ms"], "batch 32 ms": v["batch32"]["p50_ms"],
-                         "speed-up b1 vs PyTorch": m["speedup_vs_pytorch"].get(variant, {}).get("1", 1.0),
-                         "int8 preset": m["int8_preset"] if variant == "onnx_int8" else "",
-                         "int8 vs best fp32 b1": m.get("int8_vs_best_fp32", {}).get("1", "") if variant == "onnx_int8"
-                         else ""})
+            rows.append(
+                {
+                    "model": model,
+                    "runtime": variant,
+                    "accuracy": v["accuracy"],
+                    "f1": v["f1"],
+                    "batch 1 ms": v["batch1"]["p50_ms"],
+                    "batch 32 ms": v["batch32"]["p50_ms"],
+                    "speed-up b1 vs PyTorch": m["speedup_vs_pytorch"].get(variant, {}).get("1", 1.0),
+                    "int8 preset": m["int8_preset"] if variant == "onnx_int8" else "",
+                    "int8 vs best fp32 b1": m.get("int8_vs_best_fp32", {}).get("1", "")
+                    if variant == "onnx_int8"
+                    else "",
+                }
+            )
     sv = r["student_vs_teacher"]
-    return (markdown_table(rows) + f"\n\nStudent vs teacher (PyTorch): {sv['speedup_pytorch']['1']}x at batch 1, "
-            f"{sv['speedup_pytorch']['32']}x at batch 32, F1 retention {sv['f1_retention_pct']}%, threads "
-            f"{r['teacher']['threads']}. Targets met: {r['targets']}")
+    return (
+        markdown_table(rows) + f"\n\nStudent vs teacher (PyTorch): {sv['speedup_pytorch']['1']}x at batch 1, "
+        f"{sv['speedup_pytorch']['32']}x at batch 32, F1 retention {sv['f1_retention_pct']}%, threads "
+        f"{r['teacher']['threads']}. Targets met: {r['targets']}"
+    )
 
 
 def charts(summary: dict, out: Path) -> list[str]:
@@ -118,14 +172,23 @@ def charts(summary: dict, out: Path) -> list[str]:
 
     res, names = summary["results"], []
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    pre = [(label.split(":")[0] + ("\n" + label.split(": ")[1][:22] if ": " in label else ""),
-            _ok(res, n)["tokens_per_second"]) for n, label, _ in PRETRAIN if _ok(res, n)]
+    pre = [
+        (
+            label.split(":")[0] + ("\n" + label.split(": ")[1][:22] if ": " in label else ""),
+            _ok(res, n)["tokens_per_second"],
+        )
+        for n, label, _ in PRETRAIN
+        if _ok(res, n)
+    ]
     if pre:
         a.barh(*zip(*pre))
         a.set_xlabel("real (non-pad) tokens/s")
         a.set_title("MLM pretraining throughput")
-    ft = [(label.split(":")[0] + "\n" + label.split(": ")[1], _ok(res, n)["samples_per_second"])
-          for n, label in FINETUNE if _ok(res, n)]
+    ft = [
+        (label.split(":")[0] + "\n" + label.split(": ")[1], _ok(res, n)["samples_per_second"])
+        for n, label in FINETUNE
+        if _ok(res, n)
+    ]
     if ft:
         b.barh(*zip(*ft))
         b.set_xlabel("samples/s")
@@ -134,21 +197,35 @@ def charts(summary: dict, out: Path) -> list[str]:
     names.append("throughput.png")
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
-    prep = sorted((r["times"], r["tokens_per_second"], r["peak_rss_mb"]) for k, r in res.items()
-                  if k.startswith("prepare_") and "error" not in r and r["num_proc"] == 1)
+    prep = sorted(
+        (r["times"], r["tokens_per_second"], r["peak_rss_mb"])
+        for k, r in res.items()
+        if k.startswith("prepare_") and "error" not in r and r["num_proc"] == 1
+    )
     if prep:
         x, tps, rss = zip(*prep)
         a.plot(x, tps, "o-")
-        a.set(xscale="log", xlabel="corpus size (x shipped)", ylabel="tokens/s", title="prepare: throughput (wall clock)")
+        a.set(
+            xscale="log", xlabel="corpus size (x shipped)", ylabel="tokens/s", title="prepare: throughput (wall clock)"
+        )
         b.plot(x, rss, "o-")
-        b.set(xscale="log", xlabel="corpus size (x shipped)", ylabel="peak RSS MB", title="prepare: peak memory",
-              ylim=(0, max(rss) * 1.3))
+        b.set(
+            xscale="log",
+            xlabel="corpus size (x shipped)",
+            ylabel="peak RSS MB",
+            title="prepare: peak memory",
+            ylim=(0, max(rss) * 1.3),
+        )
     blocks = [(blk, _ok(res, f"pretrain_hpcnlp_{blk}")) for blk in (128, 256, 512)]
     blocks = [(blk, r["step_seconds_median"]) for blk, r in blocks if r]
     if blocks:
         c.plot(*zip(*blocks), "o-")
-        c.set(xlabel="block size (1024 tokens per step)", ylabel="seconds per step", title="pretrain: step time",
-              ylim=(0, max(s for _, s in blocks) * 1.3))
+        c.set(
+            xlabel="block size (1024 tokens per step)",
+            ylabel="seconds per step",
+            title="pretrain: step time",
+            ylim=(0, max(s for _, s in blocks) * 1.3),
+        )
     for ax in (a, b, c):
         ax.grid(alpha=0.3)
     save_figure(fig, out / "scaling.png")

@@ -1,5 +1,6 @@
 """Timing shared by every benchmark: a step clock, a token-counting collator, the matmul peak,
 peak memory, and running one case in a fresh subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,7 @@ def peak_rss_mb() -> float:
     return round(max(own, children) / 1024, 1)
 
 
-def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0, device: str = "cpu",
-                       dtype=torch.float32) -> float:
+def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0, device: str = "cpu", dtype=torch.float32) -> float:
     """Best sustained rate of an n x n x n torch.mm loop: the machine's practical matmul peak."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -63,8 +63,9 @@ class CountingCollator:
         real = batch["attention_mask"].sum() if "attention_mask" in batch else (ids != self.pad_token_id).sum()
         labels = batch.get("labels")
         labelled = int((labels != -100).sum()) if labels is not None and labels.dim() == 2 else 0
-        self.batches.append({"tokens": int(real), "positions": ids.numel(), "labelled": labelled,
-                             "samples": ids.shape[0]})
+        self.batches.append(
+            {"tokens": int(real), "positions": ids.numel(), "labelled": labelled, "samples": ids.shape[0]}
+        )
         return batch
 
 
@@ -95,15 +96,20 @@ def steady_rates(clock: StepClock, counts: CountingCollator, warmup: int) -> dic
     seconds = clock.cpu_ends[-1] - clock.cpu_ends[first - 1]  # CPU seconds (see StepClock)
     batches = counts.batches[first:n]
     total = {k: sum(b[k] for b in batches) for k in ("tokens", "positions", "labelled", "samples")}
-    steps = [b - a for a, b in zip(clock.cpu_ends[first - 1:], clock.cpu_ends[first:])]
-    return {"measured_steps": len(batches), "seconds": round(seconds, 3), "wall_seconds_measured": round(wall, 3),
-            "tokens_per_second": round(total["tokens"] / seconds, 1),
-            "samples_per_second": round(total["samples"] / seconds, 2),
-            "wall_tokens_per_second": round(total["tokens"] / wall, 1),
-            "wall_samples_per_second": round(total["samples"] / wall, 2),
-            "step_seconds_median": round(sorted(steps)[len(steps) // 2], 3),
-            "padding_share": round(1 - total["tokens"] / max(total["positions"], 1), 4),
-            "labelled_share": round(total["labelled"] / max(total["tokens"], 1), 4), **total}
+    steps = [b - a for a, b in zip(clock.cpu_ends[first - 1 :], clock.cpu_ends[first:])]
+    return {
+        "measured_steps": len(batches),
+        "seconds": round(seconds, 3),
+        "wall_seconds_measured": round(wall, 3),
+        "tokens_per_second": round(total["tokens"] / seconds, 1),
+        "samples_per_second": round(total["samples"] / seconds, 2),
+        "wall_tokens_per_second": round(total["tokens"] / wall, 1),
+        "wall_samples_per_second": round(total["samples"] / wall, 2),
+        "step_seconds_median": round(sorted(steps)[len(steps) // 2], 3),
+        "padding_share": round(1 - total["tokens"] / max(total["positions"], 1), 4),
+        "labelled_share": round(total["labelled"] / max(total["tokens"], 1), 4),
+        **total,
+    }
 
 
 def run_isolated(case: dict, timeout: float) -> dict:
@@ -114,8 +120,9 @@ def run_isolated(case: dict, timeout: float) -> dict:
             json.dump(case, f)
         t = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, "-m", "bench.worker", spec, result], timeout=timeout,
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "bench.worker", spec, result], timeout=timeout, capture_output=True, text=True
+            )
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout:.0f} s"}
         wall = round(time.perf_counter() - t, 1)

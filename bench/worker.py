@@ -1,4 +1,5 @@
 """`python -m bench.worker case.json result.json`: run one benchmark case in this fresh process."""
+
 from __future__ import annotations
 
 import importlib

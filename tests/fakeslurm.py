@@ -8,6 +8,7 @@ returns a FakeSlurm.
         [call] = fake_slurm.calls("sbatch")
         assert "--parsable" in call["argv"]
 """
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,7 @@ def install(monkeypatch: pytest.MonkeyPatch, log: Path) -> FakeSlurm:
     """The fake tools first on PATH (then this interpreter's dir, for their `python3`), the log in `log`;
     no HPCNLP_* variables of the calling shell leak into the test."""
     for name in list(os.environ):
-        if name.startswith("HPCNLP_") or name.startswith("FAKE_SBATCH"):
+        if name.startswith(("HPCNLP_", "FAKE_SBATCH")):
             monkeypatch.delenv(name)
     path = [str(FAKE_BIN), str(Path(sys.executable).parent), os.environ.get("PATH", "")]
     monkeypatch.setenv("PATH", os.pathsep.join(p for p in path if p))

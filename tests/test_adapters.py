@@ -1,4 +1,5 @@
 """LoRA adapters (`adapter:` in finetune and pretrain): the real MiniLM on the shipped samples."""
+
 from __future__ import annotations
 
 import json
@@ -6,25 +7,55 @@ import json
 import onnx
 import pytest
 import torch
+from helpers import (
+    SENTIMENT,
+    SENTIMENT_DATA,
+    export_config,
+    preempt_at,
+    run_cli,
+    torchrun,
+    validate_config,
+    write_config,
+)
 
-from helpers import SENTIMENT, SENTIMENT_DATA, export_config, preempt_at, run_cli, torchrun, validate_config, write_config
-from hpcnlp.train import adapters
 from hpcnlp.config import AdapterConfig
+from hpcnlp.train import adapters
 
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
 
 
 def finetune_config(tmp_path, name="out", **training):
     train = str(SENTIMENT / "train.csv")
-    return write_config(tmp_path / f"{name}.yaml", {
-        "job": "finetune", "task": "sequence-classification", "model_name_or_path": "minilm-l6",
-        "output_dir": str(tmp_path / name), "adapter": LORA,
-        # Scored on the rows it trained on: LoRA must fit what it sees (beat the majority class).
-        "data": {"train_file": train, "validation_file": train, "max_seq_length": 48,
-                 "max_train_samples": 32, "max_eval_samples": 32},
-        "training": {"max_steps": 24, "per_device_train_batch_size": 8, "learning_rate": 5e-3, "seed": 7,
-                     "warmup_ratio": 0.0, "eval_strategy": "no", "save_strategy": "no",
-                     "load_best_model_at_end": False, "logging_steps": 4, **training}})
+    return write_config(
+        tmp_path / f"{name}.yaml",
+        {
+            "job": "finetune",
+            "task": "sequence-classification",
+            "model_name_or_path": "minilm-l6",
+            "output_dir": str(tmp_path / name),
+            "adapter": LORA,
+            # Scored on the rows it trained on: LoRA must fit what it sees (beat the majority class).
+            "data": {
+                "train_file": train,
+                "validation_file": train,
+                "max_seq_length": 48,
+                "max_train_samples": 32,
+                "max_eval_samples": 32,
+            },
+            "training": {
+                "max_steps": 24,
+                "per_device_train_batch_size": 8,
+                "learning_rate": 5e-3,
+                "seed": 7,
+                "warmup_ratio": 0.0,
+                "eval_strategy": "no",
+                "save_strategy": "no",
+                "load_best_model_at_end": False,
+                "logging_steps": 4,
+                **training,
+            },
+        },
+    )
 
 
 @pytest.mark.slow
@@ -47,11 +78,15 @@ def test_lora_finetune_learns_merges_exports_and_validates(tmp_path):
     merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
     base = AutoModelForSequenceClassification.from_pretrained(
         json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"],
-        num_labels=2, id2label=merged.config.id2label, label2id=merged.config.label2id)
+        num_labels=2,
+        id2label=merged.config.id2label,
+        label2id=merged.config.label2id,
+    )
     with_adapter = PeftModel.from_pretrained(base, out / "adapter").eval()
     tok = __import__("hpcnlp.models", fromlist=["load_tokenizer"]).load_tokenizer(str(out))
-    batch = tok(["a gripping, beautifully acted film", "dull and far too long", "meh"], padding=True,
-                return_tensors="pt")
+    batch = tok(
+        ["a gripping, beautifully acted film", "dull and far too long", "meh"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         a, b = merged(**batch).logits, with_adapter(**batch).logits
     assert (a - b).abs().max().item() <= 1e-5
@@ -63,13 +98,24 @@ def test_lora_finetune_learns_merges_exports_and_validates(tmp_path):
     assert not any("lora" in n.name.lower() for n in graph.graph.node)
     assert not any("lora" in i.name.lower() for i in graph.graph.initializer)
     data = {**SENTIMENT_DATA, "max_eval_samples": 64}
-    assert run_cli("validate", "--config", str(validate_config(tmp_path, str(out), str(tmp_path / "onnx"), data,
-                                                              thresholds={"int8_max_metric_drop": 0.05}))) == 0
+    assert (
+        run_cli(
+            "validate",
+            "--config",
+            str(
+                validate_config(
+                    tmp_path, str(out), str(tmp_path / "onnx"), data, thresholds={"int8_max_metric_drop": 0.05}
+                )
+            ),
+        )
+        == 0
+    )
 
 
 @pytest.mark.slow
 def test_lora_resumes_after_preemption_with_the_same_losses(tmp_path, monkeypatch):
     """A preemption checkpoint holds the adapter (peft's save), the resumed run goes on from it."""
+
     def losses(name):
         state = json.loads((tmp_path / name / "checkpoint-8" / "trainer_state.json").read_text())
         return [h["loss"] for h in state["log_history"] if "loss" in h]
@@ -131,9 +177,18 @@ def test_every_default_names_modules_its_architecture_has(model_type):
     """Each architecture's default target modules exist in a (tiny, random) model of that type."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    config = AutoConfig.for_model(model_type, vocab_size=100, hidden_size=32, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=64, dim=32, n_layers=1, n_heads=2,
-                                  hidden_dim=64)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        hidden_dim=64,
+    )
     model = AutoModelForSequenceClassification.from_config(config)
     names = adapters.layer_linear_names(model)
     targets = adapters.target_modules(AdapterConfig(), model_type)

@@ -1,6 +1,7 @@
 """The layout's promises (docs/architecture.md): arrows between packages run one way, no private name
 crosses a module, and a job is its own files: a toy job in a package outside the checkout is checked,
 run and dry-run submitted without touching any file of hpcnlp."""
+
 from __future__ import annotations
 
 import ast
@@ -16,13 +17,21 @@ SRC = REPO / "src" / "hpcnlp"
 
 # Lower rank = lower layer. A module may import its own layer or lower ones, never a higher one.
 LAYERS = {
-    "hpcnlp.config": 0, "hpcnlp.runtime": 0, "hpcnlp.spec": 0,
-    "hpcnlp.data": 1, "hpcnlp.models": 1, "hpcnlp.report": 1, "hpcnlp.metrics": 1,
-    "hpcnlp.tasks": 2, "hpcnlp.train": 2, "hpcnlp.checks": 2,
+    "hpcnlp.config": 0,
+    "hpcnlp.runtime": 0,
+    "hpcnlp.spec": 0,
+    "hpcnlp.data": 1,
+    "hpcnlp.models": 1,
+    "hpcnlp.report": 1,
+    "hpcnlp.metrics": 1,
+    "hpcnlp.tasks": 2,
+    "hpcnlp.train": 2,
+    "hpcnlp.checks": 2,
     "hpcnlp.ship": 3,
     "hpcnlp.jobs": 4,
     "hpcnlp.cluster": 5,
-    "hpcnlp.cli": 6, "hpcnlp.__main__": 6,
+    "hpcnlp.cli": 6,
+    "hpcnlp.__main__": 6,
 }
 
 
@@ -34,8 +43,9 @@ def _layer(module: str) -> int:
     for prefix in sorted(LAYERS, key=len, reverse=True):
         if module == prefix or module.startswith(prefix + "."):
             return LAYERS[prefix]
-    raise AssertionError(f"{module}: in no layer of tests/test_architecture.py (add it there and to "
-                         "docs/architecture.md)")
+    raise AssertionError(
+        f"{module}: in no layer of tests/test_architecture.py (add it there and to docs/architecture.md)"
+    )
 
 
 def _imports(path):
@@ -52,15 +62,24 @@ def test_arrows_run_down():
     for path in sorted(SRC.rglob("*.py")):
         here = _module(path)
         for module, names in _imports(path):
-            targets = [f"{module}.{n}" for n in names if (SRC.parent / f"{module}.{n}".replace(".", "/")).exists()
-                       or (SRC.parent / (f"{module}.{n}".replace(".", "/") + ".py")).exists()] or [module]
+            targets = [
+                f"{module}.{n}"
+                for n in names
+                if (SRC.parent / f"{module}.{n}".replace(".", "/")).exists()
+                or (SRC.parent / (f"{module}.{n}".replace(".", "/") + ".py")).exists()
+            ] or [module]
             up += [f"{here} -> {t}" for t in targets if _layer(t) > _layer(here)]
     assert not up, "a lower module imports a higher one:\n" + "\n".join(up)
 
 
 def test_no_private_name_crosses_a_module():
-    crossing = [f"{_module(p)}: from {m} import {n}" for p in SRC.rglob("*.py") for m, names in _imports(p)
-                for n in names if n.startswith("_") and not n.startswith("__")]
+    crossing = [
+        f"{_module(p)}: from {m} import {n}"
+        for p in SRC.rglob("*.py")
+        for m, names in _imports(p)
+        for n in names
+        if n.startswith("_") and not n.startswith("__")
+    ]
     assert not crossing, "\n".join(crossing)
 
 
@@ -103,15 +122,22 @@ def test_a_new_job_is_its_own_module_and_nothing_else(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "hello.py").write_text(textwrap.dedent(TOY_JOB))
     (tmp_path / "hello.yaml").write_text(f"job: hello\noutput_dir: {tmp_path / 'out'}\ngreeting: hi there\n")
-    before = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
-                            capture_output=True, text=True).stdout
-    env = {**os.environ, "HPCNLP_JOB_PACKAGES": "site_jobs", "PYTHONPATH": f"{tmp_path}{os.pathsep}{SRC.parent}",
-           "HPCNLP_STATE_DIR": str(tmp_path / "state"), "HPCNLP_CLUSTER": str(tmp_path / "no-profile.yaml")}
+    before = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True, text=True
+    ).stdout
+    env = {
+        **os.environ,
+        "HPCNLP_JOB_PACKAGES": "site_jobs",
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{SRC.parent}",
+        "HPCNLP_STATE_DIR": str(tmp_path / "state"),
+        "HPCNLP_CLUSTER": str(tmp_path / "no-profile.yaml"),
+    }
     (tmp_path / "no-profile.yaml").write_text("{}\n")
 
     def hpcnlp(*args):
-        return subprocess.run([sys.executable, "-m", "hpcnlp", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "hpcnlp", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
 
     ok = hpcnlp("check", "--config", "hello.yaml")
     assert ok.returncode == 0 and "valid 'hello' config" in ok.stdout, ok.stderr
@@ -124,8 +150,9 @@ def test_a_new_job_is_its_own_module_and_nothing_else(tmp_path):
     dry = hpcnlp("submit", "--config", "hello.yaml", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "sbatch" in dry.stdout and "hello.sbatch" in dry.stdout, dry.stdout
-    after = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
-                           capture_output=True, text=True).stdout
+    after = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True, text=True
+    ).stdout
     assert after == before, "the toy job touched the checkout"
 
 

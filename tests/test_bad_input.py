@@ -4,6 +4,7 @@ file, key or line and the fix, before anything is written; never a traceback, ne
 Each case writes a small config and/or data file, runs the CLI in-process (a job command or `check`),
 and expects exit 2, its fragment on an `error:` line, no traceback, and no output_dir.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,32 +37,47 @@ def _finetune(tmp: Path, data_file: str | None = None, content: bytes = b"", **c
     if data_file:
         (tmp / data_file).write_bytes(content)
         data = {"train_file": str(tmp / data_file)}
-    return {"job": "finetune", "task": "sequence-classification", "output_dir": str(tmp / "out"), "data": data,
-            **cfg}
+    return {"job": "finetune", "task": "sequence-classification", "output_dir": str(tmp / "out"), "data": data, **cfg}
 
 
 def _pretrain(tmp: Path, **data) -> dict:
     corpus = tmp / "corpus"
     corpus.mkdir(exist_ok=True)
     (corpus / "a.txt").write_text("Some text to pretrain on.\n\nA second paragraph.\n")
-    return {"job": "pretrain", "output_dir": str(tmp / "out"),
-            "data": {"train_files": [str(corpus / "*.txt")], "prepared_root": str(tmp / "prepared"), **data},
-            "training": {"max_steps": 1}}
+    return {
+        "job": "pretrain",
+        "output_dir": str(tmp / "out"),
+        "data": {"train_files": [str(corpus / "*.txt")], "prepared_root": str(tmp / "prepared"), **data},
+        "training": {"max_steps": 1},
+    }
 
 
 def _teacher(tmp: Path, model_type: str = "bert", positions: int = 512) -> str:
     """A fine-tuned classifier as far as distill's check reads it: its config.json."""
     path = tmp / f"teacher-{model_type}"
     path.mkdir()
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["BertForSequenceClassification"], "model_type": model_type, "num_hidden_layers": 6,
-        "max_position_embeddings": positions, "id2label": {"0": "fresh", "1": "rotten"}}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["BertForSequenceClassification"],
+                "model_type": model_type,
+                "num_hidden_layers": 6,
+                "max_position_embeddings": positions,
+                "id2label": {"0": "fresh", "1": "rotten"},
+            }
+        )
+    )
     return str(path)
 
 
 def _distill(tmp: Path, **teacher) -> dict:
-    return {"job": "distill", "teacher": _teacher(tmp, **teacher), "student_num_layers": 3,
-            "output_dir": str(tmp / "out"), "data": dict(SENTIMENT_DATA)}
+    return {
+        "job": "distill",
+        "teacher": _teacher(tmp, **teacher),
+        "student_num_layers": 3,
+        "output_dir": str(tmp / "out"),
+        "data": dict(SENTIMENT_DATA),
+    }
 
 
 def _empty_corpus(tmp: Path) -> dict:
@@ -72,38 +88,106 @@ def _empty_corpus(tmp: Path) -> dict:
 
 # (id, command, config(tmp_path), overrides, fragment expected on an `error:` line)
 CASES = [
-    ("csv-not-utf8", "finetune", lambda t: _finetune(t, "train.csv", LATIN1_CSV), [],
-     f"data.train_file: '{{tmp}}/train.csv' {_bad_byte(LATIN1_CSV)}"),
-    ("conll-not-utf8", "finetune",
-     lambda t: _finetune(t, "train.conll", LATIN1_CONLL, task="token-classification"), [],
-     f"data.train_file: '{{tmp}}/train.conll' {_bad_byte(LATIN1_CONLL)}"),
-    ("jsonl-not-utf8", "check", lambda t: _finetune(t, "train.jsonl", LATIN1_JSONL), [],
-     f"data.train_file: '{{tmp}}/train.jsonl' {_bad_byte(LATIN1_JSONL)}"),
-    ("fix-names-the-key", "finetune", lambda t: _finetune(t, "train.csv", LATIN1_CSV), [],
-     "Fix: set data.encoding to the file's encoding (e.g. latin-1"),
-    ("unknown-codec", "check", lambda t: _finetune(t), ["data.encoding=utf-9"],
-     "data.encoding: Value error, 'utf-9' is not a text encoding"),
-    ("not-a-text-codec", "check", lambda t: _finetune(t), ["data.encoding=rot13"],
-     "data.encoding: Value error, 'rot13' is not a text encoding"),
-    ("corpus-unknown-codec", "pretrain", _pretrain, ["data.encoding=utf-9"],
-     "data.encoding: Value error, 'utf-9' is not a text encoding"),
-    ("seq-longer-than-model", "finetune", lambda t: _finetune(t), ["data.max_seq_length=1024"],
-     "data.max_seq_length: 1024 is longer than the 512 positions of model_name_or_path 'minilm-l6'. "
-     "Fix: set data.max_seq_length to 512 or less"),
-    ("pretrain-seq-longer-than-model", "pretrain", _pretrain, ["data.max_seq_length=1024"],
-     "data.max_seq_length: 1024 is longer than the 512 positions"),
-    ("distill-seq-longer-than-teacher", "check", _distill, ["data.max_seq_length=600"],
-     "data.max_seq_length: 600 is longer than the 512 positions of teacher"),
-    ("roberta-positions-offset", "check", lambda t: _distill(t, model_type="roberta", positions=514),
-     ["data.max_seq_length=513"], "data.max_seq_length: 513 is longer than the 512 positions of teacher"),
-    ("learning-rate-inf", "finetune", lambda t: _finetune(t), ["training.learning_rate=.inf"],
-     "training.learning_rate: Input should be a finite number"),
-    ("unparsable-override", "finetune", lambda t: _finetune(t), ["output_dir=[x"],
-     "<command line>: output_dir=[x: cannot be read"),
-    ("wrong-typed-training-key", "finetune", lambda t: _finetune(t), ["training.adam_beta2=high"],
-     "training.adam_beta2: Input should be a valid number"),
-    ("empty-corpus", "pretrain", _empty_corpus, [],
-     "data.train_files: all 1 file(s) it matches are empty"),
+    (
+        "csv-not-utf8",
+        "finetune",
+        lambda t: _finetune(t, "train.csv", LATIN1_CSV),
+        [],
+        f"data.train_file: '{{tmp}}/train.csv' {_bad_byte(LATIN1_CSV)}",
+    ),
+    (
+        "conll-not-utf8",
+        "finetune",
+        lambda t: _finetune(t, "train.conll", LATIN1_CONLL, task="token-classification"),
+        [],
+        f"data.train_file: '{{tmp}}/train.conll' {_bad_byte(LATIN1_CONLL)}",
+    ),
+    (
+        "jsonl-not-utf8",
+        "check",
+        lambda t: _finetune(t, "train.jsonl", LATIN1_JSONL),
+        [],
+        f"data.train_file: '{{tmp}}/train.jsonl' {_bad_byte(LATIN1_JSONL)}",
+    ),
+    (
+        "fix-names-the-key",
+        "finetune",
+        lambda t: _finetune(t, "train.csv", LATIN1_CSV),
+        [],
+        "Fix: set data.encoding to the file's encoding (e.g. latin-1",
+    ),
+    (
+        "unknown-codec",
+        "check",
+        lambda t: _finetune(t),
+        ["data.encoding=utf-9"],
+        "data.encoding: Value error, 'utf-9' is not a text encoding",
+    ),
+    (
+        "not-a-text-codec",
+        "check",
+        lambda t: _finetune(t),
+        ["data.encoding=rot13"],
+        "data.encoding: Value error, 'rot13' is not a text encoding",
+    ),
+    (
+        "corpus-unknown-codec",
+        "pretrain",
+        _pretrain,
+        ["data.encoding=utf-9"],
+        "data.encoding: Value error, 'utf-9' is not a text encoding",
+    ),
+    (
+        "seq-longer-than-model",
+        "finetune",
+        lambda t: _finetune(t),
+        ["data.max_seq_length=1024"],
+        "data.max_seq_length: 1024 is longer than the 512 positions of model_name_or_path 'minilm-l6'. "
+        "Fix: set data.max_seq_length to 512 or less",
+    ),
+    (
+        "pretrain-seq-longer-than-model",
+        "pretrain",
+        _pretrain,
+        ["data.max_seq_length=1024"],
+        "data.max_seq_length: 1024 is longer than the 512 positions",
+    ),
+    (
+        "distill-seq-longer-than-teacher",
+        "check",
+        _distill,
+        ["data.max_seq_length=600"],
+        "data.max_seq_length: 600 is longer than the 512 positions of teacher",
+    ),
+    (
+        "roberta-positions-offset",
+        "check",
+        lambda t: _distill(t, model_type="roberta", positions=514),
+        ["data.max_seq_length=513"],
+        "data.max_seq_length: 513 is longer than the 512 positions of teacher",
+    ),
+    (
+        "learning-rate-inf",
+        "finetune",
+        lambda t: _finetune(t),
+        ["training.learning_rate=.inf"],
+        "training.learning_rate: Input should be a finite number",
+    ),
+    (
+        "unparsable-override",
+        "finetune",
+        lambda t: _finetune(t),
+        ["output_dir=[x"],
+        "<command line>: output_dir=[x: cannot be read",
+    ),
+    (
+        "wrong-typed-training-key",
+        "finetune",
+        lambda t: _finetune(t),
+        ["training.adam_beta2=high"],
+        "training.adam_beta2: Input should be a valid number",
+    ),
+    ("empty-corpus", "pretrain", _empty_corpus, [], "data.train_files: all 1 file(s) it matches are empty"),
 ]
 
 
@@ -124,19 +208,23 @@ def test_the_same_csv_is_accepted_with_its_encoding(tmp_path, capsys):
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(_finetune(tmp_path, "train.csv", LATIN1_CSV)))
     assert main(["check", "--config", str(config), "data.encoding=latin-1"]) == 0, capsys.readouterr().err
-    rows = classification.read_examples(str(tmp_path / "train.csv"),
-                                        FinetuneDataConfig(train_file="x", encoding="latin-1"))
+    rows = classification.read_examples(
+        str(tmp_path / "train.csv"), FinetuneDataConfig(train_file="x", encoding="latin-1")
+    )
     assert rows[1].text == "café au lait"
 
 
 # The readers refuse undecodable files themselves too (what `check` sees of a file is only its start).
-@pytest.mark.parametrize("name,content,read", [
-    ("t.csv", LATIN1_CSV, classification.read_examples),
-    ("t.tsv", LATIN1_CSV.replace(b",", b"\t"), classification.read_examples),
-    ("t.jsonl", LATIN1_JSONL, classification.read_examples),
-    ("t.conll", LATIN1_CONLL, ner.read_sentences),
-    ("n.jsonl", b'{"tokens": ["caf\xe9"], "tags": ["O"]}\n', ner.read_sentences),
-])
+@pytest.mark.parametrize(
+    "name,content,read",
+    [
+        ("t.csv", LATIN1_CSV, classification.read_examples),
+        ("t.tsv", LATIN1_CSV.replace(b",", b"\t"), classification.read_examples),
+        ("t.jsonl", LATIN1_JSONL, classification.read_examples),
+        ("t.conll", LATIN1_CONLL, ner.read_sentences),
+        ("n.jsonl", b'{"tokens": ["caf\xe9"], "tags": ["O"]}\n', ner.read_sentences),
+    ],
+)
 def test_readers_name_line_byte_and_fix(tmp_path, name, content, read):
     path = tmp_path / name
     path.write_bytes(content)

@@ -4,6 +4,7 @@ one process and under torchrun; and what `hpcnlp check` says about bf16 on this 
 Whether bf16 is *faster* is make bench's question (bench/results): here only that it runs, trains in bf16
 (accelerate's mixed_precision) and keeps fp32 weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import math
 from pathlib import Path
 
 import pytest
-
 from helpers import SENTIMENT_DATA, prepare_corpus, run_cli, tiny_pretrain, torchrun, write_config
+
 from hpcnlp.checks import bf16_advice
 from hpcnlp.config import TrainingConfig
 
@@ -21,18 +22,32 @@ DATA = {**SENTIMENT_DATA, "max_eval_samples": 32}
 
 
 def _finetune(tmp_path: Path, steps: int = 3) -> Path:
-    return write_config(tmp_path / "finetune.yaml", {
-        "job": "finetune", "task": "sequence-classification", "model_name_or_path": "minilm-l6",
-        "output_dir": str(tmp_path / "teacher"), "data": DATA,
-        "training": {**QUIET, "max_steps": steps, "per_device_train_batch_size": 8, "learning_rate": 1e-4}})
+    return write_config(
+        tmp_path / "finetune.yaml",
+        {
+            "job": "finetune",
+            "task": "sequence-classification",
+            "model_name_or_path": "minilm-l6",
+            "output_dir": str(tmp_path / "teacher"),
+            "data": DATA,
+            "training": {**QUIET, "max_steps": steps, "per_device_train_batch_size": 8, "learning_rate": 1e-4},
+        },
+    )
 
 
 def _distill(tmp_path: Path, teacher: Path, steps: int = 3) -> Path:
-    return write_config(tmp_path / "distill.yaml", {
-        "job": "distill", "teacher": str(teacher), "output_dir": str(tmp_path / "student"),
-        "student_num_layers": 2, "data": DATA,
-        "latency": {"batch_sizes": [8], "seq_length": 32, "repeats": 2, "warmup": 1},
-        "training": {**QUIET, "max_steps": steps, "per_device_train_batch_size": 8, "learning_rate": 2e-4}})
+    return write_config(
+        tmp_path / "distill.yaml",
+        {
+            "job": "distill",
+            "teacher": str(teacher),
+            "output_dir": str(tmp_path / "student"),
+            "student_num_layers": 2,
+            "data": DATA,
+            "latency": {"batch_sizes": [8], "seq_length": 32, "repeats": 2, "warmup": 1},
+            "training": {**QUIET, "max_steps": steps, "per_device_train_batch_size": 8, "learning_rate": 2e-4},
+        },
+    )
 
 
 def _trained_in_bf16(out: Path, world_size: int = 1) -> dict:
@@ -62,8 +77,7 @@ def test_bf16_advice_follows_the_cpu():
 def test_check_warns_when_bf16_is_asked_without_bf16_units(tmp_path, monkeypatch, capsys):
     from hpcnlp import tasks
 
-    monkeypatch.setattr(tasks, "cpu", lambda: {"model": "Test CPU", "flags": {"avx512_bf16": False,
-                                                                              "amx_bf16": False}})
+    monkeypatch.setattr(tasks, "cpu", lambda: {"model": "Test CPU", "flags": {"avx512_bf16": False, "amx_bf16": False}})
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert run_cli("check", "--config", str(tiny_pretrain(tmp_path, bf16=True))) == 0  # a warning, not an error
     out = capsys.readouterr().out  # the CLI logs to stdout
@@ -90,9 +104,11 @@ def test_bf16_under_torchrun(tmp_path):
     """pretrain, finetune and distill, each two CPU processes (gloo) in bf16; the ranks stay identical."""
     pretrain = tiny_pretrain(tmp_path, bf16=True)
     prepare_corpus(pretrain)
-    for job, config, out in (("pretrain", pretrain, "out"),
-                             ("finetune", _finetune(tmp_path, 2), "teacher"),
-                             ("distill", _distill(tmp_path, tmp_path / "teacher", 2), "student")):
+    for job, config, out in (
+        ("pretrain", pretrain, "out"),
+        ("finetune", _finetune(tmp_path, 2), "teacher"),
+        ("distill", _distill(tmp_path, tmp_path / "teacher", 2), "student"),
+    ):
         proc = torchrun([job, "--config", str(config)])
         assert proc.returncode == 0, job + ": " + proc.stdout[-3000:] + proc.stderr[-3000:]
         assert _trained_in_bf16(tmp_path / out, world_size=2)["replicas_identical"] is True, job

@@ -1,4 +1,5 @@
 """The shipped bundle: manifest, `hpcnlp verify`, and torch-free inference with the bundled script."""
+
 from __future__ import annotations
 
 import json
@@ -9,20 +10,32 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO, SENTIMENT, SENTIMENT_DATA, run_cli, validate_config
 
 pytestmark = pytest.mark.slow  # needs the exported, validated sentiment bundle (session fixture)
 
 # Runs a script with torch and transformers made unimportable: any import of them raises ImportError.
-NO_TORCH = ("import runpy, sys; sys.modules.update(torch=None, transformers=None, optimum=None); "
-            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+NO_TORCH = (
+    "import runpy, sys; sys.modules.update(torch=None, transformers=None, optimum=None); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 def test_bundle_contents_and_manifest(sentiment_bundle):
     names = {p.name for p in sentiment_bundle.iterdir()}
-    assert {"model.onnx", "model.int8.onnx", "config.json", "tokenizer.json", "manifest.json", "MODEL_CARD.md",
-            "validation.md", "validation.json", "latency.png", "onnx_inference.py", "SHA256SUMS"} <= names
+    assert {
+        "model.onnx",
+        "model.int8.onnx",
+        "config.json",
+        "tokenizer.json",
+        "manifest.json",
+        "MODEL_CARD.md",
+        "validation.md",
+        "validation.json",
+        "latency.png",
+        "onnx_inference.py",
+        "SHA256SUMS",
+    } <= names
     manifest = json.loads((sentiment_bundle / "manifest.json").read_text())
     assert set(manifest["files"]) == names - {"manifest.json", "SHA256SUMS"}
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in manifest["files"].values())
@@ -61,8 +74,9 @@ def test_verify_catches_an_unloadable_model(sentiment_bundle, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"]["model.onnx"] = {"sha256": bundle.sha256(copy / "model.onnx"), "bytes": 16}
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    (copy / "SHA256SUMS").write_text(bundle.sums_text({**manifest["files"], "manifest.json": {
-        "sha256": bundle.sha256(copy / "manifest.json")}}))
+    (copy / "SHA256SUMS").write_text(
+        bundle.sums_text({**manifest["files"], "manifest.json": {"sha256": bundle.sha256(copy / "manifest.json")}})
+    )
     problems = bundle.verify(copy)
     assert len(problems) == 1 and "model.onnx: does not load" in problems[0]
 
@@ -73,8 +87,12 @@ def test_torch_free_script_gives_pytorch_labels(sentiment_bundle, sentiment_teac
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     texts = pd.read_csv(SENTIMENT / "test.csv")["text"].head(12).tolist()
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(sentiment_bundle / "onnx_inference.py"),
-                           str(sentiment_bundle), *texts], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, str(sentiment_bundle / "onnx_inference.py"), str(sentiment_bundle), *texts],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     got = [json.loads(line)["label"] for line in proc.stdout.splitlines()]
 
@@ -96,8 +114,9 @@ def test_blocked_import_really_blocks(tmp_path):
 def test_bundled_script_is_the_packages(sentiment_bundle):
     from importlib import resources
 
-    assert (sentiment_bundle / "onnx_inference.py").read_bytes() == \
-        resources.files("hpcnlp.ship").joinpath("onnx_inference.py").read_bytes()
+    assert (sentiment_bundle / "onnx_inference.py").read_bytes() == resources.files("hpcnlp.ship").joinpath(
+        "onnx_inference.py"
+    ).read_bytes()
 
 
 def test_a_wheel_carries_the_bundled_script(tmp_path):
@@ -108,16 +127,32 @@ def test_a_wheel_carries_the_bundled_script(tmp_path):
     shutil.copytree(REPO / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                    "-q", "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
-    wheel, = (tmp_path / "dist").glob("hpcnlp-*.whl")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = (tmp_path / "dist").glob("hpcnlp-*.whl")
     assert "hpcnlp/ship/onnx_inference.py" in zipfile.ZipFile(wheel).namelist()
 
 
 def test_pipeline_stage_row_reads_the_bundle(sentiment_bundle):
     """The last line of `make demo`'s table: gate verdict, metric per runtime, sizes, latency."""
-    from hpcnlp.jobs import load_config
     from hpcnlp.cluster.pipeline import stage_row
+    from hpcnlp.jobs import load_config
 
     cfg = load_config(str(sentiment_bundle.parents[2] / "validate.yaml"), check=False)
     row = stage_row("validate", cfg)
@@ -137,8 +172,9 @@ def _edited_copy(sentiment_bundle, tmp_path, edit):
     manifest = json.loads((copy / "manifest.json").read_text())
     edit(copy, manifest)
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    (copy / "SHA256SUMS").write_text(bundle.sums_text({**manifest["files"], "manifest.json": {
-        "sha256": bundle.sha256(copy / "manifest.json")}}))
+    (copy / "SHA256SUMS").write_text(
+        bundle.sums_text({**manifest["files"], "manifest.json": {"sha256": bundle.sha256(copy / "manifest.json")}})
+    )
     return copy
 
 
@@ -186,8 +222,9 @@ def test_verify_refuses_an_empty_file_list(sentiment_bundle, tmp_path):
             (copy / name).unlink()
         manifest["files"] = {}
 
-    assert bundle.verify(_edited_copy(sentiment_bundle, tmp_path, edit)) == \
-        [f"{tmp_path / 'bundle' / 'manifest.json'}: lists no files"]
+    assert bundle.verify(_edited_copy(sentiment_bundle, tmp_path, edit)) == [
+        f"{tmp_path / 'bundle' / 'manifest.json'}: lists no files"
+    ]
 
 
 def test_sha256sum_checks_the_bundle_without_hpcnlp(sentiment_bundle, tmp_path):

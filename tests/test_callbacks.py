@@ -1,4 +1,5 @@
 """The training log a user watches: each evaluation's metrics, on rank 0 only."""
+
 from __future__ import annotations
 
 import logging
@@ -9,8 +10,14 @@ from hpcnlp.train.callbacks import ThroughputCallback
 
 def _evaluate(caplog, zero: bool) -> list[str]:
     state = SimpleNamespace(global_step=641, max_steps=1923, epoch=1.0, is_world_process_zero=zero)
-    metrics = {"eval_loss": 0.38481, "eval_f1": 0.83304, "eval_accuracy": 0.8378, "eval_runtime": 12.3,
-               "eval_samples_per_second": 104.2, "epoch": 1.0}
+    metrics = {
+        "eval_loss": 0.38481,
+        "eval_f1": 0.83304,
+        "eval_accuracy": 0.8378,
+        "eval_runtime": 12.3,
+        "eval_samples_per_second": 104.2,
+        "epoch": 1.0,
+    }
     with caplog.at_level(logging.INFO, logger="hpcnlp.train"):
         ThroughputCallback(16).on_evaluate(None, state, None, metrics=metrics)
     return [r.getMessage() for r in caplog.records if r.name == "hpcnlp.train"]

@@ -1,16 +1,17 @@
 """Config validation: every class of bad config gets one line naming file, key and fix; exit 2; nothing written."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import yaml
+from helpers import prepare_corpus
 
 from hpcnlp.cli import main
 from hpcnlp.config import ConfigError, with_overrides
-from hpcnlp.jobs.pretrain import PretrainConfig
 from hpcnlp.jobs import EXIT_CONFIG, load_config
-from helpers import prepare_corpus
+from hpcnlp.jobs.pretrain import PretrainConfig
 
 
 def _check(tmp_path, cfg: dict, *overrides: str):
@@ -127,7 +128,10 @@ def test_refused_job_writes_nothing(tmp_path, pretrain_config):
 def test_overrides_are_dotted_and_typed():
     base = {"training": {"max_steps": 1, "seed": 3}, "data": {"train_files": ["x"]}}
     assert with_overrides(base, ["training.max_steps=10", "data.train_files=[a,b]", "overwrite=true"]) == {
-        "training": {"max_steps": 10, "seed": 3}, "data": {"train_files": ["a", "b"]}, "overwrite": True}
+        "training": {"max_steps": 10, "seed": 3},
+        "data": {"train_files": ["a", "b"]},
+        "overwrite": True,
+    }
     with pytest.raises(ConfigError, match="key=value"):
         with_overrides(base, ["training.max_steps"])
 
@@ -146,9 +150,17 @@ def test_training_is_training_arguments(tmp_path, pretrain_config, capsys):
     plain = training_arguments(load_config(path).training, str(tmp_path / "out"))
     assert plain.logging_dir == str(tmp_path / "out" / "runs") and plain.run_name == "out"
     assert plain.ddp_find_unused_parameters is False and plain.report_to == []
-    everyday = {"report_to": ["tensorboard"], "run_name": "mine", "adam_beta2": 0.98, "label_smoothing_factor": 0.1,
-                "ddp_timeout": 600, "ddp_find_unused_parameters": True, "save_only_model": True,
-                "dataloader_num_workers": 2, "lr_scheduler_type": "cosine"}
+    everyday = {
+        "report_to": ["tensorboard"],
+        "run_name": "mine",
+        "adam_beta2": 0.98,
+        "label_smoothing_factor": 0.1,
+        "ddp_timeout": 600,
+        "ddp_find_unused_parameters": True,
+        "save_only_model": True,
+        "dataloader_num_workers": 2,
+        "lr_scheduler_type": "cosine",
+    }
     cfg["training"].update(everyday)
     path.write_text(yaml.safe_dump(cfg))
     assert main(["check", "--config", str(path)]) == 0
@@ -156,15 +168,21 @@ def test_training_is_training_arguments(tmp_path, pretrain_config, capsys):
     assert {k: getattr(args, k) for k in everyday} == everyday
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("training.adam_beta3=0.9", "training.adam_beta3: unknown key. Fix: did you mean 'adam_beta2'?"),
-    ("training.adam_beta2=high", "training.adam_beta2: Input should be a valid number"),
-    ("training.output_dir=x", "training.output_dir: is set by the job, not in training:. Fix: set the top-level output_dir"),
-    ("training.lr_scheduler_type=cosin", "training: TrainingArguments refuses these settings"),
-    ("training.learning_rate=.inf", "training.learning_rate: Input should be a finite number"),
-    ("output_dir=[x", "output_dir=[x: cannot be read"),
-    ("resume=/etc", "resume: '/etc' is not a complete checkpoint of this run: incomplete"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("training.adam_beta3=0.9", "training.adam_beta3: unknown key. Fix: did you mean 'adam_beta2'?"),
+        ("training.adam_beta2=high", "training.adam_beta2: Input should be a valid number"),
+        (
+            "training.output_dir=x",
+            "training.output_dir: is set by the job, not in training:. Fix: set the top-level output_dir",
+        ),
+        ("training.lr_scheduler_type=cosin", "training: TrainingArguments refuses these settings"),
+        ("training.learning_rate=.inf", "training.learning_rate: Input should be a finite number"),
+        ("output_dir=[x", "output_dir=[x: cannot be read"),
+        ("resume=/etc", "resume: '/etc' is not a complete checkpoint of this run: incomplete"),
+    ],
+)
 def test_bad_values_are_one_line_each(pretrain_config, capsys, override, expected):
     path, _ = pretrain_config
     assert main(["check", "--config", str(path), override]) == EXIT_CONFIG

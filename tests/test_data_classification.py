@@ -1,4 +1,5 @@
 """Classification reader: the shipped Rotten Tomatoes sample, every table format, and bad rows."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,12 @@ def _rows(n=40) -> pd.DataFrame:
 
 
 def test_shipped_sample_splits_labels_and_dynamic_lengths(minilm_tokenizer):
-    data = FinetuneDataConfig(train_file=str(SAMPLE / "train.csv"), validation_file=str(SAMPLE / "validation.csv"),
-                              test_file=str(SAMPLE / "test.csv"), max_seq_length=64)
+    data = FinetuneDataConfig(
+        train_file=str(SAMPLE / "train.csv"),
+        validation_file=str(SAMPLE / "validation.csv"),
+        test_file=str(SAMPLE / "test.csv"),
+        max_seq_length=64,
+    )
     loaded = classification.load(data, minilm_tokenizer)
     assert loaded.label_names == ["fresh", "rotten"]
     assert {k: len(v) for k, v in loaded.splits.items()} == {"train": 2000, "validation": 400, "test": 400}
@@ -66,8 +71,9 @@ def test_int_labels_sort_numerically_and_text_pairs(tmp_path, minilm_tokenizer):
     rows = [{"premise": f"sentence {i}", "hypothesis": f"other {i}", "label": i % 11} for i in range(33)]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = FinetuneDataConfig(train_file=str(path), validation_file=str(path), text_column="premise",
-                              text_pair_column="hypothesis")
+    data = FinetuneDataConfig(
+        train_file=str(path), validation_file=str(path), text_column="premise", text_pair_column="hypothesis"
+    )
     loaded = classification.load(data, minilm_tokenizer)
     assert loaded.label_names == [str(i) for i in range(11)]  # '2' before '10'
     first = loaded.splits["train"][0]
@@ -90,8 +96,13 @@ def test_empty_text_and_missing_label_name_the_row(tmp_path):
     rows.loc[6, "label"] = ""
     path = tmp_path / "bad.csv"
     rows.to_csv(path, index=False)
-    text = _expect(path, FinetuneDataConfig(train_file=str(path)), "row 4: empty text in column 'text'",
-                   "row 7: label missing", "Fix:")
+    text = _expect(
+        path,
+        FinetuneDataConfig(train_file=str(path)),
+        "row 4: empty text in column 'text'",
+        "row 7: label missing",
+        "Fix:",
+    )
     assert text.count("\n") == 1  # the two bad rows, nothing else
 
 
@@ -100,8 +111,12 @@ def test_label_outside_the_given_label_set(tmp_path):
     rows.loc[2, "label"] = "rotton"
     path = tmp_path / "typo.csv"
     rows.to_csv(path, index=False)
-    _expect(path, FinetuneDataConfig(train_file=str(path), label_names=["fresh", "rotten"]),
-            "row 3: label 'rotton' is not in the label set", "data.label_names")
+    _expect(
+        path,
+        FinetuneDataConfig(train_file=str(path), label_names=["fresh", "rotten"]),
+        "row 3: label 'rotton' is not in the label set",
+        "data.label_names",
+    )
 
 
 def test_eval_label_set_differs_from_train(tmp_path):
@@ -110,19 +125,25 @@ def test_eval_label_set_differs_from_train(tmp_path):
     rows = _rows(5)
     rows.loc[4, "label"] = "plot"
     rows.to_csv(val, index=False)
-    _expect(val, FinetuneDataConfig(train_file=str(train), validation_file=str(val)),
-            "row 5: label 'plot' never occurs in the training data", "validation")
+    _expect(
+        val,
+        FinetuneDataConfig(train_file=str(train), validation_file=str(val)),
+        "row 5: label 'plot' never occurs in the training data",
+        "validation",
+    )
 
 
 def test_unknown_column_and_format_are_config_problems(tmp_path):
     path = tmp_path / "train.csv"
     _rows(5).to_csv(path, index=False)
-    problems = data_file_problems("sequence-classification",
-                                  FinetuneDataConfig(train_file=str(path), label_column="sentiment"))
+    problems = data_file_problems(
+        "sequence-classification", FinetuneDataConfig(train_file=str(path), label_column="sentiment")
+    )
     assert [p.key for p in problems] == ["data.label_column"]
     assert "unknown column 'sentiment'" in problems[0].message and "movie" in problems[0].message
-    conll = data_file_problems("sequence-classification",
-                               FinetuneDataConfig(train_file=str(SAMPLE.parents[1] / "ner/wnut16/train.conll")))
+    conll = data_file_problems(
+        "sequence-classification", FinetuneDataConfig(train_file=str(SAMPLE.parents[1] / "ner/wnut16/train.conll"))
+    )
     assert "does not fit sequence-classification" in conll[0].message
     missing = data_file_problems("sequence-classification", FinetuneDataConfig(train_file=str(tmp_path / "no.csv")))
     assert "no such file" in missing[0].message

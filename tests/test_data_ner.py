@@ -1,4 +1,5 @@
 """NER reader and label alignment: the shipped WNUT sample, the real MiniLM tokenizer, bad files."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,11 @@ TAGS = ["B-person", "O", "B-person", "O", "B-geo-loc"]
 
 
 def test_shipped_sample_reads_with_the_full_bio_label_set(minilm_tokenizer):
-    data = FinetuneDataConfig(train_file=str(SAMPLE / "train.conll"), validation_file=str(SAMPLE / "validation.conll"),
-                              test_file=str(SAMPLE / "test.conll"))
+    data = FinetuneDataConfig(
+        train_file=str(SAMPLE / "train.conll"),
+        validation_file=str(SAMPLE / "validation.conll"),
+        test_file=str(SAMPLE / "test.conll"),
+    )
     loaded = ner.load(data, minilm_tokenizer)
     assert {k: len(v) for k, v in loaded.splits.items()} == {"train": 300, "validation": 100, "test": 100}
     assert loaded.label_names[0] == "O" and len(loaded.label_names) == 21  # O + B/I for 10 types
@@ -38,10 +42,36 @@ def test_alignment_on_real_sub_words(minilm_tokenizer):
     all_tokens = ner.align_labels(enc.word_ids(), ids, True, to_i)
     as_tags = lambda labels: [names[x] if x >= 0 else None for x in labels]  # noqa: E731
     # [CLS] cl ##oon ##ey visited @ emma ##rose ##9 ##9 in montreal [SEP]
-    assert as_tags(first_only) == [None, "B-person", None, None, "O", "B-person", None, None, None, None, "O",
-                                   "B-geo-loc", None]
-    assert as_tags(all_tokens) == [None, "B-person", "I-person", "I-person", "O", "B-person", "I-person",
-                                   "I-person", "I-person", "I-person", "O", "B-geo-loc", None]
+    assert as_tags(first_only) == [
+        None,
+        "B-person",
+        None,
+        None,
+        "O",
+        "B-person",
+        None,
+        None,
+        None,
+        None,
+        "O",
+        "B-geo-loc",
+        None,
+    ]
+    assert as_tags(all_tokens) == [
+        None,
+        "B-person",
+        "I-person",
+        "I-person",
+        "O",
+        "B-person",
+        "I-person",
+        "I-person",
+        "I-person",
+        "I-person",
+        "O",
+        "B-geo-loc",
+        None,
+    ]
 
 
 def test_label_all_tokens_labels_train_sub_tokens_but_eval_counts_words(tmp_path, minilm_tokenizer):
@@ -59,7 +89,9 @@ def test_conll_spaces_docstart_and_line_numbers(tmp_path):
     path.write_text("-DOCSTART- -X- O\n\nEU B-ORG\nrejects O\n\n\nPeter\tB-PER\nBlackburn\tI-PER\n")
     sents = ner.read_conll(str(path))
     assert [(s.tokens, s.tags, s.where) for s in sents] == [
-        (["EU", "rejects"], ["B-ORG", "O"], "line 3"), (["Peter", "Blackburn"], ["B-PER", "I-PER"], "line 7")]
+        (["EU", "rejects"], ["B-ORG", "O"], "line 3"),
+        (["Peter", "Blackburn"], ["B-PER", "I-PER"], "line 7"),
+    ]
 
 
 def _error(path, **data) -> str:
@@ -73,9 +105,14 @@ def _error(path, **data) -> str:
 
 def test_tokens_tags_length_mismatch_and_empty_sentence(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"tokens": WORDS, "tags": TAGS}) + "\n"
-                    + json.dumps({"tokens": WORDS, "tags": TAGS[:4]}) + "\n\n"
-                    + json.dumps({"tokens": [], "tags": []}) + "\n")
+    path.write_text(
+        json.dumps({"tokens": WORDS, "tags": TAGS})
+        + "\n"
+        + json.dumps({"tokens": WORDS, "tags": TAGS[:4]})
+        + "\n\n"
+        + json.dumps({"tokens": [], "tags": []})
+        + "\n"
+    )
     text = _error(path)
     assert "line 2: 5 tokens but 4 tags" in text and "line 4: empty sentence" in text
 
@@ -107,7 +144,9 @@ def test_eval_tag_unknown_to_train(tmp_path):
     cfg = FinetuneDataConfig(train_file=str(train), validation_file=str(val))
     with pytest.raises(DataError) as err:
         ner.read_splits(cfg, lambda p: ner.read_sentences(p, cfg), lambda s: s.tags, ner.complete_label_set)
-    assert err.value.lines == [f"{val}: line 1: label 'B-geo-loc' never occurs in the training data (2 times; "
-                               f"first here): the label set of this validation file differs from train's "
-                               f"['O', 'B-person', 'I-person']. Fix: correct the label, or list the full label set "
-                               f"in data.label_names"]
+    assert err.value.lines == [
+        f"{val}: line 1: label 'B-geo-loc' never occurs in the training data (2 times; "
+        f"first here): the label set of this validation file differs from train's "
+        f"['O', 'B-person', 'I-person']. Fix: correct the label, or list the full label set "
+        f"in data.label_names"
+    ]

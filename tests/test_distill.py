@@ -1,4 +1,5 @@
 """`hpcnlp distill`: student init (every k-th layer), the loss, and the job on real teachers and data."""
+
 from __future__ import annotations
 
 import json
@@ -36,20 +37,37 @@ def test_distillation_loss():
     masked[:, 3:] = -100
     moved = student.clone()
     moved[:, 3:] += 100
-    assert torch.allclose(distillation_loss(student, teacher, masked, 2.0, 0.7),
-                          distillation_loss(moved, teacher, masked, 2.0, 0.7))
+    assert torch.allclose(
+        distillation_loss(student, teacher, masked, 2.0, 0.7), distillation_loss(moved, teacher, masked, 2.0, 0.7)
+    )
     # T^2 scaling: the soft part is comparable across temperatures (Hinton et al.), not shrunk by 1/T^2.
     soft = distillation_loss(student, teacher, labels, 4.0, alpha=1.0)
     assert 0.1 < soft / distillation_loss(student, teacher, labels, 1.0, alpha=1.0) < 10
 
 
 def _distill_config(tmp_path, teacher, data, steps):
-    return write_config(tmp_path / "distill.yaml", {
-        "job": "distill", "teacher": teacher, "output_dir": str(tmp_path / "student"), "student_num_layers": 3,
-        "temperature": 2.0, "alpha": 0.5, "data": data,
-        "latency": {"batch_sizes": [8], "seq_length": 48, "repeats": 3, "warmup": 1},
-        "training": {"max_steps": steps, "per_device_train_batch_size": 16, "learning_rate": 2e-4,
-                     "eval_strategy": "no", "save_strategy": "no", "logging_steps": 5, "seed": 7}})
+    return write_config(
+        tmp_path / "distill.yaml",
+        {
+            "job": "distill",
+            "teacher": teacher,
+            "output_dir": str(tmp_path / "student"),
+            "student_num_layers": 3,
+            "temperature": 2.0,
+            "alpha": 0.5,
+            "data": data,
+            "latency": {"batch_sizes": [8], "seq_length": 48, "repeats": 3, "warmup": 1},
+            "training": {
+                "max_steps": steps,
+                "per_device_train_batch_size": 16,
+                "learning_rate": 2e-4,
+                "eval_strategy": "no",
+                "save_strategy": "no",
+                "logging_steps": 5,
+                "seed": 7,
+            },
+        },
+    )
 
 
 @pytest.mark.slow
@@ -61,8 +79,9 @@ def test_distill_sequence_classifier(sentiment_teacher, tmp_path):
     out = tmp_path / "student"
     m = json.loads((out / "metrics.json").read_text())
     assert m["metric"] == "accuracy" and m["student"]["layers"] == 3 and m["teacher"]["layers"] == 6
-    assert m["retention_pct"] == pytest.approx(100 * m["student"]["metrics"]["accuracy"]
-                                               / m["teacher"]["metrics"]["accuracy"], abs=0.01)
+    assert m["retention_pct"] == pytest.approx(
+        100 * m["student"]["metrics"]["accuracy"] / m["teacher"]["metrics"]["accuracy"], abs=0.01
+    )
     assert m["retention_pct"] > 80  # 20 steps recover most of what removing half the layers lost
     assert 0.7 < m["parameter_ratio"] < 0.8  # MiniLM: embeddings are a third of the weights
     assert list(m["speedup"]) == ["8"] and m["speedup"]["8"] > 0  # how much faster: make bench (noisy here)

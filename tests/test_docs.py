@@ -1,5 +1,6 @@
 """The user docs (docs/, mkdocs.yml) and the README: the site builds with no broken link, and the commands
 and configs the quickstarts show are ones hpcnlp accepts. Reads only repo files, writes only tmp dirs."""
+
 from __future__ import annotations
 
 import os
@@ -30,22 +31,43 @@ def _readme_quickstart() -> str:
 
 
 def _quickstart_texts() -> list[tuple[str, str]]:
-    return [("docs/quickstart.md", (REPO / "docs/quickstart.md").read_text()),
-            ("README.md (Quickstart on your cluster)", _readme_quickstart())]
+    return [
+        ("docs/quickstart.md", (REPO / "docs/quickstart.md").read_text()),
+        ("README.md (Quickstart on your cluster)", _readme_quickstart()),
+    ]
 
 
 def _hpcnlp_lines(text: str) -> list[str]:
-    return [line.strip() for lang, body in _blocks(text) if lang in ("", "bash", "sh", "console")
-            for line in body.splitlines() if line.strip().startswith("hpcnlp ")]
+    return [
+        line.strip()
+        for lang, body in _blocks(text)
+        if lang in ("", "bash", "sh", "console")
+        for line in body.splitlines()
+        if line.strip().startswith("hpcnlp ")
+    ]
 
 
 def test_mkdocs_build_strict(tmp_path):
     pytest.importorskip("mkdocs", reason="mkdocs is in requirements/docs.txt: run `make setup` (or `make docs`)")
     site = tmp_path / "site"
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
-                           str(REPO / "mkdocs.yml"), "--site-dir", str(site)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(REPO / "mkdocs.yml"),
+            "--site-dir",
+            str(site),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
@@ -107,7 +129,9 @@ def test_quickstart_yaml_blocks_validate(source, text, tmp_path):
                 _load_profile()(path)
         except ConfigError as e:
             # The image path is the site's (a shared dir of its cluster), not this machine's
-            lines = [line for p, line in zip(e.problems, e.lines) if not (p.key == "image" and "not a file" in p.message)]
+            lines = [
+                line for p, line in zip(e.problems, e.lines) if not (p.key == "image" and "not a file" in p.message)
+            ]
             if lines:
                 pytest.fail(f"{source}: yaml block {i} is refused:\n" + "\n".join(lines))
         checked += 1

@@ -1,4 +1,5 @@
 """Domain text for continued pretraining never carries held-out sentences (data/fetch_finetune.py)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,11 +24,19 @@ def test_rotten_domain_keeps_training_snippets_and_plots_of_training_side_movies
     import bz2
     import io
 
-    raw = pd.DataFrame({"category": ["fresh", "plot", "plot", "plot"], "movie_name": ["a", "a", "b", "c"],
-                        "text": ["good film", "A plot of a.", "A plot of b.", "A plot\nof c."],
-                        "has_plot_and_reviews": [True, True, True, False]})
+    raw = pd.DataFrame(
+        {
+            "category": ["fresh", "plot", "plot", "plot"],
+            "movie_name": ["a", "a", "b", "c"],
+            "text": ["good film", "A plot of a.", "A plot of b.", "A plot\nof c."],
+            "has_plot_and_reviews": [True, True, True, False],
+        }
+    )
     buf = io.BytesIO()
     raw.to_csv(buf, index=False)
-    splits = {"train": pd.DataFrame({"text": ["good film"], "movie": ["a"]}),
-              "validation": pd.DataFrame({"text": ["x"], "movie": ["b"]}), "test": pd.DataFrame({"text": [], "movie": []})}
+    splits = {
+        "train": pd.DataFrame({"text": ["good film"], "movie": ["a"]}),
+        "validation": pd.DataFrame({"text": ["x"], "movie": ["b"]}),
+        "test": pd.DataFrame({"text": [], "movie": []}),
+    }
     assert fetch.rotten_domain(bz2.compress(buf.getvalue()), splits) == ["good film", "A plot of a.", "A plot of c."]

@@ -2,6 +2,7 @@
 
 The sentiment teacher/export/bundle are session fixtures (conftest.py), shared with test_bundle.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,9 +57,15 @@ def test_export_and_validate_token_classifier(ner_teacher, tmp_path):
     assert _dynamic_axes(tmp_path / "onnx" / "model.onnx")["input_ids"] == ["batch_size", "sequence_length"]
     # A few steps of NER training leave entity F1 near 0, so the int8 metric gate is checked in the
     # sentiment test; here: fp32 parity and that int8 agrees with PyTorch on most tokens.
-    rc = run_cli("validate", "--config", str(validate_config(
-        tmp_path, ner_teacher, str(tmp_path / "onnx"), NER_DATA,
-        thresholds={"int8_min_argmax_agreement": 0.95})))
+    rc = run_cli(
+        "validate",
+        "--config",
+        str(
+            validate_config(
+                tmp_path, ner_teacher, str(tmp_path / "onnx"), NER_DATA, thresholds={"int8_min_argmax_agreement": 0.95}
+            )
+        ),
+    )
     assert rc == 0
     report = json.loads((tmp_path / "artifacts" / "test-model" / "1" / "validation.json").read_text())
     assert report["task"] == "token-classification"
@@ -68,8 +75,11 @@ def test_export_and_validate_token_classifier(ner_teacher, tmp_path):
 
 
 def test_impossible_tolerance_is_rejected_and_nothing_ships(sentiment_teacher, sentiment_onnx, tmp_path):
-    rc = run_cli("validate", "--config", str(validate_config(tmp_path, sentiment_teacher, sentiment_onnx,
-                                                              SMALL_EVAL, thresholds={"fp32_atol": 1e-12})))
+    rc = run_cli(
+        "validate",
+        "--config",
+        str(validate_config(tmp_path, sentiment_teacher, sentiment_onnx, SMALL_EVAL, thresholds={"fp32_atol": 1e-12})),
+    )
     assert rc == 3  # rejected
     assert not (tmp_path / "artifacts" / "test-model").exists()
     assert [p.name for p in (tmp_path / "artifacts").iterdir()] == []  # no staging left either
@@ -77,7 +87,9 @@ def test_impossible_tolerance_is_rejected_and_nothing_ships(sentiment_teacher, s
     report = json.loads((rejected / "validation.json").read_text())
     assert report["passed"] is False
     assert [c["check"] for c in report["checks"] if not c["passed"]] == [
-        "fp32 max abs diff (logits)", "edge cases: fp32 max abs diff (logits)"]
+        "fp32 max abs diff (logits)",
+        "edge cases: fp32 max abs diff (logits)",
+    ]
     assert "FAILED" in (rejected / "validation.md").read_text()
 
 
@@ -92,8 +104,7 @@ def test_corrupted_weight_is_rejected(sentiment_teacher, sentiment_onnx, tmp_pat
     init = next(i for i in model.graph.initializer if "classifier.weight" in i.name)
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init)[::-1].copy(), init.name))  # rows swapped
     onnx.save(model, str(broken / "model.onnx"))
-    rc = run_cli("validate", "--config", str(validate_config(tmp_path, sentiment_teacher, str(broken),
-                                                              SMALL_EVAL)))
+    rc = run_cli("validate", "--config", str(validate_config(tmp_path, sentiment_teacher, str(broken), SMALL_EVAL)))
     assert rc == 3  # rejected
     assert not (tmp_path / "artifacts" / "test-model").exists()
     report = json.loads((tmp_path / "rejected" / "test-model" / "1" / "validation.json").read_text())
@@ -131,8 +142,15 @@ def test_export_refuses_tolerance_failure_and_fill_mask_exports(tmp_path, minilm
 
 
 def test_check_refuses_static_quantization_without_data(sentiment_teacher, tmp_path):
-    cfg = write_config(tmp_path / "e.yaml", {"job": "export", "model_name_or_path": sentiment_teacher,
-                                              "output_dir": str(tmp_path / "o"), "quantize": {"mode": "static"}})
+    cfg = write_config(
+        tmp_path / "e.yaml",
+        {
+            "job": "export",
+            "model_name_or_path": sentiment_teacher,
+            "output_dir": str(tmp_path / "o"),
+            "quantize": {"mode": "static"},
+        },
+    )
     assert run_cli("check", "--config", str(cfg)) == 2
     assert not (tmp_path / "o").exists()
 
@@ -143,8 +161,13 @@ def test_static_quantization_with_ort_optimization(sentiment_teacher, tmp_path):
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
-    cfg = export_config(tmp_path, sentiment_teacher, data=SENTIMENT_DATA, optimization_level=2,
-                        quantize={"mode": "static", "preset": "avx2", "calibration_samples": 32})
+    cfg = export_config(
+        tmp_path,
+        sentiment_teacher,
+        data=SENTIMENT_DATA,
+        optimization_level=2,
+        quantize={"mode": "static", "preset": "avx2", "calibration_samples": 32},
+    )
     assert run_cli("export", "--config", str(cfg)) == 0
     out = tmp_path / "onnx"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -156,11 +179,14 @@ def test_static_quantization_with_ort_optimization(sentiment_teacher, tmp_path):
     assert "SkipLayerNormalization" in ops or "Attention" in ops, ops  # the fp32 graph really is fused
     assert sorted(p.name for p in out.glob("*.onnx")) == ["model.int8.onnx", "model.onnx"]  # no leftovers
     texts = ["a gripping, beautifully acted film", "a tedious, lifeless mess", "fine", "I loved every minute"]
-    enc = AutoTokenizer.from_pretrained(sentiment_teacher)(texts, padding="max_length", max_length=48,
-                                                           return_tensors="np")
+    enc = AutoTokenizer.from_pretrained(sentiment_teacher)(
+        texts, padding="max_length", max_length=48, return_tensors="np"
+    )
     feeds = {k: v.astype(np.int64) for k, v in enc.items()}
-    fp32, int8 = (ort.InferenceSession(str(out / f), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
-                  for f in ("model.onnx", "model.int8.onnx"))
+    fp32, int8 = (
+        ort.InferenceSession(str(out / f), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+        for f in ("model.onnx", "model.int8.onnx")
+    )
     assert np.abs(fp32 - int8).max() < 1.0 and (fp32.argmax(-1) == int8.argmax(-1)).mean() >= 0.75
 
 
@@ -171,8 +197,11 @@ def test_gate_counts_a_drop_of_exactly_the_limit_as_passed():
     from hpcnlp.ship.measure import metric_drop
 
     th = ValidationThresholds(int8_max_metric_drop=0.01)
-    measured = {"argmax_agreement": 0.98, "edge_argmax_agreement": 1.0,
-                "metric_drop": metric_drop({"accuracy": 0.7825}, {"accuracy": 0.7725}, "accuracy")}
+    measured = {
+        "argmax_agreement": 0.98,
+        "edge_argmax_agreement": 1.0,
+        "metric_drop": metric_drop({"accuracy": 0.7825}, {"accuracy": 0.7725}, "accuracy"),
+    }
     assert all(r["passed"] for r in int8_checks(measured, th, "accuracy"))
     measured["metric_drop"] = metric_drop({"accuracy": 0.7825}, {"accuracy": 0.77}, "accuracy")
     assert not int8_checks(measured, th, "accuracy")[-1]["passed"]

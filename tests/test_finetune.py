@@ -1,4 +1,5 @@
 """`hpcnlp finetune` end to end: the real MiniLM on the shipped samples, a few CPU steps each."""
+
 from __future__ import annotations
 
 import json
@@ -6,22 +7,34 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, run_cli, write_config
 from safetensors.torch import load_file
 
-from helpers import REPO, run_cli, write_config
+from hpcnlp.jobs import finetune, load_config
 from hpcnlp.jobs.finetune import FreezeConfig
-from hpcnlp.jobs import load_config
-from hpcnlp.jobs import finetune
 
 SENTIMENT = REPO / "data" / "classification" / "rotten-tomatoes"
 WNUT = REPO / "data" / "ner" / "wnut16"
-QUIET = {"warmup_ratio": 0.0, "eval_strategy": "no", "save_strategy": "no", "logging_steps": 4, "seed": 7,
-         "per_device_eval_batch_size": 32}
+QUIET = {
+    "warmup_ratio": 0.0,
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "logging_steps": 4,
+    "seed": 7,
+    "per_device_eval_batch_size": 32,
+}
 
 
 def config(tmp_path: Path, task: str, data: dict, training: dict, **top) -> Path:
-    cfg = {"job": "finetune", "task": task, "model_name_or_path": "minilm-l6", "output_dir": str(tmp_path / "out"),
-           "data": {"max_seq_length": 64, **data}, "training": {**QUIET, **training}, **top}
+    cfg = {
+        "job": "finetune",
+        "task": task,
+        "model_name_or_path": "minilm-l6",
+        "output_dir": str(tmp_path / "out"),
+        "data": {"max_seq_length": 64, **data},
+        "training": {**QUIET, **training},
+        **top,
+    }
     return write_config(tmp_path / "finetune.yaml", cfg)
 
 
@@ -33,18 +46,33 @@ def metrics(tmp_path: Path) -> dict:
 def test_sentiment_fits_its_training_sample_and_writes_everything(tmp_path):
     # Scored on the very rows it trained on: the model must beat the majority class (it can fit what it sees).
     train = str(SENTIMENT / "train.csv")
-    path = config(tmp_path, "sequence-classification",
-                  {"train_file": train, "validation_file": train, "test_file": str(SENTIMENT / "test.csv"),
-                   "max_train_samples": 32, "max_eval_samples": 32},
-                  {"max_steps": 16, "per_device_train_batch_size": 8, "learning_rate": 2e-4})
+    path = config(
+        tmp_path,
+        "sequence-classification",
+        {
+            "train_file": train,
+            "validation_file": train,
+            "test_file": str(SENTIMENT / "test.csv"),
+            "max_train_samples": 32,
+            "max_eval_samples": 32,
+        },
+        {"max_steps": 16, "per_device_train_batch_size": 8, "learning_rate": 2e-4},
+    )
     assert run_cli("finetune", "--config", str(path)) == 0
     m, out = metrics(tmp_path), tmp_path / "out"
     fit = m["eval"]["validation"]
     majority = max(s["support"] for s in fit["per_class"].values()) / fit["examples"]
     assert fit["accuracy"] >= majority + 0.2, (fit["accuracy"], majority)
     assert m["eval"]["test"]["examples"] == 32 and set(m["eval"]["test"]["per_class"]) == {"fresh", "rotten"}
-    for name in ("model.safetensors", "report.md", "loss.png", "confusion_matrix.test.png",
-                 "confusion_matrix.test.json", "config.resolved.yaml", "tokenizer.json"):
+    for name in (
+        "model.safetensors",
+        "report.md",
+        "loss.png",
+        "confusion_matrix.test.png",
+        "confusion_matrix.test.json",
+        "config.resolved.yaml",
+        "tokenizer.json",
+    ):
         assert (out / name).is_file(), name
     config_json = json.loads((out / "config.json").read_text())
     assert config_json["id2label"] == {"0": "fresh", "1": "rotten"} and config_json["label2id"]["rotten"] == 1
@@ -77,10 +105,13 @@ def test_ner_fits_its_training_sample(tmp_path):
     # Entities are ~10% of these words; weighting O down (0.3) lets them emerge in few steps (without
     # it the model still predicts all-O after 40 steps).
     dense = str(_dense_sentences(tmp_path, 16))
-    path = config(tmp_path, "token-classification",
-                  {"train_file": dense, "validation_file": dense, "test_file": dense, "label_all_tokens": True},
-                  {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 2e-4},
-                  class_weights={"O": 0.3})
+    path = config(
+        tmp_path,
+        "token-classification",
+        {"train_file": dense, "validation_file": dense, "test_file": dense, "label_all_tokens": True},
+        {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 2e-4},
+        class_weights={"O": 0.3},
+    )
     assert run_cli("finetune", "--config", str(path)) == 0
     m = metrics(tmp_path)
     fit = m["eval"]["validation"]
@@ -96,8 +127,12 @@ def test_bad_data_refuses_to_start_and_writes_nothing(tmp_path, capsys):
     rows = (SENTIMENT / "validation.csv").read_text().splitlines()
     rows[5] = '"",fresh,some_movie'  # row 5 (after the header): empty text
     bad.write_text("\n".join(rows[:20]) + "\n")
-    path = config(tmp_path, "sequence-classification", {"train_file": str(SENTIMENT / "train.csv"),
-                                                         "validation_file": str(bad)}, {"max_steps": 1})
+    path = config(
+        tmp_path,
+        "sequence-classification",
+        {"train_file": str(SENTIMENT / "train.csv"), "validation_file": str(bad)},
+        {"max_steps": 1},
+    )
     assert run_cli("finetune", "--config", str(path)) == 2
     err = capsys.readouterr().err
     assert f"error: {bad}: row 5: empty text in column 'text'. Fix:" in err
@@ -106,16 +141,25 @@ def test_bad_data_refuses_to_start_and_writes_nothing(tmp_path, capsys):
 
 def test_config_problems(tmp_path, capsys):
     train = str(SENTIMENT / "train.csv")
-    path = config(tmp_path, "sequence-classification", {"train_file": train, "text_column": "review"},
-                  {"eval_strategy": "steps", "save_strategy": "epoch"},
-                  freeze={"layers": 9}, early_stopping_patience=2, class_weights={"fresh": 1.0, "spoiled": 2.0})
+    path = config(
+        tmp_path,
+        "sequence-classification",
+        {"train_file": train, "text_column": "review"},
+        {"eval_strategy": "steps", "save_strategy": "epoch"},
+        freeze={"layers": 9},
+        early_stopping_patience=2,
+        class_weights={"fresh": 1.0, "spoiled": 2.0},
+    )
     cfg_text = path.read_text().replace("max_seq_length: 64", "max_seq_length: 64\n  label_names: [fresh, rotten]")
     path.write_text(cfg_text)
     assert run_cli("check", "--config", str(path)) == 2
     err = capsys.readouterr().err
-    for fragment in ("data.text_column: unknown column 'review'", "freeze.layers: the model has 6 layers",
-                     "training.save_strategy: load_best_model_at_end needs save_strategy == eval_strategy",
-                     "class_weights.spoiled: not in data.label_names"):
+    for fragment in (
+        "data.text_column: unknown column 'review'",
+        "freeze.layers: the model has 6 layers",
+        "training.save_strategy: load_best_model_at_end needs save_strategy == eval_strategy",
+        "class_weights.spoiled: not in data.label_names",
+    ):
         assert fragment in err, err
     assert run_cli("check", "--config", str(REPO / "jobs" / "finetune-sentiment.yaml")) == 0
     assert run_cli("check", "--config", str(REPO / "jobs" / "finetune-ner.yaml")) == 0
@@ -125,12 +169,16 @@ def test_freezing(minilm_path):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
-    trainable = lambda: {n.split(".")[1] if n.startswith("bert.") else n.split(".")[0]  # noqa: E731
-                         for n, p in model.named_parameters() if p.requires_grad}
+    trainable = lambda: {
+        n.split(".")[1] if n.startswith("bert.") else n.split(".")[0]  # noqa: E731
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     info = finetune.freeze(model, FreezeConfig(embeddings=True, layers=4))
     assert not any(p.requires_grad for p in model.bert.embeddings.parameters())
-    assert [any(p.requires_grad for p in layer.parameters()) for layer in model.bert.encoder.layer] == \
-        [False] * 4 + [True] * 2
+    assert [any(p.requires_grad for p in layer.parameters()) for layer in model.bert.encoder.layer] == [False] * 4 + [
+        True
+    ] * 2
     assert trainable() == {"encoder", "pooler", "classifier"}
     assert info["trainable_parameters"] < info["total_parameters"]
     finetune.freeze(model, FreezeConfig(all_but_head=True))
@@ -161,12 +209,21 @@ def test_pipeline_path_from_a_masked_lm_dir(tmp_path, minilm_path, minilm_tokeni
     mlm = tmp_path / "mlm"
     AutoModelForMaskedLM.from_pretrained(minilm_path).save_pretrained(mlm)
     minilm_tokenizer.save_pretrained(mlm)
-    path = config(tmp_path, "sequence-classification",
-                  {"train_file": str(SENTIMENT / "train.csv"), "validation_file": str(SENTIMENT / "validation.csv"),
-                   "extra_eval_files": {"test-as-ood": str(SENTIMENT / "test.csv")},
-                   "max_train_samples": 16, "max_eval_samples": 16},
-                  {"max_steps": 2, "per_device_train_batch_size": 8},
-                  model_name_or_path=str(mlm), freeze={"embeddings": True, "layers": 4}, class_weights="balanced")
+    path = config(
+        tmp_path,
+        "sequence-classification",
+        {
+            "train_file": str(SENTIMENT / "train.csv"),
+            "validation_file": str(SENTIMENT / "validation.csv"),
+            "extra_eval_files": {"test-as-ood": str(SENTIMENT / "test.csv")},
+            "max_train_samples": 16,
+            "max_eval_samples": 16,
+        },
+        {"max_steps": 2, "per_device_train_batch_size": 8},
+        model_name_or_path=str(mlm),
+        freeze={"embeddings": True, "layers": 4},
+        class_weights="balanced",
+    )
     assert run_cli("finetune", "--config", str(path)) == 0
     m = metrics(tmp_path)
     assert set(m["eval"]) == {"validation", "test-as-ood"} and m["eval"]["test-as-ood"]["examples"] == 16
@@ -181,27 +238,54 @@ def test_pipeline_path_from_a_masked_lm_dir(tmp_path, minilm_path, minilm_tokeni
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
     # Only the head trains, at a tiny rate: accuracy on 16 rows cannot change, so the second
     # evaluation is no improvement and patience 1 stops the run there; the best is checkpoint-1.
-    path = config(tmp_path, "sequence-classification",
-                  {"train_file": str(SENTIMENT / "train.csv"), "validation_file": str(SENTIMENT / "validation.csv"),
-                   "max_train_samples": 64, "max_eval_samples": 16},
-                  {"max_steps": 10, "per_device_train_batch_size": 4, "learning_rate": 1e-5, "eval_strategy": "steps",
-                   "save_strategy": "steps", "eval_steps": 1, "save_steps": 1, "save_total_limit": 3,
-                   "metric_for_best_model": "accuracy"},
-                  freeze={"all_but_head": True}, early_stopping_patience=1)
+    path = config(
+        tmp_path,
+        "sequence-classification",
+        {
+            "train_file": str(SENTIMENT / "train.csv"),
+            "validation_file": str(SENTIMENT / "validation.csv"),
+            "max_train_samples": 64,
+            "max_eval_samples": 16,
+        },
+        {
+            "max_steps": 10,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-5,
+            "eval_strategy": "steps",
+            "save_strategy": "steps",
+            "eval_steps": 1,
+            "save_steps": 1,
+            "save_total_limit": 3,
+            "metric_for_best_model": "accuracy",
+        },
+        freeze={"all_but_head": True},
+        early_stopping_patience=1,
+    )
     assert run_cli("finetune", "--config", str(path)) == 0
     m, out = metrics(tmp_path), tmp_path / "out"
     assert m["global_step"] == 2 and m["best_checkpoint"].endswith("checkpoint-1")
-    final, best, last = (load_file(p / "model.safetensors")["classifier.weight"]
-                         for p in (out, out / "checkpoint-1", out / "checkpoint-2"))
+    final, best, last = (
+        load_file(p / "model.safetensors")["classifier.weight"]
+        for p in (out, out / "checkpoint-1", out / "checkpoint-2")
+    )
     assert torch.equal(final, best) and not torch.equal(final, last)
 
 
 @pytest.mark.slow
 def test_resume_continues_from_the_newest_checkpoint(tmp_path):
-    data = {"train_file": str(SENTIMENT / "train.csv"), "validation_file": str(SENTIMENT / "validation.csv"),
-            "max_train_samples": 32, "max_eval_samples": 8}
-    training = {"max_steps": 2, "per_device_train_batch_size": 4, "save_strategy": "steps", "save_steps": 1,
-                "load_best_model_at_end": False}
+    data = {
+        "train_file": str(SENTIMENT / "train.csv"),
+        "validation_file": str(SENTIMENT / "validation.csv"),
+        "max_train_samples": 32,
+        "max_eval_samples": 8,
+    }
+    training = {
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "save_strategy": "steps",
+        "save_steps": 1,
+        "load_best_model_at_end": False,
+    }
     path = config(tmp_path, "sequence-classification", data, training, freeze={"all_but_head": True})
     assert run_cli("finetune", "--config", str(path)) == 0
     assert run_cli("finetune", "--config", str(path), "resume=auto", "training.max_steps=4") == 0

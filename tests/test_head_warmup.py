@@ -1,4 +1,5 @@
 """Head warm-up: a checkpoint without an MLM head trains the head alone first, then everything."""
+
 from __future__ import annotations
 
 import json
@@ -6,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CORPUS, preempt_at, prepare_corpus, write_config
 from safetensors.torch import load_file
 
-from helpers import CORPUS, preempt_at, prepare_corpus, write_config
 from hpcnlp.cli import main
 from hpcnlp.runtime import preempt
 
@@ -22,21 +23,50 @@ def headless(tmp_path_factory, minilm_tokenizer) -> Path:
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("headless") / "model"
-    BertModel(BertConfig(vocab_size=len(minilm_tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(path)
+    BertModel(
+        BertConfig(
+            vocab_size=len(minilm_tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    ).save_pretrained(path)
     minilm_tokenizer.save_pretrained(path)
     return path
 
 
 def _config(tmp_path: Path, model: Path, **top) -> Path:
-    return write_config(tmp_path / "warmup.yaml", {
-        "job": "pretrain", "model_name_or_path": str(model), "output_dir": str(tmp_path / "out"),
-        "head_warmup_steps": WARMUP, "head_learning_rate": 3e-3, **top,
-        "data": {"train_files": [str(CORPUS / "tutorial" / "introduction.rst.txt"),
-                                 str(CORPUS / "tutorial" / "controlflow.rst.txt")],
-                 "max_seq_length": 32, "eval_fraction": 0.1, "prepared_root": str(tmp_path / "prepared")},
-        "training": {"max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1,
-                     "eval_strategy": "no", "save_steps": WARMUP, "save_total_limit": None, "seed": 11}})
+    return write_config(
+        tmp_path / "warmup.yaml",
+        {
+            "job": "pretrain",
+            "model_name_or_path": str(model),
+            "output_dir": str(tmp_path / "out"),
+            "head_warmup_steps": WARMUP,
+            "head_learning_rate": 3e-3,
+            **top,
+            "data": {
+                "train_files": [
+                    str(CORPUS / "tutorial" / "introduction.rst.txt"),
+                    str(CORPUS / "tutorial" / "controlflow.rst.txt"),
+                ],
+                "max_seq_length": 32,
+                "eval_fraction": 0.1,
+                "prepared_root": str(tmp_path / "prepared"),
+            },
+            "training": {
+                "max_steps": 6,
+                "per_device_train_batch_size": 8,
+                "learning_rate": 1e-3,
+                "logging_steps": 1,
+                "eval_strategy": "no",
+                "save_steps": WARMUP,
+                "save_total_limit": None,
+                "seed": 11,
+            },
+        },
+    )
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -116,11 +146,23 @@ def test_new_head_without_warmup_warns(tmp_path, headless, capsys):
 def test_downstream_report_compares_base_and_adapted(tmp_path, headless):
     from helpers import SENTIMENT_DATA
 
-    finetune = write_config(tmp_path / "ft.yaml", {
-        "job": "finetune", "task": "sequence-classification", "output_dir": str(tmp_path / "unused"),
-        "data": {**SENTIMENT_DATA, "max_train_samples": 32, "max_eval_samples": 32},
-        "training": {"max_steps": 2, "per_device_train_batch_size": 16, "eval_strategy": "no", "save_strategy": "no",
-                     "load_best_model_at_end": False, "seed": 3}})
+    finetune = write_config(
+        tmp_path / "ft.yaml",
+        {
+            "job": "finetune",
+            "task": "sequence-classification",
+            "output_dir": str(tmp_path / "unused"),
+            "data": {**SENTIMENT_DATA, "max_train_samples": 32, "max_eval_samples": 32},
+            "training": {
+                "max_steps": 2,
+                "per_device_train_batch_size": 16,
+                "eval_strategy": "no",
+                "save_strategy": "no",
+                "load_best_model_at_end": False,
+                "seed": 3,
+            },
+        },
+    )
     config = _config(tmp_path, headless, downstream=str(finetune))
     prepare_corpus(config)  # `hpcnlp check` plans for the cluster profile's process group, which never tokenizes
     assert main(["check", "--config", str(config)]) == 0
@@ -153,4 +195,6 @@ def test_torchrun_two_processes_warm_up_as_one(tmp_path, headless):
     assert m["world_size"] == 2 and m["replicas_identical"] is True
     start = load_file(str(headless / "model.safetensors"))
     boundary = load_file(str(tmp_path / "out" / f"checkpoint-{WARMUP}" / "model.safetensors"))
-    assert torch.equal(boundary["bert.encoder.layer.0.output.dense.weight"], start["encoder.layer.0.output.dense.weight"])
+    assert torch.equal(
+        boundary["bert.encoder.layer.0.output.dense.weight"], start["encoder.layer.0.output.dense.weight"]
+    )

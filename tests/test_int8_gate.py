@@ -1,5 +1,6 @@
 """The int8 part of `hpcnlp validate`: the recipe search, the fp32 / reject fallback, edge-case inputs and
 out-of-domain eval files. Real MiniLM sentiment teacher and its export (session fixtures, conftest.py)."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,14 @@ def test_strict_limit_moves_the_search_to_a_later_recipe(sentiment_teacher, sent
     MatMuls kept in fp32). Either a later recipe ships as model.int8.onnx, or fp32 ships alone with the reason."""
     import onnx
 
-    cfg = validate_config(tmp_path, sentiment_teacher, sentiment_onnx, SMALL_EVAL, thresholds=STRICT,
-                          int8_search={"calibration_samples": 16})
+    cfg = validate_config(
+        tmp_path,
+        sentiment_teacher,
+        sentiment_onnx,
+        SMALL_EVAL,
+        thresholds=STRICT,
+        int8_search={"calibration_samples": 16},
+    )
     rc = run_cli("validate", "--config", str(cfg))
     assert rc == 0
     report = json.loads((_bundle(tmp_path) / "validation.json").read_text())
@@ -75,8 +82,9 @@ def test_strict_limit_moves_the_search_to_a_later_recipe(sentiment_teacher, sent
 
 
 def test_no_recipe_passes_fp32_ships_with_the_reason(sentiment_teacher, sentiment_onnx, tmp_path):
-    cfg = validate_config(tmp_path, sentiment_teacher, sentiment_onnx, SMALL_EVAL, thresholds=STRICT,
-                          int8_search={"max_attempts": 1})
+    cfg = validate_config(
+        tmp_path, sentiment_teacher, sentiment_onnx, SMALL_EVAL, thresholds=STRICT, int8_search={"max_attempts": 1}
+    )
     assert run_cli("validate", "--config", str(cfg)) == 0
     bundle = _bundle(tmp_path)
     assert not (bundle / "model.int8.onnx").exists() and (bundle / "model.onnx").is_file()
@@ -95,8 +103,14 @@ def test_no_recipe_passes_fp32_ships_with_the_reason(sentiment_teacher, sentimen
 
 
 def test_no_recipe_passes_reject(sentiment_teacher, sentiment_onnx, tmp_path):
-    cfg = validate_config(tmp_path, sentiment_teacher, sentiment_onnx, SMALL_EVAL,
-                          thresholds={**STRICT, "int8_fallback": "reject"}, int8_search={"max_attempts": 1})
+    cfg = validate_config(
+        tmp_path,
+        sentiment_teacher,
+        sentiment_onnx,
+        SMALL_EVAL,
+        thresholds={**STRICT, "int8_fallback": "reject"},
+        int8_search={"max_attempts": 1},
+    )
     assert run_cli("validate", "--config", str(cfg)) == 3  # status.EXIT_REJECTED
     assert not (tmp_path / "artifacts" / "test-model").exists()
     rejected = tmp_path / "rejected" / "test-model" / "1"
@@ -110,8 +124,10 @@ def _pairs(src: Path, dest: Path, rows: int) -> str:
     """A sentence-pair file from the sentiment data: each review split in two halves."""
     frame = pd.read_csv(src).head(rows)
     words = frame["text"].str.split()
-    frame = frame.assign(text=words.map(lambda w: " ".join(w[:len(w) // 2]) or "."),
-                         second=words.map(lambda w: " ".join(w[len(w) // 2:])))
+    frame = frame.assign(
+        text=words.map(lambda w: " ".join(w[: len(w) // 2]) or "."),
+        second=words.map(lambda w: " ".join(w[len(w) // 2 :])),
+    )
     frame[["text", "second", "label"]].to_csv(dest, index=False)
     return str(dest)
 
@@ -119,10 +135,13 @@ def _pairs(src: Path, dest: Path, rows: int) -> str:
 def test_text_pairs_edge_cases_and_out_of_domain_eval(sentiment_teacher, sentiment_onnx, tmp_path):
     """data.text_pair_column: eval and edge cases go in as pairs; an extra eval file is scored beside the
     in-domain one in validation.md (reported, not gated)."""
-    data = {"train_file": _pairs(SENTIMENT / "train.csv", tmp_path / "train.csv", 200),
-            "validation_file": _pairs(SENTIMENT / "validation.csv", tmp_path / "validation.csv", 64),
-            "extra_eval_files": {"critics-test": _pairs(SENTIMENT / "test.csv", tmp_path / "test.csv", 48)},
-            "text_pair_column": "second", "max_seq_length": 48}
+    data = {
+        "train_file": _pairs(SENTIMENT / "train.csv", tmp_path / "train.csv", 200),
+        "validation_file": _pairs(SENTIMENT / "validation.csv", tmp_path / "validation.csv", 64),
+        "extra_eval_files": {"critics-test": _pairs(SENTIMENT / "test.csv", tmp_path / "test.csv", 48)},
+        "text_pair_column": "second",
+        "max_seq_length": 48,
+    }
     cfg = validate_config(tmp_path, sentiment_teacher, sentiment_onnx, data, int8_search={"max_attempts": 0})
     assert run_cli("validate", "--config", str(cfg)) == 0  # int8 ships or not (fallback fp32): fp32 passes
     bundle = _bundle(tmp_path)
@@ -153,8 +172,9 @@ def test_sensitivity_ranking_finds_the_matmuls_that_int8_hurts(sentiment_onnx, t
 
     fp32, int8 = Path(sentiment_onnx) / "model.onnx", Path(sentiment_onnx) / "model.int8.onnx"
     texts = pd.read_csv(SENTIMENT / "validation.csv")["text"].head(32).tolist()
-    enc = AutoTokenizer.from_pretrained(sentiment_onnx)(texts, padding=True, truncation=True, max_length=48,
-                                                        return_tensors="np")
+    enc = AutoTokenizer.from_pretrained(sentiment_onnx)(
+        texts, padding=True, truncation=True, max_length=48, return_tensors="np"
+    )
     feeds = [{k: v.astype(np.int64) for k, v in enc.items()}]
     ranked = sensitive_matmuls(fp32, int8, feeds)
     assert len(ranked) == 48 and ranked[0][1] > ranked[-1][1]  # 6 layers x (Q, K, V, 2 attention, out, FFN 2)

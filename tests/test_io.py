@@ -1,4 +1,5 @@
 """Atomic writes: what they leave has the modes the umask gives a normal file; a replaced dir is never absent."""
+
 from __future__ import annotations
 
 import logging
@@ -62,8 +63,12 @@ def test_prepared_data_dir_has_the_umask_mode(tmp_path, umask):
     from hpcnlp.data.pack import prepare
     from hpcnlp.models import load_tokenizer
 
-    cfg = CorpusConfig(train_files=[str(CORPUS / "tutorial" / "introduction.rst.txt")], max_seq_length=32,
-                       eval_fraction=0.2, prepared_root=str(tmp_path / "prepared"))
+    cfg = CorpusConfig(
+        train_files=[str(CORPUS / "tutorial" / "introduction.rst.txt")],
+        max_seq_length=32,
+        eval_fraction=0.2,
+        prepared_root=str(tmp_path / "prepared"),
+    )
     out = Path(prepare(cfg, load_tokenizer("minilm-l6")).path)
     assert out.parent == tmp_path / "prepared"
     assert_shared_by_umask(out, umask)
@@ -82,8 +87,9 @@ def test_replace_dir_never_leaves_neither(tmp_path, monkeypatch):
     new, final = _dirs(tmp_path)
     seen = []
     rmtree = shutil.rmtree
-    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: (seen.append((final / "marker").read_text()),
-                                                          rmtree(p, **kw)))
+    monkeypatch.setattr(
+        shutil, "rmtree", lambda p, **kw: (seen.append((final / "marker").read_text()), rmtree(p, **kw))
+    )
     io.replace_dir(new, final)
     assert seen == ["new"]  # deleting the old one, the new one was at `final` already
     assert (final / "marker").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["v1"]

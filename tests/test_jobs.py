@@ -1,5 +1,6 @@
 """The job contract: one registry of specs drives the CLI, templates, pipeline and checks; the code
 has no import circles; the shared Trainer harness is pinned to exact losses."""
+
 from __future__ import annotations
 
 import ast
@@ -8,14 +9,22 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import (CORPUS, REPO, SENTIMENT_DATA, export_config, preempt_at, tiny_pretrain, validate_config,
-                     write_config)
+from helpers import (
+    CORPUS,
+    REPO,
+    SENTIMENT_DATA,
+    export_config,
+    preempt_at,
+    tiny_pretrain,
+    validate_config,
+    write_config,
+)
 
 from hpcnlp.cli import build_parser
-from hpcnlp.jobs import JOBS, load_config
-from hpcnlp.runtime import preempt
 from hpcnlp.cluster.pipeline import run_pipeline
 from hpcnlp.cluster.templates import render_template
+from hpcnlp.jobs import JOBS, load_config
+from hpcnlp.runtime import preempt
 
 SRC = REPO / "src" / "hpcnlp"
 
@@ -33,8 +42,9 @@ def test_every_job_is_one_spec_and_everything_reads_the_registry():
 
 def _imports(path: Path) -> set[str]:
     """hpcnlp modules a file imports, at any depth (inside functions too: those hide circles as well)."""
-    modules = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__")
-               for p in SRC.rglob("*.py")}
+    modules = {
+        ".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__") for p in SRC.rglob("*.py")
+    }
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -46,15 +56,17 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_no_import_circles_in_src():
-    graph = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): _imports(p)
-             for p in SRC.rglob("*.py")}
+    graph = {
+        ".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): _imports(p)
+        for p in SRC.rglob("*.py")
+    }
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(module: str, path: list[str]) -> None:
         state[module] = 1
         for dep in sorted(graph.get(module, ())):
             if state.get(dep) == 1:
-                pytest.fail("import circle: " + " -> ".join(path[path.index(dep):] + [module, dep]))
+                pytest.fail("import circle: " + " -> ".join(path[path.index(dep) :] + [module, dep]))
             if dep not in state:
                 visit(dep, [*path, module])
         state[module] = 2
@@ -67,8 +79,12 @@ def test_no_import_circles_in_src():
 def test_config_is_schema_only():
     """config.py imports nothing of hpcnlp (data, tasks, models) and reads no file but the YAML itself."""
     tree = ast.parse((SRC / "config.py").read_text())
-    imported = {n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
-                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    imported = {
+        n.module if isinstance(n, ast.ImportFrom) else a.name
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names
+    }
     assert not {m for m in imported if m and m.startswith("hpcnlp")}
     calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
     assert not calls & {"is_file", "is_dir", "exists", "glob", "iterdir", "stat"}
@@ -131,16 +147,31 @@ def test_tensorboard_keeps_one_curve_across_a_requeue(tmp_path, monkeypatch):
 def test_pipeline_rerun_after_success_skips_every_stage(tmp_path, sentiment_teacher, capsys):
     """prepare -> export -> validate, run twice: the second run starts nothing (validate's finished
     state is its shipped bundle, prepare's its prepared data, not a metrics.json)."""
-    prepare = write_config(tmp_path / "prepare.yaml", {
-        "job": "prepare", "data": {"train_files": [str(CORPUS / "tutorial" / "introduction.rst.txt")],
-                                   "max_seq_length": 32, "prepared_root": str(tmp_path / "prepared")}})
+    prepare = write_config(
+        tmp_path / "prepare.yaml",
+        {
+            "job": "prepare",
+            "data": {
+                "train_files": [str(CORPUS / "tutorial" / "introduction.rst.txt")],
+                "max_seq_length": 32,
+                "prepared_root": str(tmp_path / "prepared"),
+            },
+        },
+    )
     export = export_config(tmp_path, sentiment_teacher)
     validate = validate_config(tmp_path, sentiment_teacher, str(tmp_path / "onnx"), SENTIMENT_DATA)
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(yaml.safe_dump({"stages": [
-        {"name": "prepare", "config": str(prepare)},
-        {"name": "export", "config": str(export)},
-        {"name": "validate", "config": str(validate), "overrides": {"onnx_dir": "${export.output_dir}"}}]}))
+    pipeline.write_text(
+        yaml.safe_dump(
+            {
+                "stages": [
+                    {"name": "prepare", "config": str(prepare)},
+                    {"name": "export", "config": str(export)},
+                    {"name": "validate", "config": str(validate), "overrides": {"onnx_dir": "${export.output_dir}"}},
+                ]
+            }
+        )
+    )
     assert run_pipeline(str(pipeline), local=True) == 0
     first = capsys.readouterr().out
     assert all(f"{stage}: running" in first for stage in ("prepare", "export", "validate")), first

@@ -1,6 +1,7 @@
 """The Python half of slurm/launch.sh (runtime/launch.py), the preemption flag, and the submit-side
 logic (pipeline resolution, sweep manifests, summary) without a Slurm: pure functions and real bash.
 The real-Slurm runs are in tests/slurm/."""
+
 from __future__ import annotations
 
 import json
@@ -17,16 +18,29 @@ from hpcnlp.runtime.launch import LaunchError, Plan
 
 REPO = Path(__file__).resolve().parents[1]
 
-PLAN = dict(job="pretrain", job_args=["--config", "jobs/pretrain.yaml", "training.max_steps=5"], nnodes=2,
-            nproc_per_node=4, master_addr="10.0.0.1", master_port=23456, python="/venv/bin/python",
-            workdir="/scratch/me/hpcnlp")
+PLAN = dict(
+    job="pretrain",
+    job_args=["--config", "jobs/pretrain.yaml", "training.max_steps=5"],
+    nnodes=2,
+    nproc_per_node=4,
+    master_addr="10.0.0.1",
+    master_port=23456,
+    python="/venv/bin/python",
+    workdir="/scratch/me/hpcnlp",
+)
 
 
 def test_torchrun_node_command_uses_this_nodes_rank():
     cmd = launch.node_command("torchrun", 2, 4, 1, "10.0.0.1", 23456, "pretrain", ["--config", "x.yaml"], "py")
     assert cmd[:3] == ["py", "-m", "torch.distributed.run"]
-    assert {"--nnodes=2", "--nproc-per-node=4", "--node-rank=1", "--master-addr=10.0.0.1",
-            "--master-port=23456", "--max-restarts=0"} <= set(cmd)
+    assert {
+        "--nnodes=2",
+        "--nproc-per-node=4",
+        "--node-rank=1",
+        "--master-addr=10.0.0.1",
+        "--master-port=23456",
+        "--max-restarts=0",
+    } <= set(cmd)
     assert cmd[-5:] == ["-m", "hpcnlp", "pretrain", "--config", "x.yaml"]
 
 
@@ -35,8 +49,13 @@ def test_accelerate_node_command_is_multi_process_not_cpu():
     assert cmd[:3] == ["py", "-m", "accelerate.commands.launch"]
     # --cpu would silently start ONE process; --multi_gpu with the total count starts them all (gloo on CPU).
     assert "--cpu" not in cmd and "--multi_gpu" in cmd
-    assert {"--num_processes=6", "--num_machines=2", "--machine_rank=1", "--main_process_ip=h1",
-            "--main_process_port=29000"} <= set(cmd)
+    assert {
+        "--num_processes=6",
+        "--num_machines=2",
+        "--machine_rank=1",
+        "--main_process_ip=h1",
+        "--main_process_port=29000",
+    } <= set(cmd)
     with pytest.raises(LaunchError, match="unknown launcher"):
         launch.node_command("deepspeed", 1, 1, 0, "h", 1, "pretrain", [], "py")
 
@@ -48,25 +67,52 @@ def test_srun_line_one_task_per_node_and_kill_on_bad_exit():
     # The node rank is NOT expanded on the head: each node's launcher reads its own SLURM_NODEID.
     assert not any("node-rank" in c or "SLURM_NODEID" in c for c in cmd)
     i = cmd.index("hpcnlp.runtime.launch")
-    assert cmd[i + 1:i + 6] == ["node", "--launcher=torchrun", "--nnodes=2", "--nproc-per-node=4",
-                                "--master=10.0.0.1:23456"]
+    assert cmd[i + 1 : i + 6] == [
+        "node",
+        "--launcher=torchrun",
+        "--nnodes=2",
+        "--nproc-per-node=4",
+        "--master=10.0.0.1:23456",
+    ]
     assert cmd[-4:] == ["pretrain", "--config", "jobs/pretrain.yaml", "training.max_steps=5"]
 
 
-@pytest.mark.parametrize("container,expect_srun,expect_prefix", [
-    ("none", [], []),
-    ("apptainer", [], ["apptainer", "exec", "--nv", "--bind", "/scratch/me/hpcnlp,/data", "--pwd",
-                       "/scratch/me/hpcnlp", "img.sif"]),
-    ("singularity", [], ["singularity", "exec", "--nv"]),
-    ("pyxis", ["--container-image=img.sif", "--container-mounts=/scratch/me/hpcnlp:/scratch/me/hpcnlp,/data:/data",
-               "--container-workdir=/scratch/me/hpcnlp"], []),
-    ("podman", [], ["podman", "run", "--rm", "--network=host", "--ipc=host", "--runtime", "runc"]),
-])
+@pytest.mark.parametrize(
+    "container,expect_srun,expect_prefix",
+    [
+        ("none", [], []),
+        (
+            "apptainer",
+            [],
+            [
+                "apptainer",
+                "exec",
+                "--nv",
+                "--bind",
+                "/scratch/me/hpcnlp,/data",
+                "--pwd",
+                "/scratch/me/hpcnlp",
+                "img.sif",
+            ],
+        ),
+        ("singularity", [], ["singularity", "exec", "--nv"]),
+        (
+            "pyxis",
+            [
+                "--container-image=img.sif",
+                "--container-mounts=/scratch/me/hpcnlp:/scratch/me/hpcnlp,/data:/data",
+                "--container-workdir=/scratch/me/hpcnlp",
+            ],
+            [],
+        ),
+        ("podman", [], ["podman", "run", "--rm", "--network=host", "--ipc=host", "--runtime", "runc"]),
+    ],
+)
 def test_container_wrapping(container, expect_srun, expect_prefix):
     plan = Plan(**PLAN, container=container, image="img.sif", binds=["/data"], podman_args=["--runtime", "runc"])
     srun_opts, prefix = launch.container_wrap(plan)
     assert srun_opts == expect_srun
-    assert prefix[:len(expect_prefix)] == expect_prefix
+    assert prefix[: len(expect_prefix)] == expect_prefix
     full = launch.srun_command(plan)
     if container == "podman":
         assert prefix[-3:] == ["-w", "/scratch/me/hpcnlp", "img.sif"]
@@ -74,7 +120,7 @@ def test_container_wrapping(container, expect_srun, expect_prefix):
     if container != "none":  # the job itself runs inside the image, after the wrapper
         assert full.index("hpcnlp.runtime.launch") > len(srun_opts)
     check = launch.check_command(plan)
-    assert check[check.index("check") + 1:] == PLAN["job_args"]
+    assert check[check.index("check") + 1 :] == PLAN["job_args"]
     if container == "pyxis":  # pyxis exists only inside srun
         assert check[0] == "srun" and "--ntasks=1" in check
 
@@ -115,8 +161,9 @@ def test_single_process_jobs_ignore_the_gpu_count(monkeypatch, tmp_path):
     assert {job for job, single in seen.items() if single} == {"prepare", "export", "validate"}
     monkeypatch.undo()
     assert launch.node_processes(False, 4) == 4 and launch.node_processes(True, 4) == 1
-    monkeypatch.setattr(launch, "_scontrol", lambda *a: "NodeAddr=10.0.0.1" if a[0] == "show" and a[1] == "node"
-                        else "n1 n2")
+    monkeypatch.setattr(
+        launch, "_scontrol", lambda *a: "NodeAddr=10.0.0.1" if a[0] == "show" and a[1] == "node" else "n1 n2"
+    )
     monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-2]")
     monkeypatch.setenv("SLURM_JOB_ID", "12345")
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
@@ -143,8 +190,9 @@ def test_bash_assignments_survive_eval_by_real_bash():
 
 def test_sweep_task_args(tmp_path):
     manifest = tmp_path / "sweep.json"
-    manifest.write_text(json.dumps({"tasks": [["training.seed=1", "output_dir=o/task-0"],
-                                              ["training.seed=2", "output_dir=o/task-1"]]}))
+    manifest.write_text(
+        json.dumps({"tasks": [["training.seed=1", "output_dir=o/task-0"], ["training.seed=2", "output_dir=o/task-1"]]})
+    )
     assert launch.sweep_task_args(str(manifest), 1) == ["training.seed=2", "output_dir=o/task-1"]
     assert launch.sweep_task_args(None, None) == []
     with pytest.raises(LaunchError, match="no task 2"):
@@ -190,24 +238,57 @@ def _write(path: Path, obj) -> Path:
 
 @pytest.fixture
 def scratch_config(tmp_path, small_corpus):
-    return _write(tmp_path / "scratch.yaml", {
-        "job": "pretrain", "init": "scratch", "output_dir": str(tmp_path / "scratch"),
-        "scratch": {"vocab_size": 500, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                    "intermediate_size": 64},
-        "data": {"train_files": [str(small_corpus / "*.rst.txt")], "max_seq_length": 32, "eval_fraction": 0.05,
-                 "prepared_root": str(tmp_path / "prepared")},
-        "training": {"max_steps": 2, "per_device_train_batch_size": 4, "eval_strategy": "no", "save_steps": 2,
-                     "seed": 3}})
+    return _write(
+        tmp_path / "scratch.yaml",
+        {
+            "job": "pretrain",
+            "init": "scratch",
+            "output_dir": str(tmp_path / "scratch"),
+            "scratch": {
+                "vocab_size": 500,
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+            },
+            "data": {
+                "train_files": [str(small_corpus / "*.rst.txt")],
+                "max_seq_length": 32,
+                "eval_fraction": 0.05,
+                "prepared_root": str(tmp_path / "prepared"),
+            },
+            "training": {
+                "max_steps": 2,
+                "per_device_train_batch_size": 4,
+                "eval_strategy": "no",
+                "save_steps": 2,
+                "seed": 3,
+            },
+        },
+    )
 
 
 def test_pipeline_references_resolve_and_pending_outputs_pass_the_check(tmp_path, scratch_config):
     from hpcnlp.cluster.pipeline import load_pipeline
 
-    path = _write(tmp_path / "pipe.yaml", {"stages": [
-        {"name": "first", "config": str(scratch_config)},
-        {"name": "second", "config": str(scratch_config),
-         "overrides": {"init": "pretrained", "model_name_or_path": "${first.output_dir}",
-                       "output_dir": "${first.output_dir}-2", "training.max_steps": 1}}]})
+    path = _write(
+        tmp_path / "pipe.yaml",
+        {
+            "stages": [
+                {"name": "first", "config": str(scratch_config)},
+                {
+                    "name": "second",
+                    "config": str(scratch_config),
+                    "overrides": {
+                        "init": "pretrained",
+                        "model_name_or_path": "${first.output_dir}",
+                        "output_dir": "${first.output_dir}-2",
+                        "training.max_steps": 1,
+                    },
+                },
+            ]
+        },
+    )
     stages = load_pipeline(str(path))
     assert [s.name for s in stages] == ["first", "second"] and not any(s.skip for s in stages)
     assert f"model_name_or_path={tmp_path}/scratch" in stages[1].overrides
@@ -218,17 +299,34 @@ def test_pipeline_refuses_unknown_stage_reference_naming_file_and_key(tmp_path, 
     from hpcnlp.cluster.pipeline import load_pipeline
     from hpcnlp.config import ConfigError
 
-    path = _write(tmp_path / "pipe.yaml", {"stages": [
-        {"name": "second", "config": str(scratch_config), "overrides": {"model_name_or_path": "${first.output_dir}"}}]})
+    path = _write(
+        tmp_path / "pipe.yaml",
+        {
+            "stages": [
+                {
+                    "name": "second",
+                    "config": str(scratch_config),
+                    "overrides": {"model_name_or_path": "${first.output_dir}"},
+                }
+            ]
+        },
+    )
     with pytest.raises(ConfigError) as e:
         load_pipeline(str(path))
-    assert "pipe.yaml: stages[0].overrides.model_name_or_path: '${first.output_dir}' names no earlier stage" in e.value.lines[0]
+    assert (
+        "pipe.yaml: stages[0].overrides.model_name_or_path: '${first.output_dir}' names no earlier stage"
+        in e.value.lines[0]
+    )
 
 
 def test_submit_refuses_bad_config_before_sbatch(tmp_path, scratch_config):
     """Exit 2 and an error naming file and key; sbatch is never reached (none is installed here)."""
-    res = subprocess.run([sys.executable, "-m", "hpcnlp", "submit", "--config", str(scratch_config),
-                          "training.learning_rat=1"], capture_output=True, text=True, cwd=tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-m", "hpcnlp", "submit", "--config", str(scratch_config), "training.learning_rat=1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert res.returncode == 2
     assert "training.learning_rat: unknown key. Fix: did you mean 'learning_rate'?" in res.stderr
     assert "nothing was queued" in res.stderr
@@ -239,11 +337,24 @@ def test_pipeline_local_runs_stages_in_order_then_skips_them(tmp_path, scratch_c
     from hpcnlp.cluster.pipeline import run_pipeline
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    path = _write(tmp_path / "pipe.yaml", {"stages": [
-        {"name": "first", "config": str(scratch_config)},
-        {"name": "second", "config": str(scratch_config),
-         "overrides": {"init": "pretrained", "model_name_or_path": "${first.output_dir}",
-                       "output_dir": str(tmp_path / "second"), "training.max_steps": 1}}]})
+    path = _write(
+        tmp_path / "pipe.yaml",
+        {
+            "stages": [
+                {"name": "first", "config": str(scratch_config)},
+                {
+                    "name": "second",
+                    "config": str(scratch_config),
+                    "overrides": {
+                        "init": "pretrained",
+                        "model_name_or_path": "${first.output_dir}",
+                        "output_dir": str(tmp_path / "second"),
+                        "training.max_steps": 1,
+                    },
+                },
+            ]
+        },
+    )
     assert run_pipeline(str(path), local=True) == 0
     first = json.loads((tmp_path / "scratch" / "metrics.json").read_text())
     second = json.loads((tmp_path / "second" / "metrics.json").read_text())
@@ -262,16 +373,27 @@ def test_summary_table_lists_every_run(tmp_path):
     for i, loss in enumerate([2.5, 2.25, 3.0]):
         d = tmp_path / "sweep" / f"task-{i}"
         d.mkdir(parents=True)
-        (d / "metrics.json").write_text(json.dumps({"global_step": 4, "eval_after": {"loss": loss},
-                                                    "job": "pretrain", "only_here": i if i else None}))
+        (d / "metrics.json").write_text(
+            json.dumps(
+                {"global_step": 4, "eval_after": {"loss": loss}, "job": "pretrain", "only_here": i if i else None}
+            )
+        )
     table = summary([str(tmp_path / "sweep")])
     lines = table.splitlines()
     assert lines[0] == "| run | global_step | eval_after.loss |"  # shared numeric keys only, flattened
     assert len(lines) == 5 and "task-2 | 4 | 3 |" in lines[4]
     assert summary([str(tmp_path / "sweep" / "task-*")]) == table
     # With the sweep's manifest, each task's row says which grid point it is.
-    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"tasks": [
-        [f"training.learning_rate={lr}", f"output_dir={tmp_path}/sweep/task-{i}"] for i, lr in enumerate([1, 2, 3])]}))
+    (tmp_path / "sweep" / "sweep.json").write_text(
+        json.dumps(
+            {
+                "tasks": [
+                    [f"training.learning_rate={lr}", f"output_dir={tmp_path}/sweep/task-{i}"]
+                    for i, lr in enumerate([1, 2, 3])
+                ]
+            }
+        )
+    )
     lines = summary([str(tmp_path / "sweep")]).splitlines()
     assert lines[0] == "| run | overrides | global_step | eval_after.loss |"
     assert lines[4].endswith("task-2 | training.learning_rate=3 | 4 | 3 |")

@@ -1,6 +1,7 @@
 """glibc's mmap threshold is fixed at job start, so freed activations go back to the OS instead of
 fragmenting the heap (resident memory grew step after step in MLM pretraining without it; the
 measurement is in hpcnlp/runtime/malloc.py's docstring and the issue notes, not in a timed test)."""
+
 import os
 import subprocess
 import sys

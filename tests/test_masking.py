@@ -1,4 +1,5 @@
 """MLM masking: whole-word masking keeps words whole; masks depend on (seed, batch) only."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,9 @@ from hpcnlp.train.mlm import MLMCollator
 
 
 def _blocks(tmp_path, small_corpus, tok, with_offsets):
-    cfg = CorpusConfig(train_files=[str(small_corpus / "*.rst.txt")], max_seq_length=64,
-                       prepared_root=str(tmp_path / "prepared"))
+    cfg = CorpusConfig(
+        train_files=[str(small_corpus / "*.rst.txt")], max_seq_length=64, prepared_root=str(tmp_path / "prepared")
+    )
     train = prepare(cfg, tok, with_offsets=with_offsets).load()["train"]
     return [train[i] for i in range(16)]
 

@@ -1,4 +1,5 @@
 """Fine-tuning metrics against values worked out by hand."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from hpcnlp.metrics import (classification_metrics, ner_compute_metrics, ner_metrics, plot_confusion_matrix,
-                            word_tags)
+from hpcnlp.metrics import classification_metrics, ner_compute_metrics, ner_metrics, plot_confusion_matrix, word_tags
 
 
 def test_classification_metrics_by_hand():
@@ -60,6 +60,7 @@ def test_trainer_metrics_score_only_labelled_positions():
 
 
 def test_confusion_matrix_png(tmp_path):
-    path = plot_confusion_matrix({"labels": ["fresh", "rotten"], "matrix": [[30, 5], [8, 20]]},
-                                 tmp_path / "cm.png", "test")
+    path = plot_confusion_matrix(
+        {"labels": ["fresh", "rotten"], "matrix": [[30, 5], [8, 20]]}, tmp_path / "cm.png", "test"
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

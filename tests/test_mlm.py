@@ -4,6 +4,7 @@ a saved model that reloads with AutoModelForMaskedLM, and DDP.
 Real MiniLM from the package, real Python-docs text; eval mode so dropout does not make the two
 paths differ (gradients still flow in eval mode).
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,8 @@ import os
 
 import pytest
 import torch
-
 from helpers import CORPUS, free_port
+
 from hpcnlp.train.mlm import enable_sparse_mlm_head
 
 
@@ -23,9 +24,11 @@ def _batch(tokenizer, n=4, length=64, seed=0):
     text = (CORPUS / "tutorial" / "controlflow.rst.txt").read_text()
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     body = length - 2
-    rows = [{"input_ids": [tokenizer.cls_token_id, *ids[i * body:(i + 1) * body], tokenizer.sep_token_id]}
-            for i in range(n)]
-    rows[-1]["input_ids"] = rows[-1]["input_ids"][:length // 2]  # one short row: padding is exercised
+    rows = [
+        {"input_ids": [tokenizer.cls_token_id, *ids[i * body : (i + 1) * body], tokenizer.sep_token_id]}
+        for i in range(n)
+    ]
+    rows[-1]["input_ids"] = rows[-1]["input_ids"][: length // 2]  # one short row: padding is exercised
     return DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=seed)(rows)
 
 
@@ -77,9 +80,16 @@ def test_unknown_architecture_falls_back_to_stock_forward(caplog, minilm_tokeniz
     from transformers import ElectraConfig, ElectraForMaskedLM
 
     torch.manual_seed(0)
-    model = ElectraForMaskedLM(ElectraConfig(vocab_size=minilm_tokenizer.vocab_size, embedding_size=32,
-                                             hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=64)).eval()
+    model = ElectraForMaskedLM(
+        ElectraConfig(
+            vocab_size=minilm_tokenizer.vocab_size,
+            embedding_size=32,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    ).eval()
     batch = _batch(minilm_tokenizer)
     with torch.no_grad():
         before = model(**batch).loss
@@ -107,7 +117,9 @@ def test_saved_model_reloads_with_identical_weights(minilm_mlm, minilm_tokenizer
     saved = model.state_dict()
     for name, value in reloaded.state_dict().items():
         assert torch.equal(value, saved[name]), name
-    assert reloaded.cls.predictions.decoder.weight.data_ptr() == reloaded.bert.embeddings.word_embeddings.weight.data_ptr()
+    assert (
+        reloaded.cls.predictions.decoder.weight.data_ptr() == reloaded.bert.embeddings.word_embeddings.weight.data_ptr()
+    )
     batch = _batch(minilm_tokenizer, seed=2)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).loss, model.eval()(**batch).loss, rtol=1e-5, atol=1e-5)
@@ -127,8 +139,9 @@ def _ddp_worker(rank, world, port, path, batches, result_file):
     ddp = DistributedDataParallel(model)
     ddp(**batches[rank]).loss.backward()  # DDP calls the swapped forward; all-reduces the grads
     if rank == 0:
-        torch.save({n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("bert.encoder")},
-                   result_file)
+        torch.save(
+            {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("bert.encoder")}, result_file
+        )
     dist.destroy_process_group()
 
 
@@ -141,8 +154,7 @@ def test_ddp_gradients_equal_single_process_average(minilm_path, minilm_mlm, min
     batches = [_batch(minilm_tokenizer, seed=s) for s in (3, 4)]
     port = free_port()
     result = tmp_path / "grads.pt"
-    mp.start_processes(_ddp_worker, args=(2, port, minilm_path, batches, str(result)), nprocs=2,
-                       start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, port, minilm_path, batches, str(result)), nprocs=2, start_method="spawn")
     ddp_grads = torch.load(result)
 
     model = copy.deepcopy(minilm_mlm)

@@ -1,4 +1,5 @@
 """Corpus reading and tokenize+pack: formats, edge cases, reuse by fingerprint, atomicity."""
+
 from __future__ import annotations
 
 import json
@@ -120,9 +121,8 @@ def test_empty_eval_files_is_a_config_error(tmp_path, small_corpus, minilm_token
     assert not _complete_dirs(tmp_path / "prepared")
 
 
-def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, small_corpus, minilm_tokenizer,
-                                                                monkeypatch):
-    import hpcnlp.data.pack as pack
+def test_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, small_corpus, minilm_tokenizer, monkeypatch):
+    from hpcnlp.data import pack
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -143,8 +143,10 @@ def test_prepare_cli_prints_stats(tmp_path, small_corpus, capsys):
 
     from hpcnlp.cli import main
 
-    cfg = {"job": "prepare", "data": {"train_files": [str(small_corpus / "*.rst.txt")],
-                                      "prepared_root": str(tmp_path / "prepared")}}
+    cfg = {
+        "job": "prepare",
+        "data": {"train_files": [str(small_corpus / "*.rst.txt")], "prepared_root": str(tmp_path / "prepared")},
+    }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["prepare", "--config", str(tmp_path / "p.yaml")]) == 0
     out = capsys.readouterr().out

@@ -1,4 +1,5 @@
 """Concurrent preparers of one fingerprint (one builds, the others wait and reuse) and signals in workers."""
+
 from __future__ import annotations
 
 import contextlib
@@ -63,10 +64,9 @@ def test_concurrent_preparers_build_once_and_share(tmp_path, small_corpus):
     assert [p.name for p in (final / "shards").iterdir()] == ["00000"]
 
 
-def test_rename_race_without_lock_reuses_the_finished_result(tmp_path, small_corpus, minilm_tokenizer,
-                                                              monkeypatch):
+def test_rename_race_without_lock_reuses_the_finished_result(tmp_path, small_corpus, minilm_tokenizer, monkeypatch):
     """Where flock is unavailable two builds of a shard can overlap: the slower one uses the first's."""
-    import hpcnlp.data.pack as pack
+    from hpcnlp.data import pack
 
     cfg, real_build, race = _cfg(small_corpus, tmp_path / "prepared"), pack.build_shard, {}
 

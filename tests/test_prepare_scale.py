@@ -1,5 +1,6 @@
 """Sharded prepare: compressed inputs, byte-range splits, N-independent bytes, mixing, curriculum,
 dedup, redoing a failed task's shards alone, data_from, and pretrain's refusal to tokenize in a group."""
+
 from __future__ import annotations
 
 import bz2
@@ -36,8 +37,12 @@ def _bytes(path: Path) -> dict[str, bytes]:
 def many_shards(small_corpus) -> dict:
     """The 4 doc files as 2 sources, ~8 KB shards: the big files are cut by byte range."""
     files = sorted(str(f) for f in small_corpus.glob("*.rst.txt"))
-    return {"sources": [{"name": "a", "files": files[:2]}, {"name": "b", "files": files[2:]}],
-            "max_seq_length": 32, "shard_mb": 0.008, "eval_fraction": 0.1}
+    return {
+        "sources": [{"name": "a", "files": files[:2]}, {"name": "b", "files": files[2:]}],
+        "max_seq_length": 32,
+        "shard_mb": 0.008,
+        "eval_fraction": 0.1,
+    }
 
 
 def test_compressed_inputs_read_as_the_plain_file(tmp_path, small_corpus):
@@ -100,8 +105,11 @@ def _source_of(order: np.ndarray, stats_dir: Path) -> np.ndarray:
 
 def test_weighted_mix_within_1_percent(tmp_path, small_corpus, minilm_tokenizer):
     files = sorted(str(f) for f in small_corpus.glob("*.rst.txt"))
-    cfg = _cfg(tmp_path, sources=[{"name": "small", "files": files[:1], "weight": 3},
-                                  {"name": "rest", "files": files[1:], "weight": 1}], max_seq_length=8)
+    cfg = _cfg(
+        tmp_path,
+        sources=[{"name": "small", "files": files[:1], "weight": 3}, {"name": "rest", "files": files[1:], "weight": 1}],
+        max_seq_length=8,
+    )
     p = pack.prepare(cfg, minilm_tokenizer)
     order = np.load(p.path / "order.npy")
     assert len(order) > 3000
@@ -153,7 +161,9 @@ def test_a_failed_task_is_redone_alone(tmp_path, many_shards, minilm_tokenizer, 
     done = {d.name: d.stat().st_mtime_ns for d in tmp_path.glob("*/shards/*")}
     assert len(done) == 10 and "00010" not in done and not list(tmp_path.rglob(".tmp-*"))
     built.clear()
-    monkeypatch.setattr(pack, "build_shard", lambda shard, *a, **kw: (built.append(a[-1].name), real(shard, *a, **kw))[1])
+    monkeypatch.setattr(
+        pack, "build_shard", lambda shard, *a, **kw: (built.append(a[-1].name), real(shard, *a, **kw))[1]
+    )
     again = pack.prepare(cfg, minilm_tokenizer, task=(1, 3))  # the requeued task
     assert again.stats is not None and again.stats["shards"] == 11 and built == ["00010"]
     assert {d.name: d.stat().st_mtime_ns for d in tmp_path.glob("*/shards/*") if d.name != "00010"} == done
@@ -199,8 +209,9 @@ def test_dedup_across_shards_first_copy_kept_for_any_task_count(tmp_path, minilm
         files[-1].write_text("\n\n".join(chunk))
     eval_file = tmp_path / "eval.txt"
     eval_file.write_text("\n\n".join([paras[0], "a held-out text seen nowhere else", paras[59]]))
-    base = dict(train_files=[str(f) for f in files], eval_files=[str(eval_file)], max_seq_length=32,
-                shard_mb=0.001, dedup=True)
+    base = dict(
+        train_files=[str(f) for f in files], eval_files=[str(eval_file)], max_seq_length=32, shard_mb=0.001, dedup=True
+    )
     one = pack.prepare(_cfg(tmp_path / "one", **base), minilm_tokenizer)
     assert one.stats["shards"] >= 4
     assert one.stats["duplicates_removed"] == 7 + 3 + 5 + 2  # 15 train repeats + 2 eval texts seen in train
@@ -215,12 +226,16 @@ def test_dedup_across_shards_first_copy_kept_for_any_task_count(tmp_path, minilm
     assert sorted(docs) == sorted(p.lower() for p in paras)
 
 
-def test_long_documents_are_tokenized_in_bounded_calls_with_the_same_tokens(tmp_path, small_corpus, minilm_tokenizer,
-                                                                            monkeypatch):
+def test_long_documents_are_tokenized_in_bounded_calls_with_the_same_tokens(
+    tmp_path, small_corpus, minilm_tokenizer, monkeypatch
+):
     # A task's memory follows the characters per tokenizer call (its Encodings cost ~100 bytes a token),
     # so long documents go in line-aligned pieces; WordPiece splits at whitespace: the same tokens.
-    base = dict(train_files=[str(small_corpus / "*.rst.txt")], max_seq_length=32,
-                eval_files=[str(small_corpus / "general.rst.txt")])
+    base = dict(
+        train_files=[str(small_corpus / "*.rst.txt")],
+        max_seq_length=32,
+        eval_files=[str(small_corpus / "general.rst.txt")],
+    )
     whole = pack.prepare(_cfg(tmp_path / "whole", **base), minilm_tokenizer, with_offsets=True)
     monkeypatch.setattr(pack, "CALL_CHARS", 300)  # every document is many calls
     assert len(pack._pieces("x\n" * 1000)) >= 6 and "".join(pack._pieces("x\n" * 1000)) == "x\n" * 1000

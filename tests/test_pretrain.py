@@ -1,4 +1,5 @@
 """Continued pretraining for real: packaged MiniLM, real Python-docs text, a few steps on CPU."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import preempt_at, torchrun
+
 from hpcnlp.cli import main
 from hpcnlp.data.pack import Blocks
 from hpcnlp.runtime import preempt
@@ -26,12 +27,27 @@ def finished_run(tmp_path_factory):
     """One uninterrupted 8-step run, shared by the tests below."""
     tmp = tmp_path_factory.mktemp("pretrain")
     corpus = REPO / "data/corpus/python-docs/tutorial"
-    cfg = {"job": "pretrain", "model_name_or_path": "minilm-l6", "output_dir": str(tmp / "out"),
-           "data": {"train_files": [str(corpus / "*.rst.txt")], "max_seq_length": 64, "eval_fraction": 0.1,
-                    "prepared_root": str(tmp / "prepared")},
-           "training": {"max_steps": 8, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 32,
-                        "learning_rate": 3e-4, "logging_steps": 1, "eval_strategy": "no", "save_steps": 4,
-                        "seed": 7}}
+    cfg = {
+        "job": "pretrain",
+        "model_name_or_path": "minilm-l6",
+        "output_dir": str(tmp / "out"),
+        "data": {
+            "train_files": [str(corpus / "*.rst.txt")],
+            "max_seq_length": 64,
+            "eval_fraction": 0.1,
+            "prepared_root": str(tmp / "prepared"),
+        },
+        "training": {
+            "max_steps": 8,
+            "per_device_train_batch_size": 8,
+            "per_device_eval_batch_size": 32,
+            "learning_rate": 3e-4,
+            "logging_steps": 1,
+            "eval_strategy": "no",
+            "save_steps": 4,
+            "seed": 7,
+        },
+    }
     path = tmp / "pretrain.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["pretrain", "--config", str(path)]) == 0
@@ -49,8 +65,7 @@ def test_loss_falls_and_perplexity_improves(finished_run):
     assert m["eval_after"]["masked_accuracy"] > m["eval_before"]["masked_accuracy"]
     assert m["global_step"] == 8 and m["tokens_per_second"] > 0 and m["peak_rss_mb"] > 0
     assert m["sparse_mlm_head"] is True
-    for name in ("model.safetensors", "tokenizer.json", "config.json", "report.md", "loss.png",
-                 "config.resolved.yaml"):
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "report.md", "loss.png", "config.resolved.yaml"):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.bin")), "weights must be safetensors"
 
@@ -115,8 +130,13 @@ def test_preempted_run_resumes_at_the_right_step(finished_run, monkeypatch):
 def test_scratch_init_trains_its_own_vocab(tmp_path, pretrain_config):
     path, cfg = pretrain_config
     cfg["init"] = "scratch"
-    cfg["scratch"] = {"vocab_size": 500, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                      "intermediate_size": 64}
+    cfg["scratch"] = {
+        "vocab_size": 500,
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    }
     cfg["training"]["max_steps"] = 4
     path.write_text(yaml.safe_dump(cfg))
     assert main(["pretrain", "--config", str(path)]) == 0

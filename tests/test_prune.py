@@ -1,23 +1,40 @@
 """`hpcnlp prune`: heads and FFN neurons removed by importance; the result is a plain, smaller model."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from helpers import SENTIMENT_DATA, export_config, preempt_at, run_cli, validate_config, write_config
+
 from hpcnlp.jobs import prune
 
 
 def prune_config(tmp_path, model: str, **top):
-    return write_config(tmp_path / "prune.yaml", {
-        "job": "prune", "model_name_or_path": model, "output_dir": str(tmp_path / "pruned"),
-        "keep_heads": 30, "intermediate_size": 512, "importance_samples": 64,
-        "data": {**SENTIMENT_DATA, "max_train_samples": 128, "max_eval_samples": 128},
-        "latency": {"batch_sizes": [1], "seq_length": 32, "repeats": 2, "warmup": 1},
-        "training": {"max_steps": 8, "per_device_train_batch_size": 16, "learning_rate": 5e-5, "seed": 3,
-                     "eval_strategy": "no", "save_strategy": "no", "logging_steps": 4}, **top})
+    return write_config(
+        tmp_path / "prune.yaml",
+        {
+            "job": "prune",
+            "model_name_or_path": model,
+            "output_dir": str(tmp_path / "pruned"),
+            "keep_heads": 30,
+            "intermediate_size": 512,
+            "importance_samples": 64,
+            "data": {**SENTIMENT_DATA, "max_train_samples": 128, "max_eval_samples": 128},
+            "latency": {"batch_sizes": [1], "seq_length": 32, "repeats": 2, "warmup": 1},
+            "training": {
+                "max_steps": 8,
+                "per_device_train_batch_size": 16,
+                "learning_rate": 5e-5,
+                "seed": 3,
+                "eval_strategy": "no",
+                "save_strategy": "no",
+                "logging_steps": 4,
+            },
+            **top,
+        },
+    )
 
 
 @pytest.mark.slow
@@ -40,8 +57,9 @@ def test_prune_with_teacher_reloads_exports_and_passes_the_gate(sentiment_teache
     assert sum(len(v) for v in plan["prune_heads"].values()) == 72 - 30
 
     assert run_cli("export", "--config", str(export_config(tmp_path, str(out)))) == 0
-    rc = run_cli("validate", "--config", str(validate_config(tmp_path, str(out), str(tmp_path / "onnx"),
-                                                             SENTIMENT_DATA)))
+    rc = run_cli(
+        "validate", "--config", str(validate_config(tmp_path, str(out), str(tmp_path / "onnx"), SENTIMENT_DATA))
+    )
     assert rc == 0
     report = json.loads((tmp_path / "artifacts" / "test-model" / "1" / "validation.json").read_text())
     assert report["parity"]["onnx_fp32"]["max_abs_diff"]["logits"] <= 1e-4
@@ -65,9 +83,19 @@ def _tiny(model_type: str):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64, dim=32, n_layers=2, n_heads=4,
-                                  hidden_dim=64, num_labels=2)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=64,
+        num_labels=2,
+    )
     return AutoModelForSequenceClassification.from_config(config).eval()
 
 
@@ -98,8 +126,9 @@ def test_importance_scores_every_head_and_neuron():
     from datasets import Dataset
 
     model = _tiny("bert")
-    ds = Dataset.from_dict({"input_ids": [[2, 5, 6, 7, 3], [2, 9, 3]] * 4, "attention_mask": [[1] * 5, [1] * 3] * 4,
-                            "labels": [0, 1] * 4})
+    ds = Dataset.from_dict(
+        {"input_ids": [[2, 5, 6, 7, 3], [2, 9, 3]] * 4, "attention_mask": [[1] * 5, [1] * 3] * 4, "labels": [0, 1] * 4}
+    )
     heads, ffn = prune.importance(model, ds, samples=8, seed=0, pad_id=0)
     assert [len(h) for h in heads] == [4, 4] and [len(f) for f in ffn] == [64, 64]
     assert all(s > 0 for h in heads for s in h)

@@ -2,6 +2,7 @@
 the output_dir lock, overwrite, ownership of output dirs, status.json and the outcome line the batch
 script turns into its exit code, requeue caps, the step watchdog. Real tiny runs, no mocks; the real
 Slurm side (requeues, chaos) is in tests/slurm/."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import (SENTIMENT_DATA, export_config, preempt_at, prepare_corpus, run_cli, tiny_pretrain, torchrun_command,
-                     torchrun_env, write_config)
+from helpers import (
+    SENTIMENT_DATA,
+    export_config,
+    preempt_at,
+    prepare_corpus,
+    run_cli,
+    tiny_pretrain,
+    torchrun_command,
+    torchrun_env,
+    write_config,
+)
 
 from hpcnlp.runtime import rundir
 from hpcnlp.runtime.checkpoints import MARKER, mark_complete, newest_complete_checkpoint
@@ -51,8 +61,9 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / "out"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        rundir.lock_path(out).write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid,
-                                                     "slurm_job_id": None, "since": "then"}))
+        rundir.lock_path(out).write_text(
+            json.dumps({"host": os.uname().nodename, "pid": sleeper.pid, "slurm_job_id": None, "since": "then"})
+        )
         with pytest.raises(rundir.OutputDirRefused, match=f"in use by pid {sleeper.pid} on "):
             rundir.acquire(out)
     finally:
@@ -140,11 +151,28 @@ def test_preemption_checkpoint_survives_best_model_rotation(tmp_path, monkeypatc
     """finetune with load_best_model_at_end and save_total_limit 1: the Trainer deletes every
     checkpoint but the best at the end of train(); the preemption checkpoint must stay."""
     data = {**SENTIMENT_DATA, "max_train_samples": 64, "max_eval_samples": 32}
-    config = write_config(tmp_path / "ft.yaml", {
-        "job": "finetune", "task": "sequence-classification", "output_dir": str(tmp_path / "out"), "data": data,
-        "training": {"max_steps": 6, "per_device_train_batch_size": 8, "eval_strategy": "steps", "eval_steps": 2,
-                     "save_strategy": "steps", "save_steps": 2, "save_total_limit": 1, "logging_steps": 1,
-                     "load_best_model_at_end": True, "metric_for_best_model": "loss", "seed": 3}})
+    config = write_config(
+        tmp_path / "ft.yaml",
+        {
+            "job": "finetune",
+            "task": "sequence-classification",
+            "output_dir": str(tmp_path / "out"),
+            "data": data,
+            "training": {
+                "max_steps": 6,
+                "per_device_train_batch_size": 8,
+                "eval_strategy": "steps",
+                "eval_steps": 2,
+                "save_strategy": "steps",
+                "save_steps": 2,
+                "save_total_limit": 1,
+                "logging_steps": 1,
+                "load_best_model_at_end": True,
+                "metric_for_best_model": "loss",
+                "seed": 3,
+            },
+        },
+    )
     with monkeypatch.context() as m:
         preempt_at(m, 3)
         assert run_cli("finetune", "--config", str(config)) == 75
@@ -189,10 +217,19 @@ def test_export_never_replaces_what_it_did_not_write(tmp_path, capsys):
 
 
 def test_validate_refuses_rejected_dir_inside_output_dir(tmp_path, capsys):
-    cfg = write_config(tmp_path / "v.yaml", {
-        "job": "validate", "name": "m", "version": "1", "model_name_or_path": "minilm-l6",
-        "onnx_dir": str(tmp_path), "output_dir": str(tmp_path / "artifacts"),
-        "rejected_dir": str(tmp_path / "artifacts" / "rejected"), "data": SENTIMENT_DATA})
+    cfg = write_config(
+        tmp_path / "v.yaml",
+        {
+            "job": "validate",
+            "name": "m",
+            "version": "1",
+            "model_name_or_path": "minilm-l6",
+            "onnx_dir": str(tmp_path),
+            "output_dir": str(tmp_path / "artifacts"),
+            "rejected_dir": str(tmp_path / "artifacts" / "rejected"),
+            "data": SENTIMENT_DATA,
+        },
+    )
     assert run_cli("check", "--config", str(cfg)) == 2
     assert "rejected_dir" in capsys.readouterr().err
 
@@ -205,8 +242,13 @@ def test_a_stalled_rank_fails_the_job_naming_it(tmp_path):
     prepare_corpus(config)
     outcome = tmp_path / "outcome"
     cmd = torchrun_command(["pretrain", "--config", str(config), "step_timeout_minutes=0.2"])
-    proc = subprocess.Popen(cmd, env=torchrun_env({"HPCNLP_OUTCOME_FILE": str(outcome)}), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=torchrun_env({"HPCNLP_OUTCOME_FILE": str(outcome)}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines, pid, t0 = [], None, None
     try:
         for line in proc.stdout:
@@ -240,11 +282,27 @@ def test_finetune_resumed_mid_epoch_sees_the_same_batches(tmp_path, monkeypatch)
     data = {**SENTIMENT_DATA, "max_train_samples": 64, "max_eval_samples": 16}
 
     def config(name):
-        return write_config(tmp_path / f"{name}.yaml", {
-            "job": "finetune", "task": "sequence-classification", "output_dir": str(tmp_path / name), "data": data,
-            "training": {"num_train_epochs": 2, "per_device_train_batch_size": 8, "eval_strategy": "no",
-                         "save_strategy": "steps", "save_steps": 16, "load_best_model_at_end": False,
-                         "logging_steps": 1, "group_by_length": True, "learning_rate": 1e-4, "seed": 5}})
+        return write_config(
+            tmp_path / f"{name}.yaml",
+            {
+                "job": "finetune",
+                "task": "sequence-classification",
+                "output_dir": str(tmp_path / name),
+                "data": data,
+                "training": {
+                    "num_train_epochs": 2,
+                    "per_device_train_batch_size": 8,
+                    "eval_strategy": "no",
+                    "save_strategy": "steps",
+                    "save_steps": 16,
+                    "load_best_model_at_end": False,
+                    "logging_steps": 1,
+                    "group_by_length": True,
+                    "learning_rate": 1e-4,
+                    "seed": 5,
+                },
+            },
+        )
 
     def losses(name):  # every step's loss, from the last checkpoint's history (carried across resumes)
         state = json.loads((tmp_path / name / "checkpoint-16" / "trainer_state.json").read_text())

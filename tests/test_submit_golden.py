@@ -13,6 +13,7 @@ read-only, as a user's working dir has them); jobs whose inputs an earlier stage
 classifier, an ONNX export) get stand-ins there, a config.json or an empty model.onnx: submit checks
 that they exist and what they are, not their weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,19 +35,39 @@ JOB_CONFIGS = sorted(p.stem for p in (REPO / "jobs").glob("*.yaml") if p.stem no
 
 PROFILES = {
     "cpu": {"gpus_per_node": 0, "cpus_per_task": 4, "time": "04:00:00"},
-    "gpu": {"account": "nlp", "partition": "gpu", "gpus_per_node": 4, "cpus_per_task": 32, "mem": "256G",
-            "container": "apptainer", "image": "{tmp}/images/hpcnlp.sif", "binds": ["/scratch"],
-            "env": {"NCCL_DEBUG": "WARN"}, "cpu_partition": "cpu",
-            "jobs": {"prepare": {"cpus_per_task": 16, "time": "04:00:00"}}},
+    "gpu": {
+        "account": "nlp",
+        "partition": "gpu",
+        "gpus_per_node": 4,
+        "cpus_per_task": 32,
+        "mem": "256G",
+        "container": "apptainer",
+        "image": "{tmp}/images/hpcnlp.sif",
+        "binds": ["/scratch"],
+        "env": {"NCCL_DEBUG": "WARN"},
+        "cpu_partition": "cpu",
+        "jobs": {"prepare": {"cpus_per_task": 16, "time": "04:00:00"}},
+    },
 }
 
 # What a shipped config reads that an earlier stage writes (submit checks it is there and what it is).
-CLASSIFIER = {"model_type": "bert", "architectures": ["BertForSequenceClassification"], "hidden_size": 384,
-              "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536, "vocab_size": 30522,
-              "id2label": {"0": "fresh", "1": "rotten"}, "label2id": {"fresh": 0, "rotten": 1}}
-STAND_INS = {"distill": ["outputs/finetune-sentiment"], "prune": ["outputs/finetune-sentiment"],
-             "export": ["outputs/distill-sentiment"],
-             "validate": ["outputs/distill-sentiment", "outputs/onnx-sentiment/model.onnx"]}
+CLASSIFIER = {
+    "model_type": "bert",
+    "architectures": ["BertForSequenceClassification"],
+    "hidden_size": 384,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "intermediate_size": 1536,
+    "vocab_size": 30522,
+    "id2label": {"0": "fresh", "1": "rotten"},
+    "label2id": {"fresh": 0, "rotten": 1},
+}
+STAND_INS = {
+    "distill": ["outputs/finetune-sentiment"],
+    "prune": ["outputs/finetune-sentiment"],
+    "export": ["outputs/distill-sentiment"],
+    "validate": ["outputs/distill-sentiment", "outputs/onnx-sentiment/model.onnx"],
+}
 
 
 @pytest.fixture
@@ -79,8 +100,9 @@ def stand_ins(tmp: Path, job: str) -> None:
 
 
 def normalise(text: str, tmp: Path) -> str:
-    for path, name in sorted({(str(tmp), "<tmp>"), (str(tmp.resolve()), "<tmp>"), (str(REPO), "<repo>")},
-                             key=lambda p: -len(p[0])):
+    for path, name in sorted(
+        {(str(tmp), "<tmp>"), (str(tmp.resolve()), "<tmp>"), (str(REPO), "<repo>")}, key=lambda p: -len(p[0])
+    ):
         text = text.replace(path, name)
     text = re.sub(r"/sweep-[\d-]+-\w{6}\.json", "/sweep-<time>-<id>.json", text)
     return re.sub(r"(/configs/[\w-]+?)-[0-9a-f]{12}\.yaml", r"\1-<hash>.yaml", text)
@@ -102,7 +124,9 @@ def compare(name: str, profile: str, text: str) -> None:
         return
     if not golden.is_file():
         pytest.fail(f"no golden file {golden.relative_to(REPO)}: write it with UPDATE_GOLDEN=1 (then read it)")
-    assert text == golden.read_text(), f"sbatch calls differ from {golden.relative_to(REPO)} (UPDATE_GOLDEN=1 rewrites it)"
+    assert text == golden.read_text(), (
+        f"sbatch calls differ from {golden.relative_to(REPO)} (UPDATE_GOLDEN=1 rewrites it)"
+    )
 
 
 def run(command: list[str], capsys) -> str:
@@ -154,8 +178,16 @@ def test_pipeline_golden_chains_each_stage_after_the_previous(profile, workdir, 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_sweep_golden_is_one_array_job(profile, workdir, fake_slurm, monkeypatch, capsys):
     use_profile(workdir, monkeypatch, profile)
-    command = ["sweep", "--config", "jobs/finetune-sentiment.yaml", "--max-parallel", "1", "--overrides-list",
-               "training.learning_rate=1e-4", "training.learning_rate=3e-4 training.seed=7"]
+    command = [
+        "sweep",
+        "--config",
+        "jobs/finetune-sentiment.yaml",
+        "--max-parallel",
+        "1",
+        "--overrides-list",
+        "training.learning_rate=1e-4",
+        "training.learning_rate=3e-4 training.seed=7",
+    ]
     out = run(command, capsys)
     [call] = fake_slurm.calls("sbatch")
     assert "--array=0-1%1" in call["argv"]
@@ -163,12 +195,16 @@ def test_sweep_golden_is_one_array_job(profile, workdir, fake_slurm, monkeypatch
     assert [t[-1] for t in manifest["tasks"]] == [f"output_dir=outputs/finetune-sentiment/task-{i}" for i in (0, 1)]
     # The array reads its own manifest (never rewritten); sweep.json is the latest's copy, naming it
     own = Path(call["env"]["HPCNLP_SWEEP"])
-    assert own.parent == workdir / "outputs" / "finetune-sentiment" and re.fullmatch(r"sweep-[\d-]+-\w{6}\.json", own.name)
+    assert own.parent == workdir / "outputs" / "finetune-sentiment" and re.fullmatch(
+        r"sweep-[\d-]+-\w{6}\.json", own.name
+    )
     assert json.loads(own.read_text())["tasks"] == manifest["tasks"] and manifest["manifest"] == own.name
     assert manifest["job_id"] == "1001"
     for i in (0, 1):  # `hpcnlp status` says queued at once
         task = json.loads((workdir / "outputs" / "finetune-sentiment" / f"task-{i}" / "status.json").read_text())
-        assert task["state"] == "queued" and task["queued_job_id"] == f"1001_{i}" and task["log"].endswith(f"1001_{i}.out")
+        assert (
+            task["state"] == "queued" and task["queued_job_id"] == f"1001_{i}" and task["log"].endswith(f"1001_{i}.out")
+        )
     compare("sweep", profile, render(command, profile, out, calls=[call], tmp=workdir))
 
 
@@ -207,7 +243,12 @@ def test_the_fake_tools_answer_like_slurm(fake_slurm):
         return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
 
     assert tool("scontrol", "show", "hostnames", "node[01-03,7],gpu5").split() == [
-        "node01", "node02", "node03", "node7", "gpu5"]
+        "node01",
+        "node02",
+        "node03",
+        "node7",
+        "gpu5",
+    ]
     assert "NodeAddr=node02" in tool("scontrol", "show", "node", "--oneliner", "node02")
     assert tool("sbatch", "--parsable", __file__).strip() == "1001"
     assert tool("sbatch", __file__).strip() == "Submitted batch job 1002"

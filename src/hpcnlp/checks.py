@@ -3,14 +3,15 @@
 Each returns a list of `Problem`s (one line each: key, what is wrong, the fix). `pending` holds paths
 that earlier pipeline stages will create: those are not checked yet.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from hpcnlp.config import JobConfig, Problem, TrainingConfig
 from hpcnlp.models import ModelNotFound, resolve_model_path
@@ -19,6 +20,7 @@ from hpcnlp.runtime.checkpoints import problem
 from hpcnlp.runtime.io import is_inside
 
 log = logging.getLogger(__name__)
+
 
 def model(key: str, value: str | None, pending: Iterable[str]) -> list[Problem]:
     if value is None or is_inside(value, pending):
@@ -54,8 +56,13 @@ def max_seq_length(value: int, model_key: str, name_or_path: str | None, pending
         limit -= 2
     if value <= limit:
         return []
-    return [Problem(key="data.max_seq_length", message=f"{value} is longer than the {limit} positions of "
-                    f"{model_key} '{name_or_path}'", fix=f"set data.max_seq_length to {limit} or less")]
+    return [
+        Problem(
+            key="data.max_seq_length",
+            message=f"{value} is longer than the {limit} positions of {model_key} '{name_or_path}'",
+            fix=f"set data.max_seq_length to {limit} or less",
+        )
+    ]
 
 
 def resume(cfg: JobConfig) -> list[Problem]:
@@ -66,36 +73,64 @@ def resume(cfg: JobConfig) -> list[Problem]:
     why = problem(Path(value), rundir.run_hash(cfg.model_dump(mode="json"))) if Path(value).is_dir() else "no such dir"
     if why is None:
         return []
-    return [Problem(key="resume", message=f"'{value}' is not a complete checkpoint of this run: {why}",
-                    fix="use resume: auto (the newest complete checkpoint in output_dir); to start from other "
-                        "weights, set model_name_or_path to them")]
+    return [
+        Problem(
+            key="resume",
+            message=f"'{value}' is not a complete checkpoint of this run: {why}",
+            fix="use resume: auto (the newest complete checkpoint in output_dir); to start from other "
+            "weights, set model_name_or_path to them",
+        )
+    ]
 
 
 def output_dir(cfg: JobConfig, resume_: str = "never", finished: str = "metrics.json") -> list[Problem]:
     """Only this job's own runs are continued or replaced; nothing else is written into or removed."""
     out = Path(cfg.output_dir)
     if not out.is_dir() or env.slurm_restart_count() > 0:  # a requeue goes on with its own run
-        return [] if not out.exists() or out.is_dir() else [
-            Problem(key="output_dir", message=f"'{out}' is a file", fix="choose a directory path")]
+        return (
+            []
+            if not out.exists() or out.is_dir()
+            else [Problem(key="output_dir", message=f"'{out}' is a file", fix="choose a directory path")]
+        )
     if not any(p.name not in rundir.OWN_FILES for p in out.iterdir()):
         return []
     if not rundir.written_by_hpcnlp(out):
-        return [Problem(key="output_dir", message=f"'{out}' holds files hpcnlp did not write",
-                        fix="choose another output_dir: no job writes into, or replaces, what it did not create")]
+        return [
+            Problem(
+                key="output_dir",
+                message=f"'{out}' holds files hpcnlp did not write",
+                fix="choose another output_dir: no job writes into, or replaces, what it did not create",
+            )
+        ]
     if cfg.overwrite:
         return []
     previous = rundir.read_run(out)
     if resume_ != "never":
         if previous and previous.get("run") != rundir.run_hash(cfg.model_dump(mode="json")):
-            return [Problem(key="output_dir", message=f"'{out}' holds a run of another config (run "
-                            f"{previous.get('run')}): its checkpoints are not this run's",
-                            fix="set overwrite: true to replace it, or choose a new output_dir")]
+            return [
+                Problem(
+                    key="output_dir",
+                    message=f"'{out}' holds a run of another config (run "
+                    f"{previous.get('run')}): its checkpoints are not this run's",
+                    fix="set overwrite: true to replace it, or choose a new output_dir",
+                )
+            ]
         return []
     if (out / finished).exists():
-        return [Problem(key="output_dir", message=f"'{out}' holds a finished run ({finished})",
-                        fix="set overwrite: true, resume: auto, or choose a new output_dir")]
-    return [Problem(key="output_dir", message=f"'{out}' holds checkpoints of an unfinished run",
-                    fix="set resume: auto to continue it, or overwrite: true to start over")]
+        return [
+            Problem(
+                key="output_dir",
+                message=f"'{out}' holds a finished run ({finished})",
+                fix="set overwrite: true, resume: auto, or choose a new output_dir",
+            )
+        ]
+    return [
+        Problem(
+            key="output_dir",
+            message=f"'{out}' holds checkpoints of an unfinished run",
+            fix="set resume: auto to continue it, or overwrite: true to start over",
+        )
+    ]
 
 
 def overlaps(output: str, inputs: dict[str, str | None], key: str = "output_dir") -> list[Problem]:
@@ -109,8 +144,13 @@ def overlaps(output: str, inputs: dict[str, str | None], key: str = "output_dir"
         except ModelNotFound:
             path = value
         if is_inside(output, [path]) or is_inside(path, [output]):
-            out.append(Problem(key=key, message=f"'{output}' overlaps the input {name} '{value}'",
-                               fix=f"write {key} elsewhere: a job never writes over its inputs"))
+            out.append(
+                Problem(
+                    key=key,
+                    message=f"'{output}' overlaps the input {name} '{value}'",
+                    fix=f"write {key} elsewhere: a job never writes over its inputs",
+                )
+            )
     return out
 
 
@@ -120,27 +160,43 @@ def training(t: TrainingConfig, output_dir_: str) -> list[Problem]:
     if t.deepspeed:
         path = Path(t.deepspeed)
         if not path.is_file():
-            out.append(Problem(key="training.deepspeed", message=f"no such file '{path}'",
-                               fix="point it at a DeepSpeed JSON, e.g. jobs/deepspeed/zero2.json"))
+            out.append(
+                Problem(
+                    key="training.deepspeed",
+                    message=f"no such file '{path}'",
+                    fix="point it at a DeepSpeed JSON, e.g. jobs/deepspeed/zero2.json",
+                )
+            )
         else:
             try:
                 json.loads(path.read_text())
             except json.JSONDecodeError as e:
-                out.append(Problem(key="training.deepspeed", message=f"'{path}' is not valid JSON ({e})",
-                                   fix="fix the JSON syntax"))
+                out.append(
+                    Problem(
+                        key="training.deepspeed", message=f"'{path}' is not valid JSON ({e})", fix="fix the JSON syntax"
+                    )
+                )
     advice = bf16_advice(t)
     if advice:
         log.warning("training.bf16: %s", advice)
     from transformers import TrainingArguments
 
-    kwargs = {**t.model_dump(), "deepspeed": None, "bf16": bool(t.bf16)}  # DeepSpeed is checked above; its set-up is the job's
+    kwargs = {
+        **t.model_dump(),
+        "deepspeed": None,
+        "bf16": bool(t.bf16),
+    }  # DeepSpeed is checked above; its set-up is the job's
     with _environ_kept():  # TrainingArguments exports ACCELERATE_* variables: none may leak from a check
         try:
             TrainingArguments(output_dir=output_dir_ or ".", use_cpu=True, **kwargs)
         except (ValueError, TypeError, ImportError) as e:
-            out.append(Problem(key="training", message=f"TrainingArguments refuses these settings: {e}"
-                               .replace("\n", " "), fix="change the keys it names (see transformers' "
-                               "TrainingArguments documentation)"))
+            out.append(
+                Problem(
+                    key="training",
+                    message=f"TrainingArguments refuses these settings: {e}".replace("\n", " "),
+                    fix="change the keys it names (see transformers' TrainingArguments documentation)",
+                )
+            )
     return out
 
 
@@ -159,12 +215,17 @@ def bf16_advice(t: TrainingConfig, flags: dict[str, bool] | None = None, gpu: bo
     flags, model_name = info["flags"], info["model"]
     amx = flags.get("amx_bf16", False)
     if t.bf16 and not amx:
-        how = ("has avx512_bf16 but no AMX: bf16 matmuls run at about half the fp32 rate there (bench/results)"
-               if flags.get("avx512_bf16") else "has no bf16 instructions: bf16 is emulated there")
+        how = (
+            "has avx512_bf16 but no AMX: bf16 matmuls run at about half the fp32 rate there (bench/results)"
+            if flags.get("avx512_bf16")
+            else "has no bf16 instructions: bf16 is emulated there"
+        )
         return f"on, but {model_name} {how}, so training is slower than fp32; set training.bf16: false on such nodes"
     if not t.bf16 and amx:
-        return (f"off, but {model_name} has AMX bf16 units (amx_bf16): training.bf16: true (the Trainer's bf16 "
-                "autocast) trained 1.5-3x faster than fp32 on such a CPU")
+        return (
+            f"off, but {model_name} has AMX bf16 units (amx_bf16): training.bf16: true (the Trainer's bf16 "
+            "autocast) trained 1.5-3x faster than fp32 on such a CPU"
+        )
     return None
 
 

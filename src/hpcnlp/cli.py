@@ -3,6 +3,7 @@
 Every job command validates its config first (the same check `hpcnlp check` and the submit path
 run) and refuses to start, writing nothing, when there is any problem.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,13 @@ from hpcnlp.runtime.status import process_exit
 def setup_logging() -> None:
     from hpcnlp.runtime.env import rank
 
-    logging.basicConfig(level=os.environ.get("HPCNLP_LOG_LEVEL", "INFO"),
-                        format=f"%(asctime)s [rank {rank()}] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    logging.basicConfig(
+        level=os.environ.get("HPCNLP_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s [rank {rank()}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
     # Library-internal warnings a user can do nothing about (transformers' token counter, pyarrow sort option).
     warnings.filterwarnings("ignore", message="To copy construct from a tensor")
     warnings.filterwarnings("ignore", category=FutureWarning, module="pyarrow")
@@ -39,21 +44,30 @@ def setup_logging() -> None:
 def _config_parser(name: str, help_: str, sub) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_, description=help_)
     p.add_argument("--config", "-c", required=True, help="job config YAML (see jobs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override config keys, dotted for sections: training.max_steps=100")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override config keys, dotted for sections: training.max_steps=100",
+    )
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hpcnlp", description="Adapt transformer encoders on Slurm clusters and ship them as ONNX.",
-        epilog="Each job reads a YAML config (jobs/*.yaml); `hpcnlp <command> --help` says more.")
+        prog="hpcnlp",
+        description="Adapt transformer encoders on Slurm clusters and ship them as ONNX.",
+        epilog="Each job reads a YAML config (jobs/*.yaml); `hpcnlp <command> --help` says more.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
-    _config_parser("check", "validate a job config, a cluster profile or a pipeline without running it "
-                   "(exit 2 on problems)", sub)
+    _config_parser(
+        "check", "validate a job config, a cluster profile or a pipeline without running it (exit 2 on problems)", sub
+    )
     for spec in JOBS.values():
         _config_parser(spec.name, spec.help, sub)
-    verify = sub.add_parser("verify", help="re-check a shipped bundle: checksums, ONNX loadability (exit 1 on problems)")
+    verify = sub.add_parser(
+        "verify", help="re-check a shipped bundle: checksums, ONNX loadability (exit 1 on problems)"
+    )
     verify.add_argument("bundle", help="bundle dir, e.g. artifacts/<name>/<version>")
     for command in COMMANDS.values():  # Slurm: submit, pipeline, sweep, status, summary
         command.add_parser(sub)

@@ -11,6 +11,7 @@ Two layers of checking, both reported as one line per problem naming file, key a
   2. meaning (each job's `check`, hpcnlp.jobs): files that must exist, output dirs holding runs.
 This module reads no files but the YAML it is given and imports nothing of data, tasks or models.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -19,12 +20,22 @@ import difflib
 import enum
 import functools
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 
@@ -60,8 +71,9 @@ def _text_encoding(name: str) -> str:
         codecs.lookup(name)  # unknown name
         "".encode(name)  # known, but not a text encoding (base64, rot13); b"".decode skips empty input
     except LookupError:
-        raise ValueError(f"{name!r} is not a text encoding Python knows; use a codec name such as utf-8, "
-                         "latin-1 or cp1252") from None
+        raise ValueError(
+            f"{name!r} is not a text encoding Python knows; use a codec name such as utf-8, latin-1 or cp1252"
+        ) from None
     return name
 
 
@@ -77,11 +89,14 @@ JOB_OWNED = {
     "output_dir": "set the top-level output_dir",
     "overwrite_output_dir": "set the top-level overwrite",
     "resume_from_checkpoint": "set the top-level resume (auto, never or a checkpoint dir)",
-    "do_train": "remove it: the job decides what it runs", "do_eval": "remove it: the job decides what it runs",
+    "do_train": "remove it: the job decides what it runs",
+    "do_eval": "remove it: the job decides what it runs",
     "do_predict": "remove it: the job decides what it runs",
-    "use_cpu": "remove it: the job uses the GPU when there is one", "no_cuda": "remove it",
+    "use_cpu": "remove it: the job uses the GPU when there is one",
+    "no_cuda": "remove it",
     "include_num_input_tokens_seen": "remove it: the job counts tokens itself",
-    "push_to_hub": "remove it: nothing is uploaded from a job", "hub_token": "remove it: no secrets in configs",
+    "push_to_hub": "remove it: nothing is uploaded from a job",
+    "hub_token": "remove it: no secrets in configs",
     "hub_model_id": "remove it: nothing is uploaded from a job",
 }
 
@@ -140,11 +155,15 @@ class TrainingConfig(Section):
             if key not in fields:
                 raise PydanticCustomError("unknown_training_key", "{key}: unknown key", {"key": key})
             try:
-                checked = TypeAdapter(fields[key], config=ConfigDict(arbitrary_types_allowed=True,
-                                                                     allow_inf_nan=False)).validate_python(value)
+                checked = TypeAdapter(
+                    fields[key], config=ConfigDict(arbitrary_types_allowed=True, allow_inf_nan=False)
+                ).validate_python(value)
             except ValidationError as e:
-                raise PydanticCustomError("training_value", "{key}: {msg} (got {value!r})",
-                                          {"key": key, "msg": e.errors()[0]["msg"], "value": value}) from None
+                raise PydanticCustomError(
+                    "training_value",
+                    "{key}: {msg} (got {value!r})",
+                    {"key": key, "msg": e.errors()[0]["msg"], "value": value},
+                ) from None
             self.model_extra[key] = checked.value if isinstance(checked, enum.Enum) else checked
         return self
 
@@ -217,7 +236,9 @@ class CorpusConfig(Section):
     # weighted: every source's blocks repeated or subsampled to its weight, shuffled together;
     # curriculum: all of the first source's blocks (shuffled), then the second's, ... in listed order.
     mix: Literal["weighted", "curriculum"] = "weighted"
-    dedup: bool = False  # drop exact repeats of a document (content hash) anywhere in the corpus; first copy kept, counted
+    dedup: bool = (
+        False  # drop exact repeats of a document (content hash) anywhere in the corpus; first copy kept, counted
+    )
     eval_files: list[str] = Field(default_factory=list)  # held-out text; else split off by document
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = "text"  # JSONL/Parquet column holding the text
@@ -237,19 +258,37 @@ class CorpusConfig(Section):
     def problems(self) -> list[Problem]:
         out = []
         if bool(self.train_files) == bool(self.sources):
-            out.append(Problem(key="data.train_files", message="give either train_files (one source) or sources "
-                               "(several), " + ("not both" if self.sources else "none is set"),
-                               fix="e.g. train_files: [corpus/**/*.txt]"))
+            out.append(
+                Problem(
+                    key="data.train_files",
+                    message="give either train_files (one source) or sources "
+                    "(several), " + ("not both" if self.sources else "none is set"),
+                    fix="e.g. train_files: [corpus/**/*.txt]",
+                )
+            )
         if self.sources and self.exclude:
-            out.append(Problem(key="data.exclude", message="with sources, exclusions are per source",
-                               fix="move it to data.sources[].exclude"))
+            out.append(
+                Problem(
+                    key="data.exclude",
+                    message="with sources, exclusions are per source",
+                    fix="move it to data.sources[].exclude",
+                )
+            )
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
-            out.append(Problem(key="data.sources", message=f"source names repeat: {names}",
-                               fix="give every source its own name"))
+            out.append(
+                Problem(
+                    key="data.sources", message=f"source names repeat: {names}", fix="give every source its own name"
+                )
+            )
         if self.eval_fraction == 0 and not self.eval_files:
-            out.append(Problem(key="data.eval_fraction", message="no held-out text: eval_fraction is 0 and "
-                               "eval_files is empty", fix="set eval_fraction (e.g. 0.05) or give eval_files"))
+            out.append(
+                Problem(
+                    key="data.eval_fraction",
+                    message="no held-out text: eval_fraction is 0 and eval_files is empty",
+                    fix="set eval_fraction (e.g. 0.05) or give eval_files",
+                )
+            )
         return out
 
     def source_list(self) -> list[SourceConfig]:
@@ -284,8 +323,7 @@ class FinetuneDataConfig(Section):
     max_eval_samples: int | None = Field(None, ge=1)
 
     def files(self) -> dict[str, str]:
-        named = {"train_file": self.train_file, "validation_file": self.validation_file,
-                 "test_file": self.test_file}
+        named = {"train_file": self.train_file, "validation_file": self.validation_file, "test_file": self.test_file}
         named.update({f"extra_eval_files.{k}": v for k, v in self.extra_eval_files.items()})
         return {k: v for k, v in named.items() if v}
 
@@ -310,17 +348,30 @@ def read_yaml(path: str | Path) -> dict:
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(source, [Problem(key="<file>", message="no such config file",
-                                           fix="give a path to a YAML job config, e.g. jobs/pretrain.yaml")])
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    key="<file>",
+                    message="no such config file",
+                    fix="give a path to a YAML job config, e.g. jobs/pretrain.yaml",
+                )
+            ],
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(source, [Problem(key="<file>", message=f"cannot be read ({e})",
-                                           fix="give a readable UTF-8 YAML file")])
+        raise ConfigError(
+            source, [Problem(key="<file>", message=f"cannot be read ({e})", fix="give a readable UTF-8 YAML file")]
+        ) from None
     except yaml.YAMLError as e:
-        raise ConfigError(source, [Problem(key="<file>", message=f"not valid YAML ({e})".replace("\n", " "),
-                                           fix="fix the YAML syntax")])
+        raise ConfigError(
+            source,
+            [Problem(key="<file>", message=f"not valid YAML ({e})".replace("\n", " "), fix="fix the YAML syntax")],
+        ) from None
     if not isinstance(raw, dict):
-        raise ConfigError(source, [Problem(key="<top>", message="a job config is a mapping of keys",
-                                           fix="see jobs/*.yaml for examples")])
+        raise ConfigError(
+            source,
+            [Problem(key="<top>", message="a job config is a mapping of keys", fix="see jobs/*.yaml for examples")],
+        ) from None
     return raw
 
 
@@ -334,15 +385,31 @@ def with_overrides(raw: dict, overrides: Iterable[str], source: str = "<command 
         return raw
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(source, [Problem(key=item, message="override is not key=value",
-                                               fix="write it as dotted.key=value, e.g. training.max_steps=10")])
+            raise ConfigError(
+                source,
+                [
+                    Problem(
+                        key=item,
+                        message="override is not key=value",
+                        fix="write it as dotted.key=value, e.g. training.max_steps=10",
+                    )
+                ],
+            ) from None
     try:
         merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(overrides))
         return OmegaConf.to_container(merged)
     except (OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
         bad = next((o for o in overrides if not _parses(o)), " ".join(overrides))
-        raise ConfigError(source, [Problem(key=bad, message=f"cannot be read ({str(e).splitlines()[0]})",
-                                           fix="quote the value or fix its YAML, e.g. key='[x' or key=[a,b]")])
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    key=bad,
+                    message=f"cannot be read ({str(e).splitlines()[0]})",
+                    fix="quote the value or fix its YAML, e.g. key='[x' or key=[a,b]",
+                )
+            ],
+        ) from None
 
 
 def _parses(override: str) -> bool:
@@ -382,13 +449,21 @@ def shape_problems(cls: type[JobConfig], err: ValidationError) -> list[Problem]:
         elif e["type"] == "job_owned":
             out.append(Problem(key=key, message="is set by the job, not in training:", fix=ctx["fix"]))
         elif e["type"] == "training_value":
-            out.append(Problem(key=key, message=f"{ctx['msg']} (got {ctx['value']!r})",
-                               fix="give a value of the type TrainingArguments takes"))
+            out.append(
+                Problem(
+                    key=key,
+                    message=f"{ctx['msg']} (got {ctx['value']!r})",
+                    fix="give a value of the type TrainingArguments takes",
+                )
+            )
         elif e["type"] == "missing":
             out.append(Problem(key=key, message="required key is missing", fix="add it"))
         else:
-            out.append(Problem(key=key, message=f"{e['msg']} (got {e.get('input')!r})",
-                               fix="give a value of the right type/range"))
+            out.append(
+                Problem(
+                    key=key, message=f"{e['msg']} (got {e.get('input')!r})", fix="give a value of the right type/range"
+                )
+            )
     return out
 
 

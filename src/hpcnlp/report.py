@@ -1,4 +1,5 @@
 """Per-job report: metrics.json, report.md and PNG plots, written atomically by rank 0."""
+
 from __future__ import annotations
 
 import io
@@ -58,15 +59,23 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
     return "\n".join(lines)
 
 
-def write_report(output_dir: str | Path, title: str, metrics: dict, sections: list[tuple[str, str]],
-                 images: list[str] = ()) -> None:
+def write_report(
+    output_dir: str | Path, title: str, metrics: dict, sections: list[tuple[str, str]], images: list[str] = ()
+) -> None:
     """metrics.json last: its presence marks a finished job (config checks look for it)."""
     out = Path(output_dir)
     body = [f"# {title}", ""]
     for heading, text in sections:
         body += [f"## {heading}", "", text, ""]
     body += [f"![{Path(i).stem}]({i})" for i in images]
-    body += ["", "## metrics.json", "", "```json", json.dumps(metrics, indent=2, sort_keys=True, default=str),
-             "```", ""]
+    body += [
+        "",
+        "## metrics.json",
+        "",
+        "```json",
+        json.dumps(metrics, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+    ]
     atomic_write_text(out / "report.md", "\n".join(body))
     atomic_write_json(out / "metrics.json", metrics)

@@ -3,11 +3,12 @@
 The CLI, the Slurm launcher, submit/pipeline/sweep and `hpcnlp check` read these specs; nothing
 else lists the jobs or knows what a finished run looks like. docs/architecture.md: adding a job.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from hpcnlp.config import JobConfig, Problem
 

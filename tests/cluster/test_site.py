@@ -1,6 +1,7 @@
 """A real site, not a friendly one: what a production Slurm does that a test cluster forgives (srun's
 CPUs since 22.05, GRES forms, per-job partitions, duplicate submissions, stale status, cancel/logs).
 Fake Slurm tools only (tests/fake_slurm/), no training."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,22 @@ from hpcnlp.jobs import JOBS
 from hpcnlp.runtime import launch
 
 REPO = Path(__file__).resolve().parents[2]
-SLURM_VARS = ("SLURM_JOB_NODELIST", "SLURM_JOB_ID", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS",
-              "SLURM_GPUS_PER_TASK", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE",
-              "SLURM_JOB_NUM_NODES", "SLURM_NNODES", "SLURM_NTASKS_PER_NODE", "CUDA_VISIBLE_DEVICES")
+SLURM_VARS = (
+    "SLURM_JOB_NODELIST",
+    "SLURM_JOB_ID",
+    "SLURM_GPUS_ON_NODE",
+    "SLURM_GPUS_PER_NODE",
+    "SLURM_GPUS",
+    "SLURM_GPUS_PER_TASK",
+    "SLURM_JOB_GPUS",
+    "SLURM_STEP_GPUS",
+    "SLURM_CPUS_PER_TASK",
+    "SLURM_CPUS_ON_NODE",
+    "SLURM_JOB_NUM_NODES",
+    "SLURM_NNODES",
+    "SLURM_NTASKS_PER_NODE",
+    "CUDA_VISIBLE_DEVICES",
+)
 
 
 @pytest.fixture
@@ -47,11 +61,15 @@ def test_srun_step_passes_cpus_per_task_and_the_gpus(allocation):
     allocation.setenv("SLURM_GPUS_ON_NODE", "4")
     plan = launch.plan_from_env("pretrain", ["--config", "x.yaml"])
     srun = launch.srun_command(plan)
-    head = srun[:srun.index("hpcnlp.runtime.launch")]
+    head = srun[: srun.index("hpcnlp.runtime.launch")]
     assert "--cpus-per-task=32" in head and "--gpus-per-node=a100:4" in head
     assert "export SRUN_CPUS_PER_TASK=32" in launch.bash_assignments(plan).splitlines()
-    evaled = subprocess.run(["bash", "-c", 'eval "$PLAN"; echo "$SRUN_CPUS_PER_TASK ${CMD[5]}"'], text=True,
-                            capture_output=True, env={**os.environ, "PLAN": launch.bash_assignments(plan)}).stdout
+    evaled = subprocess.run(
+        ["bash", "-c", 'eval "$PLAN"; echo "$SRUN_CPUS_PER_TASK ${CMD[5]}"'],
+        text=True,
+        capture_output=True,
+        env={**os.environ, "PLAN": launch.bash_assignments(plan)},
+    ).stdout
     assert evaled.split() == ["32", "--cpus-per-task=32"]  # launch.sh evals the plan: srun sees both
     # No --cpus-per-task on the allocation: the node's CPUs are the one task's
     allocation.delenv("SLURM_CPUS_PER_TASK")
@@ -72,22 +90,30 @@ def test_srun_line_of_the_dry_run_has_the_cpus_and_gpus(tmp_path):
     srun = shlex.split(launch_lines(profile, JOBS["pretrain"], ["x.yaml"], opts, tmp_path)[0])
     assert "--cpus-per-task=32" in srun and "--gpus-per-node=4" in srun
     # No cpus_per_task in the profile: the batch header's
-    srun = launch_lines(ClusterProfile(), JOBS["export"], ["x.yaml"], options.sbatch_options(ClusterProfile(),
-                        JOBS["export"], "e"), tmp_path)[0]
+    srun = launch_lines(
+        ClusterProfile(),
+        JOBS["export"],
+        ["x.yaml"],
+        options.sbatch_options(ClusterProfile(), JOBS["export"], "e"),
+        tmp_path,
+    )[0]
     assert f"--cpus-per-task={JOBS['export'].slurm.cpus_per_task}" in srun and "gpu" not in srun.split("python")[0]
 
 
 # --- 2. one GPU reader: the dry run plans what the launcher starts ----------------------------------
-@pytest.mark.parametrize("sbatch,env,expect", [
-    (["--gres=gpu:4"], {"SLURM_GPUS_ON_NODE": "4"}, 4),
-    (["--gres=gpu:a100:4"], {"SLURM_JOB_GPUS": "0,1,2,3"}, 4),
-    (["--gres=gpu:a100:2,nvme:1"], {"SLURM_GPUS_ON_NODE": "2"}, 2),
-    (["--gpus-per-node=4"], {"SLURM_GPUS_PER_NODE": "4"}, 4),
-    (["--gpus-per-node=h100:4"], {"SLURM_GPUS_PER_NODE": "h100:4"}, 4),
-    (["--gpus=8", "--nodes=2"], {"SLURM_GPUS": "8"}, 4),
-    (["--gpus-per-task=4"], {"SLURM_GPUS_PER_TASK": "4"}, 4),
-    (["--gpus-per-task=a100:2"], {"SLURM_GPUS_PER_TASK": "a100:2"}, 2),
-])
+@pytest.mark.parametrize(
+    "sbatch,env,expect",
+    [
+        (["--gres=gpu:4"], {"SLURM_GPUS_ON_NODE": "4"}, 4),
+        (["--gres=gpu:a100:4"], {"SLURM_JOB_GPUS": "0,1,2,3"}, 4),
+        (["--gres=gpu:a100:2,nvme:1"], {"SLURM_GPUS_ON_NODE": "2"}, 2),
+        (["--gpus-per-node=4"], {"SLURM_GPUS_PER_NODE": "4"}, 4),
+        (["--gpus-per-node=h100:4"], {"SLURM_GPUS_PER_NODE": "h100:4"}, 4),
+        (["--gpus=8", "--nodes=2"], {"SLURM_GPUS": "8"}, 4),
+        (["--gpus-per-task=4"], {"SLURM_GPUS_PER_TASK": "4"}, 4),
+        (["--gpus-per-task=a100:2"], {"SLURM_GPUS_PER_TASK": "a100:2"}, 2),
+    ],
+)
 def test_dry_run_and_launcher_read_the_same_gpu_count(sbatch, env, expect, allocation):
     profile = ClusterProfile(sbatch=sbatch)
     opts = options.sbatch_options(profile, JOBS["pretrain"], "p")
@@ -99,10 +125,18 @@ def test_dry_run_and_launcher_read_the_same_gpu_count(sbatch, env, expect, alloc
 
 # --- 4. per-job resources; post-processing jobs on CPUs -------------------------------------------
 def test_post_processing_jobs_get_no_gpu_and_the_cpu_partition():
-    profile = ClusterProfile(partition="gpu", cpu_partition="cpu", gpus_per_node=4, cpus_per_task=32, time="12:00:00",
-                             sbatch=["--gres=gpu:4", "--constraint=h100"],
-                             jobs={"prepare": {"cpus_per_task": 16, "mem": "64G", "time": "04:00:00"},
-                                   "validate": {"gpus_per_node": 1, "partition": "gpu"}})
+    profile = ClusterProfile(
+        partition="gpu",
+        cpu_partition="cpu",
+        gpus_per_node=4,
+        cpus_per_task=32,
+        time="12:00:00",
+        sbatch=["--gres=gpu:4", "--constraint=h100"],
+        jobs={
+            "prepare": {"cpus_per_task": 16, "mem": "64G", "time": "04:00:00"},
+            "validate": {"gpus_per_node": 1, "partition": "gpu"},
+        },
+    )
     got = {job: options.sbatch_options(profile, JOBS[job], job) for job in JOBS}
     for job in ("export", "prepare"):
         assert not any(o.startswith(("--gpus", "--gres")) for o in got[job]), got[job]
@@ -140,7 +174,7 @@ def test_bad_time_and_missing_image_are_refused(tmp_path):
         load_profile(path)
     lines = "\n".join(e.value.lines)
     assert "time: '12h' is not a Slurm time limit. Fix: write '12:00:00'" in lines
-    assert "jobs.export.time: is the number 43200" in lines and 'quote it' in lines
+    assert "jobs.export.time: is the number 43200" in lines and "quote it" in lines
     assert "image: '/no/such.sif' is not a file" in lines
     (tmp_path / "img").mkdir()
     assert "a directory" in str(ClusterProfile(container="singularity", image=str(tmp_path / "img")).problems())
@@ -229,7 +263,9 @@ def test_second_submission_of_a_queued_run_is_refused_unless_forced(workdir, fak
     # squeue failing: maybe alive, refused, saying so
     bad = workdir / "badbin"
     bad.mkdir()
-    (bad / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n")
+    (bad / "squeue").write_text(
+        "#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n"
+    )
     (bad / "squeue").chmod(0o755)
     path = os.environ["PATH"]
     os.environ["PATH"] = f"{bad}:{path}"
@@ -252,8 +288,15 @@ def test_pipeline_and_sweep_rerun_while_queued_are_refused(workdir, fake_slurm, 
     fake_slurm.set_state("1002", "PENDING")  # the pretrain stage, after prepare
     rc, out, err = cli(capsys, "pipeline", "--config", "jobs/pipeline.yaml")
     assert rc == 2 and "stage 'pretrain'" in err and "1002 (PENDING)" in err and len(fake_slurm.calls("sbatch")) == 6
-    sweep = ["sweep", "--config", "jobs/finetune-sentiment.yaml", "output_dir=outputs/sw", "--overrides-list",
-             "training.seed=1", "training.seed=2"]
+    sweep = [
+        "sweep",
+        "--config",
+        "jobs/finetune-sentiment.yaml",
+        "output_dir=outputs/sw",
+        "--overrides-list",
+        "training.seed=1",
+        "training.seed=2",
+    ]
     assert cli(capsys, *sweep)[0] == 0
     array = fake_slurm.calls("sbatch")[-1]
     fake_slurm.set_state("1007", "PENDING")
@@ -274,12 +317,14 @@ def test_status_says_stale_when_the_process_and_the_job_are_gone(workdir, fake_s
 
     run = workdir / "outputs" / "finetune-sentiment"
     run.mkdir(parents=True)
-    (run / "status.json").write_text(json.dumps({"state": "running", "slurm_job_ids": ["77"], "eta_seconds": 600,
-                                                 "step": 5, "max_steps": 100}))
+    (run / "status.json").write_text(
+        json.dumps({"state": "running", "slurm_job_ids": ["77"], "eta_seconds": 600, "step": 5, "max_steps": 100})
+    )
     dead = subprocess.Popen(["true"])
     dead.wait()
-    (run.parent / ".finetune-sentiment.lock").write_text(json.dumps({"slurm_job_id": "77", "pid": dead.pid,
-                                                                     "host": socket.gethostname()}))
+    (run.parent / ".finetune-sentiment.lock").write_text(
+        json.dumps({"slurm_job_id": "77", "pid": dead.pid, "host": socket.gethostname()})
+    )
     rc, out, err = cli(capsys, "status", str(run))
     assert "stale: process gone" in out and "10m00s" not in out
     fake_slurm.set_state("77", "RUNNING")  # Slurm still runs it (on another node, say): not stale
@@ -302,14 +347,28 @@ def test_status_shows_a_prepared_corpus_complete_as_pipeline_skips_it(workdir, f
 
 
 def test_sweep_tasks_show_queued_right_after_submission(workdir, fake_slurm, capsys):
-    assert cli(capsys, "sweep", "--config", "jobs/finetune-sentiment.yaml", "output_dir=outputs/sw",
-               "--overrides-list", "training.seed=1", "training.seed=2")[0] == 0
+    assert (
+        cli(
+            capsys,
+            "sweep",
+            "--config",
+            "jobs/finetune-sentiment.yaml",
+            "output_dir=outputs/sw",
+            "--overrides-list",
+            "training.seed=1",
+            "training.seed=2",
+        )[0]
+        == 0
+    )
     fake_slurm.set_state("1001", "PENDING")
     fake_slurm.set_state("1001_0", "PENDING")
     fake_slurm.set_state("1001_1", "PENDING")
     rc, out, err = cli(capsys, "status", "outputs/sw")
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| task-")]
-    assert [r[:4] for r in rows] == [["task-0", "queued", "PENDING", "1001_0"], ["task-1", "queued", "PENDING", "1001_1"]]
+    assert [r[:4] for r in rows] == [
+        ["task-0", "queued", "PENDING", "1001_0"],
+        ["task-1", "queued", "PENDING", "1001_1"],
+    ]
 
 
 # --- 12. cancel and logs ----------------------------------------------------------------------------
@@ -323,12 +382,25 @@ def test_cancel_scancels_what_a_run_pipeline_or_sweep_has_queued(workdir, fake_s
     assert "nothing queued or running" in cli(capsys, "cancel", "jobs/finetune-sentiment.yaml")[1]
     assert len(fake_slurm.calls("scancel")) == 1
     # A sweep: the array job once (its pending tasks with it), every task marked
-    assert cli(capsys, "sweep", "--config", "jobs/finetune-sentiment.yaml", "output_dir=outputs/sw",
-               "--overrides-list", "training.seed=1", "training.seed=2")[0] == 0
+    assert (
+        cli(
+            capsys,
+            "sweep",
+            "--config",
+            "jobs/finetune-sentiment.yaml",
+            "output_dir=outputs/sw",
+            "--overrides-list",
+            "training.seed=1",
+            "training.seed=2",
+        )[0]
+        == 0
+    )
     rc, out, err = cli(capsys, "cancel", "outputs/sw")
     assert "cancelled job 1002 (sweep outputs/sw)" in out and fake_slurm.calls("scancel")[-1]["argv"] == ["1002"]
     for i in (0, 1):
-        assert json.loads((workdir / "outputs" / "sw" / f"task-{i}" / "status.json").read_text())["state"] == "cancelled"
+        assert (
+            json.loads((workdir / "outputs" / "sw" / f"task-{i}" / "status.json").read_text())["state"] == "cancelled"
+        )
     # A pipeline: every stage's job
     assert cli(capsys, "pipeline", "--config", "jobs/pipeline.yaml")[0] == 0
     rc, out, err = cli(capsys, "cancel", "jobs/pipeline.yaml")
@@ -350,6 +422,7 @@ def test_logs_prints_and_follows_the_recorded_slurm_log(workdir, fake_slurm, cap
 
     def finish():
         import time
+
         time.sleep(0.5)
         with open(log, "a") as f:
             f.write("line 2\n")
@@ -374,8 +447,9 @@ def test_check_takes_a_cluster_profile_and_a_pipeline(workdir, fake_slurm, capsy
     assert rc == 0, err
     assert "valid pipeline: prepare, pretrain, finetune, distill, export, validate" in out
     assert fake_slurm.calls("sbatch") == [] and not (workdir / "state").exists()  # nothing queued or frozen
-    (workdir / "bad-pipeline.yaml").write_text("stages:\n  - {config: jobs/finetune-sentiment.yaml, "
-                                               "overrides: {training.learning_rate: -1}}\n")
+    (workdir / "bad-pipeline.yaml").write_text(
+        "stages:\n  - {config: jobs/finetune-sentiment.yaml, overrides: {training.learning_rate: -1}}\n"
+    )
     rc, out, err = cli(capsys, "check", "--config", "bad-pipeline.yaml")
     assert rc == 2 and "learning_rate" in err
 
@@ -385,8 +459,12 @@ def test_report_to_without_its_package_is_refused_at_check(workdir, capsys, monk
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "mlflow") else real(name, *a))
-    rc, out, err = cli(capsys, "check", "--config", "jobs/finetune-sentiment.yaml", "training.report_to=[wandb,tensorboard]")
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "mlflow") else real(name, *a)
+    )
+    rc, out, err = cli(
+        capsys, "check", "--config", "jobs/finetune-sentiment.yaml", "training.report_to=[wandb,tensorboard]"
+    )
     assert rc == 2 and "training.report_to: 'wandb' is not installed here. Fix: pip install wandb" in err
     assert "'tensorboard' is not installed" not in err
     for ok in ("none", "all", "tensorboard", "[none]"):

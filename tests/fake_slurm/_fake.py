@@ -8,6 +8,7 @@ and prints what the real tool prints for that call. State beside the log file:
 $FAKE_SBATCH_FAIL set: sbatch refuses every job with that message (exit 1), as a real one refuses.
 Standard library only: these run under whatever python3 is first on PATH.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -60,7 +61,7 @@ def option(argv: list[str], *names: str) -> str | None:
             elif n.startswith("--") and a.startswith(n + "="):
                 value = a.split("=", 1)[1]
             elif not n.startswith("--") and a.startswith(n) and len(a) > len(n):
-                value = a[len(n):]
+                value = a[len(n) :]
     return value
 
 
@@ -81,7 +82,7 @@ def squeue(argv: list[str]) -> int:
     """-j ID -o %T: the job's state while Slurm keeps it; nothing for a job it does not know."""
     job = option(argv, "-j", "--jobs")
     known = states()
-    for j in (job.split(",") if job else sorted(known)):
+    for j in job.split(",") if job else sorted(known):
         if j in known:
             print(known[j] if "-h" in argv or "--noheader" in argv else f"STATE\n{known[j]}")
     return 0
@@ -116,8 +117,10 @@ def scontrol(argv: list[str]) -> int:
     elif args[:2] == ["show", "node"] and len(args) > 2:
         print(f"NodeName={args[2]} Arch=x86_64 CPUTot=16 NodeAddr={args[2]} NodeHostName={args[2]} State=ALLOCATED")
     elif args[:2] == ["show", "job"] and len(args) > 2:
-        print(f"JobId={args[2]} JobName=fake JobState={states().get(args[2], 'RUNNING')} "
-              f"StdOut={os.getcwd()}/slurm-{args[2]}.out")
+        print(
+            f"JobId={args[2]} JobName=fake JobState={states().get(args[2], 'RUNNING')} "
+            f"StdOut={os.getcwd()}/slurm-{args[2]}.out"
+        )
     elif args[:1] == ["requeue"]:
         pass
     else:

@@ -5,6 +5,7 @@ base made by debootstrap, installing from a wheelhouse of requirements/lock.txt 
 build). Needs root, podman, runc and debootstrap (.ci/run installs them). `make test` skips this
 module; `make image-test` sets HPCNLP_IMAGE_TEST=1.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,13 +27,16 @@ VENV_SITE = "/opt/hpcnlp/venv/lib/python3.11/site-packages"
 
 pytestmark = [
     pytest.mark.image,
-    pytest.mark.skipif(os.environ.get("HPCNLP_IMAGE_TEST") != "1",
-                       reason="builds the container image (minutes): run by `make image-test`"),
+    pytest.mark.skipif(
+        os.environ.get("HPCNLP_IMAGE_TEST") != "1",
+        reason="builds the container image (minutes): run by `make image-test`",
+    ),
 ]
 
 
-def in_image(*args: str, entrypoint: str | None = None, volumes: dict[str, str] | None = None,
-             timeout: int = 300) -> subprocess.CompletedProcess:
+def in_image(
+    *args: str, entrypoint: str | None = None, volumes: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     cmd = ["podman", "run", "--rm", *PODMAN_RUN_ARGS, "--env", "OMP_NUM_THREADS=1"]
     if entrypoint is not None:
         cmd += ["--entrypoint", entrypoint]
@@ -68,15 +72,17 @@ def test_check_accepts_the_shipped_pretrain_config(image):
 
 
 def test_runs_offline_as_non_root_and_cannot_change_its_install(image):
-    probe = ("import os, json\n"
-             "try:\n"
-             f"    open('{VENV_SITE}/hpcnlp/evil.py', 'w'); wrote = True\n"
-             "except PermissionError:\n"
-             "    wrote = False\n"
-             "print(json.dumps({'uid': os.getuid(), 'wrote': wrote,"
-             " 'offline': os.environ.get('HF_HUB_OFFLINE'),"
-             " 'env': sorted(os.environ),"
-             " 'pip_cache': os.environ.get('PIP_NO_CACHE_DIR')}))")
+    probe = (
+        "import os, json\n"
+        "try:\n"
+        f"    open('{VENV_SITE}/hpcnlp/evil.py', 'w'); wrote = True\n"
+        "except PermissionError:\n"
+        "    wrote = False\n"
+        "print(json.dumps({'uid': os.getuid(), 'wrote': wrote,"
+        " 'offline': os.environ.get('HF_HUB_OFFLINE'),"
+        " 'env': sorted(os.environ),"
+        " 'pip_cache': os.environ.get('PIP_NO_CACHE_DIR')}))"
+    )
     r = in_image("-c", probe, entrypoint="python3")
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout)
@@ -107,20 +113,31 @@ def test_model_dir_build_arg_bakes_a_model_in(image):
     from transformers import BertConfig, BertForMaskedLM
 
     context_dir = REPO / ".tmp-image-model"  # inside the build context, git-ignored
-    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32)).save_pretrained(context_dir / "tiny-bert")
+    BertForMaskedLM(
+        BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(context_dir / "tiny-bert")
     tag = f"{image}-model"
     try:
-        subprocess.run([str(REPO / "docker" / "build-local.sh"), tag, "--build-arg",
-                        f"MODEL_DIR={context_dir.name}/tiny-bert"], check=True, cwd=REPO, timeout=900)
+        subprocess.run(
+            [str(REPO / "docker" / "build-local.sh"), tag, "--build-arg", f"MODEL_DIR={context_dir.name}/tiny-bert"],
+            check=True,
+            cwd=REPO,
+            timeout=900,
+        )
     finally:
         shutil.rmtree(context_dir)
-    probe = ("from transformers import AutoModelForMaskedLM\n"
-             "from hpcnlp.models import resolve_model_path\n"
-             "print(AutoModelForMaskedLM.from_pretrained(resolve_model_path('/opt/hpcnlp/models/tiny-bert'))"
-             ".config.hidden_size)")
-    r = subprocess.run(["podman", "run", "--rm", *PODMAN_RUN_ARGS, "--entrypoint", "python3", tag, "-c", probe],
-                       capture_output=True, text=True, timeout=300)
+    probe = (
+        "from transformers import AutoModelForMaskedLM\n"
+        "from hpcnlp.models import resolve_model_path\n"
+        "print(AutoModelForMaskedLM.from_pretrained(resolve_model_path('/opt/hpcnlp/models/tiny-bert'))"
+        ".config.hidden_size)"
+    )
+    r = subprocess.run(
+        ["podman", "run", "--rm", *PODMAN_RUN_ARGS, "--entrypoint", "python3", tag, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     subprocess.run(["podman", "rmi", tag], capture_output=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[-1] == "16"
@@ -130,11 +147,22 @@ def test_model_dir_build_arg_bakes_a_model_in(image):
 def test_short_pretrain_in_the_image(image, tmp_path):
     """The shipped config on the shipped corpus, 3 steps, outputs written to a mounted dir."""
     tmp_path.chmod(0o777)  # the image's user (uid 10001) writes here
-    r = in_image("pretrain", "--config", "jobs/pretrain.yaml", "output_dir=/out/run",
-                 "data.prepared_root=/out/prepared", "data.max_seq_length=64", "data.num_proc=1",
-                 "data.eval_fraction=0.01", "training.max_steps=3", "head_warmup_steps=1", "training.per_device_train_batch_size=8",
-                 "training.logging_steps=1",
-                 volumes={str(tmp_path): "/out"}, timeout=600)
+    r = in_image(
+        "pretrain",
+        "--config",
+        "jobs/pretrain.yaml",
+        "output_dir=/out/run",
+        "data.prepared_root=/out/prepared",
+        "data.max_seq_length=64",
+        "data.num_proc=1",
+        "data.eval_fraction=0.01",
+        "training.max_steps=3",
+        "head_warmup_steps=1",
+        "training.per_device_train_batch_size=8",
+        "training.logging_steps=1",
+        volumes={str(tmp_path): "/out"},
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["global_step"] == 3
@@ -155,24 +183,59 @@ def test_two_node_slurm_job_trains_inside_the_image(image, tmp_path):
     for name in ("tutorial/introduction.rst.txt", "tutorial/controlflow.rst.txt"):
         shutil.copy(REPO / "data" / "corpus" / "python-docs" / name, work / "corpus")
     config = work / "tiny.yaml"  # the packaged MiniLM, short blocks: 2 ranks on 2 shared cores
-    config.write_text(json.dumps({
-        "job": "pretrain", "model_name_or_path": "minilm-l6", "output_dir": str(work / "out"),
-        "data": {"train_files": [str(work / "corpus" / "*.rst.txt")], "max_seq_length": 32,
-                 "eval_fraction": 0.05, "prepared_root": str(work / "prepared")},
-        "training": {"max_steps": 6, "per_device_train_batch_size": 8, "logging_steps": 2,
-                     "eval_strategy": "no", "save_steps": 3, "seed": 7},
-    }))  # JSON is YAML
+    config.write_text(
+        json.dumps(
+            {
+                "job": "pretrain",
+                "model_name_or_path": "minilm-l6",
+                "output_dir": str(work / "out"),
+                "data": {
+                    "train_files": [str(work / "corpus" / "*.rst.txt")],
+                    "max_seq_length": 32,
+                    "eval_fraction": 0.05,
+                    "prepared_root": str(work / "prepared"),
+                },
+                "training": {
+                    "max_steps": 6,
+                    "per_device_train_batch_size": 8,
+                    "logging_steps": 2,
+                    "eval_strategy": "no",
+                    "save_steps": 3,
+                    "seed": 7,
+                },
+            }
+        )
+    )  # JSON is YAML
     # A process group never tokenizes: prepare first (here with the host's venv; the fingerprint is the
     # files' and the tokenizer's content, so the image's ranks find it), as jobs/pipeline.yaml does.
     (work / "prepare.yaml").write_text(json.dumps({"job": "prepare", "data_from": str(config)}))
-    subprocess.run([str(REPO / ".venv" / "bin" / "hpcnlp"), "prepare", "--config", str(work / "prepare.yaml")],
-                   check=True, cwd=work)
+    subprocess.run(
+        [str(REPO / ".venv" / "bin" / "hpcnlp"), "prepare", "--config", str(work / "prepare.yaml")],
+        check=True,
+        cwd=work,
+    )
     cluster = LocalSlurm(tmp_path / "slurm", nodes=2, first_job_id=7001).start()
     try:
-        env = {**cluster.env, "HPCNLP_HOME": str(REPO), "HPCNLP_IMAGE": image, "HPCNLP_CONTAINER": "podman",
-               "HPCNLP_PODMAN_ARGS": " ".join(PODMAN_RUN_ARGS), "OMP_NUM_THREADS": "1"}
-        job = cluster.sbatch(["--nodes=2", "--cpus-per-task=1", "--time=15", f"--output={work}/%x-%j.out",
-                              str(REPO / "slurm" / "pretrain.sbatch"), str(config)], cwd=work, env=env)
+        env = {
+            **cluster.env,
+            "HPCNLP_HOME": str(REPO),
+            "HPCNLP_IMAGE": image,
+            "HPCNLP_CONTAINER": "podman",
+            "HPCNLP_PODMAN_ARGS": " ".join(PODMAN_RUN_ARGS),
+            "OMP_NUM_THREADS": "1",
+        }
+        job = cluster.sbatch(
+            [
+                "--nodes=2",
+                "--cpus-per-task=1",
+                "--time=15",
+                f"--output={work}/%x-%j.out",
+                str(REPO / "slurm" / "pretrain.sbatch"),
+                str(config),
+            ],
+            cwd=work,
+            env=env,
+        )
         state = cluster.wait(job, timeout=900)
         log = "\n".join(p.read_text() for p in work.glob("*.out"))
     finally:
@@ -198,10 +261,22 @@ def test_whole_chain_in_the_image_and_the_bundle_runs_without_hpcnlp(image, tmp_
     for part in ("corpus", "classification", "ner"):
         shutil.copytree(REPO / "data" / part, work / "data" / part)
     subprocess.run(["chmod", "-R", "a+rwX", str(work)], check=True)  # the image's user (uid 10001) writes here
-    run = ["podman", "run", "--rm", *PODMAN_RUN_ARGS, "--env", "OMP_NUM_THREADS=1", "-v", f"{work}:/work",
-           "--workdir", "/work", IMAGE]
-    r = subprocess.run([*run, "pipeline", "--config", "jobs/demo.yaml", "--local"], capture_output=True, text=True,
-                       timeout=1500)
+    run = [
+        "podman",
+        "run",
+        "--rm",
+        *PODMAN_RUN_ARGS,
+        "--env",
+        "OMP_NUM_THREADS=1",
+        "-v",
+        f"{work}:/work",
+        "--workdir",
+        "/work",
+        IMAGE,
+    ]
+    r = subprocess.run(
+        [*run, "pipeline", "--config", "jobs/demo.yaml", "--local"], capture_output=True, text=True, timeout=1500
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     bundle = work / "outputs" / "demo" / "artifacts" / "sentiment-demo" / "demo"
     assert json.loads((bundle / "validation.json").read_text())["passed"] is True
@@ -210,25 +285,63 @@ def test_whole_chain_in_the_image_and_the_bundle_runs_without_hpcnlp(image, tmp_
     assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=bundle).returncode == 0
 
     texts = ["a gripping, beautifully acted film", "a tedious, overlong mess", "", "🎬 映画 فيلم"]
-    r = subprocess.run([*run.copy()[:-1], "--entrypoint", "python", IMAGE,
-                        "outputs/demo/artifacts/sentiment-demo/demo/onnx_inference.py",
-                        "outputs/demo/artifacts/sentiment-demo/demo", *texts], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            *run.copy()[:-1],
+            "--entrypoint",
+            "python",
+            IMAGE,
+            "outputs/demo/artifacts/sentiment-demo/demo/onnx_inference.py",
+            "outputs/demo/artifacts/sentiment-demo/demo",
+            *texts,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     in_image_labels = [json.loads(line)["label"] for line in r.stdout.splitlines()]
 
     venv = tmp_path / "deployer"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pins = [line for line in (REPO / "requirements" / "lock.txt").read_text().splitlines()
-            if line.split("==")[0].lower() in ("onnxruntime", "tokenizers", "numpy", "flatbuffers", "packaging",
-                                              "protobuf", "sympy", "mpmath", "coloredlogs", "humanfriendly",
-                                              "huggingface-hub", "filelock", "fsspec", "pyyaml", "requests",
-                                              "tqdm", "typing-extensions", "certifi", "charset-normalizer",
-                                              "idna", "urllib3", "hf-xet")]
+    pins = [
+        line
+        for line in (REPO / "requirements" / "lock.txt").read_text().splitlines()
+        if line.split("==")[0].lower()
+        in (
+            "onnxruntime",
+            "tokenizers",
+            "numpy",
+            "flatbuffers",
+            "packaging",
+            "protobuf",
+            "sympy",
+            "mpmath",
+            "coloredlogs",
+            "humanfriendly",
+            "huggingface-hub",
+            "filelock",
+            "fsspec",
+            "pyyaml",
+            "requests",
+            "tqdm",
+            "typing-extensions",
+            "certifi",
+            "charset-normalizer",
+            "idna",
+            "urllib3",
+            "hf-xet",
+        )
+    ]
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *pins], check=True, timeout=600)
-    listed = subprocess.run([str(venv / "bin" / "pip"), "list", "--format=freeze"], capture_output=True,
-                            text=True).stdout.lower()
+    listed = subprocess.run(
+        [str(venv / "bin" / "pip"), "list", "--format=freeze"], capture_output=True, text=True
+    ).stdout.lower()
     assert "torch==" not in listed and "transformers==" not in listed and "hpcnlp" not in listed
-    r = subprocess.run([str(venv / "bin" / "python"), str(bundle / "onnx_inference.py"), str(bundle), *texts],
-                       capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(
+        [str(venv / "bin" / "python"), str(bundle / "onnx_inference.py"), str(bundle), *texts],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert [json.loads(line)["label"] for line in r.stdout.splitlines()] == in_image_labels

@@ -9,9 +9,17 @@
 
 One module per command, each with add_parser(subparsers) and main(args) -> exit code: COMMANDS.
 """
+
 from __future__ import annotations
 
 from hpcnlp.cluster import cancel, logs, pipeline, status, submit, summary, sweep
 
-COMMANDS = {"submit": submit, "pipeline": pipeline, "sweep": sweep, "status": status, "summary": summary,
-            "cancel": cancel, "logs": logs}
+COMMANDS = {
+    "submit": submit,
+    "pipeline": pipeline,
+    "sweep": sweep,
+    "status": status,
+    "summary": summary,
+    "cancel": cancel,
+    "logs": logs,
+}

@@ -1,5 +1,6 @@
 """`hpcnlp cancel`: scancel the jobs a run, a job config's run, a pipeline's stages or a sweep have
 queued or running (from their status.json and the sweep's manifest), and mark those runs cancelled."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,6 +1,7 @@
 """`hpcnlp check` on what is not a job config: a cluster profile (profile keys, no `job:`) is checked for
 shape and problems and shown as each job's sbatch options; a pipeline (`stages:`) has every stage checked
 and planned as `hpcnlp pipeline --dry-run` plans it, queueing nothing."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,6 +1,7 @@
 """What Slurm says of the jobs a run recorded (status.json: queued_job_id, slurm_job_ids; a sweep's
 manifest: its array job): for `hpcnlp status` (state, stale runs), `cancel`, and the guard that
 refuses a second submission of a run that is still queued or running."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,23 @@ from pathlib import Path
 from hpcnlp.config import Problem
 
 # squeue's states of a job that is not over (a requeued job goes back to PENDING)
-ALIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
-         "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "PREEMPTED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+ALIVE = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SUSPENDED",
+    "STOPPED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "PREEMPTED",
+    "RESV_DEL_HOLD",
+    "SPECIAL_EXIT",
+}
 FINAL = {"finished", "failed", "rejected", "cancelled"}  # status.json states of a run that is over
 
 
@@ -26,15 +42,19 @@ def squeue_states(job_id: str) -> list[str]:
     if not shutil.which("squeue"):
         raise SqueueFailed("no squeue on PATH")
     try:
-        res = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
-                             timeout=30)
+        res = subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SqueueFailed(str(e)) from None
     if res.returncode != 0:
         if "invalid job id" in res.stderr.lower():
             return []
-        raise SqueueFailed((res.stderr or res.stdout).strip().splitlines()[-1] if (res.stderr or res.stdout).strip()
-                           else f"exit {res.returncode}")
+        raise SqueueFailed(
+            (res.stderr or res.stdout).strip().splitlines()[-1]
+            if (res.stderr or res.stdout).strip()
+            else f"exit {res.returncode}"
+        )
     return res.stdout.split()
 
 
@@ -44,8 +64,10 @@ def slurm_state(job_id: str | None) -> str | None:
     if not job_id or not shutil.which("squeue"):
         return None
     answered = False
-    for cmd in (["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
-                ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]):
+    for cmd in (
+        ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
+        ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+    ):
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
@@ -99,12 +121,22 @@ def busy_problems(what: str, job_ids: list[str], key: str = "submit") -> list[Pr
     alive, failed = live_jobs(job_ids)
     if alive:
         jobs = ", ".join(f"{j} ({s})" for j, s in alive)
-        return [Problem(key=key, message=f"{what} already has job {jobs} queued or running",
-                        fix=f"wait for it, cancel it (hpcnlp cancel / scancel {alive[0][0]}), or pass --force")]
+        return [
+            Problem(
+                key=key,
+                message=f"{what} already has job {jobs} queued or running",
+                fix=f"wait for it, cancel it (hpcnlp cancel / scancel {alive[0][0]}), or pass --force",
+            )
+        ]
     if failed:
-        return [Problem(key=key, message=f"squeue could not say whether job {', '.join(job_ids)} of {what} is still "
-                        f"queued or running ({failed}): it may be", fix="try again when squeue answers, or pass --force "
-                        "if you know it has ended")]
+        return [
+            Problem(
+                key=key,
+                message=f"squeue could not say whether job {', '.join(job_ids)} of {what} is still "
+                f"queued or running ({failed}): it may be",
+                fix="try again when squeue answers, or pass --force if you know it has ended",
+            )
+        ]
     return []
 
 

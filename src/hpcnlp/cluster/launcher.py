@@ -4,6 +4,7 @@ The job's spec says whether it runs as one process on its node (export, validate
 would race on output_dir); the registry that holds it sits above hpcnlp.runtime, so the look-up is
 here and hpcnlp.runtime.launch is given the answer.
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,5 +1,6 @@
 """`hpcnlp logs`: print the Slurm log a run's status.json records (a pipeline's or a sweep's: each
 run's in turn); -f follows it, like tail -f, until the job has ended."""
+
 from __future__ import annotations
 
 import argparse

@@ -2,6 +2,7 @@
 own, which win), the environment slurm/launch.sh reads (HPCNLP_*), the job's name, and the process
 group (nodes x processes per node) those options make.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,8 +37,9 @@ def option_value(options: list[str], name: str) -> str | None:
     return values[-1] if values else None
 
 
-def sbatch_options(profile: ClusterProfile, spec: JobSpec, name: str, array: bool = False,
-                   extra: list[str] = ()) -> list[str]:
+def sbatch_options(
+    profile: ClusterProfile, spec: JobSpec, name: str, array: bool = False, extra: list[str] = ()
+) -> list[str]:
     """The profile as sbatch options for one job (its `jobs:` section over the top-level values); `extra`
     (per job or stage) wins. Single-process jobs (export, validate, prepare) get one node, and no GPU
     and the cpu_partition unless their `jobs:` section says otherwise (ClusterProfile.for_job)."""
@@ -46,10 +48,20 @@ def sbatch_options(profile: ClusterProfile, spec: JobSpec, name: str, array: boo
     single = spec.single_process
     gpus = p.gpus_per_node
     log = Path(p.log_dir).absolute() / ("%x-%A_%a.out" if array else "%x-%j.out")
-    pairs = [("job-name", name), ("account", p.account), ("partition", p.partition), ("qos", p.qos),
-             ("nodes", None if single else p.nodes), ("gpus-per-node", gpus or None),
-             ("cpus-per-task", p.cpus_per_task), ("mem", p.mem), ("time", p.time), ("mail-user", p.mail_user),
-             ("mail-type", p.mail_type), ("output", log)]
+    pairs = [
+        ("job-name", name),
+        ("account", p.account),
+        ("partition", p.partition),
+        ("qos", p.qos),
+        ("nodes", None if single else p.nodes),
+        ("gpus-per-node", gpus or None),
+        ("cpus-per-task", p.cpus_per_task),
+        ("mem", p.mem),
+        ("time", p.time),
+        ("mail-user", p.mail_user),
+        ("mail-type", p.mail_type),
+        ("output", log),
+    ]
     return merge([f"--{k}={v}" for k, v in pairs if v is not None] + p.sbatch, list(extra))
 
 
@@ -57,12 +69,15 @@ def launch_env(profile: ClusterProfile, spec: JobSpec | None = None) -> dict[str
     """What slurm/launch.sh reads (HPCNLP_*), plus the profile's own variables; sbatch passes the
     submitting environment to the job (--export=ALL, Slurm's default)."""
     p = profile.for_job(spec.name, spec.single_process) if spec else profile
-    out = {"HPCNLP_LAUNCHER": p.launcher if p.launcher != "torchrun" else None,
-           "HPCNLP_CONTAINER": p.container if p.container != "none" else None, "HPCNLP_IMAGE": p.image,
-           "HPCNLP_BIND": ",".join(p.binds) or None,
-           "HPCNLP_NPROC_PER_NODE": str(p.nproc_per_node) if p.nproc_per_node else None,
-           "HPCNLP_MODULES": " ".join(p.modules) or None,
-           "HPCNLP_PASS_ENV": " ".join(p.env) or None}  # podman passes only named variables
+    out = {
+        "HPCNLP_LAUNCHER": p.launcher if p.launcher != "torchrun" else None,
+        "HPCNLP_CONTAINER": p.container if p.container != "none" else None,
+        "HPCNLP_IMAGE": p.image,
+        "HPCNLP_BIND": ",".join(p.binds) or None,
+        "HPCNLP_NPROC_PER_NODE": str(p.nproc_per_node) if p.nproc_per_node else None,
+        "HPCNLP_MODULES": " ".join(p.modules) or None,
+        "HPCNLP_PASS_ENV": " ".join(p.env) or None,
+    }  # podman passes only named variables
     return {**{k: v for k, v in out.items() if v is not None}, **p.env}
 
 
@@ -75,10 +90,14 @@ def gpus_requested(options: list[str], nodes: int = 1) -> int:
     """GPUs per node the options ask for, in any form (--gpus-per-node, --gres, --gpus, --gpus-per-task):
     hpcnlp.runtime.gres, the reader the launcher uses inside the job too. 0: none."""
     tasks = option_value(options, "--ntasks-per-node")
-    found = gres.per_node(gpus_per_node=option_value(options, "--gpus-per-node"), gres=option_value(options, "--gres"),
-                          gpus=option_value(options, "--gpus") or option_value(options, "-G"),
-                          gpus_per_task=option_value(options, "--gpus-per-task"), nodes=nodes,
-                          tasks_per_node=int(tasks) if tasks and tasks.isdigit() else 1)
+    found = gres.per_node(
+        gpus_per_node=option_value(options, "--gpus-per-node"),
+        gres=option_value(options, "--gres"),
+        gpus=option_value(options, "--gpus") or option_value(options, "-G"),
+        gpus_per_task=option_value(options, "--gpus-per-task"),
+        nodes=nodes,
+        tasks_per_node=int(tasks) if tasks and tasks.isdigit() else 1,
+    )
     return found or 0
 
 

@@ -4,6 +4,7 @@
 Later stages may name earlier stages' resolved keys (`${pretrain.output_dir}`); stages already
 complete are skipped as long as every stage before them is complete too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,14 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("pipeline", help="check all stages of a pipeline YAML, then queue them as a chain")
     p.add_argument("--config", "-c", required=True, help="pipeline YAML, e.g. jobs/pipeline.yaml")
     p.add_argument("--local", action="store_true", help="run the stages here, one after another, no Slurm")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check every stage and print its sbatch, launch and log lines; queue nothing")
-    p.add_argument("--force", action="store_true",
-                   help="queue even when stages of the chain still have jobs queued or running")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check every stage and print its sbatch, launch and log lines; queue nothing",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="queue even when stages of the chain still have jobs queued or running"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -57,20 +62,27 @@ def resolve(path: str, where: str, overrides: dict, done: dict[str, JobConfig]) 
     from omegaconf import OmegaConf
     from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
 
-    tree = OmegaConf.create({**{name: cfg.model_dump(mode="json") for name, cfg in done.items()},
-                             "_overrides": overrides})
+    tree = OmegaConf.create(
+        {**{name: cfg.model_dump(mode="json") for name, cfg in done.items()}, "_overrides": overrides}
+    )
     try:
         resolved = OmegaConf.to_container(tree, resolve=True)["_overrides"]
     except InterpolationKeyError as e:
         ref = str(e).split("'")[1]  # "Interpolation key 'stage.dotted.key' not found"
         stage, _, key = ref.partition(".")
-        message, fix = ((f"stage '{stage}' has no key '{key}'", "name a key of that stage's config, e.g. output_dir")
-                        if stage in done else (f"'${{{ref}}}' names no earlier stage", f"use one of {sorted(done)}"))
-        raise ConfigError(path, [Problem(key=f"{where}.overrides.{e.full_key.removeprefix('_overrides.')}",
-                                         message=message, fix=fix)]) from None
+        message, fix = (
+            (f"stage '{stage}' has no key '{key}'", "name a key of that stage's config, e.g. output_dir")
+            if stage in done
+            else (f"'${{{ref}}}' names no earlier stage", f"use one of {sorted(done)}")
+        )
+        raise ConfigError(
+            path, [Problem(key=f"{where}.overrides.{e.full_key.removeprefix('_overrides.')}", message=message, fix=fix)]
+        ) from None
     except OmegaConfBaseException as e:
-        raise ConfigError(path, [Problem(key=f"{where}.overrides", message=str(e).splitlines()[0],
-                                         fix="write references as ${stage.key}")]) from None
+        raise ConfigError(
+            path,
+            [Problem(key=f"{where}.overrides", message=str(e).splitlines()[0], fix="write references as ${stage.key}")],
+        ) from None
     return [as_override(k, v) for k, v in resolved.items()]
 
 
@@ -83,8 +95,10 @@ def load_pipeline(path: str, check: bool = True) -> list[Stage]:
     """
     raw = read_yaml(path)
     if not isinstance(raw.get("stages"), list) or not raw["stages"]:
-        raise ConfigError(path, [Problem(key="stages", message="missing or empty",
-                                         fix="list the stages: - {name, config, overrides}")])
+        raise ConfigError(
+            path,
+            [Problem(key="stages", message="missing or empty", fix="list the stages: - {name, config, overrides}")],
+        )
     common_sbatch = list(raw.get("sbatch", []))
     stages: list[Stage] = []
     done: dict[str, JobConfig] = {}
@@ -95,12 +109,22 @@ def load_pipeline(path: str, check: bool = True) -> list[Stage]:
         where = f"stages[{i}]"
         unknown = set(item) - {"name", "config", "overrides", "sbatch"}
         if unknown or "config" not in item:
-            raise ConfigError(path, [Problem(key=where, message=f"unknown keys {sorted(unknown)}" if unknown
-                                             else "no config", fix="a stage has name, config, overrides, sbatch")])
+            raise ConfigError(
+                path,
+                [
+                    Problem(
+                        key=where,
+                        message=f"unknown keys {sorted(unknown)}" if unknown else "no config",
+                        fix="a stage has name, config, overrides, sbatch",
+                    )
+                ],
+            )
         name = str(item.get("name") or Path(item["config"]).stem)
         if name in done:
-            raise ConfigError(path, [Problem(key=f"{where}.name", message=f"'{name}' is used twice",
-                                             fix="give each stage its own name")])
+            raise ConfigError(
+                path,
+                [Problem(key=f"{where}.name", message=f"'{name}' is used twice", fix="give each stage its own name")],
+            )
         overrides = resolve(path, where, item.get("overrides") or {}, done)
         cfg = load_config(item["config"], overrides, check=False)
         skip = all_done and jobs[cfg.job].is_complete(cfg)
@@ -112,8 +136,7 @@ def load_pipeline(path: str, check: bool = True) -> list[Stage]:
             if cfg.output_dir:
                 pending.append(cfg.output_dir)
         done[name] = cfg
-        stages.append(Stage(name, item["config"], overrides, common_sbatch + list(item.get("sbatch", [])),
-                            cfg, skip))
+        stages.append(Stage(name, item["config"], overrides, common_sbatch + list(item.get("sbatch", [])), cfg, skip))
     return stages
 
 
@@ -121,8 +144,12 @@ def busy_stages(path: str, stages: list[Stage]) -> None:
     """ConfigError when a stage to be queued still has a job queued or running (the chain queued
     before): nothing of the new chain is queued then."""
     jobs = registry()
-    problems = [p.model_copy(update={"key": f"{st.name}"}) for st in stages if not st.skip
-                for p in run_busy(f"stage '{st.name}' ({st.cfg.output_dir})", jobs[st.cfg.job].status_file(st.cfg))]
+    problems = [
+        p.model_copy(update={"key": f"{st.name}"})
+        for st in stages
+        if not st.skip
+        for p in run_busy(f"stage '{st.name}' ({st.cfg.output_dir})", jobs[st.cfg.job].status_file(st.cfg))
+    ]
     if problems:
         raise ConfigError(path, problems)
 
@@ -152,8 +179,17 @@ def run_pipeline(path: str, local: bool = False, dry_run: bool = False, force: b
                 return rc
             continue
         dep = [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"] if previous else []
-        job_id = queue(st.cfg, st.config, st.overrides, [*dep, *st.sbatch], profile, dry_run=dry_run, title=st.name,
-                       data_pending=preparing, force=True)  # busy stages were refused above, all at once
+        job_id = queue(
+            st.cfg,
+            st.config,
+            st.overrides,
+            [*dep, *st.sbatch],
+            profile,
+            dry_run=dry_run,
+            title=st.name,
+            data_pending=preparing,
+            force=True,
+        )  # busy stages were refused above, all at once
         previous = job_id or f"<{st.name}>"
         preparing = preparing or st.cfg.job == "prepare"  # queued before the stages after it
     if local and not dry_run:

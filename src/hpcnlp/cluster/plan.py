@@ -2,6 +2,7 @@
 cannot run, and the sbatch call itself. `hpcnlp check`, submit, pipeline, sweep and every --dry-run
 go through plan(): a dry run prints what submit runs because it is the same code.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcnlp.cluster.options import (gpus_requested, job_name, launch_env, option_value, processes, sbatch_options,
-                                    step_gpu_option)
+from hpcnlp.cluster.options import (
+    gpus_requested,
+    job_name,
+    launch_env,
+    option_value,
+    processes,
+    sbatch_options,
+    step_gpu_option,
+)
 from hpcnlp.cluster.profile import ClusterProfile, load_profile, profile_path
 from hpcnlp.cluster.templates import batch_script, home
 from hpcnlp.config import ConfigError, JobConfig, Problem
@@ -42,8 +50,14 @@ class Submission:
         return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in self.env.items()), shlex.join(self.argv)])
 
     def describe(self) -> str:
-        return "\n".join([f"  sbatch: {self.command_line()}", f"  srun:   {self.launch[0]}",
-                          f"  node:   {self.launch[1]}", f"  log:    {self.log.replace('%x', self.name)}"])
+        return "\n".join(
+            [
+                f"  sbatch: {self.command_line()}",
+                f"  srun:   {self.launch[0]}",
+                f"  node:   {self.launch[1]}",
+                f"  log:    {self.log.replace('%x', self.name)}",
+            ]
+        )
 
     def run(self) -> str:
         """sbatch -> job id; sbatch's own refusal becomes a SystemExit with its message."""
@@ -71,23 +85,35 @@ class Plan:
         return self.submission
 
 
-def plan(cfg: JobConfig, spec: JobSpec, profile: ClusterProfile, config: Path | str, source: str,
-         sbatch_args: list[str] = (), array: str | None = None, env: dict | None = None,
-         data_pending: bool = False) -> Plan:
+def plan(
+    cfg: JobConfig,
+    spec: JobSpec,
+    profile: ClusterProfile,
+    config: Path | str,
+    source: str,
+    sbatch_args: list[str] = (),
+    array: str | None = None,
+    env: dict | None = None,
+    data_pending: bool = False,
+) -> Plan:
     """The sbatch call for a checked config (`config`: the file the job reads, `source`: where it came
     from, for errors), with the profile's problems. `array`: an --array=... option; `env`: more variables
     for the job; `data_pending`: an earlier pipeline stage prepares the corpus (see profile_problems)."""
     name = job_name(cfg)
     profile = profile.for_job(spec.name, spec.single_process)  # its `jobs:` section over the top-level values
-    options = sbatch_options(profile, spec, name, array=bool(array),
-                             extra=[*([array] if array else []), *sbatch_args])
+    options = sbatch_options(profile, spec, name, array=bool(array), extra=[*([array] if array else []), *sbatch_args])
     group = group_problems(cfg, spec, options, profile)
     problems = profile_problems(cfg, options, [] if data_pending else group)
     # The batch script finds slurm/launch.sh by HPCNLP_HOME.
     env = {"HPCNLP_HOME": str(home()), **launch_env(profile), **(env or {})}
     script, text = batch_script(spec)
-    sub = Submission(name, env, ["sbatch", "--parsable", *options, str(script), str(config)],
-                     launch_lines(profile, spec, [str(config)], options, home()), text)
+    sub = Submission(
+        name,
+        env,
+        ["sbatch", "--parsable", *options, str(script), str(config)],
+        launch_lines(profile, spec, [str(config)], options, home()),
+        text,
+    )
     return Plan(options, problems, group if data_pending else [], sub, source)
 
 
@@ -106,13 +132,19 @@ def profile_problems(cfg: JobConfig, options: list[str], group: list[Problem]) -
     gpus = gpus_requested(options, int((option_value(options, "--nodes") or "1").split("-")[0]))
     if gpus != 0 or training is None or not getattr(training, "fp16", False):
         return list(group)
-    return [*group, Problem(key="training.fp16", message="is on, but the job gets no GPU (CPU-only profile or no "
-                            "--gpus-per-node)", fix="set training.fp16: false (training.bf16 works on CPUs), or "
-                            "gpus_per_node in the cluster profile")]
+    return [
+        *group,
+        Problem(
+            key="training.fp16",
+            message="is on, but the job gets no GPU (CPU-only profile or no --gpus-per-node)",
+            fix="set training.fp16: false (training.bf16 works on CPUs), or gpus_per_node in the cluster profile",
+        ),
+    ]
 
 
-def launch_lines(profile: ClusterProfile, spec: JobSpec, job_args: list[str], options: list[str],
-                 home: Path) -> list[str]:
+def launch_lines(
+    profile: ClusterProfile, spec: JobSpec, job_args: list[str], options: list[str], home: Path
+) -> list[str]:
     """What the batch script will run, as far as it is known before the job starts: the srun line with
     its container wrapper, and the launcher each node execs (rank, rendezvous filled in at run time)."""
     nodes, nproc = processes(profile, spec, options)
@@ -121,15 +153,37 @@ def launch_lines(profile: ClusterProfile, spec: JobSpec, job_args: list[str], op
     cpus = option_value(options, "--cpus-per-task") or spec.slurm.cpus_per_task
     # The interpreter slurm/launch.sh will pick: HPCNLP_PYTHON, python3 in an image, else the checkout's .venv.
     venv = home / ".venv" / "bin" / "python"
-    python = os.environ.get("HPCNLP_PYTHON") or ("python3" if profile.container != "none"
-                                                 else str(venv) if venv.is_file() else "python3")
-    plan = launch.Plan(job=spec.name, job_args=["--config", *job_args], nnodes=nodes, nproc_per_node=nproc,
-                       launcher=profile.launcher, container=profile.container, image=profile.image,
-                       python=python, workdir=os.getcwd(), binds=profile.binds, gpus=gpus,
-                       pass_env=list(profile.env), cpus_per_task=cpus, gpu_option=step_gpu_option(options, nodes))
+    python = os.environ.get("HPCNLP_PYTHON") or (
+        "python3" if profile.container != "none" else str(venv) if venv.is_file() else "python3"
+    )
+    plan = launch.Plan(
+        job=spec.name,
+        job_args=["--config", *job_args],
+        nnodes=nodes,
+        nproc_per_node=nproc,
+        launcher=profile.launcher,
+        container=profile.container,
+        image=profile.image,
+        python=python,
+        workdir=os.getcwd(),
+        binds=profile.binds,
+        gpus=gpus,
+        pass_env=list(profile.env),
+        cpus_per_task=cpus,
+        gpu_option=step_gpu_option(options, nodes),
+    )
     # Not known before the job has its nodes: the rendezvous and each node's rank.
-    node = launch.node_command(profile.launcher, nodes, nproc, "$SLURM_NODEID", "<first node>", "<port>",
-                               spec.name, plan.job_args, python=python)
+    node = launch.node_command(
+        profile.launcher,
+        nodes,
+        nproc,
+        "$SLURM_NODEID",
+        "<first node>",
+        "<port>",
+        spec.name,
+        plan.job_args,
+        python=python,
+    )
     return [shlex.join(launch.srun_command(plan, master="<first node>:<port>")), shlex.join(node)]
 
 

@@ -4,6 +4,7 @@ file in $HPCNLP_CLUSTER; no file: the defaults (CPU-only, no account, no contain
 hpcnlp.cluster.options renders it into sbatch options and the HPCNLP_* variables slurm/launch.sh reads;
 hpcnlp.cluster.plan checks a job against it.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,16 @@ DEFAULT_PROFILE = "jobs/cluster.yaml"
 # Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS; UNLIMITED/INFINITE
 TIME_FORMAT = re.compile(r"\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}")
 TIME_WORDS = ("UNLIMITED", "INFINITE")
-URI_SCHEMES = ("docker://", "library://", "oras://", "shub://", "docker-archive:", "oci-archive:", "http://", "https://")
+URI_SCHEMES = (
+    "docker://",
+    "library://",
+    "oras://",
+    "shub://",
+    "docker-archive:",
+    "oci-archive:",
+    "http://",
+    "https://",
+)
 
 
 def time_problem(value: str | None) -> str | None:
@@ -35,11 +45,19 @@ def time_problem(value: str | None) -> str | None:
     hint = ""
     if m:
         n, unit = int(m[1]), m[2].lower()
-        hint = {"d": f"{n}-00:00:00", "h": f"{n // 24}-{n % 24:02d}:00:00" if n >= 24 else f"{n:02d}:00:00",
-                "m": str(n), "min": str(n), "s": f"00:{n // 60:02d}:{n % 60:02d}" if n < 3600 else ""}[unit]
-    return (f"'{text}' is not a Slurm time limit; write "
-            + (f"'{hint}' (" if hint else "") + "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED"
-            + (")" if hint else ""))
+        hint = {
+            "d": f"{n}-00:00:00",
+            "h": f"{n // 24}-{n % 24:02d}:00:00" if n >= 24 else f"{n:02d}:00:00",
+            "m": str(n),
+            "min": str(n),
+            "s": f"00:{n // 60:02d}:{n % 60:02d}" if n < 3600 else "",
+        }[unit]
+    return (
+        f"'{text}' is not a Slurm time limit; write "
+        + (f"'{hint}' (" if hint else "")
+        + "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED"
+        + (")" if hint else "")
+    )
 
 
 class JobResources(Section):
@@ -86,7 +104,7 @@ class ClusterProfile(Section):
     # Per job, over the values above: {prepare: {partition: cpu, gpus_per_node: 0, cpus_per_task: 16}, ...}
     jobs: dict[str, JobResources] = Field(default_factory=dict)
 
-    def for_job(self, name: str, single_process: bool = False) -> "ClusterProfile":
+    def for_job(self, name: str, single_process: bool = False) -> ClusterProfile:
         """The profile as one job gets it: its `jobs:` section over the top-level values. Single-process
         jobs (prepare, export, validate) get no GPU and the cpu_partition unless their section says
         otherwise (their GPU options in `sbatch:` are dropped too)."""
@@ -95,8 +113,12 @@ class ClusterProfile(Section):
         if single_process:
             from hpcnlp.runtime.gres import is_gpu_option
 
-            base.update(gpus_per_node=0, nproc_per_node=None, partition=self.cpu_partition or self.partition,
-                        sbatch=[o for o in self.sbatch if not is_gpu_option(o)])
+            base.update(
+                gpus_per_node=0,
+                nproc_per_node=None,
+                partition=self.cpu_partition or self.partition,
+                sbatch=[o for o in self.sbatch if not is_gpu_option(o)],
+            )
         base.update({k: v for k, v in own.model_dump().items() if v is not None})
         return ClusterProfile(**base)
 
@@ -106,23 +128,44 @@ class ClusterProfile(Section):
     def problems(self) -> list[Problem]:
         out = []
         if self.container != "none" and not self.image:
-            out.append(Problem(key="image", message=f"container '{self.container}' needs an image",
-                               fix="set image: (a .sif file for apptainer, an image name for pyxis/podman)"))
+            out.append(
+                Problem(
+                    key="image",
+                    message=f"container '{self.container}' needs an image",
+                    fix="set image: (a .sif file for apptainer, an image name for pyxis/podman)",
+                )
+            )
         elif self.container in ("apptainer", "singularity") and not self.image.startswith(URI_SCHEMES):
             path = Path(self.image).expanduser()
             if not path.is_file():
-                out.append(Problem(key="image", message=f"'{self.image}' is " + ("a directory, not an image file"
-                                   if path.is_dir() else "not a file") + f" ({self.container} needs a .sif file "
-                                   "or an image URI)", fix="give the path of the .sif file (absolute, seen from "
-                                   "the nodes) or a docker://, library:// or oras:// URI"))
+                out.append(
+                    Problem(
+                        key="image",
+                        message=f"'{self.image}' is "
+                        + ("a directory, not an image file" if path.is_dir() else "not a file")
+                        + f" ({self.container} needs a .sif file "
+                        "or an image URI)",
+                        fix="give the path of the .sif file (absolute, seen from "
+                        "the nodes) or a docker://, library:// or oras:// URI",
+                    )
+                )
         if self.gpus_per_node and self.processes() > self.gpus_per_node:
-            out.append(Problem(key="nproc_per_node", message=f"{self.processes()} processes per node but only "
-                               f"{self.gpus_per_node} GPUs", fix="set nproc_per_node to gpus_per_node or less"))
+            out.append(
+                Problem(
+                    key="nproc_per_node",
+                    message=f"{self.processes()} processes per node but only {self.gpus_per_node} GPUs",
+                    fix="set nproc_per_node to gpus_per_node or less",
+                )
+            )
         for key, value in [("time", self.time), *((f"jobs.{n}.time", j.time) for n, j in self.jobs.items())]:
             if isinstance(value, int) and not isinstance(value, bool):
-                out.append(Problem(key=key, message=f"is the number {value} (YAML reads an unquoted 12:00:00 as "
-                                   "seconds in base 60)", fix=f'quote it: {key.split(".")[-1]}: "12:00:00" '
-                                   '(minutes: "60")'))
+                out.append(
+                    Problem(
+                        key=key,
+                        message=f"is the number {value} (YAML reads an unquoted 12:00:00 as seconds in base 60)",
+                        fix=f'quote it: {key.split(".")[-1]}: "12:00:00" (minutes: "60")',
+                    )
+                )
             elif time_problem(value):
                 why, _, how = time_problem(value).partition("; ")
                 out.append(Problem(key=key, message=why, fix=how))
@@ -130,12 +173,20 @@ class ClusterProfile(Section):
             gpus = own.gpus_per_node if own.gpus_per_node is not None else self.gpus_per_node
             nproc = own.nproc_per_node or self.nproc_per_node
             if gpus and nproc and nproc > gpus:
-                out.append(Problem(key=f"jobs.{name}.nproc_per_node", message=f"{nproc} processes per node but "
-                                   f"only {gpus} GPUs", fix="set nproc_per_node to gpus_per_node or less"))
+                out.append(
+                    Problem(
+                        key=f"jobs.{name}.nproc_per_node",
+                        message=f"{nproc} processes per node but only {gpus} GPUs",
+                        fix="set nproc_per_node to gpus_per_node or less",
+                    )
+                )
         for key in self.env:
             if not key.isidentifier():
-                out.append(Problem(key=f"env.{key}", message="not an environment variable name",
-                                   fix="use letters, digits and _"))
+                out.append(
+                    Problem(
+                        key=f"env.{key}", message="not an environment variable name", fix="use letters, digits and _"
+                    )
+                )
         return out
 
 
@@ -171,6 +222,11 @@ def unknown_jobs(profile: ClusterProfile) -> list[Problem]:
     for name in profile.jobs:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
-            out.append(Problem(key=f"jobs.{name}", message="no such job",
-                               fix=f"did you mean '{close[0]}'?" if close else f"use one of {known}"))
+            out.append(
+                Problem(
+                    key=f"jobs.{name}",
+                    message="no such job",
+                    fix=f"did you mean '{close[0]}'?" if close else f"use one of {known}",
+                )
+            )
     return out

@@ -1,5 +1,6 @@
 """`hpcnlp status`: state, step, loss, ETA, restarts and log of a run, a sweep or a pipeline, from
 each run's status.json and what Slurm says of its job."""
+
 from __future__ import annotations
 
 import argparse
@@ -62,18 +63,42 @@ def resolve_runs(target: str) -> list[Run]:
         raw = read_yaml(p)
         jobs = registry()
         if "stages" in raw:
-            return [Run(st.name, jobs[st.cfg.job].status_file(st.cfg), st.cfg, jobs[st.cfg.job],
-                        Path(st.cfg.output_dir) if st.cfg.output_dir else None)
-                    for st in load_pipeline(target, check=False)]
+            return [
+                Run(
+                    st.name,
+                    jobs[st.cfg.job].status_file(st.cfg),
+                    st.cfg,
+                    jobs[st.cfg.job],
+                    Path(st.cfg.output_dir) if st.cfg.output_dir else None,
+                )
+                for st in load_pipeline(target, check=False)
+            ]
         cfg = load_config(target, check=False)
-        return [Run(cfg.job, jobs[cfg.job].status_file(cfg), cfg, jobs[cfg.job],
-                    Path(cfg.output_dir) if cfg.output_dir else None)]
+        return [
+            Run(
+                cfg.job,
+                jobs[cfg.job].status_file(cfg),
+                cfg,
+                jobs[cfg.job],
+                Path(cfg.output_dir) if cfg.output_dir else None,
+            )
+        ]
     if (p / "sweep.json").is_file():
         tasks = json.loads((p / "sweep.json").read_text())["tasks"]
-        return [Run(f"task-{i}", p / f"task-{i}" / "status.json", output_dir=p / f"task-{i}") for i in range(len(tasks))]
+        return [
+            Run(f"task-{i}", p / f"task-{i}" / "status.json", output_dir=p / f"task-{i}") for i in range(len(tasks))
+        ]
     if not (p / "status.json").is_file():
-        raise ConfigError(target, [Problem(key="<target>", message="no status.json there, and not a config",
-                                           fix="give a run's or a sweep's output_dir, a job config or a pipeline YAML")])
+        raise ConfigError(
+            target,
+            [
+                Problem(
+                    key="<target>",
+                    message="no status.json there, and not a config",
+                    fix="give a run's or a sweep's output_dir, a job config or a pipeline YAML",
+                )
+            ],
+        )
     return [Run(p.name, p / "status.json", output_dir=p)]
 
 
@@ -88,8 +113,13 @@ def stale(st: dict, slurm: str | None, output_dir: Path | None) -> bool:
     return slurm is not None  # Slurm answered: the job is over or forgotten (None: no Slurm to ask here)
 
 
-def status_row(name: str, path: Path | None, cfg: JobConfig | None = None, spec: JobSpec | None = None,
-               output_dir: Path | None = None) -> dict:
+def status_row(
+    name: str,
+    path: Path | None,
+    cfg: JobConfig | None = None,
+    spec: JobSpec | None = None,
+    output_dir: Path | None = None,
+) -> dict:
     st = read_status(path)
     job = current_job(st)
     slurm = slurm_state(job)
@@ -100,10 +130,18 @@ def status_row(name: str, path: Path | None, cfg: JobConfig | None = None, spec:
         state = "stale: process gone"
     elif cfg is not None and spec is not None and state == "not started" and spec.is_complete(cfg):
         state = "complete"  # what `hpcnlp pipeline` skips (prepare's shared data has no status.json)
-    return {"stage": name, "state": state, "slurm": slurm or "", "job id": job or "",
-            "step": step, "loss": f"{loss:.4f}" if isinstance(loss, (int, float)) else "",
-            "ETA": eta(st.get("eta_seconds")) if state == "running" else "",
-            "restarts": st.get("restarts", ""), "log": st.get("log", ""), "reason": st.get("reason") or ""}
+    return {
+        "stage": name,
+        "state": state,
+        "slurm": slurm or "",
+        "job id": job or "",
+        "step": step,
+        "loss": f"{loss:.4f}" if isinstance(loss, (int, float)) else "",
+        "ETA": eta(st.get("eta_seconds")) if state == "running" else "",
+        "restarts": st.get("restarts", ""),
+        "log": st.get("log", ""),
+        "reason": st.get("reason") or "",
+    }
 
 
 def status_rows(target: str) -> list[dict]:
@@ -114,16 +152,21 @@ def status_rows(target: str) -> list[dict]:
 def show_status(target: str, watch: float | None = None) -> int:
     while True:
         rows = status_rows(target)
-        keys = [k for k in ("stage", "state", "slurm", "job id", "step", "loss", "ETA", "restarts", "log", "reason")
-                if k in ("stage", "state") or any(r[k] not in ("", None) for r in rows)]
+        keys = [
+            k
+            for k in ("stage", "state", "slurm", "job id", "step", "loss", "ETA", "restarts", "log", "reason")
+            if k in ("stage", "state") or any(r[k] not in ("", None) for r in rows)
+        ]
         table = markdown_table(rows, keys)
         if watch is None:
             print(table)
             return 0
         head = f"{time.strftime('%H:%M:%S')} hpcnlp status {target} (every {watch:g} s; Ctrl-C stops)"
         print(f"\033[H\033[2J{head}\n{table}", flush=True)  # clear the screen, then the table
-        if all((r["state"] in FINAL or r["state"] in ("complete", "stale: process gone"))
-               and r["slurm"] not in ALIVE for r in rows):
+        if all(
+            (r["state"] in FINAL or r["state"] in ("complete", "stale: process gone")) and r["slurm"] not in ALIVE
+            for r in rows
+        ):
             return 0
         try:
             time.sleep(watch)

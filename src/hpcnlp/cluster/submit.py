@@ -4,6 +4,7 @@ The config is checked with the same code as `hpcnlp check` (hpcnlp.jobs.load_con
 hpcnlp.cluster.plan against the cluster profile) before sbatch is called: a bad config is refused and
 nothing waits in the queue. The batch script (slurm/<job>.sbatch) checks again at start.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,21 @@ from hpcnlp.runtime.io import atomic_write_text
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("submit", help="check a job config, then sbatch slurm/<job>.sbatch with it")
     p.add_argument("--config", "-c", required=True)
-    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
-                   help="extra sbatch option, e.g. --sbatch=--nodes=4 (repeatable)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check and print the sbatch, launch and log lines; queue nothing")
-    p.add_argument("--force", action="store_true",
-                   help="submit even when the run already has a job queued or running (or squeue cannot say)")
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="extra sbatch option, e.g. --sbatch=--nodes=4 (repeatable)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="check and print the sbatch, launch and log lines; queue nothing"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="submit even when the run already has a job queued or running (or squeue cannot say)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
@@ -43,10 +53,18 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def submit(config: str, overrides: list[str], sbatch_args: list[str] = (), dry_run: bool = False,
-           force: bool = False) -> str | None:
-    return queue(load_config(config, overrides), config, overrides, list(sbatch_args), dry_run=dry_run,
-                 title="submit", force=force)
+def submit(
+    config: str, overrides: list[str], sbatch_args: list[str] = (), dry_run: bool = False, force: bool = False
+) -> str | None:
+    return queue(
+        load_config(config, overrides),
+        config,
+        overrides,
+        list(sbatch_args),
+        dry_run=dry_run,
+        title="submit",
+        force=force,
+    )
 
 
 def snapshot(cfg: JobConfig, source: str, overrides: list[str], write: bool = True) -> Path:
@@ -58,8 +76,10 @@ def snapshot(cfg: JobConfig, source: str, overrides: list[str], write: bool = Tr
 
     body = dump_config(cfg)
     path = state_dir() / "configs" / f"{cfg.job}-{hashlib.sha256(body.encode()).hexdigest()[:12]}.yaml"
-    header = (f"# Frozen by hpcnlp {metadata.version('hpcnlp')} (code {git_commit() or 'not in git'}) on "
-              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n# from {source} {' '.join(overrides)}\n")
+    header = (
+        f"# Frozen by hpcnlp {metadata.version('hpcnlp')} (code {git_commit() or 'not in git'}) on "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n# from {source} {' '.join(overrides)}\n"
+    )
     if write and not path.is_file():
         atomic_write_text(path, header + body)
     return path.absolute()
@@ -70,9 +90,17 @@ def expand_log(pattern: str, job_id: str, name: str) -> str:
     return pattern.replace("%x", name).replace("%j", job_id).replace("%A", job_id).replace("%a", "<task>")
 
 
-def queue(cfg: JobConfig, source: str, overrides: list[str], sbatch_args: list[str],
-          profile: ClusterProfile | None = None, dry_run: bool = False, title: str = "",
-          data_pending: bool = False, force: bool = False) -> str | None:
+def queue(
+    cfg: JobConfig,
+    source: str,
+    overrides: list[str],
+    sbatch_args: list[str],
+    profile: ClusterProfile | None = None,
+    dry_run: bool = False,
+    title: str = "",
+    data_pending: bool = False,
+    force: bool = False,
+) -> str | None:
     """sbatch the job's template with its frozen config; its status says queued, with the log path.
     Prints `<title>: submitted job <id>, log <path>` (dry run: the sbatch, srun, node and log lines).
     A dry run prints the whole plan even when the run would be refused for data a prepare run has yet
@@ -81,16 +109,26 @@ def queue(cfg: JobConfig, source: str, overrides: list[str], sbatch_args: list[s
     profile = profile or load_profile()
     title = title or job_name(cfg)
     spec = registry()[cfg.job]
-    planned = plan(cfg, spec, profile, snapshot(cfg, source, overrides, write=not dry_run), source, sbatch_args,
-                   data_pending=data_pending or dry_run)
+    planned = plan(
+        cfg,
+        spec,
+        profile,
+        snapshot(cfg, source, overrides, write=not dry_run),
+        source,
+        sbatch_args,
+        data_pending=data_pending or dry_run,
+    )
     sub = planned.checked()
     if dry_run and not data_pending:
         for p in planned.deferred:
             print(f"warning: {source}: {p.key}: {p.message}. Fix: {p.fix}", file=sys.stderr)
         if planned.deferred:
-            print(f"warning: {title}: submitting it now is refused until its data is prepared: run the prepare stage "
-                  f"first (hpcnlp submit --config jobs/prepare.yaml, or the whole chain: hpcnlp pipeline --config "
-                  f"jobs/pipeline.yaml)", file=sys.stderr)
+            print(
+                f"warning: {title}: submitting it now is refused until its data is prepared: run the prepare stage "
+                f"first (hpcnlp submit --config jobs/prepare.yaml, or the whole chain: hpcnlp pipeline --config "
+                f"jobs/pipeline.yaml)",
+                file=sys.stderr,
+            )
     if not dry_run and not force:
         busy = run_busy(f"run '{cfg.output_dir}'", spec.status_file(cfg))
         if busy:
@@ -100,9 +138,12 @@ def queue(cfg: JobConfig, source: str, overrides: list[str], sbatch_args: list[s
         return None
     job_id = sub.run()
     log = expand_log(sub.log, job_id, sub.name)
-    status.update(spec.status_file(cfg), create=True, state="queued", job=cfg.job, queued_job_id=job_id,
-                  reason=None, log=log)
+    status.update(
+        spec.status_file(cfg), create=True, state="queued", job=cfg.job, queued_job_id=job_id, reason=None, log=log
+    )
     after = option_value(sbatch_args, "--dependency")
-    print(f"{title}: submitted job {job_id}" + (f" (after {after.split(':', 1)[1]})" if after else "")
-          + f", log {log}", flush=True)
+    print(
+        f"{title}: submitted job {job_id}" + (f" (after {after.split(':', 1)[1]})" if after else "") + f", log {log}",
+        flush=True,
+    )
     return job_id

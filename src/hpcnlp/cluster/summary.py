@@ -1,5 +1,6 @@
 """`hpcnlp summary`: one table of the metrics.json of several runs (a sweep's tasks, say), with each
 sweep task's own overrides."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def find_metrics(paths: list[str]) -> list[Path]:
     found = []
     for pattern in paths:
-        for p in sorted(glob.glob(pattern)) or [pattern]:
-            p = Path(p)
+        for name in sorted(glob.glob(pattern)) or [pattern]:
+            p = Path(name)
             if p.name == "metrics.json" and p.is_file():
                 found.append(p)
             elif (p / "metrics.json").is_file():
@@ -65,7 +66,9 @@ def sweep_overrides(run: Path) -> str | None:
 def summary(paths: list[str], keys: list[str] | None = None) -> str:
     rows = []
     for f in find_metrics(paths):
-        rows.append({"run": str(f.parent), "overrides": sweep_overrides(f.parent) or "", **flatten(json.loads(f.read_text()))})
+        rows.append(
+            {"run": str(f.parent), "overrides": sweep_overrides(f.parent) or "", **flatten(json.loads(f.read_text()))}
+        )
     if not rows:
         return ""
     if not keys:  # the numbers every run has, in the first run's order

@@ -3,6 +3,7 @@ calling the shared slurm/launch.sh. `make templates` writes them for every job i
 with no slurm/<job>.sbatch (a site's own, from $HPCNLP_JOB_PACKAGES) gets its script rendered into the
 state dir when it is submitted.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,31 +31,43 @@ def state_dir() -> Path:
 def render_template(spec: JobSpec) -> str:
     """slurm/<job>.sbatch: the job's #SBATCH header (from its spec), then the one shared launcher."""
     s = spec.slurm
-    procs = ("one process, whatever GPUs the node has" if spec.single_process
-             else "one launcher per node; it starts one process per GPU")
-    return "\n".join([
-        "#!/bin/bash",
-        f"# hpcnlp {spec.name}: {spec.help}.",
-        f"#   sbatch slurm/{spec.name}.sbatch {spec.example} [key=value ...]    (from the repo root; or: hpcnlp submit)",
-        "# `hpcnlp submit` renders the cluster profile (jobs/cluster.yaml: account, partition, GPUs, container...)",
-        "# into sbatch options that win over these lines. Plain sbatch: edit the lines below; launcher and image",
-        "# are HPCNLP_* variables (docs/slurm.md), e.g. sbatch --export=ALL,HPCNLP_IMAGE=hpcnlp.sif ...",
-        f"# Written by `make templates` from the job's spec (src/hpcnlp/jobs/{spec.name}.py).",
-        f"#SBATCH --job-name=hpcnlp-{spec.name}",
-        f"#SBATCH --nodes={s.nodes}",
-        f"#SBATCH --ntasks-per-node=1            # {procs}",
-        f"#SBATCH --cpus-per-task={s.cpus_per_task}" + (f"             # {s.note}" if s.note else ""),
-        "##SBATCH --gpus-per-node=4             # plain sbatch on GPU nodes: uncomment (submit: gpus_per_node)",
-        "##SBATCH --partition=gpu               # (submit: partition)",
-        f"#SBATCH --time={s.time}",
-        "#SBATCH --output=%x-%j.out",
-        *(["#SBATCH --open-mode=append             # a requeued run appends to the same log",
-           "#SBATCH --requeue",
-           f"#SBATCH --signal=B:USR1@{s.signal_seconds}            # before the time limit: checkpoint, then requeue"]
-          if spec.resumable else
-          ["#SBATCH --no-requeue                  # nothing to resume: a failed run is rerun by hand"]),
-        f'exec "${{HPCNLP_HOME:-$SLURM_SUBMIT_DIR}}/slurm/launch.sh" {spec.name} "$@"',
-        ""])
+    procs = (
+        "one process, whatever GPUs the node has"
+        if spec.single_process
+        else "one launcher per node; it starts one process per GPU"
+    )
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            f"# hpcnlp {spec.name}: {spec.help}.",
+            f"#   sbatch slurm/{spec.name}.sbatch {spec.example} [key=value ...]"
+            "    (from the repo root; or: hpcnlp submit)",
+            "# `hpcnlp submit` renders the cluster profile (jobs/cluster.yaml: account, partition, GPUs, container...)",
+            "# into sbatch options that win over these lines. Plain sbatch: edit the lines below; launcher and image",
+            "# are HPCNLP_* variables (docs/slurm.md), e.g. sbatch --export=ALL,HPCNLP_IMAGE=hpcnlp.sif ...",
+            f"# Written by `make templates` from the job's spec (src/hpcnlp/jobs/{spec.name}.py).",
+            f"#SBATCH --job-name=hpcnlp-{spec.name}",
+            f"#SBATCH --nodes={s.nodes}",
+            f"#SBATCH --ntasks-per-node=1            # {procs}",
+            f"#SBATCH --cpus-per-task={s.cpus_per_task}" + (f"             # {s.note}" if s.note else ""),
+            "##SBATCH --gpus-per-node=4             # plain sbatch on GPU nodes: uncomment (submit: gpus_per_node)",
+            "##SBATCH --partition=gpu               # (submit: partition)",
+            f"#SBATCH --time={s.time}",
+            "#SBATCH --output=%x-%j.out",
+            *(
+                [
+                    "#SBATCH --open-mode=append             # a requeued run appends to the same log",
+                    "#SBATCH --requeue",
+                    f"#SBATCH --signal=B:USR1@{s.signal_seconds}"
+                    "            # before the time limit: checkpoint, then requeue",
+                ]
+                if spec.resumable
+                else ["#SBATCH --no-requeue                  # nothing to resume: a failed run is rerun by hand"]
+            ),
+            f'exec "${{HPCNLP_HOME:-$SLURM_SUBMIT_DIR}}/slurm/launch.sh" {spec.name} "$@"',
+            "",
+        ]
+    )
 
 
 def write_templates(root: Path | None = None) -> list[Path]:

@@ -4,10 +4,12 @@ Every row is checked before anything is tokenized: a missing or empty text, a mi
 outside the label set, each is reported with file, row and fix (DataError). The label set is
 data.label_names or the sorted labels of the training file; evaluation files must not bring new ones.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 from hpcnlp.config import FinetuneDataConfig, Problem
@@ -33,8 +35,9 @@ def _records(path: str, fmt: str, encoding: str):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(path, [Problem(key=f"line {n}", message=f"not valid JSON ({e})",
-                                               fix="one JSON object per line")]) from None
+                raise DataError(
+                    path, [Problem(key=f"line {n}", message=f"not valid JSON ({e})", fix="one JSON object per line")]
+                ) from None
             yield f"line {n}", record if isinstance(record, dict) else {}
         return
     import pandas as pd
@@ -43,23 +46,38 @@ def _records(path: str, fmt: str, encoding: str):
         frame = pd.read_parquet(path)
     else:
         try:
-            frame = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,
-                                encoding=encoding)
+            frame = pd.read_csv(
+                path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False, encoding=encoding
+            )
         except UnicodeError as e:
             for _ in decoded_lines(path, encoding):  # pandas does not say where: this raises naming the line
                 pass
-            raise DataError(path, [Problem(key="<file>", message=f"not {encoding} ({e})",
-                                           fix="set data.encoding to the file's encoding")]) from None
+            raise DataError(
+                path,
+                [
+                    Problem(
+                        key="<file>", message=f"not {encoding} ({e})", fix="set data.encoding to the file's encoding"
+                    )
+                ],
+            ) from None
         except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:  # pandas says where; one line of it
             why = " ".join(str(e).split())
-            raise DataError(path, [Problem(key="<file>", message=f"not valid {fmt.upper()} ({why})",
-                                           fix="check the file (quotes, separators) and data.format")]) from None
+            raise DataError(
+                path,
+                [
+                    Problem(
+                        key="<file>",
+                        message=f"not valid {fmt.upper()} ({why})",
+                        fix="check the file (quotes, separators) and data.format",
+                    )
+                ],
+            ) from None
     for n, record in enumerate(frame.to_dict("records"), 1):
         yield f"row {n}", record
 
 
 def _as_text(value) -> str:
-    if value is None or (isinstance(value, float) and value != value):  # None, NaN
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # None, NaN
         return ""
     return str(value)
 
@@ -72,19 +90,30 @@ def read_examples(path: str, data: FinetuneDataConfig) -> list[Example]:
     for where, record in _records(path, fmt, data.encoding):
         missing = [c for c in columns if c not in record]
         if missing:
-            problems.append(Problem(key=where, message=f"unknown column(s) {missing} (has {sorted(record)})",
-                                    fix="set data.text_column / data.label_column to the file's columns"))
+            problems.append(
+                Problem(
+                    key=where,
+                    message=f"unknown column(s) {missing} (has {sorted(record)})",
+                    fix="set data.text_column / data.label_column to the file's columns",
+                )
+            )
             continue
         text = _as_text(record[data.text_column]).strip()
         label = _as_text(record[data.label_column]).strip()
         pair = _as_text(record[data.text_pair_column]).strip() if data.text_pair_column else None
         if not text or (data.text_pair_column and not pair):
             col = data.text_column if not text else data.text_pair_column
-            problems.append(Problem(key=where, message=f"empty text in column '{col}'",
-                                    fix="fill it in or remove the row"))
+            problems.append(
+                Problem(key=where, message=f"empty text in column '{col}'", fix="fill it in or remove the row")
+            )
         elif not label:
-            problems.append(Problem(key=where, message=f"label missing (column '{data.label_column}')",
-                                    fix="give every row a label, or remove the row"))
+            problems.append(
+                Problem(
+                    key=where,
+                    message=f"label missing (column '{data.label_column}')",
+                    fix="give every row a label, or remove the row",
+                )
+            )
         else:
             examples.append(Example(where, text, label, pair))
     if problems:
@@ -106,12 +135,18 @@ def load(data: FinetuneDataConfig, tokenizer) -> Labelled:
 
     splits, stats = {}, {}
     for name, exs in examples.items():
-        columns = {"where": [e.where for e in exs], "text": [e.text for e in exs],
-                   "labels": [label2id[e.label] for e in exs]}
+        columns = {
+            "where": [e.where for e in exs],
+            "text": [e.text for e in exs],
+            "labels": [label2id[e.label] for e in exs],
+        }
         if data.text_pair_column:
             columns["text_pair"] = [e.text_pair for e in exs]
         ds = Dataset.from_dict(columns).map(tokenize, batched=True)
         splits[name] = ds if name == "train" else length_sorted(ds)
-        stats[name] = {"file": files[name], "examples": len(exs),
-                       "truncated": sum(len(x) >= data.max_seq_length for x in ds["input_ids"])}
+        stats[name] = {
+            "file": files[name],
+            "examples": len(exs),
+            "truncated": sum(len(x) >= data.max_seq_length for x in ds["input_ids"]),
+        }
     return Labelled(splits, label_names, files, stats)

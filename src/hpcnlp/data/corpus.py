@@ -5,6 +5,7 @@ never meets RAM; a big uncompressed text/JSONL file is read as byte ranges cut a
 boundaries (`split_points`), so one multi-GB file becomes many shards of work.
 Undecodable bytes are replaced and counted; empty documents are counted and dropped later.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -15,8 +16,8 @@ import gzip
 import json
 import lzma
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from hpcnlp.config import CorpusConfig, Problem
 
@@ -42,12 +43,20 @@ def expand_files(patterns: list[str], exclude: list[str] = ()) -> list[str]:
 def corpus_problems(data: CorpusConfig) -> list[Problem]:
     """Every train/eval pattern matches a file (`hpcnlp check`; the text itself is read by prepare)."""
     out = []
-    keyed = [(f"data.sources[{i}].files" if data.sources else "data.train_files", p)
-             for i, s in enumerate(data.source_list()) for p in s.files]
+    keyed = [
+        (f"data.sources[{i}].files" if data.sources else "data.train_files", p)
+        for i, s in enumerate(data.source_list())
+        for p in s.files
+    ]
     for key, pattern in keyed + [("data.eval_files", p) for p in data.eval_files]:
         if not expand_files([pattern]):
-            out.append(Problem(key=key, message=f"'{pattern}' matches no file",
-                               fix="correct the path or glob (relative paths are from the working dir)"))
+            out.append(
+                Problem(
+                    key=key,
+                    message=f"'{pattern}' matches no file",
+                    fix="correct the path or glob (relative paths are from the working dir)",
+                )
+            )
     for i, source in enumerate(data.source_list()):
         key = f"data.sources[{i}]" if data.sources else "data.train_files"
         files = expand_files(source.files, source.exclude)
@@ -55,8 +64,13 @@ def corpus_problems(data: CorpusConfig) -> list[Problem]:
             out.append(Problem(key=key, message="data.exclude leaves no file", fix="narrow the exclude globs"))
         # Only the cheap case of an empty corpus (every file 0 bytes); blank-only text is found by prepare.
         elif files and all(os.path.getsize(f) == 0 for f in files):
-            out.append(Problem(key=key, message=f"all {len(files)} file(s) it matches are empty: "
-                               "no text to train on", fix="point it at files with text"))
+            out.append(
+                Problem(
+                    key=key,
+                    message=f"all {len(files)} file(s) it matches are empty: no text to train on",
+                    fix="point it at files with text",
+                )
+            )
     return out
 
 
@@ -78,8 +92,13 @@ def open_binary(path: str):
 def splittable(path: str, fmt: str, sample_by: str, encoding: str) -> bool:
     """A file that can be cut by byte range: uncompressed text/JSONL in an encoding where b"\n" is "\n"."""
     kind = detect_format(path, fmt)
-    return (compression(path) is None and kind != "parquet" and not (kind == "text" and sample_by == "document")
-            and "\n".encode(encoding) == b"\n" and "\n\n".encode(encoding) == b"\n\n")
+    return (
+        compression(path) is None
+        and kind != "parquet"
+        and not (kind == "text" and sample_by == "document")
+        and "\n".encode(encoding) == b"\n"
+        and "\n\n".encode(encoding) == b"\n\n"
+    )
 
 
 def split_points(path: str, every: int, boundary: bytes) -> list[int]:
@@ -108,7 +127,7 @@ def _next_boundary(f, start: int, limit: int, boundary: bytes) -> int | None:
         if (at := window.find(boundary)) >= 0:
             return start + read - len(tail) + at + len(boundary)
         read += len(chunk)
-        tail = window[-(len(boundary) - 1):] if len(boundary) > 1 else b""
+        tail = window[-(len(boundary) - 1) :] if len(boundary) > 1 else b""
     return None
 
 
@@ -136,8 +155,9 @@ class _ReplacementCounter:
         return "\ufffd", err.end
 
 
-def _decoded_lines(path: str, counter: _ReplacementCounter, encoding: str = "utf-8",
-                   start: int = 0, end: int | None = None) -> Iterator[str]:
+def _decoded_lines(
+    path: str, counter: _ReplacementCounter, encoding: str = "utf-8", start: int = 0, end: int | None = None
+) -> Iterator[str]:
     # Incremental decoding in 1 MiB chunks: a single 1 GB line is still read in bounded pieces
     # of bytes (the line itself must fit in memory as text, as it will as one document anyway).
     decoder = codecs.getincrementaldecoder(encoding)(errors=counter.name)
@@ -185,11 +205,13 @@ def _jsonl_documents(path: str, lines: Iterator[str], text_field: str) -> Iterat
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}). "
-                             f"Fix: one JSON object per line, or set data.format") from None
+            raise ValueError(
+                f"{path}:{lineno}: not valid JSON ({e.msg}). Fix: one JSON object per line, or set data.format"
+            ) from None
         if text_field not in record:
-            raise ValueError(f"{path}:{lineno}: no field '{text_field}' (has {sorted(record)[:8]}). "
-                             f"Fix: set data.text_field") from None
+            raise ValueError(
+                f"{path}:{lineno}: no field '{text_field}' (has {sorted(record)[:8]}). Fix: set data.text_field"
+            ) from None
         yield record[text_field] or ""
 
 
@@ -198,14 +220,16 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
 
     pf = pq.ParquetFile(open_binary(path))
     if text_field not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: no column '{text_field}' (has {pf.schema_arrow.names[:8]}). "
-                         f"Fix: set data.text_field")
+        raise ValueError(
+            f"{path}: no column '{text_field}' (has {pf.schema_arrow.names[:8]}). Fix: set data.text_field"
+        )
     for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
         yield from (t or "" for t in batch.column(0).to_pylist())
 
 
-def read_documents(files: list, fmt: str = "auto", text_field: str = "text",
-                   sample_by: str = "paragraph", encoding: str = "utf-8") -> Iterator[dict]:
+def read_documents(
+    files: list, fmt: str = "auto", text_field: str = "text", sample_by: str = "paragraph", encoding: str = "utf-8"
+) -> Iterator[dict]:
     """Yield {"text", "replaced_bytes"} per document, empty ones included (they are counted, then dropped).
 
     `files`: paths, or (path, start, end) byte ranges from `split_points`.

@@ -3,14 +3,15 @@
 A data error names the file, the row or line, and the fix, exactly like a config problem, so the
 job prints it the same way and refuses to start before anything is written.
 """
+
 from __future__ import annotations
 
 import codecs
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from hpcnlp.config import ConfigError, FinetuneDataConfig, Problem
 from hpcnlp.runtime.io import is_inside
@@ -21,8 +22,18 @@ IGNORE = -100  # the label id PyTorch's cross-entropy skips (sub-tokens, padding
 MAX_ERRORS_SHOWN = 20  # a file with 10,000 bad rows should not print 10,000 lines
 CHECK_DECODE_CHARS = 50_000_000  # `hpcnlp check` decodes this much of each file (a second or so)
 
-_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
-               ".parquet": "parquet", ".conll": "conll", ".txt": "conll", ".bio": "conll", ".iob": "conll"}
+_EXTENSIONS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".conll": "conll",
+    ".txt": "conll",
+    ".bio": "conll",
+    ".iob": "conll",
+}
 
 
 class DataError(ConfigError):
@@ -32,8 +43,13 @@ class DataError(ConfigError):
         total = total or len(problems)
         shown = problems[:MAX_ERRORS_SHOWN]
         if total > len(shown):
-            shown.append(Problem(key="...", message=f"{total - len(shown)} more problems like these",
-                                 fix="fix the ones above and run again"))
+            shown.append(
+                Problem(
+                    key="...",
+                    message=f"{total - len(shown)} more problems like these",
+                    fix="fix the ones above and run again",
+                )
+            )
         super().__init__(source, shown)
 
 
@@ -59,12 +75,21 @@ def decoded_lines(path: str, encoding: str) -> Iterator[str]:
                 if isinstance(e, UnicodeDecodeError):
                     # e.object may begin with bytes the decoder held back from the previous read.
                     at = offset + e.start - (len(e.object) - len(raw))
-                    what = f"byte {at} ({e.object[e.start:e.end]!r}) is not {encoding} ({e.reason})"
+                    what = f"byte {at} ({e.object[e.start : e.end]!r}) is not {encoding} ({e.reason})"
                 else:  # a decoder's own complaint without a position (utf-16 without a BOM)
                     what = f"near byte {offset}: not {encoding} ({e})"
-                raise DataError(path, [Problem(key=f"line {line}", message=what, fix=f"set data.encoding to the "
-                                               f"file's encoding (e.g. latin-1 or cp1252), or save the file as "
-                                               f"{encoding}")]) from None
+                raise DataError(
+                    path,
+                    [
+                        Problem(
+                            key=f"line {line}",
+                            message=what,
+                            fix=f"set data.encoding to the "
+                            f"file's encoding (e.g. latin-1 or cp1252), or save the file as "
+                            f"{encoding}",
+                        )
+                    ],
+                ) from None
             offset += len(raw)
             *lines, pending = pending.split("\n")
             for text in lines:
@@ -108,24 +133,39 @@ def read_columns(path: str, fmt: str, encoding: str = "utf-8") -> list[str]:
     return []
 
 
-def data_file_problems(task: str, allowed: tuple[str, ...], wanted: dict[str, str | None], data: FinetuneDataConfig,
-                       pending: Iterable[str] = ()) -> list[Problem]:
+def data_file_problems(
+    task: str,
+    allowed: tuple[str, ...],
+    wanted: dict[str, str | None],
+    data: FinetuneDataConfig,
+    pending: Iterable[str] = (),
+) -> list[Problem]:
     """Files exist, formats are among the task's `allowed`, its `wanted` columns (key -> column) exist
     (header only; rows are checked at read time). Files in `pending` (made by an earlier pipeline stage)
     are not checked yet. hpcnlp.tasks.data_problems calls it with the task's own formats and columns."""
     out = []
-    for key, path in data.files().items():
-        key = f"data.{key}"
+    for name, path in data.files().items():
+        key = f"data.{name}"
         if is_inside(path, pending):
             continue
         if not Path(path).is_file():
-            out.append(Problem(key=key, message=f"no such file '{path}'", fix="correct the path "
-                               "(relative paths are from the working dir)"))
+            out.append(
+                Problem(
+                    key=key,
+                    message=f"no such file '{path}'",
+                    fix="correct the path (relative paths are from the working dir)",
+                )
+            )
             continue
         fmt = detect_format(path, data.format)
         if fmt not in allowed:
-            out.append(Problem(key=key, message=f"'{path}': format {fmt or 'unknown'!r} does not fit {task}",
-                               fix=f"use one of {list(allowed)} (by file extension or data.format)"))
+            out.append(
+                Problem(
+                    key=key,
+                    message=f"'{path}': format {fmt or 'unknown'!r} does not fit {task}",
+                    fix=f"use one of {list(allowed)} (by file extension or data.format)",
+                )
+            )
             continue
         if fmt != "parquet":  # text formats: a wrong data.encoding is reported here, not mid-run
             undecodable = decoding_problems(key, path, data.encoding)
@@ -137,13 +177,23 @@ def data_file_problems(task: str, allowed: tuple[str, ...], wanted: dict[str, st
         try:
             columns = read_columns(path, fmt, data.encoding)
         except Exception as e:  # noqa: BLE001 - any parse failure is the user's file, reported as such
-            out.append(Problem(key=key, message=f"'{path}' cannot be read as {fmt} ({e})".replace("\n", " "),
-                               fix="check the file and data.format"))
+            out.append(
+                Problem(
+                    key=key,
+                    message=f"'{path}' cannot be read as {fmt} ({e})".replace("\n", " "),
+                    fix="check the file and data.format",
+                )
+            )
             continue
         for col_key, col in wanted.items():
             if col is not None and col not in columns:
-                out.append(Problem(key=f"data.{col_key}", message=f"unknown column '{col}' in '{path}' "
-                                   f"(columns: {columns})", fix="set it to one of the file's columns"))
+                out.append(
+                    Problem(
+                        key=f"data.{col_key}",
+                        message=f"unknown column '{col}' in '{path}' (columns: {columns})",
+                        fix="set it to one of the file's columns",
+                    )
+                )
     return out
 
 
@@ -157,15 +207,22 @@ def label_maps(names: list[str]) -> tuple[dict[int, str], dict[str, int]]:
     return dict(enumerate(names)), {n: i for i, n in enumerate(names)}
 
 
-def unknown_label_problem(label: str, names: list[str], split: str, where: str, from_config: bool,
-                          times: int = 1) -> Problem:
+def unknown_label_problem(
+    label: str, names: list[str], split: str, where: str, from_config: bool, times: int = 1
+) -> Problem:
     more = f" ({times} times; first here)" if times > 1 else ""
     if from_config:
-        return Problem(key=where, message=f"label '{label}' is not in the label set {names}{more}",
-                       fix="correct the label or add it to data.label_names")
-    return Problem(key=where, message=f"label '{label}' never occurs in the training data{more}: the label set "
-                   f"of this {split} file differs from train's {names}",
-                   fix="correct the label, or list the full label set in data.label_names")
+        return Problem(
+            key=where,
+            message=f"label '{label}' is not in the label set {names}{more}",
+            fix="correct the label or add it to data.label_names",
+        )
+    return Problem(
+        key=where,
+        message=f"label '{label}' never occurs in the training data{more}: the label set "
+        f"of this {split} file differs from train's {names}",
+        fix="correct the label, or list the full label set in data.label_names",
+    )
 
 
 @dataclass
@@ -192,8 +249,9 @@ def _split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     return [examples[i] for i in sorted(train_idx)], [examples[i] for i in sorted(val_idx)]
 
 
-def check_labels(path: str, split: str, examples: list, label_names: list[str], from_config: bool,
-                 labels_of=lambda e: [e.label]) -> None:
+def check_labels(
+    path: str, split: str, examples: list, label_names: list[str], from_config: bool, labels_of=lambda e: [e.label]
+) -> None:
     """Each unknown label once, at its first occurrence, with how often it occurs."""
     known, first, count = set(label_names), {}, {}
     for e in examples:
@@ -201,8 +259,10 @@ def check_labels(path: str, split: str, examples: list, label_names: list[str], 
             if label not in known:
                 first.setdefault(label, e.token_where(i) if hasattr(e, "token_where") else e.where)
                 count[label] = count.get(label, 0) + 1
-    problems = [unknown_label_problem(label, label_names, split, where, from_config, count[label])
-                for label, where in first.items()]
+    problems = [
+        unknown_label_problem(label, label_names, split, where, from_config, count[label])
+        for label, where in first.items()
+    ]
     if problems:
         raise DataError(path, problems)
 
@@ -225,18 +285,18 @@ def read_splits(data: FinetuneDataConfig, read, labels_of, label_set=sort_labels
         files[name], examples[name] = path, read(path)
 
     from_config = data.label_names is not None
-    label_names = list(data.label_names) if from_config else label_set(
-        label for e in examples["train"] for label in labels_of(e))
+    label_names = (
+        list(data.label_names) if from_config else label_set(label for e in examples["train"] for label in labels_of(e))
+    )
     for split, exs in examples.items():
         check_labels(files[split], split, exs, label_names, from_config, labels_of)
     if data.max_train_samples:
-        examples["train"] = examples["train"][:data.max_train_samples]
+        examples["train"] = examples["train"][: data.max_train_samples]
     if data.max_eval_samples:
-        examples.update({k: v[:data.max_eval_samples] for k, v in examples.items() if k != "train"})
+        examples.update({k: v[: data.max_eval_samples] for k, v in examples.items() if k != "train"})
     return examples, files, label_names
 
 
 def length_sorted(ds):
     """Eval sets sorted longest first: sequential batches then hold similar lengths (little padding)."""
-    return ds.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True).sort(
-        "length", reverse=True)
+    return ds.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True).sort("length", reverse=True)

@@ -6,6 +6,7 @@ tokenizer's word_ids(): a word's first sub-token carries its tag; later sub-toke
 loss) or, with label_all_tokens, the I- form of the tag. Evaluation sets always label first
 sub-tokens only, so scores count words, never sub-tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,13 @@ def read_conll(path: str, encoding: str = "utf-8") -> list[Sentence]:
             flush()
             continue
         if len(fields) < 2:
-            problems.append(Problem(key=f"line {n}", message=f"token without a tag: {line.strip()!r}",
-                                    fix="write 'token<TAB>tag' (tag O outside entities)"))
+            problems.append(
+                Problem(
+                    key=f"line {n}",
+                    message=f"token without a tag: {line.strip()!r}",
+                    fix="write 'token<TAB>tag' (tag O outside entities)",
+                )
+            )
             continue
         if not tokens:
             start = n
@@ -74,13 +80,23 @@ def read_jsonl(path: str, data: FinetuneDataConfig) -> list[Sentence]:
             continue
         tokens, tags = record.get(tok_col), record.get(tag_col)
         if not isinstance(tokens, list) or not isinstance(tags, list):
-            problems.append(Problem(key=where, message=f"needs lists '{tok_col}' and '{tag_col}' "
-                                    f"(has {sorted(record)})", fix="set data.tokens_column / data.tags_column"))
+            problems.append(
+                Problem(
+                    key=where,
+                    message=f"needs lists '{tok_col}' and '{tag_col}' (has {sorted(record)})",
+                    fix="set data.tokens_column / data.tags_column",
+                )
+            )
         elif not tokens:
             problems.append(Problem(key=where, message="empty sentence (no tokens)", fix="remove the line"))
         elif len(tokens) != len(tags):
-            problems.append(Problem(key=where, message=f"{len(tokens)} tokens but {len(tags)} tags",
-                                    fix="give exactly one tag per token"))
+            problems.append(
+                Problem(
+                    key=where,
+                    message=f"{len(tokens)} tokens but {len(tags)} tags",
+                    fix="give exactly one tag per token",
+                )
+            )
         else:
             names = data.label_names
             if all(isinstance(t, int) for t in tags) and names:  # tag ids, as HF datasets store them
@@ -108,20 +124,36 @@ def read_sentences(path: str, data: FinetuneDataConfig) -> list[Sentence]:
     sentences = read_conll(path, data.encoding) if fmt == "conll" else read_jsonl(path, data)
     if not sentences:
         raise DataError(path, [Problem(key="<file>", message="no sentences", fix="point it at a file with data")])
-    bad = [Problem(key=s.token_where(i), message=f"tag {tag!r} is not O, B-TYPE or I-TYPE",
-                   fix="use BIO/IOB2 tags") for s in sentences for i, tag in enumerate(s.tags) if not TAG.match(tag)]
+    bad = [
+        Problem(key=s.token_where(i), message=f"tag {tag!r} is not O, B-TYPE or I-TYPE", fix="use BIO/IOB2 tags")
+        for s in sentences
+        for i, tag in enumerate(s.tags)
+        if not TAG.match(tag)
+    ]
     if bad:
         raise DataError(path, bad)
     starts = [(s, i) for s in sentences for i in i_after_o(s)]
     if starts and data.strict_iob2:
-        raise DataError(path, [Problem(key=s.token_where(i), message=f"{s.tags[i]} follows "
-                                       f"{s.tags[i - 1] if i else 'the sentence start'} (not IOB2)",
-                                       fix=f"tag it B-{s.tags[i][2:]}, or set data.strict_iob2: false")
-                               for s, i in starts], total=len(starts))
+        raise DataError(
+            path,
+            [
+                Problem(
+                    key=s.token_where(i),
+                    message=f"{s.tags[i]} follows {s.tags[i - 1] if i else 'the sentence start'} (not IOB2)",
+                    fix=f"tag it B-{s.tags[i][2:]}, or set data.strict_iob2: false",
+                )
+                for s, i in starts
+            ],
+            total=len(starts),
+        )
     if starts:
-        log.warning("%s: %d I- tags start an entity (after O or another type; first at %s); "
-                    "scored as entity starts (set data.strict_iob2: true to refuse them)",
-                    path, len(starts), starts[0][0].token_where(starts[0][1]))
+        log.warning(
+            "%s: %d I- tags start an entity (after O or another type; first at %s); "
+            "scored as entity starts (set data.strict_iob2: true to refuse them)",
+            path,
+            len(starts),
+            starts[0][0].token_where(starts[0][1]),
+        )
     return sentences
 
 
@@ -137,8 +169,9 @@ def i_form(label_names: list[str]) -> list[int]:
     return [ids.get("I-" + n[2:], i) if n.startswith("B-") else i for i, n in enumerate(label_names)]
 
 
-def align_labels(word_ids: list[int | None], word_label_ids: list[int], label_all_tokens: bool,
-                 to_i_form: list[int]) -> list[int]:
+def align_labels(
+    word_ids: list[int | None], word_label_ids: list[int], label_all_tokens: bool, to_i_form: list[int]
+) -> list[int]:
     """Word labels -> one label per sub-token (special tokens get -100)."""
     labels, prev = [], None
     for w in word_ids:
@@ -155,8 +188,9 @@ def align_labels(word_ids: list[int | None], word_label_ids: list[int], label_al
 def load(data: FinetuneDataConfig, tokenizer) -> Labelled:
     from datasets import Dataset
 
-    examples, files, label_names = read_splits(data, lambda p: read_sentences(p, data), lambda s: s.tags,
-                                               complete_label_set)
+    examples, files, label_names = read_splits(
+        data, lambda p: read_sentences(p, data), lambda s: s.tags, complete_label_set
+    )
     label2id, to_i = {n: i for i, n in enumerate(label_names)}, i_form(label_names)
     stats = {}
 
@@ -172,13 +206,18 @@ def load(data: FinetuneDataConfig, tokenizer) -> Labelled:
     splits = {}
     for name, sents in examples.items():
         train = name == "train"
-        ds = Dataset.from_dict({"where": [s.where for s in sents], "tokens": [s.tokens for s in sents],
-                                "tags": [s.tags for s in sents]})
+        ds = Dataset.from_dict(
+            {"where": [s.where for s in sents], "tokens": [s.tokens for s in sents], "tags": [s.tags for s in sents]}
+        )
         ds = ds.map(tokenize, batched=True, fn_kwargs={"all_tokens": data.label_all_tokens and train})
         # Words with no sub-token left (truncated, or dropped by the tokenizer) get no prediction.
         lost = sum(len(set(w) - {-1}) < len(t) for w, t in zip(ds["word_ids"], ds["tags"]))
-        stats[name] = {"file": files[name], "sentences": len(sents), "words": sum(len(s.tokens) for s in sents),
-                       "sentences_with_unscored_words": lost,
-                       "i_after_o": sum(len(i_after_o(s)) for s in sents)}
+        stats[name] = {
+            "file": files[name],
+            "sentences": len(sents),
+            "words": sum(len(s.tokens) for s in sents),
+            "sentences_with_unscored_words": lost,
+            "i_after_o": sum(len(i_after_o(s)) for s in sents),
+        }
         splits[name] = ds if train else length_sorted(ds)
     return Labelled(splits, label_names, files, stats)

@@ -22,6 +22,7 @@ document hashes (64-bit, read without tokenizing: ~7% of a build) are written on
 hashes/<k>.npy by whichever task needs them first; shard k drops what shards 0..k-1 hold, checked one
 hash file at a time, so memory stays at one shard's hashes and no task waits for a barrier.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -111,13 +112,16 @@ def _tokenizer_signature(tokenizer) -> str:
 def fingerprint(cfg: CorpusConfig, tokenizer, with_offsets: bool) -> str:
     key = {
         "format_version": FORMAT_VERSION,
-        "sources": [{"name": s.name, "weight": s.weight, "files": _files_signature(expand_files(s.files, s.exclude))}
-                    for s in cfg.source_list()],
+        "sources": [
+            {"name": s.name, "weight": s.weight, "files": _files_signature(expand_files(s.files, s.exclude))}
+            for s in cfg.source_list()
+        ],
         "eval": _files_signature(expand_files(cfg.eval_files)),
         "tokenizer": _tokenizer_signature(tokenizer),
         "with_offsets": with_offsets,
-        **cfg.model_dump(exclude={"num_proc", "prepared_root", "train_files", "eval_files", "exclude", "sources",
-                                  "max_eval_blocks"}),
+        **cfg.model_dump(
+            exclude={"num_proc", "prepared_root", "train_files", "eval_files", "exclude", "sources", "max_eval_blocks"}
+        ),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -133,8 +137,11 @@ def plan(cfg: CorpusConfig) -> list[dict]:
     for name, held_out, files in groups:
         pieces, size = [], 0
         for f in files:
-            cuts = (split_points(f, every, boundary) if splittable(f, cfg.format, cfg.sample_by, cfg.encoding)
-                    else [0, os.path.getsize(f)])
+            cuts = (
+                split_points(f, every, boundary)
+                if splittable(f, cfg.format, cfg.sample_by, cfg.encoding)
+                else [0, os.path.getsize(f)]
+            )
             for start, end in zip(cuts, cuts[1:]):
                 pieces.append([f, start, None if len(cuts) == 2 else end])  # None: the whole file
                 size += end - start
@@ -210,11 +217,11 @@ class _Packer:
         encs = encode([text for text, _ in call], add_special_tokens=False)
         sep = [self.sep_id]
         ids = [e.ids + sep if last else e.ids for e, (_, last) in zip(encs, call)]  # a document ends with [SEP]
-        self.stream = np.concatenate([self.stream, np.fromiter(chain.from_iterable(ids), np.int32,
-                                                               sum(map(len, ids)))])
+        self.stream = np.concatenate([self.stream, np.fromiter(chain.from_iterable(ids), np.int32, sum(map(len, ids)))])
         if self.with_offsets:
-            pairs = chain.from_iterable(chain.from_iterable(e.offsets + [(0, 0)] if last else e.offsets
-                                                            for e, (_, last) in zip(encs, call)))
+            pairs = chain.from_iterable(
+                chain.from_iterable(e.offsets + [(0, 0)] if last else e.offsets for e, (_, last) in zip(encs, call))
+            )
             self.offsets = np.concatenate([self.offsets, np.fromiter(pairs, np.int32).reshape(-1, 2)])
         self._flush(final=False)
 
@@ -228,26 +235,30 @@ class _Packer:
             return
         k, rest = divmod(n, body)  # k full blocks, then (final only) one shorter block
         ends = lambda a, v: np.full((k, 1) + a.shape[2:], v, a.dtype)  # noqa: E731
-        full = self.stream[:k * body].reshape(k, body)
+        full = self.stream[: k * body].reshape(k, body)
         ids = [np.hstack([ends(full, self.cls_id), full, ends(full, self.sep_id)]).ravel()]
         lengths = [body + 2] * k
         if rest:
-            ids.append(np.concatenate([[self.cls_id], self.stream[k * body:n], [self.sep_id]]).astype(np.int32))
+            ids.append(np.concatenate([[self.cls_id], self.stream[k * body : n], [self.sep_id]]).astype(np.int32))
             lengths.append(rest + 2)
         ids = np.concatenate(ids)
         starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         mask = (ids == self.sep_id).astype(np.int8)
         mask[starts[:-1]] = 1  # [CLS]; a [SEP] anywhere is 1 already
-        table = {"input_ids": pa.ListArray.from_arrays(starts, ids),
-                 "special_tokens_mask": pa.ListArray.from_arrays(starts, mask)}
+        table = {
+            "input_ids": pa.ListArray.from_arrays(starts, ids),
+            "special_tokens_mask": pa.ListArray.from_arrays(starts, mask),
+        }
         if self.with_offsets:
-            o = self.offsets[:k * body].reshape(k, body, 2)
+            o = self.offsets[: k * body].reshape(k, body, 2)
             offs = [np.concatenate([ends(o, 0), o, ends(o, 0)], axis=1).reshape(-1, 2)]
             if rest:
-                offs.append(np.concatenate([np.zeros((1, 2), np.int32), self.offsets[k * body:n],
-                                            np.zeros((1, 2), np.int32)]))
+                offs.append(
+                    np.concatenate([np.zeros((1, 2), np.int32), self.offsets[k * body : n], np.zeros((1, 2), np.int32)])
+                )
             table["offset_mapping"] = pa.ListArray.from_arrays(
-                starts, pa.FixedSizeListArray.from_arrays(np.concatenate(offs).ravel(), 2))
+                starts, pa.FixedSizeListArray.from_arrays(np.concatenate(offs).ravel(), 2)
+            )
         self.tokens += int(sum(lengths))
         self.blocks += len(lengths)
         self.writer.write_table(pa.table(table))
@@ -282,8 +293,7 @@ def _held_out(h: bytes, cfg: CorpusConfig) -> bool:
 
 
 def _documents(shard: dict, cfg: CorpusConfig):
-    return read_documents([tuple(p) for p in shard["pieces"]], cfg.format, cfg.text_field, cfg.sample_by,
-                          cfg.encoding)
+    return read_documents([tuple(p) for p in shard["pieces"]], cfg.format, cfg.text_field, cfg.sample_by, cfg.encoding)
 
 
 def shard_hashes(final: Path, k: int, shard: dict, cfg: CorpusConfig):
@@ -311,18 +321,24 @@ def seen_before(final: Path, k: int, shards: list[dict], cfg: CorpusConfig):
     return dup
 
 
-def build_shard(shard: dict, cfg: CorpusConfig, tokenizer, with_offsets: bool, dest: Path,
-                earlier=None) -> dict:
+def build_shard(shard: dict, cfg: CorpusConfig, tokenizer, with_offsets: bool, dest: Path, earlier=None) -> dict:
     """Write one shard's train.arrow, eval.arrow and meta.json into dest (atomically).
     `earlier` (data.dedup): per non-empty document, True where an earlier shard has its text."""
     t0 = time.perf_counter()
     with atomic_dir(dest) as tmp:
         train = _Packer(tmp / "train.arrow", tokenizer, cfg.max_seq_length, with_offsets)
         held = _Packer(tmp / "eval.arrow", tokenizer, cfg.max_seq_length, with_offsets)
-        meta = {"source": shard["source"], "documents_read": 0, "documents_empty_skipped": 0,
-                "duplicates_removed": 0, "replaced_bytes": 0, "characters": 0, "documents_train": 0,
-                "documents_eval": 0, "input_bytes": sum((e if e is not None else os.path.getsize(p)) - s
-                                                          for p, s, e in shard["pieces"])}
+        meta = {
+            "source": shard["source"],
+            "documents_read": 0,
+            "documents_empty_skipped": 0,
+            "duplicates_removed": 0,
+            "replaced_bytes": 0,
+            "characters": 0,
+            "documents_train": 0,
+            "documents_eval": 0,
+            "input_bytes": sum((e if e is not None else os.path.getsize(p)) - s for p, s, e in shard["pieces"]),
+        }
         seen: set[bytes] = set()
         batch: dict[bool, list[str]] = {False: [], True: []}
         nonempty = -1
@@ -406,8 +422,15 @@ def prepare(cfg: CorpusConfig, tokenizer, with_offsets: bool = False, task: tupl
     mine = [(k, shards, cfg, tokenizer, with_offsets, final) for k in range(len(shards)) if k % count == index]
     t0 = time.perf_counter()
     built = _run(mine, cfg.num_proc)
-    log.info("prepare: task %d/%d built %d of its %d shards (of %d) in %.1fs", index, count, built, len(mine),
-             len(shards), time.perf_counter() - t0)
+    log.info(
+        "prepare: task %d/%d built %d of its %d shards (of %d) in %.1fs",
+        index,
+        count,
+        built,
+        len(mine),
+        len(shards),
+        time.perf_counter() - t0,
+    )
     missing = [k for k in range(len(shards)) if not (_shard_dir(final, k) / "meta.json").is_file()]
     if missing:  # other tasks' shards: the last task to finish writes the index
         return Prepared(final, None, reused=False)
@@ -449,16 +472,25 @@ def _index(cfg: CorpusConfig, shards: list[dict], final: Path, fp: str) -> Prepa
     stats = _sum_stats(cfg, metas)
     if stats["documents_train"] == 0:
         what = "sources" if cfg.sources else "train_files"
-        raise _too_few(f"data.{what}", f"{[s.files for s in cfg.source_list()]} hold no non-empty "
-                       f"document ({stats['documents_read']} read, {stats['documents_empty_skipped']} empty)",
-                       "point it at files with text (and check data.format, data.text_field)")
+        raise _too_few(
+            f"data.{what}",
+            f"{[s.files for s in cfg.source_list()]} hold no non-empty "
+            f"document ({stats['documents_read']} read, {stats['documents_empty_skipped']} empty)",
+            "point it at files with text (and check data.format, data.text_field)",
+        )
     if stats["documents_eval"] == 0:
         if cfg.eval_files:
-            raise _too_few("data.eval_files", f"{cfg.eval_files} hold no non-empty document",
-                           "point it at files with text, or remove it to split off an eval set")
-        raise _too_few("data.eval_fraction", f"no document was held out ({stats['documents_train']} non-empty "
-                       f"documents, eval_fraction {cfg.eval_fraction})",
-                       "add text, raise data.eval_fraction, or give data.eval_files")
+            raise _too_few(
+                "data.eval_files",
+                f"{cfg.eval_files} hold no non-empty document",
+                "point it at files with text, or remove it to split off an eval set",
+            )
+        raise _too_few(
+            "data.eval_fraction",
+            f"no document was held out ({stats['documents_train']} non-empty "
+            f"documents, eval_fraction {cfg.eval_fraction})",
+            "add text, raise data.eval_fraction, or give data.eval_files",
+        )
     order, realized = training_order(cfg, [(m["source"], m["blocks_train"]) for m in metas])
     for name, share in realized.items():
         stats["sources"][name].update(blocks_in_order=share[0], share_realized=round(share[1], 6))
@@ -475,9 +507,20 @@ def _index(cfg: CorpusConfig, shards: list[dict], final: Path, fp: str) -> Prepa
 
 
 def _sum_stats(cfg: CorpusConfig, metas: list[dict]) -> dict:
-    keys = ["documents_read", "documents_empty_skipped", "duplicates_removed", "replaced_bytes", "characters",
-            "documents_train", "documents_eval", "blocks_train", "blocks_eval", "tokens_train", "tokens_eval",
-            "input_bytes"]
+    keys = [
+        "documents_read",
+        "documents_empty_skipped",
+        "duplicates_removed",
+        "replaced_bytes",
+        "characters",
+        "documents_train",
+        "documents_eval",
+        "blocks_train",
+        "blocks_eval",
+        "tokens_train",
+        "tokens_eval",
+        "input_bytes",
+    ]
     total = dict.fromkeys(keys, 0)
     weights = {s.name: s.weight for s in cfg.source_list()}
     per = {name: {**dict.fromkeys(keys, 0), "weight": w} for name, w in weights.items()}
@@ -532,9 +575,11 @@ def training_order(cfg: CorpusConfig, shard_blocks: list[tuple[str, int]]):
 
 def summary(s: dict) -> str:
     mixed = ", ".join(f"{n} {v.get('share_realized', 0):.1%}" for n, v in s["sources"].items())
-    return (f"{s['documents_train']}+{s['documents_eval']} documents (train+eval), "
-            f"{s['documents_empty_skipped']} empty skipped, {s['duplicates_removed']} duplicates removed, "
-            f"{s['replaced_bytes']} undecodable bytes replaced, "
-            f"{s['tokens']:,} tokens in {s['blocks']:,} blocks of {s['max_seq_length']} in {s['shards']} shard(s), "
-            f"padding {100 * s['padding_share']:.2f}%, {s['tokens_per_second_per_task']:,.0f} tokens/s per task"
-            + (f"; training order: {mixed}" if len(s["sources"]) > 1 else ""))
+    return (
+        f"{s['documents_train']}+{s['documents_eval']} documents (train+eval), "
+        f"{s['documents_empty_skipped']} empty skipped, {s['duplicates_removed']} duplicates removed, "
+        f"{s['replaced_bytes']} undecodable bytes replaced, "
+        f"{s['tokens']:,} tokens in {s['blocks']:,} blocks of {s['max_seq_length']} in {s['shards']} shard(s), "
+        f"padding {100 * s['padding_share']:.2f}%, {s['tokens_per_second_per_task']:,.0f} tokens/s per task"
+        + (f"; training order: {mixed}" if len(s["sources"]) > 1 else "")
+    )

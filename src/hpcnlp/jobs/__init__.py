@@ -5,6 +5,7 @@ $HPCNLP_JOB_PACKAGES (comma-separated importable packages: a site's own jobs, no
 Adding a job: docs/architecture.md. The CLI, the launcher, submit/pipeline/sweep and `hpcnlp check`
 all read JOBS.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -13,7 +14,7 @@ import importlib
 import os
 import pkgutil
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 from hpcnlp.config import ConfigError, JobConfig, Problem, read_yaml, with_overrides
 from hpcnlp.config import validate as validate_shape
@@ -50,8 +51,9 @@ def __getattr__(name: str):
 EXIT_CONFIG = status.EXIT_CONFIG  # the config (or its data) was refused; nothing ran, nothing was written
 
 
-def load_config(path, overrides: Iterable[str] = (), expect_job: str | None = None, pending: Iterable[str] = (),
-                check: bool = True) -> JobConfig:
+def load_config(
+    path, overrides: Iterable[str] = (), expect_job: str | None = None, pending: Iterable[str] = (), check: bool = True
+) -> JobConfig:
     """Read, override, validate, and (with `check`) run the job's file checks. Raises ConfigError with
     every problem at once, before anything runs. `pending`: paths earlier pipeline stages will create."""
     source = str(path)
@@ -60,12 +62,27 @@ def load_config(path, overrides: Iterable[str] = (), expect_job: str | None = No
     JOBS = registry()
     if job not in JOBS:
         close = difflib.get_close_matches(str(job), list(JOBS), n=1)
-        raise ConfigError(source, [Problem(key="job", message=f"unknown job {job!r}",
-                                           fix=f"did you mean '{close[0]}'?" if close
-                                           else f"set job: to one of {sorted(JOBS)}")])
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    key="job",
+                    message=f"unknown job {job!r}",
+                    fix=f"did you mean '{close[0]}'?" if close else f"set job: to one of {sorted(JOBS)}",
+                )
+            ],
+        )
     if expect_job and job != expect_job:
-        raise ConfigError(source, [Problem(key="job", message=f"this is a '{job}' config, not '{expect_job}'",
-                                           fix=f"run `hpcnlp {job}` or pass a {expect_job} config")])
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    key="job",
+                    message=f"this is a '{job}' config, not '{expect_job}'",
+                    fix=f"run `hpcnlp {job}` or pass a {expect_job} config",
+                )
+            ],
+        )
     spec = JOBS[job]
     if spec.expand:
         raw = spec.expand(raw, source)
@@ -87,11 +104,18 @@ def check_config(cfg: JobConfig, pending: Iterable[str] = ()) -> list[Problem]:
 
 # training.report_to: the integration -> (modules any one of which it needs, what to pip install)
 REPORTERS = {
-    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
-    "mlflow": (("mlflow",), "mlflow"), "comet_ml": (("comet_ml",), "comet-ml"), "clearml": (("clearml",), "clearml"),
-    "neptune": (("neptune",), "neptune"), "azure_ml": (("azureml.core",), "azureml-core"),
-    "dagshub": (("dagshub",), "dagshub"), "dvclive": (("dvclive",), "dvclive"), "flyte": (("flytekit",), "flytekit"),
-    "codecarbon": (("codecarbon",), "codecarbon"), "swanlab": (("swanlab",), "swanlab"),
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"),
+    "comet_ml": (("comet_ml",), "comet-ml"),
+    "clearml": (("clearml",), "clearml"),
+    "neptune": (("neptune",), "neptune"),
+    "azure_ml": (("azureml.core",), "azureml-core"),
+    "dagshub": (("dagshub",), "dagshub"),
+    "dvclive": (("dvclive",), "dvclive"),
+    "flyte": (("flytekit",), "flytekit"),
+    "codecarbon": (("codecarbon",), "codecarbon"),
+    "swanlab": (("swanlab",), "swanlab"),
     "trackio": (("trackio",), "trackio"),
 }
 
@@ -109,8 +133,13 @@ def report_to_problems(cfg: JobConfig) -> list[Problem]:
         if name in ("none", "all", None):
             continue
         if name not in REPORTERS:
-            out.append(Problem(key="training.report_to", message=f"unknown integration '{name}'",
-                               fix=f"use none, all or one of {sorted(REPORTERS)}"))
+            out.append(
+                Problem(
+                    key="training.report_to",
+                    message=f"unknown integration '{name}'",
+                    fix=f"use none, all or one of {sorted(REPORTERS)}",
+                )
+            )
             continue
         modules, package = REPORTERS[name]
 
@@ -121,17 +150,28 @@ def report_to_problems(cfg: JobConfig) -> list[Problem]:
                 return False
 
         if not any(found(m) for m in modules):
-            out.append(Problem(key="training.report_to", message=f"'{name}' is not installed here",
-                               fix=f"pip install {package} (into the environment or image the job runs in), "
-                               "or remove it from report_to"))
+            out.append(
+                Problem(
+                    key="training.report_to",
+                    message=f"'{name}' is not installed here",
+                    fix=f"pip install {package} (into the environment or image the job runs in), "
+                    "or remove it from report_to",
+                )
+            )
     return out
 
 
 def _placement_problems(spec: JobSpec) -> list[Problem]:
     """Inside a Slurm allocation: a single-process job on several nodes would race on its output."""
     if spec.single_process and env.slurm_num_nodes() > 1:
-        return [Problem(key="job", message=f"'{spec.name}' runs as one process on one node, this allocation "
-                        f"has {env.slurm_num_nodes()} nodes", fix="submit it with --nodes=1")]
+        return [
+            Problem(
+                key="job",
+                message=f"'{spec.name}' runs as one process on one node, this allocation "
+                f"has {env.slurm_num_nodes()} nodes",
+                fix="submit it with --nodes=1",
+            )
+        ]
     return []
 
 
@@ -154,7 +194,9 @@ def run_job(cfg: JobConfig) -> int:
     status.update(path, state="running", job=cfg.job, reason=None, **({"log": log} if log else {}))
     try:
         code = int(spec.run(cfg) or 0)
-        reason = {status.EXIT_REQUEUE: "checkpointed for requeue", status.EXIT_REJECTED: "rejected by the gate"}.get(code)
+        reason = {status.EXIT_REQUEUE: "checkpointed for requeue", status.EXIT_REJECTED: "rejected by the gate"}.get(
+            code
+        )
     except ConfigError as e:
         code, reason = report(e), e.lines[0]
     except BaseException as e:  # the traceback follows; status and the batch script say it failed
@@ -166,8 +208,10 @@ def run_job(cfg: JobConfig) -> int:
             rundir.release(cfg.output_dir)  # the lock a training run took, if this process holds it
     requeue = code == status.EXIT_REQUEUE and env.slurm_restart_count() < getattr(cfg, "max_requeues", 0)
     if code == status.EXIT_REQUEUE and not requeue:
-        reason = (f"checkpointed, but {env.slurm_restart_count()} requeues reached max_requeues "
-                  f"({getattr(cfg, 'max_requeues', 0)}): resubmit (resume: auto) to continue")
+        reason = (
+            f"checkpointed, but {env.slurm_restart_count()} requeues reached max_requeues "
+            f"({getattr(cfg, 'max_requeues', 0)}): resubmit (resume: auto) to continue"
+        )
     status.update(path, state=status.STATES.get(code, "failed"), reason=reason, **({"log": log} if log else {}))
     if code != EXIT_CONFIG and path is not None:
         status.link_log(log, path.parent)

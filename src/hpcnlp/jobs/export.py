@@ -4,26 +4,27 @@ output_dir: model.onnx, model.int8.onnx (when quantized), config.json (id2label)
 metrics.json, report.md. Built under a temporary name and renamed into place at the end: a refused
 export leaves nothing behind. Shipping is `hpcnlp validate`'s call, not this job's.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from hpcnlp import checks
-from hpcnlp.config import dump_config, FinetuneDataConfig, JobConfig, Problem, Section
+from hpcnlp import checks, tasks
+from hpcnlp.config import FinetuneDataConfig, JobConfig, Problem, Section, dump_config
 from hpcnlp.models import load_tokenizer, resolve_model_path
-from hpcnlp.ship.quantize import Quantizer, Recipe, calibration_set
 from hpcnlp.report import markdown_table, mb, write_report
 from hpcnlp.runtime import status
 from hpcnlp.runtime.io import atomic_dir, atomic_write_text
+from hpcnlp.ship.quantize import Quantizer, Recipe, calibration_set
 from hpcnlp.spec import JobSpec, SlurmDefaults
-from hpcnlp import tasks
 from hpcnlp.tasks import load_data, model_task, task_of
 
 log = logging.getLogger(__name__)
@@ -54,20 +55,31 @@ class ExportConfig(JobConfig):
 
     def problems(self) -> list[Problem]:
         if self.quantize.mode == "static" and self.data is None:
-            return [Problem(key="data", message="static quantization needs calibration data",
-                            fix="add data.train_file (the training data), or use quantize.mode: dynamic")]
+            return [
+                Problem(
+                    key="data",
+                    message="static quantization needs calibration data",
+                    fix="add data.train_file (the training data), or use quantize.mode: dynamic",
+                )
+            ]
         return []
 
 
 def check(cfg: ExportConfig, pending: Iterable[str] = ()) -> list[Problem]:
     out = checks.output_dir(cfg) + checks.model("model_name_or_path", cfg.model_name_or_path, pending)
-    out += checks.overlaps(cfg.output_dir, {"model_name_or_path": cfg.model_name_or_path,
-                                            **(cfg.data.files() if cfg.data else {})})
+    out += checks.overlaps(
+        cfg.output_dir, {"model_name_or_path": cfg.model_name_or_path, **(cfg.data.files() if cfg.data else {})}
+    )
     if cfg.quantize.mode == "static" and cfg.data is not None:
         task = model_task(cfg.model_name_or_path)
         if task and not tasks.labelled(task):
-            out.append(Problem(key="quantize.mode", message="static quantization calibrates on labelled "
-                               f"data; a {task} model has none", fix="use quantize.mode: dynamic"))
+            out.append(
+                Problem(
+                    key="quantize.mode",
+                    message=f"static quantization calibrates on labelled data; a {task} model has none",
+                    fix="use quantize.mode: dynamic",
+                )
+            )
         out += tasks.data_problems(task, cfg.data, pending) if tasks.labelled(task) else []
     return out
 
@@ -93,8 +105,16 @@ def export_onnx(model_dir: str, out: Path, task: str, cfg: ExportConfig) -> list
     optimum_log = logging.getLogger("optimum.exporters.onnx.convert")
     optimum_log.addHandler(warnings)
     try:
-        main_export(model_dir, output=out, task=tasks.get(task).optimum_task, opset=cfg.opset, atol=cfg.atol,
-                    do_validation=True, trust_remote_code=cfg.trust_remote_code, library_name="transformers")
+        main_export(
+            model_dir,
+            output=out,
+            task=tasks.get(task).optimum_task,
+            opset=cfg.opset,
+            atol=cfg.atol,
+            do_validation=True,
+            trust_remote_code=cfg.trust_remote_code,
+            library_name="transformers",
+        )
     finally:
         optimum_log.removeHandler(warnings)
     return warnings.messages
@@ -117,13 +137,19 @@ def quantize(out: Path, cfg: ExportConfig, task: str, model_dir: str, tokenizer)
 
     def calibration():
         train = load_data(task, cfg.data, tokenizer, model_dir).splits["train"]
-        return calibration_set(train, q.calibration_samples, cfg.data.seed, tokenizer.pad_token_id,
-                               cfg.data.max_seq_length)
+        return calibration_set(
+            train, q.calibration_samples, cfg.data.seed, tokenizer.pad_token_id, cfg.data.max_seq_length
+        )
 
     quantizer = Quantizer(out / "model.onnx", q.preset, calibration if recipe.static else None)
     quantizer(recipe, out / "model.int8.onnx")
-    return {"mode": q.mode, "preset": q.preset, "per_channel": q.per_channel,
-            "calibration_samples": quantizer.calibration_rows, "recipe": recipe.name}
+    return {
+        "mode": q.mode,
+        "preset": q.preset,
+        "per_channel": q.per_channel,
+        "calibration_samples": quantizer.calibration_rows,
+        "recipe": recipe.name,
+    }
 
 
 class Refused(Exception):
@@ -149,25 +175,43 @@ def build(cfg: ExportConfig) -> int:
         if failures and not cfg.allow_tolerance_failure:
             for msg in failures:
                 log.error("%s", msg)
-            raise Refused("the ONNX outputs differ from PyTorch beyond Optimum's atol (above). Fix: look for "
-                          "ops that export badly, or set allow_tolerance_failure: true (validate still gates)")
+            raise Refused(
+                "the ONNX outputs differ from PyTorch beyond Optimum's atol (above). Fix: look for "
+                "ops that export badly, or set allow_tolerance_failure: true (validate still gates)"
+            )
         # int8 from the plain graph: ORT's quantizer cannot type the fused contrib ops of an O2/O3 graph,
         # and onnxruntime fuses the int8 graph itself when a session loads it.
         quant = quantize(out, cfg, task, model_dir, tokenizer) if cfg.quantize.mode != "none" else None
         if cfg.optimization_level:
             optimize(out, cfg.optimization_level)
         sizes = {f.name: f.stat().st_size for f in sorted(out.glob("*.onnx"))}
-        metrics = {"job": "export", "task": task, "source_model": model_dir, "opset": cfg.opset,
-                   "optimization_level": cfg.optimization_level, "optimum_tolerance_failures": failures,
-                   "quantization": quant, "sizes_bytes": sizes, "wall_seconds": round(time.perf_counter() - t0, 2)}
+        metrics = {
+            "job": "export",
+            "task": task,
+            "source_model": model_dir,
+            "opset": cfg.opset,
+            "optimization_level": cfg.optimization_level,
+            "optimum_tolerance_failures": failures,
+            "quantization": quant,
+            "sizes_bytes": sizes,
+            "wall_seconds": round(time.perf_counter() - t0, 2),
+        }
         atomic_write_text(out / "config.resolved.yaml", dump_config(cfg))
         rows = [{"file": k, "MB": round(v / 2**20, 2)} for k, v in sizes.items()]
-        write_report(out, f"ONNX export: {Path(model_dir).name}", metrics, [
-            ("Files", markdown_table(rows)),
-            ("Export", f"task {task}, opset {cfg.opset}, dynamic batch and sequence axes; Optimum's atol check: "
-                       f"{'passed' if not failures else 'FAILED (allowed by config)'}; ORT optimization "
-                       f"O{cfg.optimization_level}; quantization: {quant or 'none'}"),
-        ])
+        write_report(
+            out,
+            f"ONNX export: {Path(model_dir).name}",
+            metrics,
+            [
+                ("Files", markdown_table(rows)),
+                (
+                    "Export",
+                    f"task {task}, opset {cfg.opset}, dynamic batch and sequence axes; Optimum's atol check: "
+                    f"{'passed' if not failures else 'FAILED (allowed by config)'}; ORT optimization "
+                    f"O{cfg.optimization_level}; quantization: {quant or 'none'}",
+                ),
+            ],
+        )
     log.info("ONNX model(s) %s in %s; next: hpcnlp validate", list(sizes), cfg.output_dir)
     return 0
 
@@ -176,11 +220,21 @@ def summary_row(cfg: ExportConfig) -> dict:
     out = Path(cfg.output_dir)
     m = json.loads((out / "metrics.json").read_text())
     int8 = (out / "model.int8.onnx").is_file()
-    return {"metric": f"opset {m['opset']}, Optimum check "
-            + ("passed" if not m["optimum_tolerance_failures"] else "FAILED"),
-            "size": mb(out / "model.onnx", out / "model.int8.onnx") + (" (fp32 / int8)" if int8 else "")}
+    return {
+        "metric": f"opset {m['opset']}, Optimum check "
+        + ("passed" if not m["optimum_tolerance_failures"] else "FAILED"),
+        "size": mb(out / "model.onnx", out / "model.int8.onnx") + (" (fp32 / int8)" if int8 else ""),
+    }
 
 
-SPEC = JobSpec(name="export", order=60, help="export a model to ONNX with Optimum; optional ORT optimization, int8",
-               config=ExportConfig, check=check, run=run, single_process=True, summary_row=summary_row,
-               slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4))
+SPEC = JobSpec(
+    name="export",
+    order=60,
+    help="export a model to ONNX with Optimum; optional ORT optimization, int8",
+    config=ExportConfig,
+    check=check,
+    run=run,
+    single_process=True,
+    summary_row=summary_row,
+    slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4),
+)

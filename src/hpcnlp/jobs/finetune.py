@@ -5,21 +5,28 @@ the label set in its config.json -> freeze -> Trainer (dynamic padding, length-g
 early stopping, best checkpoint) -> every eval set scored apart -> predictions.jsonl on the test set
 -> model, metrics.json, report.md, loss.png, confusion matrices in output_dir.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
-
 from pydantic import Field
 
-from hpcnlp import checks
-from hpcnlp.train import adapters
-from hpcnlp.config import AdapterConfig, ConfigError, FinetuneDataConfig, Problem, Section, TrainingConfig, TrainingJobConfig
-from hpcnlp import tasks
+from hpcnlp import checks, tasks
+from hpcnlp.config import (
+    AdapterConfig,
+    ConfigError,
+    FinetuneDataConfig,
+    Problem,
+    Section,
+    TrainingConfig,
+    TrainingJobConfig,
+)
 from hpcnlp.data.labels import IGNORE, label_maps
 from hpcnlp.metrics import headline, plot_confusion_matrix
 from hpcnlp.models import encoder_layers, load_tokenizer, resolve_model_path
@@ -27,6 +34,7 @@ from hpcnlp.report import markdown_table, mb
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text, is_inside
 from hpcnlp.spec import JobSpec
 from hpcnlp.tasks import auto_model_class
+from hpcnlp.train import adapters
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +62,23 @@ class FinetuneTrainingConfig(TrainingConfig):
         out = super().problems()
         if self.load_best_model_at_end:
             if self.eval_strategy != self.save_strategy:
-                out.append(Problem(key="training.save_strategy", message=f"load_best_model_at_end needs "
-                                   f"save_strategy == eval_strategy (got {self.save_strategy} and "
-                                   f"{self.eval_strategy})",
-                                   fix="make them equal, or set training.load_best_model_at_end: false"))
+                out.append(
+                    Problem(
+                        key="training.save_strategy",
+                        message=f"load_best_model_at_end needs "
+                        f"save_strategy == eval_strategy (got {self.save_strategy} and "
+                        f"{self.eval_strategy})",
+                        fix="make them equal, or set training.load_best_model_at_end: false",
+                    )
+                )
             elif self.eval_strategy == "steps" and self.eval_steps and self.save_steps % self.eval_steps:
-                out.append(Problem(key="training.save_steps", message=f"save_steps {self.save_steps} is not a "
-                                   f"multiple of eval_steps {self.eval_steps}", fix="make it a multiple"))
+                out.append(
+                    Problem(
+                        key="training.save_steps",
+                        message=f"save_steps {self.save_steps} is not a multiple of eval_steps {self.eval_steps}",
+                        fix="make it a multiple",
+                    )
+                )
         return out
 
 
@@ -80,23 +98,37 @@ class FinetuneConfig(TrainingJobConfig):
     def problems(self) -> list[Problem]:
         out = self.training.problems()
         if self.task not in tasks.names(labelled=True):
-            out.append(Problem(key="task", message=f"unknown task {self.task!r}",
-                               fix=f"use one of {tasks.names(labelled=True)}"))
+            out.append(
+                Problem(
+                    key="task", message=f"unknown task {self.task!r}", fix=f"use one of {tasks.names(labelled=True)}"
+                )
+            )
         t = self.training
         if self.early_stopping_patience and (t.eval_strategy == "no" or not t.load_best_model_at_end):
-            out.append(Problem(key="early_stopping_patience", message="early stopping needs evaluations and "
-                               "training.load_best_model_at_end", fix="set training.eval_strategy to steps or "
-                               "epoch and training.load_best_model_at_end: true, or drop early_stopping_patience"))
+            out.append(
+                Problem(
+                    key="early_stopping_patience",
+                    message="early stopping needs evaluations and training.load_best_model_at_end",
+                    fix="set training.eval_strategy to steps or "
+                    "epoch and training.load_best_model_at_end: true, or drop early_stopping_patience",
+                )
+            )
         if self.adapter and self.freeze != FreezeConfig():
-            out.append(Problem(key="freeze", message="adapter already freezes the encoder (only LoRA weights "
-                               "and the head train)", fix="remove freeze:, or remove adapter:"))
+            out.append(
+                Problem(
+                    key="freeze",
+                    message="adapter already freezes the encoder (only LoRA weights and the head train)",
+                    fix="remove freeze:, or remove adapter:",
+                )
+            )
         names = self.data.label_names
         if names is not None and len(set(names)) != len(names):
             out.append(Problem(key="data.label_names", message="a label is listed twice", fix="list each once"))
         if isinstance(self.class_weights, dict) and names is not None:
             for label in sorted(set(self.class_weights) - set(names)):
-                out.append(Problem(key=f"class_weights.{label}", message="not in data.label_names",
-                                   fix=f"use one of {names}"))
+                out.append(
+                    Problem(key=f"class_weights.{label}", message="not in data.label_names", fix=f"use one of {names}")
+                )
         return out
 
 
@@ -110,11 +142,22 @@ def check(cfg: FinetuneConfig, pending: Iterable[str] = ()) -> list[Problem]:
         config = checks.model_config(cfg.model_name_or_path) or {}
         n = config.get("num_hidden_layers", config.get("n_layers"))
         if n is not None and cfg.freeze.layers > n:
-            out.append(Problem(key="freeze.layers", message=f"the model has {n} layers, cannot freeze "
-                               f"{cfg.freeze.layers}", fix=f"use 0..{n} (or freeze.all_but_head: true)"))
+            out.append(
+                Problem(
+                    key="freeze.layers",
+                    message=f"the model has {n} layers, cannot freeze {cfg.freeze.layers}",
+                    fix=f"use 0..{n} (or freeze.all_but_head: true)",
+                )
+            )
     out += adapters.check(cfg.adapter, cfg.model_name_or_path, pending, cfg.trust_remote_code)
-    out += checks.overlaps(cfg.output_dir, {"model_name_or_path": cfg.model_name_or_path,
-                                            "tokenizer_name_or_path": cfg.tokenizer_name_or_path, **cfg.data.files()})
+    out += checks.overlaps(
+        cfg.output_dir,
+        {
+            "model_name_or_path": cfg.model_name_or_path,
+            "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
+            **cfg.data.files(),
+        },
+    )
     return out + checks.output_dir(cfg, cfg.resume)
 
 
@@ -123,8 +166,13 @@ def build_model(cfg: FinetuneConfig, label_names: list[str]):
     id2label, label2id = label_maps(label_names)
     # ignore_mismatched_sizes: a model fine-tuned before on another label set gets a fresh head.
     return auto_model_class(cfg.task).from_pretrained(
-        resolve_model_path(cfg.model_name_or_path), num_labels=len(label_names), id2label=id2label,
-        label2id=label2id, ignore_mismatched_sizes=True, trust_remote_code=cfg.trust_remote_code)
+        resolve_model_path(cfg.model_name_or_path),
+        num_labels=len(label_names),
+        id2label=id2label,
+        label2id=label2id,
+        ignore_mismatched_sizes=True,
+        trust_remote_code=cfg.trust_remote_code,
+    )
 
 
 def freeze(model, f: FreezeConfig) -> dict:
@@ -137,12 +185,15 @@ def freeze(model, f: FreezeConfig) -> dict:
         if f.embeddings:
             frozen.append(base.embeddings)
         parent, name = encoder_layers(model)
-        frozen += list(getattr(parent, name))[:f.layers]
+        frozen += list(getattr(parent, name))[: f.layers]
     for module in frozen:
         module.requires_grad_(False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {**f.model_dump(), "trainable_parameters": trainable,
-            "total_parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        **f.model_dump(),
+        "trainable_parameters": trainable,
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 # --- loss with class weights ------------------------------------------------------------------
@@ -158,8 +209,17 @@ def class_weight_vector(spec, label_names: list[str], train_labels: list[int]):
     else:
         unknown = sorted(set(spec) - set(label_names))
         if unknown:
-            raise ConfigError("class_weights", [Problem(key=f"class_weights.{u}", message="not a label of this data",
-                                                        fix=f"use labels from {label_names}") for u in unknown])
+            raise ConfigError(
+                "class_weights",
+                [
+                    Problem(
+                        key=f"class_weights.{u}",
+                        message="not a label of this data",
+                        fix=f"use labels from {label_names}",
+                    )
+                    for u in unknown
+                ],
+            )
         weights = [float(spec.get(n, 1.0)) for n in label_names]
     return torch.tensor(weights, dtype=torch.float32)
 
@@ -169,8 +229,12 @@ def weighted_cross_entropy(weights):
 
     def loss(outputs, labels, num_items_in_batch=None):
         logits = outputs.logits
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
-                               weight=weights.to(logits.device), ignore_index=IGNORE)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(),
+            labels.reshape(-1),
+            weight=weights.to(logits.device),
+            ignore_index=IGNORE,
+        )
 
     return loss
 
@@ -206,8 +270,11 @@ def evaluate_all(trainer, cfg: FinetuneConfig, data, out: Path) -> tuple[dict, l
             continue
         if "confusion_matrix" in metrics:
             atomic_write_json(out / f"confusion_matrix.{name}.json", metrics["confusion_matrix"])
-            images.append(plot_confusion_matrix(metrics["confusion_matrix"], out / f"confusion_matrix.{name}.png",
-                                                f"{name}: gold vs predicted").name)
+            images.append(
+                plot_confusion_matrix(
+                    metrics["confusion_matrix"], out / f"confusion_matrix.{name}.png", f"{name}: gold vs predicted"
+                ).name
+            )
         if name == "test":
             rows.sort(key=lambda r: int(r["where"].split()[1]))  # back to file order
             atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -220,8 +287,12 @@ def _tables(results: dict, task: tasks.Task) -> list[tuple[str, str]]:
     sections = [("Scores per evaluation set", markdown_table(overall, columns))]
     for name, m in results.items():
         rows = [{"label": label, **v} for label, v in m[task.per_label_key].items()]
-        sections.append((f"{name}: per {task.per_label_title}",
-                         markdown_table(rows, ["label", "precision", "recall", "f1", "support"])))
+        sections.append(
+            (
+                f"{name}: per {task.per_label_title}",
+                markdown_table(rows, ["label", "precision", "recall", "f1", "support"]),
+            )
+        )
     return sections
 
 
@@ -240,8 +311,12 @@ def run(cfg: FinetuneConfig) -> int:
     if cfg.class_weights:
         train_labels = [x for row in data.splits["train"]["labels"] for x in np.atleast_1d(row) if x != IGNORE]
         weights = class_weight_vector(cfg.class_weights, data.label_names, train_labels)
-    log.info("labels (%d): %s; %s", len(data.label_names), data.label_names,
-             {k: v.get("examples", v.get("sentences")) for k, v in data.stats.items()})
+    log.info(
+        "labels (%d): %s; %s",
+        len(data.label_names),
+        data.label_names,
+        {k: v.get("examples", v.get("sentences")) for k, v in data.stats.items()},
+    )
 
     t = cfg.training
     run = TrainingRun(cfg, load_best_model_at_end=t.load_best_model_at_end and t.eval_strategy != "no")
@@ -251,16 +326,21 @@ def run(cfg: FinetuneConfig) -> int:
         frozen = {"adapter": cfg.adapter.model_dump(), **adapters.parameter_counts(model)}
     else:
         frozen = freeze(model, cfg.freeze)
-    log.info("trainable parameters: %s of %s", f"{frozen['trainable_parameters']:,}",
-             f"{frozen['total_parameters']:,}")
+    log.info("trainable parameters: %s of %s", f"{frozen['trainable_parameters']:,}", f"{frozen['total_parameters']:,}")
     collator = task.collator(tokenizer)
     compute_metrics = task.compute_metrics(data.label_names, cfg.data)
     callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
     trainer = run.trainer(
-        trainer_class(), callbacks, model=model, train_dataset=data.splits["train"],
-        eval_dataset=data.splits["validation"], data_collator=collator, processing_class=tokenizer,
+        trainer_class(),
+        callbacks,
+        model=model,
+        train_dataset=data.splits["train"],
+        eval_dataset=data.splits["validation"],
+        data_collator=collator,
+        processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        compute_loss_func=weighted_cross_entropy(weights) if weights is not None else None)
+        compute_loss_func=weighted_cross_entropy(weights) if weights is not None else None,
+    )
 
     code = run.train()
     if code is not None:
@@ -270,20 +350,34 @@ def run(cfg: FinetuneConfig) -> int:
     if not run.is_main:
         return 0
     metrics = {
-        "job": "finetune", "task": cfg.task, "model_name_or_path": cfg.model_name_or_path,
-        "labels": data.label_names, "eval": results, "data": data.stats, "freeze": frozen,
+        "job": "finetune",
+        "task": cfg.task,
+        "model_name_or_path": cfg.model_name_or_path,
+        "labels": data.label_names,
+        "eval": results,
+        "data": data.stats,
+        "freeze": frozen,
         "class_weights": weights.tolist() if weights is not None else None,
         **run.metrics(),
-        "best_checkpoint": trainer.state.best_model_checkpoint, "best_metric": trainer.state.best_metric,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_metric": trainer.state.best_metric,
     }
     sections = _tables(results, task) + [
-        ("Training", f"{metrics['global_step']} steps, train loss {metrics['train_loss']:.4f}, "
-                     f"{metrics['samples_per_second']} samples/s, {metrics['tokens_per_second']} tokens/s; "
-                     f"trainable parameters {frozen['trainable_parameters']:,} of {frozen['total_parameters']:,}; "
-                     f"best checkpoint {metrics['best_checkpoint']}"),
+        (
+            "Training",
+            f"{metrics['global_step']} steps, train loss {metrics['train_loss']:.4f}, "
+            f"{metrics['samples_per_second']} samples/s, {metrics['tokens_per_second']} tokens/s; "
+            f"trainable parameters {frozen['trainable_parameters']:,} of {frozen['total_parameters']:,}; "
+            f"best checkpoint {metrics['best_checkpoint']}",
+        ),
     ]
-    run.write_report(f"Fine-tuning: {cfg.task}", metrics, sections, images,
-                     plot_title=f"fine-tuning ({cfg.task}): {cfg.model_name_or_path}")
+    run.write_report(
+        f"Fine-tuning: {cfg.task}",
+        metrics,
+        sections,
+        images,
+        plot_title=f"fine-tuning ({cfg.task}): {cfg.model_name_or_path}",
+    )
     summary = ", ".join(f"{k} f1 {v['f1']:.3f}" for k, v in results.items())
     log.info("%s; model, metrics.json and report.md in %s", summary, out)
     return 0
@@ -292,10 +386,20 @@ def run(cfg: FinetuneConfig) -> int:
 def summary_row(cfg: FinetuneConfig) -> dict:
     out = Path(cfg.output_dir)
     ev = json.loads((out / "metrics.json").read_text())["eval"]["validation"]
-    return {"metric": "validation " + ", ".join(f"{k} {ev[k]:.3f}" for k in ("accuracy", "f1") if k in ev),
-            "size": mb(out / "model.safetensors")}
+    return {
+        "metric": "validation " + ", ".join(f"{k} {ev[k]:.3f}" for k in ("accuracy", "f1") if k in ev),
+        "size": mb(out / "model.safetensors"),
+    }
 
 
-SPEC = JobSpec(name="finetune", order=30, resumable=True, help="fine-tune for sequence classification or NER; scores, predictions",
-               config=FinetuneConfig, check=check, run=run, summary_row=summary_row,
-               example_config="jobs/finetune-sentiment.yaml")
+SPEC = JobSpec(
+    name="finetune",
+    order=30,
+    resumable=True,
+    help="fine-tune for sequence classification or NER; scores, predictions",
+    config=FinetuneConfig,
+    check=check,
+    run=run,
+    summary_row=summary_row,
+    example_config="jobs/finetune-sentiment.yaml",
+)

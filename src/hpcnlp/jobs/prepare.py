@@ -4,12 +4,14 @@ Scale-out: run as a Slurm array (`sbatch --array=0-3 slurm/prepare.sbatch jobs/p
 builds its share of the shards with data.num_proc processes; the last to finish writes the index.
 `data_from: jobs/pretrain.yaml` prepares exactly what that pretrain config will read.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 from hpcnlp import checks
 from hpcnlp.config import ConfigError, CorpusConfig, JobConfig, Problem, read_yaml
@@ -48,16 +50,27 @@ def with_data_from(raw: dict, source: str) -> dict:
     data.max_seq_length) would make a result that pretrain config does not read."""
     other = read_yaml(raw["data_from"])
     if other.get("job") != "pretrain":
-        raise ConfigError(source, [Problem(key="data_from", message=f"{raw['data_from']} is not a pretrain config",
-                                           fix="name the pretrain config whose data this prepares")])
+        raise ConfigError(
+            source,
+            [
+                Problem(
+                    key="data_from",
+                    message=f"{raw['data_from']} is not a pretrain config",
+                    fix="name the pretrain config whose data this prepares",
+                )
+            ],
+        )
     base = {k: other[k] for k in FROM_PRETRAIN if k in other}
     data = {**(base.get("data") or {}), **(raw.get("data") or {})}
     return {**base, **raw, "data": data}
 
 
 def check(cfg: PrepareConfig, pending: Iterable[str] = ()) -> list[Problem]:
-    return (corpus_problems(cfg.data) + checks.model("model_name_or_path", cfg.model_name_or_path, pending)
-            + checks.model("tokenizer_name_or_path", cfg.tokenizer_name_or_path, pending))
+    return (
+        corpus_problems(cfg.data)
+        + checks.model("model_name_or_path", cfg.model_name_or_path, pending)
+        + checks.model("tokenizer_name_or_path", cfg.tokenizer_name_or_path, pending)
+    )
 
 
 def _tokenizer(cfg: PrepareConfig):
@@ -74,7 +87,7 @@ def array_task() -> tuple[int, int]:
     """(index, count) of this Slurm array task; (0, 1) outside an array."""
     if "SLURM_ARRAY_TASK_ID" not in os.environ:
         return 0, 1
-    low = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    low = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
     count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT") or int(os.environ["SLURM_ARRAY_TASK_MAX"]) - low + 1)
     return int(os.environ["SLURM_ARRAY_TASK_ID"]) - low, count
 
@@ -98,13 +111,24 @@ def is_complete(cfg: PrepareConfig) -> bool:
 def summary_row(cfg: PrepareConfig) -> dict:
     path = prepared_dir(cfg)
     s = json.loads((path / "stats.json").read_text())
-    return {"metric": f"{s['tokens']:,} tokens in {s['blocks']:,} blocks of {s['max_seq_length']}",
-            "output": str(path)}
+    return {"metric": f"{s['tokens']:,} tokens in {s['blocks']:,} blocks of {s['max_seq_length']}", "output": str(path)}
 
 
-SPEC = JobSpec(name="prepare", order=10, help="tokenize and pack a corpus once (reused by later pretrain runs)",
-               config=PrepareConfig, check=check, run=run, single_process=True, is_complete=is_complete,
-               expand=lambda raw, source: with_data_from(raw, source) if raw.get("data_from") else raw,
-               summary_row=summary_row, status_file=lambda cfg: None,  # no output_dir: prepared data is shared
-               slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4,
-                                   note="per task; N tasks: sbatch --array=0-<N-1> (a rerun redoes only unfinished shards)"))
+SPEC = JobSpec(
+    name="prepare",
+    order=10,
+    help="tokenize and pack a corpus once (reused by later pretrain runs)",
+    config=PrepareConfig,
+    check=check,
+    run=run,
+    single_process=True,
+    is_complete=is_complete,
+    expand=lambda raw, source: with_data_from(raw, source) if raw.get("data_from") else raw,
+    summary_row=summary_row,
+    status_file=lambda cfg: None,  # no output_dir: prepared data is shared
+    slurm=SlurmDefaults(
+        time="00:30:00",
+        cpus_per_task=4,
+        note="per task; N tasks: sbatch --array=0-<N-1> (a rerun redoes only unfinished shards)",
+    ),
+)

@@ -3,25 +3,38 @@
 config -> prepared (packed) corpus -> model (+ sparse MLM head) -> Trainer -> eval before/after
 -> model, tokenizer, metrics.json, report.md, loss.png in output_dir.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from hpcnlp import checks
-from hpcnlp.train import adapters
-from hpcnlp.config import AdapterConfig, ConfigError, CorpusConfig, Problem, read_yaml, Section, TrainingConfig, TrainingJobConfig, validate, with_overrides
+from hpcnlp.config import (
+    AdapterConfig,
+    ConfigError,
+    CorpusConfig,
+    Problem,
+    Section,
+    TrainingConfig,
+    TrainingJobConfig,
+    read_yaml,
+    validate,
+    with_overrides,
+)
 from hpcnlp.data.corpus import corpus_problems, expand_files, read_documents
 from hpcnlp.jobs import finetune
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb
 from hpcnlp.runtime.io import atomic_write_json
 from hpcnlp.spec import JobSpec, SlurmDefaults
+from hpcnlp.train import adapters
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +82,38 @@ class PretrainConfig(TrainingJobConfig):
     def problems(self) -> list[Problem]:
         out = self.data.problems() + self.training.problems()
         if self.head_warmup_steps and 0 < self.training.max_steps <= self.head_warmup_steps:
-            out.append(Problem(key="head_warmup_steps",
-                               message=f"{self.head_warmup_steps} head warm-up steps leave none of training.max_steps "
-                                       f"({self.training.max_steps}) for the encoder",
-                               fix="set head_warmup_steps below training.max_steps (e.g. a tenth to a third of it)"))
+            out.append(
+                Problem(
+                    key="head_warmup_steps",
+                    message=f"{self.head_warmup_steps} head warm-up steps leave none of training.max_steps "
+                    f"({self.training.max_steps}) for the encoder",
+                    fix="set head_warmup_steps below training.max_steps (e.g. a tenth to a third of it)",
+                )
+            )
         if self.head_warmup_steps and self.adapter:
-            out.append(Problem(key="head_warmup_steps", message="a LoRA adapter trains no MLM head to warm up",
-                               fix="remove head_warmup_steps, or remove adapter:"))
+            out.append(
+                Problem(
+                    key="head_warmup_steps",
+                    message="a LoRA adapter trains no MLM head to warm up",
+                    fix="remove head_warmup_steps, or remove adapter:",
+                )
+            )
         if self.adapter and self.init == "scratch":
-            out.append(Problem(key="adapter", message="LoRA adapts pretrained weights; init: scratch has none",
-                               fix="remove adapter:, or use init: pretrained"))
+            out.append(
+                Problem(
+                    key="adapter",
+                    message="LoRA adapts pretrained weights; init: scratch has none",
+                    fix="remove adapter:, or use init: pretrained",
+                )
+            )
         if self.training.max_steps <= 0 and self.training.num_train_epochs <= 0:
-            out.append(Problem(key="training.max_steps", message="nothing to train",
-                               fix="set max_steps > 0 or num_train_epochs > 0"))
+            out.append(
+                Problem(
+                    key="training.max_steps",
+                    message="nothing to train",
+                    fix="set max_steps > 0 or num_train_epochs > 0",
+                )
+            )
         return out
 
 
@@ -93,9 +125,14 @@ def check(cfg: PretrainConfig, pending: Iterable[str] = ()) -> list[Problem]:
     out += checks.model("tokenizer_name_or_path", cfg.tokenizer_name_or_path, pending)
     if cfg.init == "pretrained":
         out += adapters.check(cfg.adapter, cfg.model_name_or_path, pending, cfg.trust_remote_code)
-    out += checks.overlaps(cfg.output_dir, {"model_name_or_path": cfg.model_name_or_path if cfg.init == "pretrained"
-                                            else None, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
-                                            "data.prepared_root": cfg.data.prepared_root})
+    out += checks.overlaps(
+        cfg.output_dir,
+        {
+            "model_name_or_path": cfg.model_name_or_path if cfg.init == "pretrained" else None,
+            "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
+            "data.prepared_root": cfg.data.prepared_root,
+        },
+    )
     return out + checks.output_dir(cfg, cfg.resume) + _downstream_problems(cfg, pending)
 
 
@@ -114,15 +151,29 @@ def _downstream_problems(cfg: PretrainConfig, pending: Iterable[str]) -> list[Pr
         problems = ft.problems() + finetune.check(ft, [*pending, cfg.output_dir])
     except ConfigError as e:
         problems = e.problems
-    return [Problem(key="downstream", message=f"{cfg.downstream}: {p.key}: {p.message}",
-                    fix=p.fix or "fix the downstream finetune config") for p in problems]
+    return [
+        Problem(
+            key="downstream",
+            message=f"{cfg.downstream}: {p.key}: {p.message}",
+            fix=p.fix or "fix the downstream finetune config",
+        )
+        for p in problems
+    ]
 
 
 def _downstream_config(cfg: PretrainConfig, overrides: list[str] = ()) -> finetune.FinetuneConfig:
     raw = with_overrides(read_yaml(cfg.downstream), overrides)
     if raw.get("job", "finetune") != "finetune":
-        raise ConfigError(cfg.downstream, [Problem(key="job", message=f"a '{raw.get('job')}' config, not finetune",
-                                                   fix="give a finetune config (e.g. jobs/finetune-sentiment.yaml)")])
+        raise ConfigError(
+            cfg.downstream,
+            [
+                Problem(
+                    key="job",
+                    message=f"a '{raw.get('job')}' config, not finetune",
+                    fix="give a finetune config (e.g. jobs/finetune-sentiment.yaml)",
+                )
+            ],
+        )
     return validate(finetune.FinetuneConfig, {**raw, "job": "finetune"}, cfg.downstream)
 
 
@@ -140,8 +191,17 @@ def _downstream_env() -> dict:
     """This process's environment less the process-group variables: the child is one process of its own."""
     import os
 
-    drop = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-            "MASTER_PORT", "SLURM_RESTART_COUNT"}
+    drop = {
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "ROLE_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_RESTART_COUNT",
+    }
     return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("TORCHELASTIC_")}
 
 
@@ -158,14 +218,26 @@ def downstream(cfg: PretrainConfig) -> dict:
         out = _downstream_dir(cfg, name)
         if not (out / "metrics.json").is_file():
             log.info("downstream: fine-tuning %s from %s", cfg.downstream, _downstream_runs(cfg)[name])
-            code = subprocess.call([sys.executable, "-m", "hpcnlp", "finetune", "--config", cfg.downstream,
-                                    *_downstream_overrides(cfg, name)], env=_downstream_env())
+            code = subprocess.call(
+                [
+                    sys.executable,
+                    "-m",
+                    "hpcnlp",
+                    "finetune",
+                    "--config",
+                    cfg.downstream,
+                    *_downstream_overrides(cfg, name),
+                ],
+                env=_downstream_env(),
+            )
             if code != 0:
                 result[name] = {"error": f"hpcnlp finetune exited {code}", "output_dir": str(out)}
                 continue
         evals = json.loads((out / "metrics.json").read_text())["eval"]
-        result[name] = {"output_dir": str(out), **{split: evals[split].get(metric) for split in ("validation", "test")
-                                                   if split in evals}}
+        result[name] = {
+            "output_dir": str(out),
+            **{split: evals[split].get(metric) for split in ("validation", "test") if split in evals},
+        }
     for split in ("validation", "test"):
         if all(isinstance(result.get(n, {}).get(split), (int, float)) for n in ("base", "adapted")):
             result[f"{split}_difference"] = result["adapted"][split] - result["base"][split]
@@ -177,16 +249,18 @@ def _scratch_tokenizer(cfg: PretrainConfig, args):
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertTokenizerFast
 
-
-
     path = Path(cfg.output_dir) / "scratch-tokenizer"
     with args.main_process_first(local=False, desc="scratch tokenizer"):  # shared FS: one writer
         if not (path / "tokenizer.json").is_file():
             wp = BertWordPieceTokenizer(lowercase=True)
             files = [f for s in cfg.data.source_list() for f in expand_files(s.files, s.exclude)]
-            docs = (d["text"] for d in read_documents(files, cfg.data.format,
-                                                      cfg.data.text_field, cfg.data.sample_by, cfg.data.encoding)
-                    if d["text"])
+            docs = (
+                d["text"]
+                for d in read_documents(
+                    files, cfg.data.format, cfg.data.text_field, cfg.data.sample_by, cfg.data.encoding
+                )
+                if d["text"]
+            )
             wp.train_from_iterator(docs, vocab_size=cfg.scratch.vocab_size, min_frequency=2)
             tok = BertTokenizerFast(tokenizer_object=wp._tokenizer, model_max_length=cfg.data.max_seq_length)
             tok.save_pretrained(str(path))
@@ -204,7 +278,9 @@ def keep_pooler(source_dir: str, out: Path, prefix: str) -> None:
     if not (src.is_file() and dst.is_file()):
         return  # sharded or non-safetensors source: nothing to carry
     with safe_open(str(src), "pt") as f:
-        pooler = {f"{prefix}.{k.removeprefix(prefix + '.')}": f.get_tensor(k) for k in f.keys() if ".pooler." in f".{k}"}
+        pooler = {
+            f"{prefix}.{k.removeprefix(prefix + '.')}": f.get_tensor(k) for k in f.keys() if ".pooler." in f".{k}"
+        }
     tensors = load_file(str(dst))
     if not pooler or any(k in tensors for k in pooler):
         return
@@ -215,8 +291,11 @@ def keep_pooler(source_dir: str, out: Path, prefix: str) -> None:
 
 def _eval(trainer, eval_ds) -> dict:
     m = trainer.evaluate(eval_ds)
-    return {"loss": m["eval_loss"], "perplexity": math.exp(min(m["eval_loss"], 50)),
-            "masked_accuracy": m.get("eval_masked_accuracy")}
+    return {
+        "loss": m["eval_loss"],
+        "perplexity": math.exp(min(m["eval_loss"], 50)),
+        "masked_accuracy": m.get("eval_masked_accuracy"),
+    }
 
 
 def prepared_data(cfg: PretrainConfig, tokenizer, world_size: int):
@@ -236,10 +315,12 @@ def prepared_data(cfg: PretrainConfig, tokenizer, world_size: int):
 def _not_prepared(cfg: PretrainConfig, fp: str, processes: int) -> Problem:
     where = Path(cfg.data.prepared_root) / fp
     return Problem(
-        key="data", message=f"no prepared data at {where}, and a {processes}-process run does not tokenize",
+        key="data",
+        message=f"no prepared data at {where}, and a {processes}-process run does not tokenize",
         fix=f"run the prepare stage first: `hpcnlp prepare --config <a prepare config with data_from: "
-            f"{cfg._source}>` (jobs/prepare.yaml; a Slurm array: sbatch --array=0-3 slurm/prepare.sbatch ...), "
-            "as jobs/pipeline.yaml does")
+        f"{cfg._source}>` (jobs/prepare.yaml; a Slurm array: sbatch --array=0-3 slurm/prepare.sbatch ...), "
+        "as jobs/pipeline.yaml does",
+    )
 
 
 def group_check(cfg: PretrainConfig, processes: int) -> list[Problem]:
@@ -260,8 +341,15 @@ def group_check(cfg: PretrainConfig, processes: int) -> list[Problem]:
 
 def run(cfg: PretrainConfig) -> int:
     from hpcnlp.train.harness import TrainingRun
-    from hpcnlp.train.mlm import (HeadWarmupTrainer, MLMCollator, enable_sparse_mlm_head, fixed_eval_masks,
-                                  load_masked_lm, masked_accuracy, masked_predictions)
+    from hpcnlp.train.mlm import (
+        HeadWarmupTrainer,
+        MLMCollator,
+        enable_sparse_mlm_head,
+        fixed_eval_masks,
+        load_masked_lm,
+        masked_accuracy,
+        masked_predictions,
+    )
 
     out = Path(cfg.output_dir)
     run = TrainingRun(cfg, remove_unused_columns=False)
@@ -279,17 +367,26 @@ def run(cfg: PretrainConfig) -> int:
 
     model, head_new = load_masked_lm(cfg, tokenizer)
     if head_new and cfg.init == "pretrained" and not cfg.head_warmup_steps and not cfg.adapter:
-        log.warning("%s has no trained MLM head (a new one is initialised): its random gradients shake the encoder "
-                    "early on. Set head_warmup_steps (e.g. a fifth of training.max_steps) to train the head alone "
-                    "first", cfg.model_name_or_path)
+        log.warning(
+            "%s has no trained MLM head (a new one is initialised): its random gradients shake the encoder "
+            "early on. Set head_warmup_steps (e.g. a fifth of training.max_steps) to train the head alone "
+            "first",
+            cfg.model_name_or_path,
+        )
     sparse = cfg.sparse_mlm_head and enable_sparse_mlm_head(model)
     if cfg.adapter:  # after the sparse forward: peft calls the model's own forward
         model = adapters.wrap(model, cfg.adapter, None)
         log.info("adapter: %s", adapters.parameter_counts(model))
-    trainer = run.trainer(trainer_class=HeadWarmupTrainer, model=model, train_dataset=data["train"], eval_dataset=eval_ds,
-                          data_collator=MLMCollator(tokenizer, cfg.mlm_probability, cfg.whole_word_masking, args.seed),
-                          processing_class=tokenizer, compute_metrics=masked_accuracy,
-                          preprocess_logits_for_metrics=masked_predictions)
+    trainer = run.trainer(
+        trainer_class=HeadWarmupTrainer,
+        model=model,
+        train_dataset=data["train"],
+        eval_dataset=eval_ds,
+        data_collator=MLMCollator(tokenizer, cfg.mlm_probability, cfg.whole_word_masking, args.seed),
+        processing_class=tokenizer,
+        compute_metrics=masked_accuracy,
+        preprocess_logits_for_metrics=masked_predictions,
+    )
     trainer.head_warmup_steps, trainer.head_learning_rate = cfg.head_warmup_steps, cfg.head_learning_rate
 
     before_file = out / "eval_before.json"
@@ -316,30 +413,59 @@ def run(cfg: PretrainConfig) -> int:
         return 0
     if cfg.init == "pretrained":
         keep_pooler(resolve_model_path(cfg.model_name_or_path), out, model.base_model_prefix)
-    metrics = {"job": "pretrain", "eval_before": before, "eval_after": after, **run.metrics(),
-               "adapter": cfg.adapter.model_dump() if cfg.adapter else None, **counts,
-               "sparse_mlm_head": sparse, "mlm_head_new": head_new, "head_warmup_steps": cfg.head_warmup_steps,
-               "head_learning_rate": cfg.head_learning_rate if cfg.head_warmup_steps else None,
-               "prepared": {"path": str(prepared.path), "reused": prepared.reused, **prepared.stats}}
+    metrics = {
+        "job": "pretrain",
+        "eval_before": before,
+        "eval_after": after,
+        **run.metrics(),
+        "adapter": cfg.adapter.model_dump() if cfg.adapter else None,
+        **counts,
+        "sparse_mlm_head": sparse,
+        "mlm_head_new": head_new,
+        "head_warmup_steps": cfg.head_warmup_steps,
+        "head_learning_rate": cfg.head_learning_rate if cfg.head_warmup_steps else None,
+        "prepared": {"path": str(prepared.path), "reused": prepared.reused, **prepared.stats},
+    }
     rows = [{"": "before", **(before or {})}, {"": "after", **after}]
     sections = []
     if cfg.downstream:  # the model is saved: fine-tune from it (and from the start) before metrics.json marks it done
         metrics["downstream"] = d = downstream(cfg)
         table = [{"model": n, **{k: v for k, v in d[n].items() if k != "output_dir"}} for n in _downstream_runs(cfg)]
-        sections.append((f"Downstream: {cfg.downstream} ({d['metric']})",
-                         markdown_table(table, ["model", "validation", "test", "error"])
-                         + "".join(f"\n\nadapted - base, {s}: {d[f'{s}_difference']:+.4f}"
-                                   for s in ("validation", "test") if f"{s}_difference" in d)))
-    run.write_report("Continued pretraining (masked LM)", metrics, [
-        ("Held-out evaluation (same masked tokens before and after)",
-         markdown_table(rows, ["", "loss", "perplexity", "masked_accuracy"])),
-        ("Throughput", f"{metrics['tokens_per_second']} non-padding tokens/s, "
-                       f"{metrics['samples_per_second']} samples/s over {metrics['global_step']} steps, "
-                       f"world size {args.world_size}, peak RSS {metrics['peak_rss_mb']} MB"),
-        *sections,
-    ], plot_title=f"MLM pretraining: {cfg.model_name_or_path}")
-    log.info("perplexity %.2f -> %.2f; model, metrics.json and report.md in %s",
-             (before or {}).get("perplexity", float("nan")), after["perplexity"], out)
+        sections.append(
+            (
+                f"Downstream: {cfg.downstream} ({d['metric']})",
+                markdown_table(table, ["model", "validation", "test", "error"])
+                + "".join(
+                    f"\n\nadapted - base, {s}: {d[f'{s}_difference']:+.4f}"
+                    for s in ("validation", "test")
+                    if f"{s}_difference" in d
+                ),
+            )
+        )
+    run.write_report(
+        "Continued pretraining (masked LM)",
+        metrics,
+        [
+            (
+                "Held-out evaluation (same masked tokens before and after)",
+                markdown_table(rows, ["", "loss", "perplexity", "masked_accuracy"]),
+            ),
+            (
+                "Throughput",
+                f"{metrics['tokens_per_second']} non-padding tokens/s, "
+                f"{metrics['samples_per_second']} samples/s over {metrics['global_step']} steps, "
+                f"world size {args.world_size}, peak RSS {metrics['peak_rss_mb']} MB",
+            ),
+            *sections,
+        ],
+        plot_title=f"MLM pretraining: {cfg.model_name_or_path}",
+    )
+    log.info(
+        "perplexity %.2f -> %.2f; model, metrics.json and report.md in %s",
+        (before or {}).get("perplexity", float("nan")),
+        after["perplexity"],
+        out,
+    )
     return 0
 
 
@@ -347,10 +473,22 @@ def summary_row(cfg: PretrainConfig) -> dict:
     out = Path(cfg.output_dir)
     m = json.loads((out / "metrics.json").read_text())
     before, after = m["eval_before"], m["eval_after"]
-    return {"metric": (f"perplexity {before['perplexity']:.1f} -> " if before else "perplexity ")
-            + f"{after['perplexity']:.1f}", "size": mb(out / "model.safetensors")}
+    return {
+        "metric": (f"perplexity {before['perplexity']:.1f} -> " if before else "perplexity ")
+        + f"{after['perplexity']:.1f}",
+        "size": mb(out / "model.safetensors"),
+    }
 
 
-SPEC = JobSpec(name="pretrain", order=20, resumable=True, help="continued masked-LM pretraining; perplexity before/after",
-               config=PretrainConfig, check=check, run=run, summary_row=summary_row, group_check=group_check,
-               slurm=SlurmDefaults(nodes=2, time="04:00:00"))
+SPEC = JobSpec(
+    name="pretrain",
+    order=20,
+    resumable=True,
+    help="continued masked-LM pretraining; perplexity before/after",
+    config=PretrainConfig,
+    check=check,
+    run=run,
+    summary_row=summary_row,
+    group_check=group_check,
+    slurm=SlurmDefaults(nodes=2, time="04:00:00"),
+)

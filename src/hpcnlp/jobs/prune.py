@@ -17,26 +17,35 @@ Why this shape, so the result reloads with AutoModelFor... and exports like any 
   so its output would not reload with AutoModelFor... either.
 Which heads and neurons go is written to `prune_plan.json` first; a resumed run rebuilds the same model.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
-
 from pydantic import Field
 
-from hpcnlp import checks
+from hpcnlp import checks, tasks
 from hpcnlp.config import ConfigError, FinetuneDataConfig, LatencyConfig, Problem, TrainingConfig, TrainingJobConfig
 from hpcnlp.models import encoder_layers, load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb
 from hpcnlp.runtime.io import atomic_write_json, is_inside
 from hpcnlp.spec import JobSpec
-from hpcnlp import tasks
-from hpcnlp.tasks import (auto_model_class, batches, evaluate, label_names,
-                          latency, load_data, model_task, task_of, torch_runner)
+from hpcnlp.tasks import (
+    auto_model_class,
+    batches,
+    evaluate,
+    label_names,
+    latency,
+    load_data,
+    model_task,
+    task_of,
+    torch_runner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +72,26 @@ class PruneConfig(TrainingJobConfig):
     def problems(self) -> list[Problem]:
         return self.training.problems()
 
+
 # model_type -> (attention output projection, FFN in, FFN out: names inside an encoder layer;
 #                config keys of the head count and the FFN width)
-_BERT_LIKE = ("attention.output.dense", "intermediate.dense", "output.dense", "num_attention_heads",
-              "intermediate_size")
-LAYOUT = {"bert": _BERT_LIKE, "roberta": _BERT_LIKE, "xlm-roberta": _BERT_LIKE, "camembert": _BERT_LIKE,
-          "electra": _BERT_LIKE,
-          # No MPNet: its prune_heads (transformers 4.57) leaves the relative position bias with every head,
-          # so the pruned model's forward fails (seen in tests/test_prune.py).
-          "distilbert": ("attention.out_lin", "ffn.lin1", "ffn.lin2", "n_heads", "hidden_dim")}
+_BERT_LIKE = (
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+    "num_attention_heads",
+    "intermediate_size",
+)
+LAYOUT = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "camembert": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    # No MPNet: its prune_heads (transformers 4.57) leaves the relative position bias with every head,
+    # so the pruned model's forward fails (seen in tests/test_prune.py).
+    "distilbert": ("attention.out_lin", "ffn.lin1", "ffn.lin2", "n_heads", "hidden_dim"),
+}
 
 
 def check(cfg: PruneConfig, pending: Iterable[str] = ()) -> list[Problem]:
@@ -81,36 +101,62 @@ def check(cfg: PruneConfig, pending: Iterable[str] = ()) -> list[Problem]:
     task = model_task(cfg.model_name_or_path)
     ready = not is_inside(cfg.model_name_or_path, pending) and not any(p.key == "model_name_or_path" for p in out)
     if ready and not tasks.labelled(task):
-        out.append(Problem(key="model_name_or_path", message=f"'{cfg.model_name_or_path}' is not a sequence or "
-                           "token classifier", fix="point it at a `hpcnlp finetune` output_dir"))
+        out.append(
+            Problem(
+                key="model_name_or_path",
+                message=f"'{cfg.model_name_or_path}' is not a sequence or token classifier",
+                fix="point it at a `hpcnlp finetune` output_dir",
+            )
+        )
     if tasks.labelled(task):
         out += tasks.data_problems(task, cfg.data, pending)
         out += checks.max_seq_length(cfg.data.max_seq_length, "model_name_or_path", cfg.model_name_or_path, pending)
     if ready and tasks.labelled(task):
         out += _size_problems(cfg, checks.model_config(cfg.model_name_or_path) or {})
     if cfg.teacher and not is_inside(cfg.teacher, pending) and task and model_task(cfg.teacher) not in (None, task):
-        out.append(Problem(key="teacher", message=f"'{cfg.teacher}' is not a {task} model",
-                           fix="use the model that was fine-tuned on this data (or null)"))
-    out += checks.overlaps(cfg.output_dir, {"model_name_or_path": cfg.model_name_or_path, "teacher": cfg.teacher,
-                                            **cfg.data.files()})
+        out.append(
+            Problem(
+                key="teacher",
+                message=f"'{cfg.teacher}' is not a {task} model",
+                fix="use the model that was fine-tuned on this data (or null)",
+            )
+        )
+    out += checks.overlaps(
+        cfg.output_dir, {"model_name_or_path": cfg.model_name_or_path, "teacher": cfg.teacher, **cfg.data.files()}
+    )
     return out + checks.output_dir(cfg, cfg.resume)
 
 
 def _size_problems(cfg: PruneConfig, config: dict) -> list[Problem]:
     model_type = config.get("model_type")
     if model_type not in LAYOUT:
-        return [Problem(key="model_name_or_path", message=f"no pruning recipe for model_type '{model_type}'",
-                        fix=f"use one of {sorted(LAYOUT)}")]
+        return [
+            Problem(
+                key="model_name_or_path",
+                message=f"no pruning recipe for model_type '{model_type}'",
+                fix=f"use one of {sorted(LAYOUT)}",
+            )
+        ]
     *_, heads_key, ffn_key = LAYOUT[model_type]
     layers, heads, ffn = config.get("num_hidden_layers", config.get("n_layers")), config[heads_key], config[ffn_key]
     have = layers * heads - sum(len(v) for v in (config.get("pruned_heads") or {}).values())
     out = []
     if not layers <= cfg.keep_heads <= have:
-        out.append(Problem(key="keep_heads", message=f"the model has {have} heads in {layers} layers, cannot keep "
-                           f"{cfg.keep_heads}", fix=f"use {layers}..{have} (at least one per layer)"))
+        out.append(
+            Problem(
+                key="keep_heads",
+                message=f"the model has {have} heads in {layers} layers, cannot keep {cfg.keep_heads}",
+                fix=f"use {layers}..{have} (at least one per layer)",
+            )
+        )
     if cfg.intermediate_size > ffn:
-        out.append(Problem(key="intermediate_size", message=f"the model's FFN has {ffn} neurons per layer, "
-                           f"cannot keep {cfg.intermediate_size}", fix=f"use 1..{ffn}"))
+        out.append(
+            Problem(
+                key="intermediate_size",
+                message=f"the model's FFN has {ffn} neurons per layer, cannot keep {cfg.intermediate_size}",
+                fix=f"use 1..{ffn}",
+            )
+        )
     return out
 
 
@@ -137,10 +183,13 @@ def importance(model, ds, samples: int, seed: int, pad_id: int, batch_size: int 
             x = args[0]
 
             def grad(g):  # returns None: the gradient flows on unchanged
-                scores.add_((x.detach() * g).reshape(x.shape[0], x.shape[1], n_groups, -1).sum((1, 3)).abs().sum(0).cpu())
+                scores.add_(
+                    (x.detach() * g).reshape(x.shape[0], x.shape[1], n_groups, -1).sum((1, 3)).abs().sum(0).cpu()
+                )
 
             if x.requires_grad:
                 x.register_hook(grad)
+
         return pre
 
     handles = []
@@ -181,10 +230,13 @@ def plan(model, head_scores: list, ffn_scores: list, keep_heads: int, intermedia
         if len(keep) >= keep_heads:
             break
         keep.add((i, k))
-    prune_heads = {i: [remaining[i][k] for k in range(len(normed[i])) if (i, k) not in keep]
-                   for i in range(len(normed))}
-    neurons = {i: sorted(int(j) for j in np.argsort(-np.asarray(s), kind="stable")[:intermediate_size])
-               for i, s in enumerate(ffn_scores)}
+    prune_heads = {
+        i: [remaining[i][k] for k in range(len(normed[i])) if (i, k) not in keep] for i in range(len(normed))
+    }
+    neurons = {
+        i: sorted(int(j) for j in np.argsort(-np.asarray(s), kind="stable")[:intermediate_size])
+        for i, s in enumerate(ffn_scores)
+    }
     return {"prune_heads": {i: v for i, v in prune_heads.items() if v}, "keep_neurons": neurons}
 
 
@@ -239,6 +291,7 @@ def _plan_for_run(run, cfg: PruneConfig, model, ds, pad_id: int) -> dict:
 # --- the job --------------------------------------------------------------------------------------
 def run(cfg: PruneConfig) -> int:
     import torch
+
     from hpcnlp.jobs.distill import trainer_class as distill_trainer
     from hpcnlp.train.harness import ResumableTrainer, TrainingRun
 
@@ -254,19 +307,33 @@ def run(cfg: PruneConfig) -> int:
     p = _plan_for_run(run, cfg, model, data.splits["train"], pad)
     apply_plan(model, p)
     if head_count(model) != cfg.keep_heads:
-        raise ConfigError(cfg._source, [Problem(key="keep_heads", message=f"pruning left {head_count(model)} heads",
-                                                fix="report this: the plan and the model disagree")])
+        raise ConfigError(
+            cfg._source,
+            [
+                Problem(
+                    key="keep_heads",
+                    message=f"pruning left {head_count(model)} heads",
+                    fix="report this: the plan and the model disagree",
+                )
+            ],
+        )
     eval_ds = data.splits["validation"]
     before_recovery = evaluate(torch_runner(model.eval()), eval_ds, task, names, pad) if run.is_main else None
 
     collator = tasks.get(task).collator(tokenizer)
-    kwargs = dict(model=model, train_dataset=data.splits["train"], eval_dataset=eval_ds, data_collator=collator,
-                  processing_class=tokenizer)
+    kwargs = dict(
+        model=model,
+        train_dataset=data.splits["train"],
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
     if cfg.teacher:
         teacher_dir = resolve_model_path(cfg.teacher)
         teacher = auto_model_class(task).from_pretrained(teacher_dir, trust_remote_code=cfg.trust_remote_code)
-        trainer = run.trainer(distill_trainer(), teacher=teacher, temperature=cfg.temperature, alpha=cfg.alpha,
-                              **kwargs)
+        trainer = run.trainer(
+            distill_trainer(), teacher=teacher, temperature=cfg.temperature, alpha=cfg.alpha, **kwargs
+        )
     else:
         trainer = run.trainer(ResumableTrainer, **kwargs)
     code = run.train()
@@ -281,36 +348,72 @@ def run(cfg: PruneConfig) -> int:
     compare = {}
     for who, m in (("original", original.to(pruned.device).eval()), ("pruned", pruned)):
         runner = torch_runner(m)
-        compare[who] = {"metrics": evaluate(runner, eval_ds, task, names, pad),
-                        "parameters": sum(x.numel() for x in m.parameters()), "heads": head_count(m),
-                        "intermediate_size": getattr(m.config, LAYOUT[m.config.model_type][4]),
-                        "latency": {str(b): latency(runner, eval_ds, b, cfg.latency, pad)
-                                    for b in cfg.latency.batch_sizes}}
+        compare[who] = {
+            "metrics": evaluate(runner, eval_ds, task, names, pad),
+            "parameters": sum(x.numel() for x in m.parameters()),
+            "heads": head_count(m),
+            "intermediate_size": getattr(m.config, LAYOUT[m.config.model_type][4]),
+            "latency": {str(b): latency(runner, eval_ds, b, cfg.latency, pad) for b in cfg.latency.batch_sizes},
+        }
     primary = tasks.get(task).primary_metric
     o_score, s_score = compare["original"]["metrics"][primary], compare["pruned"]["metrics"][primary]
     metrics = {
-        "job": "prune", "task": task, "model_name_or_path": model_dir, "teacher": cfg.teacher, "metric": primary,
-        **compare, "before_recovery": before_recovery,
+        "job": "prune",
+        "task": task,
+        "model_name_or_path": model_dir,
+        "teacher": cfg.teacher,
+        "metric": primary,
+        **compare,
+        "before_recovery": before_recovery,
         "retention_pct": round(100 * s_score / o_score, 2) if o_score else None,
         "parameter_ratio": round(compare["pruned"]["parameters"] / compare["original"]["parameters"], 4),
-        "speedup": {b: round(compare["original"]["latency"][b]["p50_ms"] / compare["pruned"]["latency"][b]["p50_ms"], 2)
-                    for b in compare["original"]["latency"]},
-        "pruned_heads": p["prune_heads"], "threads": torch.get_num_threads(), **run.metrics(),
+        "speedup": {
+            b: round(compare["original"]["latency"][b]["p50_ms"] / compare["pruned"]["latency"][b]["p50_ms"], 2)
+            for b in compare["original"]["latency"]
+        },
+        "pruned_heads": p["prune_heads"],
+        "threads": torch.get_num_threads(),
+        **run.metrics(),
     }
-    rows = [{"model": who, primary: c["metrics"][primary], "parameters": f"{c['parameters']:,}", "heads": c["heads"],
-             "FFN per layer": c["intermediate_size"], **{f"p50 ms batch {b}": v["p50_ms"] for b, v in c["latency"].items()}}
-            for who, c in compare.items()]
-    run.write_report(f"Structured pruning ({task})", metrics, [
-        ("Original vs pruned", markdown_table(rows)),
-        ("Summary", f"pruned keeps {metrics['retention_pct']}% of the original's {primary} "
-                    f"({before_recovery[primary]:.4f} before the recovery fine-tune) with "
-                    f"{metrics['parameter_ratio']:.0%} of its parameters; speed-up (p50) {metrics['speedup']} at seq "
-                    f"{cfg.latency.seq_length}, {metrics['threads']} thread(s); recovery "
-                    + (f"with teacher logits (T={cfg.temperature}, alpha={cfg.alpha})" if cfg.teacher else "on gold labels")),
-    ], plot_title=f"pruning: {Path(model_dir).name}")
-    log.info("pruned %s %.4f vs original %.4f (%.1f%%), %d heads, FFN %d; model and report in %s", primary, s_score,
-             o_score, metrics["retention_pct"] or 0, compare["pruned"]["heads"], compare["pruned"]["intermediate_size"],
-             cfg.output_dir)
+    rows = [
+        {
+            "model": who,
+            primary: c["metrics"][primary],
+            "parameters": f"{c['parameters']:,}",
+            "heads": c["heads"],
+            "FFN per layer": c["intermediate_size"],
+            **{f"p50 ms batch {b}": v["p50_ms"] for b, v in c["latency"].items()},
+        }
+        for who, c in compare.items()
+    ]
+    run.write_report(
+        f"Structured pruning ({task})",
+        metrics,
+        [
+            ("Original vs pruned", markdown_table(rows)),
+            (
+                "Summary",
+                f"pruned keeps {metrics['retention_pct']}% of the original's {primary} "
+                f"({before_recovery[primary]:.4f} before the recovery fine-tune) with "
+                f"{metrics['parameter_ratio']:.0%} of its parameters; speed-up (p50) {metrics['speedup']} at seq "
+                f"{cfg.latency.seq_length}, {metrics['threads']} thread(s); recovery "
+                + (
+                    f"with teacher logits (T={cfg.temperature}, alpha={cfg.alpha})" if cfg.teacher else "on gold labels"
+                ),
+            ),
+        ],
+        plot_title=f"pruning: {Path(model_dir).name}",
+    )
+    log.info(
+        "pruned %s %.4f vs original %.4f (%.1f%%), %d heads, FFN %d; model and report in %s",
+        primary,
+        s_score,
+        o_score,
+        metrics["retention_pct"] or 0,
+        compare["pruned"]["heads"],
+        compare["pruned"]["intermediate_size"],
+        cfg.output_dir,
+    )
     return 0
 
 
@@ -318,15 +421,25 @@ def summary_row(cfg: PruneConfig) -> dict:
     out = Path(cfg.output_dir)
     m = json.loads((out / "metrics.json").read_text())
     metric, s, o = m["metric"], m["pruned"], m["original"]
-    row = {"metric": f"pruned {metric} {s['metrics'][metric]:.3f} ({m['retention_pct']}% of "
-                     f"{o['metrics'][metric]:.3f}), heads {s['heads']}/{o['heads']}, FFN {s['intermediate_size']}/"
-                     f"{o['intermediate_size']}", "size": mb(out / "model.safetensors")}
+    row = {
+        "metric": f"pruned {metric} {s['metrics'][metric]:.3f} ({m['retention_pct']}% of "
+        f"{o['metrics'][metric]:.3f}), heads {s['heads']}/{o['heads']}, FFN {s['intermediate_size']}/"
+        f"{o['intermediate_size']}",
+        "size": mb(out / "model.safetensors"),
+    }
     lat = {who: m[who]["latency"].get("1", {}).get("p50_ms") for who in ("original", "pruned")}
     if all(lat.values()):
         row["latency b1 p50"] = f"{lat['pruned']:.1f} ms (original {lat['original']:.1f} ms)"
     return row
 
 
-SPEC = JobSpec(name="prune", order=50, resumable=True,
-               help="prune attention heads and FFN neurons by importance, recover with a short fine-tune",
-               config=PruneConfig, check=check, run=run, summary_row=summary_row)
+SPEC = JobSpec(
+    name="prune",
+    order=50,
+    resumable=True,
+    help="prune attention heads and FFN neurons by importance, recover with a short fine-tune",
+    config=PruneConfig,
+    check=check,
+    run=run,
+    summary_row=summary_row,
+)

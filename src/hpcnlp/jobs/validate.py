@@ -11,18 +11,20 @@ renamed either to <output_dir>/<name>/<version>/ (all thresholds met, exit 0) or
 This module is the job: its config, its checks, and `run`'s sequence; the work is hpcnlp.ship's (measure,
 int8_search, gate, report, bundle).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from hpcnlp import checks
+from hpcnlp import checks, tasks
 from hpcnlp.config import FinetuneDataConfig, JobConfig, LatencyConfig, Problem, Section
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import mb
@@ -35,7 +37,6 @@ from hpcnlp.ship.measure import measure, reference
 from hpcnlp.ship.onnx import opset
 from hpcnlp.ship.report import write_reports
 from hpcnlp.spec import JobSpec, SlurmDefaults
-from hpcnlp import tasks
 from hpcnlp.tasks import load_data, model_task, task_of
 
 log = logging.getLogger(__name__)
@@ -98,16 +99,32 @@ class ValidateConfig(JobConfig):
 def check(cfg: ValidateConfig, pending: Iterable[str] = ()) -> list[Problem]:
     out = checks.model("model_name_or_path", cfg.model_name_or_path, pending)
     if not is_inside(cfg.onnx_dir, pending) and not (Path(cfg.onnx_dir) / "model.onnx").is_file():
-        out.append(Problem(key="onnx_dir", message=f"no model.onnx in '{cfg.onnx_dir}'",
-                           fix="run `hpcnlp export` first and point onnx_dir at its output_dir"))
+        out.append(
+            Problem(
+                key="onnx_dir",
+                message=f"no model.onnx in '{cfg.onnx_dir}'",
+                fix="run `hpcnlp export` first and point onnx_dir at its output_dir",
+            )
+        )
     task = model_task(cfg.model_name_or_path)
     out += tasks.data_problems(task, cfg.data, pending) if tasks.labelled(task) else []
     if cfg.bundle_dir.exists() and not cfg.overwrite:
-        out.append(Problem(key="version", message=f"'{cfg.bundle_dir}' is already shipped",
-                           fix="bump version (shipped bundles are immutable), or set overwrite: true"))
+        out.append(
+            Problem(
+                key="version",
+                message=f"'{cfg.bundle_dir}' is already shipped",
+                fix="bump version (shipped bundles are immutable), or set overwrite: true",
+            )
+        )
     if is_inside(cfg.rejected_dir, [cfg.output_dir]) or is_inside(cfg.output_dir, [cfg.rejected_dir]):
-        out.append(Problem(key="rejected_dir", message=f"'{cfg.rejected_dir}' and output_dir '{cfg.output_dir}' "
-                           "overlap: rejected bundles would sit among shipped ones", fix="give them separate dirs"))
+        out.append(
+            Problem(
+                key="rejected_dir",
+                message=f"'{cfg.rejected_dir}' and output_dir '{cfg.output_dir}' "
+                "overlap: rejected bundles would sit among shipped ones",
+                fix="give them separate dirs",
+            )
+        )
     inputs = {"model_name_or_path": cfg.model_name_or_path, "onnx_dir": cfg.onnx_dir}
     out += checks.overlaps(cfg.output_dir, inputs) + checks.overlaps(cfg.rejected_dir, inputs, "rejected_dir")
     for key, path in (("version", cfg.bundle_dir), ("rejected_dir", cfg.rejected_bundle_dir)):
@@ -149,11 +166,18 @@ def run(cfg: ValidateConfig) -> int:
 def manifest(cfg: ValidateConfig, staging: Path, model_dir: str, names: list[str], results: dict) -> dict:
     """validate's entries of the bundle's manifest.json (bundle.write_manifest adds files and provenance)."""
     int8 = results.get("int8")
-    return {"name": cfg.name, "version": cfg.version, "task": results["task"], "id2label": dict(enumerate(names)),
-            "opset": opset(staging / "model.onnx"), "source_model": {"path": model_dir,
-                                                                     "sha256": bundle.dir_sha256(model_dir)},
-            "thresholds": cfg.thresholds.model_dump(), "checks": results["checks"], "passed": results["passed"],
-            "int8": {k: int8[k] for k in ("recipe", "fp32_nodes", "latency_b1_p50_ms", "reason")} if int8 else None}
+    return {
+        "name": cfg.name,
+        "version": cfg.version,
+        "task": results["task"],
+        "id2label": dict(enumerate(names)),
+        "opset": opset(staging / "model.onnx"),
+        "source_model": {"path": model_dir, "sha256": bundle.dir_sha256(model_dir)},
+        "thresholds": cfg.thresholds.model_dump(),
+        "checks": results["checks"],
+        "passed": results["passed"],
+        "int8": {k: int8[k] for k in ("recipe", "fp32_nodes", "latency_b1_p50_ms", "reason")} if int8 else None,
+    }
 
 
 def publish(staging: Path, cfg: ValidateConfig) -> int:
@@ -189,17 +213,29 @@ def summary_row(cfg: ValidateConfig) -> dict:
     v = json.loads((path / "validation.json").read_text())
     metric = tasks.get(v["task"]).primary_metric
     runtimes = [k for k in ("pytorch", "onnx_fp32", "onnx_int8") if k in v["metrics"]]
-    return {"metric": ("PASSED: " if v["passed"] else "REJECTED: ")
-            + ", ".join(f"{k} {v['metrics'][k][metric]:.3f}" for k in runtimes),
-            "size": mb(path / "model.onnx", path / "model.int8.onnx"),
-            "latency b1 p50": ", ".join(f"{k} {v['latency'][k]['1']['p50_ms']:.1f} ms" for k in runtimes
-                                        if "1" in v["latency"].get(k, {})),
-            "output": str(path)}
+    return {
+        "metric": ("PASSED: " if v["passed"] else "REJECTED: ")
+        + ", ".join(f"{k} {v['metrics'][k][metric]:.3f}" for k in runtimes),
+        "size": mb(path / "model.onnx", path / "model.int8.onnx"),
+        "latency b1 p50": ", ".join(
+            f"{k} {v['latency'][k]['1']['p50_ms']:.1f} ms" for k in runtimes if "1" in v["latency"].get(k, {})
+        ),
+        "output": str(path),
+    }
 
 
-SPEC = JobSpec(name="validate", order=70, help="gate ONNX vs PyTorch (parity, metric, latency); ship or reject a bundle",
-               config=ValidateConfig, check=check, run=run, single_process=True, is_complete=is_complete,
-               summary_row=summary_row,
-               status_file=lambda cfg: Path(cfg.output_dir) / cfg.name / f".{cfg.version}.status.json",
-               slurm=SlurmDefaults(time="00:30:00", cpus_per_task=4,
-                                   note="latency is measured on these CPUs: ask for the deployment CPU count"))
+SPEC = JobSpec(
+    name="validate",
+    order=70,
+    help="gate ONNX vs PyTorch (parity, metric, latency); ship or reject a bundle",
+    config=ValidateConfig,
+    check=check,
+    run=run,
+    single_process=True,
+    is_complete=is_complete,
+    summary_row=summary_row,
+    status_file=lambda cfg: Path(cfg.output_dir) / cfg.name / f".{cfg.version}.status.json",
+    slurm=SlurmDefaults(
+        time="00:30:00", cpus_per_task=4, note="latency is measured on these CPUs: ask for the deployment CPU count"
+    ),
+)

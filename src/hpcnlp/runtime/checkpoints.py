@@ -7,6 +7,7 @@ run it belongs to. At resume a checkpoint counts only when its marker parses, na
 every listed file is there with its size; the newest such one is taken, and each newer one that
 fails is skipped with one log line saying why.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def _files(ckpt: Path) -> dict[str, int]:
-    return {str(f.relative_to(ckpt)): f.stat().st_size for f in sorted(ckpt.rglob("*"))
-            if f.is_file() and f.name != MARKER}
+    return {
+        str(f.relative_to(ckpt)): f.stat().st_size for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name != MARKER
+    }
 
 
 def problem(ckpt: Path, run: str | None = None) -> str | None:
@@ -102,5 +104,12 @@ def fsync_tree(path: Path) -> None:
 def mark_complete(ckpt: Path, run: str) -> None:
     """Rank 0, once every rank's files are synced: the marker, written last and atomically."""
     fsync_tree(ckpt)
-    atomic_write_json(ckpt / MARKER, {"step": int(_CKPT.match(ckpt.name).group(1)), "run": run,
-                                      "slurm_job_id": env.slurm_job_id(), "files": _files(ckpt)})
+    atomic_write_json(
+        ckpt / MARKER,
+        {
+            "step": int(_CKPT.match(ckpt.name).group(1)),
+            "run": run,
+            "slurm_job_id": env.slurm_job_id(),
+            "files": _files(ckpt),
+        },
+    )

@@ -1,4 +1,5 @@
 """The only place that reads Slurm's and the launchers' environment variables."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-
 
 
 def slurm_job_id() -> str | None:

@@ -8,6 +8,7 @@ hpcnlp.runtime.env) share, so both plan the same number of processes per node.
     --gpus-per-task=2 (x tasks per node; hpcnlp's templates run one task per node)  SLURM_GPUS_PER_TASK
 Standard library only (slurm/launch.sh's planner may run under a bare python3).
 """
+
 from __future__ import annotations
 
 import re
@@ -29,8 +30,9 @@ def gres_gpus(gres: str | None) -> int | None:
     """GPUs of a --gres list (`gpu:a100:4,nvme:1`: 4); None: no GPU in it (or no --gres)."""
     if not gres:
         return None
-    found = [count(item) for item in re.split(r",(?![^(]*\))", gres)
-             if item.strip().split(":")[0].split("/")[0] == "gpu"]
+    found = [
+        count(item) for item in re.split(r",(?![^(]*\))", gres) if item.strip().split(":")[0].split("/")[0] == "gpu"
+    ]
     return sum(n or 0 for n in found) if found else None
 
 
@@ -42,8 +44,15 @@ def is_gpu_option(option: str) -> bool:
     return name == "--gres" and gres_gpus(value) is not None
 
 
-def per_node(*, gpus_per_node: str | None = None, gres: str | None = None, gpus: str | None = None,
-             gpus_per_task: str | None = None, nodes: int = 1, tasks_per_node: int = 1) -> int | None:
+def per_node(
+    *,
+    gpus_per_node: str | None = None,
+    gres: str | None = None,
+    gpus: str | None = None,
+    gpus_per_task: str | None = None,
+    nodes: int = 1,
+    tasks_per_node: int = 1,
+) -> int | None:
     """GPUs each node gets from these requests (most specific first); None: none of them is given."""
     for value in (count(gpus_per_node), gres_gpus(gres)):
         if value is not None:
@@ -64,9 +73,13 @@ def from_environment(environ: dict) -> int:
         return int(on_node)
     nodes = environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or "1"
     tasks = (environ.get("SLURM_NTASKS_PER_NODE") or "1").split("(")[0]
-    found = per_node(gpus_per_node=environ.get("SLURM_GPUS_PER_NODE"), gpus=environ.get("SLURM_GPUS"),
-                     gpus_per_task=environ.get("SLURM_GPUS_PER_TASK"),
-                     nodes=int(nodes) if nodes.isdigit() else 1, tasks_per_node=int(tasks) if tasks.isdigit() else 1)
+    found = per_node(
+        gpus_per_node=environ.get("SLURM_GPUS_PER_NODE"),
+        gpus=environ.get("SLURM_GPUS"),
+        gpus_per_task=environ.get("SLURM_GPUS_PER_TASK"),
+        nodes=int(nodes) if nodes.isdigit() else 1,
+        tasks_per_node=int(tasks) if tasks.isdigit() else 1,
+    )
     if found is not None:
         return found
     ids = environ.get("SLURM_JOB_GPUS") or environ.get("SLURM_STEP_GPUS") or ""

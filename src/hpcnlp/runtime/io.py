@@ -1,4 +1,5 @@
 """Atomic writes: a reader sees the old file, the new file, or nothing; never half a file."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 AT_FDCWD, RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>

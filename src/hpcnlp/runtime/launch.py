@@ -25,6 +25,7 @@ Steered by environment variables (see docs/slurm.md):
 DeepSpeed needs no launcher of its own: `training.deepspeed: jobs/deepspeed/zero2.json` in the job
 config makes the Trainer use it under torchrun.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,25 @@ from hpcnlp.runtime import env, gres
 LAUNCHERS = ("torchrun", "accelerate")
 CONTAINERS = ("none", "apptainer", "singularity", "pyxis", "podman")
 # Variables podman passes into the container: Slurm's, ours, the libraries' switches, proxies.
-PODMAN_ENV = ("SLURM_*", "HPCNLP_*", "OMP_NUM_THREADS", "HF_*", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR",
-              "TOKENIZERS_PARALLELISM", "CUDA_VISIBLE_DEVICES", "NCCL_*", "TORCH_*", "PYTORCH_*",
-              "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+PODMAN_ENV = (
+    "SLURM_*",
+    "HPCNLP_*",
+    "OMP_NUM_THREADS",
+    "HF_*",
+    "TRANSFORMERS_OFFLINE",
+    "DS_ACCELERATOR",
+    "TOKENIZERS_PARALLELISM",
+    "CUDA_VISIBLE_DEVICES",
+    "NCCL_*",
+    "TORCH_*",
+    "PYTORCH_*",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+)
 PORT_BASE, PORT_SPAN = 20000, 20000  # rendezvous ports live in [20000, 40000)
 
 
@@ -120,22 +137,49 @@ def node_address(node: str) -> str:
 
 
 # --- command lines ------------------------------------------------------------------------
-def node_command(launcher: str, nnodes: int, nproc_per_node: int, node_rank: int | str, master_addr: str,
-                 master_port: int | str, job: str, job_args: list[str], python: str = sys.executable) -> list[str]:
+def node_command(
+    launcher: str,
+    nnodes: int,
+    nproc_per_node: int,
+    node_rank: int | str,
+    master_addr: str,
+    master_port: int | str,
+    job: str,
+    job_args: list[str],
+    python: str = sys.executable,
+) -> list[str]:
     """What one node runs: a launcher starting `nproc_per_node` processes of `hpcnlp <job>`. The node rank
     and port are strings where they are not known yet: a dry run shows `$SLURM_NODEID`, `<port>`."""
     target = ["-m", "hpcnlp", job, *job_args]
     if launcher == "torchrun":
-        return [python, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
-                f"--node-rank={node_rank}", f"--master-addr={master_addr}", f"--master-port={master_port}",
-                "--max-restarts=0", *target]
+        return [
+            python,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={nnodes}",
+            f"--nproc-per-node={nproc_per_node}",
+            f"--node-rank={node_rank}",
+            f"--master-addr={master_addr}",
+            f"--master-port={master_port}",
+            "--max-restarts=0",
+            *target,
+        ]
     if launcher == "accelerate":
         # --multi_gpu is accelerate's name for "multi-process DDP"; on CPU it uses gloo. (--cpu would
         # silently start a single process whatever --num_processes says.)
-        return [python, "-m", "accelerate.commands.launch", "--multi_gpu",
-                f"--num_processes={nnodes * nproc_per_node}", f"--num_machines={nnodes}",
-                f"--machine_rank={node_rank}", f"--main_process_ip={master_addr}",
-                f"--main_process_port={master_port}", "--same_network", *target]
+        return [
+            python,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            f"--num_processes={nnodes * nproc_per_node}",
+            f"--num_machines={nnodes}",
+            f"--machine_rank={node_rank}",
+            f"--main_process_ip={master_addr}",
+            f"--main_process_port={master_port}",
+            "--same_network",
+            *target,
+        ]
     raise LaunchError(f"unknown launcher '{launcher}'; use one of {LAUNCHERS}")
 
 
@@ -149,8 +193,11 @@ def container_wrap(plan: Plan) -> tuple[list[str], list[str]]:
     if plan.container in ("apptainer", "singularity"):
         return [], [plan.container, "exec", "--nv", "--bind", ",".join(binds), "--pwd", plan.workdir, plan.image]
     if plan.container == "pyxis":
-        return [f"--container-image={plan.image}", f"--container-mounts={','.join(f'{b}:{b}' for b in binds)}",
-                f"--container-workdir={plan.workdir}"], []
+        return [
+            f"--container-image={plan.image}",
+            f"--container-mounts={','.join(f'{b}:{b}' for b in binds)}",
+            f"--container-workdir={plan.workdir}",
+        ], []
     if plan.container == "podman":
         # Host network and IPC: ranks on different nodes reach each other, as outside a container.
         prefix = ["podman", "run", "--rm", "--network=host", "--ipc=host", *plan.podman_args]
@@ -182,19 +229,40 @@ def node_launcher_command(plan: Plan, master: str | None = None) -> list[str]:
     """The per-node half, called with the plan's values; the node rank is filled in on the node.
     `master`: the rendezvous as `address:port`, default the plan's; before the job has nodes (a dry
     run) a description of it, e.g. `<first node>:<port>`."""
-    return [plan.python, "-m", "hpcnlp.runtime.launch", "node", f"--launcher={plan.launcher}",
-            f"--nnodes={plan.nnodes}", f"--nproc-per-node={plan.nproc_per_node}",
-            f"--master={master or rendezvous(plan)}", "--", plan.job, *plan.job_args]
+    return [
+        plan.python,
+        "-m",
+        "hpcnlp.runtime.launch",
+        "node",
+        f"--launcher={plan.launcher}",
+        f"--nnodes={plan.nnodes}",
+        f"--nproc-per-node={plan.nproc_per_node}",
+        f"--master={master or rendezvous(plan)}",
+        "--",
+        plan.job,
+        *plan.job_args,
+    ]
 
 
 def srun_command(plan: Plan, master: str | None = None) -> list[str]:
     """One task per node; if any task fails, Slurm kills the others, so the whole step fails.
     `master`: as for node_launcher_command."""
     srun_opts, prefix = container_wrap(plan)
-    resources = [*([f"--cpus-per-task={plan.cpus_per_task}"] if plan.cpus_per_task else []),
-                 *([plan.gpu_option] if plan.gpu_option else [])]
-    return ["srun", "--kill-on-bad-exit=1", f"--nodes={plan.nnodes}", f"--ntasks={plan.nnodes}",
-            "--ntasks-per-node=1", *resources, *srun_opts, *prefix, *node_launcher_command(plan, master)]
+    resources = [
+        *([f"--cpus-per-task={plan.cpus_per_task}"] if plan.cpus_per_task else []),
+        *([plan.gpu_option] if plan.gpu_option else []),
+    ]
+    return [
+        "srun",
+        "--kill-on-bad-exit=1",
+        f"--nodes={plan.nnodes}",
+        f"--ntasks={plan.nnodes}",
+        "--ntasks-per-node=1",
+        *resources,
+        *srun_opts,
+        *prefix,
+        *node_launcher_command(plan, master),
+    ]
 
 
 def check_command(plan: Plan) -> list[str]:
@@ -217,8 +285,10 @@ def plan_from_env(job: str, job_args: list[str], single_process: bool = False) -
     nodelist = env.slurm_nodelist()
     job_id = env.slurm_job_id()
     if not nodelist or not job_id:
-        raise LaunchError("not inside a Slurm allocation (no SLURM_JOB_NODELIST); "
-                          "submit with `sbatch slurm/<job>.sbatch` or `hpcnlp submit`")
+        raise LaunchError(
+            "not inside a Slurm allocation (no SLURM_JOB_NODELIST); "
+            "submit with `sbatch slurm/<job>.sbatch` or `hpcnlp submit`"
+        )
     image = env.hpcnlp_setting("IMAGE")
     container = env.hpcnlp_setting("CONTAINER", "apptainer" if image else "none")
     # Single-process jobs are brought down to one process on the node here, and refused on several
@@ -226,14 +296,25 @@ def plan_from_env(job: str, job_args: list[str], single_process: bool = False) -
     nproc = node_processes(single_process, int(env.hpcnlp_setting("NPROC_PER_NODE") or env.slurm_gpus_on_node() or 1))
     binds = [b for b in (env.hpcnlp_setting("BIND") or "").split(",") if b]
     gpus = env.slurm_gpus_on_node()
-    return Plan(job=job, job_args=list(job_args), nnodes=env.slurm_num_nodes(), nproc_per_node=int(nproc),
-                master_addr=node_address(first_node(nodelist)), master_port=job_port(job_id),
-                launcher=env.hpcnlp_setting("LAUNCHER", "torchrun"), container=container, image=image,
-                python=env.hpcnlp_setting("PYTHON", "python3" if container != "none" else sys.executable),
-                workdir=env.slurm_submit_dir(), binds=binds,
-                podman_args=shlex.split(env.hpcnlp_setting("PODMAN_ARGS", "")), gpus=gpus,
-                pass_env=(env.hpcnlp_setting("PASS_ENV") or "").split(), cpus_per_task=env.slurm_cpus_per_task(),
-                gpu_option=gres.step_option(gpus, env.slurm_gpus_per_node_request()))
+    return Plan(
+        job=job,
+        job_args=list(job_args),
+        nnodes=env.slurm_num_nodes(),
+        nproc_per_node=int(nproc),
+        master_addr=node_address(first_node(nodelist)),
+        master_port=job_port(job_id),
+        launcher=env.hpcnlp_setting("LAUNCHER", "torchrun"),
+        container=container,
+        image=image,
+        python=env.hpcnlp_setting("PYTHON", "python3" if container != "none" else sys.executable),
+        workdir=env.slurm_submit_dir(),
+        binds=binds,
+        podman_args=shlex.split(env.hpcnlp_setting("PODMAN_ARGS", "")),
+        gpus=gpus,
+        pass_env=(env.hpcnlp_setting("PASS_ENV") or "").split(),
+        cpus_per_task=env.slurm_cpus_per_task(),
+        gpu_option=gres.step_option(gpus, env.slurm_gpus_per_node_request()),
+    )
 
 
 def sweep_task_args(manifest: str | None, task_id: int | None) -> list[str]:
@@ -252,14 +333,25 @@ def bash_assignments(plan: Plan) -> str:
     q = lambda cmd: " ".join(shlex.quote(c) for c in cmd)  # noqa: E731
     # srun reads SRUN_CPUS_PER_TASK too (22.05+): set for any srun the batch script runs (pyxis' check)
     cpus = [f"export SRUN_CPUS_PER_TASK={shlex.quote(str(plan.cpus_per_task))}"] if plan.cpus_per_task else []
-    return "\n".join([*cpus, f"CHECK=({q(check_command(plan))})", f"CMD=({q(srun_command(plan))})",
-                      f"DESCRIBE={shlex.quote(describe(plan))}"]) + "\n"
+    return (
+        "\n".join(
+            [
+                *cpus,
+                f"CHECK=({q(check_command(plan))})",
+                f"CMD=({q(srun_command(plan))})",
+                f"DESCRIBE={shlex.quote(describe(plan))}",
+            ]
+        )
+        + "\n"
+    )
 
 
 def describe(plan: Plan) -> str:
     where = "bare" if plan.container == "none" else f"{plan.container} {plan.image}"
-    return (f"{plan.job}: {plan.nnodes} node(s) x {plan.nproc_per_node} process(es), {plan.launcher}, "
-            f"rendezvous {rendezvous(plan)}, {where}")
+    return (
+        f"{plan.job}: {plan.nnodes} node(s) x {plan.nproc_per_node} process(es), {plan.launcher}, "
+        f"rendezvous {rendezvous(plan)}, {where}"
+    )
 
 
 # --- entry points -------------------------------------------------------------------------
@@ -285,13 +377,21 @@ def main(argv: list[str] | None = None, single_process: bool = False) -> int:
             sys.stdout.write(bash_assignments(plan_from_env(a.job, [*a.job_args, *extra], single_process)))
             return 0
         addr, port = a.master.rsplit(":", 1)
-        cmd = node_command(a.launcher, a.nnodes, a.nproc_per_node, env.slurm_node_id(),
-                           addr, int(port), a.job, a.job_args, python=sys.executable)
+        cmd = node_command(
+            a.launcher,
+            a.nnodes,
+            a.nproc_per_node,
+            env.slurm_node_id(),
+            addr,
+            int(port),
+            a.job,
+            a.job_args,
+            python=sys.executable,
+        )
     except (LaunchError, subprocess.CalledProcessError, OSError, ValueError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
-    print(f"launch: node {env.slurm_node_id()} of {a.nnodes} ({socket.gethostname()}): {shlex.join(cmd)}",
-          flush=True)
+    print(f"launch: node {env.slurm_node_id()} of {a.nnodes} ({socket.gethostname()}): {shlex.join(cmd)}", flush=True)
     os.execvp(cmd[0], cmd)
 
 

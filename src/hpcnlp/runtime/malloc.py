@@ -12,6 +12,7 @@ tokens/s). mallopt at job start does what MALLOC_MMAP_THRESHOLD_ in the environm
 entry point. A user's own MALLOC_MMAP_THRESHOLD_, or another allocator in LD_PRELOAD (jemalloc,
 tcmalloc), is left alone. (On GPUs activations live in the CUDA allocator; this is the host side.)
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -11,6 +11,7 @@ it. SIGTERM (scancel, time limit without warning) is treated the same way.
 Only the process that installed the handlers acts on a signal: a forked worker (dataloader, dataset
 map) that inherited them dies of the signal as it would without them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,18 +71,30 @@ class PreemptionCallback(TrainerCallback):
             os.kill(os.getpid(), signum)
             return
         self.requested = True
-        log.warning("received %s: will checkpoint at the next step boundary and exit %d",
-                    signal.Signals(signum).name, REQUEUE_EXIT)
+        log.warning(
+            "received %s: will checkpoint at the next step boundary and exit %d",
+            signal.Signals(signum).name,
+            REQUEUE_EXIT,
+        )
 
     # --- Trainer events ---------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kw):
         # One line per rank: the job log shows every rank is up (and armed for preemption).
-        log.info("rank %d of %d ready at step %d (pid %d on %s)", env.rank(), env.world_size(), state.global_step,
-                 os.getpid(), socket.gethostname())
+        log.info(
+            "rank %d of %d ready at step %d (pid %d on %s)",
+            env.rank(),
+            env.world_size(),
+            state.global_step,
+            os.getpid(),
+            socket.gethostname(),
+        )
 
     def on_step_end(self, args, state, control, **kw):
-        local = (self.requested or os.path.exists(self.flag_file)
-                 or bool(self.launcher_flag and os.path.exists(self.launcher_flag)))
+        local = (
+            self.requested
+            or os.path.exists(self.flag_file)
+            or bool(self.launcher_flag and os.path.exists(self.launcher_flag))
+        )
         if dist.is_available() and dist.is_initialized():
             t = torch.tensor([int(local)], device=args.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)

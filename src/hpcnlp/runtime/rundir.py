@@ -8,6 +8,7 @@
   start. A run resumes only its own checkpoints. `overwrite: true` moves another run's dir aside in
   one rename and deletes it only once the new run has finished; nothing of it mixes with the new one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,10 +32,22 @@ RUN_FILE = "run.json"
 OWN_FILES = {RUN_FILE, "status.json", ".heartbeat"}  # bookkeeping, not results
 # Settings that change how long or how a run is carried out, not what it learns: a run continued
 # with another value of these is still the same run (e.g. more max_steps, another logging cadence).
-RUN_FIELDS = {"resume", "overwrite", "max_requeues", "step_timeout_minutes",
-              "training.max_steps", "training.num_train_epochs", "training.logging_steps", "training.save_steps",
-              "training.eval_steps", "training.save_total_limit", "training.report_to", "training.ddp_timeout",
-              "training.dataloader_num_workers", "data.num_proc"}
+RUN_FIELDS = {
+    "resume",
+    "overwrite",
+    "max_requeues",
+    "step_timeout_minutes",
+    "training.max_steps",
+    "training.num_train_epochs",
+    "training.logging_steps",
+    "training.save_steps",
+    "training.eval_steps",
+    "training.save_total_limit",
+    "training.report_to",
+    "training.ddp_timeout",
+    "training.dataloader_num_workers",
+    "data.num_proc",
+}
 
 
 class OutputDirRefused(Exception):
@@ -62,13 +75,20 @@ def run_hash(config: dict) -> str:
     its inputs hold when they are outputs of earlier hpcnlp jobs. So when a pipeline re-runs an upstream
     stage, a later stage with the same config is another run: it never continues its old checkpoints
     on top of the new upstream model (it is refused, or replaced with overwrite: true)."""
+
     def strip(node: dict, prefix: str = "") -> dict:
-        return {k: strip(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in node.items()
-                if f"{prefix}{k}" not in RUN_FIELDS}
+        return {
+            k: strip(v, f"{prefix}{k}.") if isinstance(v, dict) else v
+            for k, v in node.items()
+            if f"{prefix}{k}" not in RUN_FIELDS
+        }
 
     key = strip(config)
-    inputs = {k: ident for k in INPUT_FIELDS if isinstance(config.get(k), str)
-              and (ident := input_identity(config[k])) is not None}
+    inputs = {
+        k: ident
+        for k in INPUT_FIELDS
+        if isinstance(config.get(k), str) and (ident := input_identity(config[k])) is not None
+    }
     if inputs:  # absent otherwise: configs on fixed inputs keep the hash they always had
         key["_inputs"] = inputs
     return hashlib.sha256(yaml.safe_dump(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -124,8 +144,9 @@ def _holder_gone(holder: dict) -> bool:
             return False  # alive, another user's
     if job:
         try:
-            out = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True,
-                                 timeout=30)
+            out = subprocess.run(
+                ["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True, timeout=30
+            )
             return out.returncode != 0 or not out.stdout.strip()  # squeue knows only jobs not yet ended
         except (OSError, subprocess.TimeoutExpired):
             return False
@@ -136,8 +157,12 @@ def acquire(output_dir: str | Path) -> Path:
     """Take the output_dir's lock or raise OutputDirRefused naming the holder."""
     path = lock_path(output_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"slurm_job_id": env.slurm_job_id(), "host": socket.gethostname(), "pid": os.getpid(),
-          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    me = {
+        "slurm_job_id": env.slurm_job_id(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -147,10 +172,13 @@ def acquire(output_dir: str | Path) -> Path:
             except (OSError, ValueError):
                 holder = {}
             if not _holder_gone(holder) and holder:
-                who = (f"job {holder.get('slurm_job_id')} " if holder.get("slurm_job_id") else "") + \
-                      f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
-                raise OutputDirRefused(f"'{output_dir}' is in use by {who} (lock {path})",
-                                       "wait for that run to end, or choose another output_dir")
+                who = (
+                    f"job {holder.get('slurm_job_id')} " if holder.get("slurm_job_id") else ""
+                ) + f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+                raise OutputDirRefused(
+                    f"'{output_dir}' is in use by {who} (lock {path})",
+                    "wait for that run to end, or choose another output_dir",
+                ) from None
             log.warning("taking over the lock of %s from %s (gone)", output_dir, holder or "an unreadable lock")
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -185,8 +213,10 @@ def claim(output_dir: str | Path, run: str, overwrite: bool, job: str, continuin
     same = continuing and (previous or {}).get("run") == run
     if has_files and not same and overwrite:
         if not written_by_hpcnlp(out):
-            raise OutputDirRefused(f"'{out}' holds files hpcnlp did not write",
-                                   "choose another output_dir (overwrite replaces only runs hpcnlp wrote)")
+            raise OutputDirRefused(
+                f"'{out}' holds files hpcnlp did not write",
+                "choose another output_dir (overwrite replaces only runs hpcnlp wrote)",
+            )
         aside = out.parent / f".{out.name}.replaced-{int(time.time())}"
         os.replace(out, aside)
         log.warning("overwrite: the previous run in %s moved to %s; deleted once this run has finished", out, aside)
@@ -194,11 +224,24 @@ def claim(output_dir: str | Path, run: str, overwrite: bool, job: str, continuin
     out.mkdir(parents=True, exist_ok=True)
     starts = (previous or {}).get("starts", []) if same else []
     replaced = str(aside) if aside else (previous or {}).get("replaced") if same else None
-    atomic_write_json(out / RUN_FILE, {
-        "run": run, "job": job, "replaced": replaced,
-        "started": (previous or {}).get("started") if same else time.strftime("%Y-%m-%d %H:%M:%S"),
-        "starts": [*starts, {"slurm_job_id": env.slurm_job_id(), "restart": env.slurm_restart_count(),
-                             "host": socket.gethostname(), "at": time.strftime("%Y-%m-%d %H:%M:%S")}]})
+    atomic_write_json(
+        out / RUN_FILE,
+        {
+            "run": run,
+            "job": job,
+            "replaced": replaced,
+            "started": (previous or {}).get("started") if same else time.strftime("%Y-%m-%d %H:%M:%S"),
+            "starts": [
+                *starts,
+                {
+                    "slurm_job_id": env.slurm_job_id(),
+                    "restart": env.slurm_restart_count(),
+                    "host": socket.gethostname(),
+                    "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                },
+            ],
+        },
+    )
 
 
 def finish(output_dir: str | Path) -> None:

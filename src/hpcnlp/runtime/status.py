@@ -9,6 +9,7 @@ Exit codes (the batch script's too):
   4   stalled: a rank made no training step for step_timeout_minutes
   75  checkpointed for requeue (preemption); the batch script requeues unless max_requeues is reached
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ from hpcnlp.runtime import env
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_REJECTED, EXIT_STALLED, EXIT_REQUEUE = 0, 1, 2, 3, 4, 75
-STATES = {EXIT_OK: "finished", EXIT_FAILED: "failed", EXIT_CONFIG: "failed", EXIT_REJECTED: "rejected",
-          EXIT_STALLED: "failed", EXIT_REQUEUE: "preempted"}
+STATES = {
+    EXIT_OK: "finished",
+    EXIT_FAILED: "failed",
+    EXIT_CONFIG: "failed",
+    EXIT_REJECTED: "rejected",
+    EXIT_STALLED: "failed",
+    EXIT_REQUEUE: "preempted",
+}
 
 
 def update(path: Path | None, create: bool = False, **fields) -> None:
@@ -37,8 +44,16 @@ def update(path: Path | None, create: bool = False, **fields) -> None:
     jobs = current.get("slurm_job_ids", [])
     if env.slurm_job_id() and env.slurm_job_id() not in jobs:
         jobs = [*jobs, env.slurm_job_id()]
-    atomic_write_json(path, {**current, **fields, "slurm_job_ids": jobs, "restarts": env.slurm_restart_count(),
-                             "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
+    atomic_write_json(
+        path,
+        {
+            **current,
+            **fields,
+            "slurm_job_ids": jobs,
+            "restarts": env.slurm_restart_count(),
+            "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    )
 
 
 def link_log(log: str | None, where: Path) -> None:

@@ -12,6 +12,7 @@ A bundle is built in a staging dir beside its destination and renamed into place
 (`publish`), so a half-built bundle never sits where shipped ones go; a rejected one is moved to its own
 dir (`reject`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,10 +65,15 @@ def git_commit() -> str | None:
     """HEAD of the repo the code runs from, '+dirty' with uncommitted changes; None outside git."""
     repo = Path(__file__).resolve().parents[3]  # src/hpcnlp/ship/bundle.py
     try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "")
@@ -94,10 +100,19 @@ def sums_text(files: dict) -> str:
 def write_manifest(bundle: Path, info: dict) -> dict:
     """Checksums of every file but the manifest and SHA256SUMS, plus provenance; then SHA256SUMS, which
     covers manifest.json too. Written last."""
-    files = {f.name: {"sha256": sha256(f), "bytes": f.stat().st_size}
-             for f in sorted(bundle.iterdir()) if f.is_file() and f.name not in (MANIFEST, SUMS)}
-    manifest = {"files": files, "packages": package_versions(), "python": sys.version.split()[0],
-                "git_commit": git_commit(), "slurm_job_id": env.slurm_job_id(), **info}
+    files = {
+        f.name: {"sha256": sha256(f), "bytes": f.stat().st_size}
+        for f in sorted(bundle.iterdir())
+        if f.is_file() and f.name not in (MANIFEST, SUMS)
+    }
+    manifest = {
+        "files": files,
+        "packages": package_versions(),
+        "python": sys.version.split()[0],
+        "git_commit": git_commit(),
+        "slurm_job_id": env.slurm_job_id(),
+        **info,
+    }
     atomic_write_json(bundle / MANIFEST, manifest)
     atomic_write_text(bundle / SUMS, sums_text({**files, MANIFEST: {"sha256": sha256(bundle / MANIFEST)}}))
     return manifest
@@ -147,11 +162,14 @@ def verify(bundle: str | Path) -> list[str]:
     problems = [p for p in (name_problem(bundle, n) for n in files) if p]
     if problems:  # never open a path the manifest may have aimed outside the bundle
         return problems
-    problems += [f"{bundle / MANIFEST}: does not list {name}, which every bundle has" for name in REQUIRED
-                 if name not in files]
+    problems += [
+        f"{bundle / MANIFEST}: does not list {name}, which every bundle has" for name in REQUIRED if name not in files
+    ]
     if manifest.get("passed") is not True:
-        problems.append(f"{bundle / MANIFEST}: passed is {manifest.get('passed')!r}: the gate did not pass "
-                        "this model (a rejected bundle)")
+        problems.append(
+            f"{bundle / MANIFEST}: passed is {manifest.get('passed')!r}: the gate did not pass "
+            "this model (a rejected bundle)"
+        )
     for name, want in files.items():
         path = bundle / name
         if not path.is_file():

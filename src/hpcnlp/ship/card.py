@@ -5,6 +5,7 @@ model-index) written with huggingface_hub, then the lineage as a chain of stages
 hashes (never machine paths, which mean nothing on the reader's machine), the ONNX inputs and
 outputs, the tokenizer, the CPU latency was measured on, and how to run and verify the bundle.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from hpcnlp import tasks
 from hpcnlp.models import ALIASES, ModelNotFound, resolve_model_path
 from hpcnlp.report import markdown_table
-from hpcnlp import tasks
 from hpcnlp.ship.bundle import SUMS, dir_sha256, sha256
 from hpcnlp.tasks import cpu_text
 
@@ -73,8 +74,14 @@ def lineage(name_or_path: str) -> list[dict]:
         job = yaml.safe_load((path / "config.resolved.yaml").read_text()) or {}
         # A pretraining corpus is named by its prepared data's fingerprint (files, sizes, tokenizer, settings).
         prepared = (json.loads((path / "metrics.json").read_text()).get("prepared") or {}).get("fingerprint")
-        chain.append({"stage": job.get("job"), **stage, "data": data_files(job.get("data") or {}),
-                      "corpus_fingerprint": prepared})
+        chain.append(
+            {
+                "stage": job.get("job"),
+                **stage,
+                "data": data_files(job.get("data") or {}),
+                "corpus_fingerprint": prepared,
+            }
+        )
         name_or_path = None if job.get("init") == "scratch" else job.get("teacher") or job.get("model_name_or_path")
     return chain[::-1]
 
@@ -89,8 +96,14 @@ def onnx_signature(path: Path) -> list[dict]:
     for kind, values in (("input", graph.input), ("output", graph.output)):
         for v in (v for v in values if v.name not in weights):
             t = v.type.tensor_type
-            rows.append({"io": kind, "name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                         "shape": "[" + ", ".join(d.dim_param or str(d.dim_value) for d in t.shape.dim) + "]"})
+            rows.append(
+                {
+                    "io": kind,
+                    "name": v.name,
+                    "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                    "shape": "[" + ", ".join(d.dim_param or str(d.dim_value) for d in t.shape.dim) + "]",
+                }
+            )
     return rows
 
 
@@ -99,9 +112,12 @@ def tokenizer_settings(bundle: Path) -> dict:
     config = bundle / "tokenizer_config.json"
     tc = json.loads(config.read_text()) if config.is_file() else {}
     normalizer = tok.get("normalizer") or {}
-    return {"type": (tok.get("model") or {}).get("type"), "class": tc.get("tokenizer_class"),
-            "lowercase": tc.get("do_lower_case", normalizer.get("lowercase")),
-            "model_max_length": tc.get("model_max_length")}
+    return {
+        "type": (tok.get("model") or {}).get("type"),
+        "class": tc.get("tokenizer_class"),
+        "lowercase": tc.get("do_lower_case", normalizer.get("lowercase")),
+        "model_max_length": tc.get("model_max_length"),
+    }
 
 
 def _hashed(entry: dict) -> str:
@@ -127,16 +143,34 @@ def model_card(cfg, bundle: Path, task: str, names: list[str], results: dict, pa
     for entry in [d for stage in chain for d in stage["data"]] + [f for f, _ in evals.values()]:
         text = f"{entry['file']} sha256:{entry['sha256']}" if entry["sha256"] else entry["file"]
         datasets += [text] if text not in datasets else []
-    eval_results = [EvalResult(task_type=pipeline_tag, dataset_type=f["file"], dataset_name=f["file"],
-                               dataset_split=split, dataset_revision=f["sha256"], metric_type=metric,
-                               metric_value=float(value), metric_name=f"{metric} ({runtime})", metric_config=runtime)
-                    for split, (f, key) in evals.items() for runtime, scores in results[key].items()
-                    for metric, value in scores.items()]
+    eval_results = [
+        EvalResult(
+            task_type=pipeline_tag,
+            dataset_type=f["file"],
+            dataset_name=f["file"],
+            dataset_split=split,
+            dataset_revision=f["sha256"],
+            metric_type=metric,
+            metric_value=float(value),
+            metric_name=f"{metric} ({runtime})",
+            metric_config=runtime,
+        )
+        for split, (f, key) in evals.items()
+        for runtime, scores in results[key].items()
+        for metric, value in scores.items()
+    ]
     data = ModelCardData(
-        model_name=f"{cfg.name}-{cfg.version}", license=base.get("license") or cfg.license,
-        base_model=base["model"], datasets=datasets, language=cfg.language, pipeline_tag=pipeline_tag,
-        library_name="onnx", tags=["onnx", "hpcnlp", task] + (["int8"] if "model.int8.onnx" in models else []),
-        metrics=sorted({m for scores in results["metrics"].values() for m in scores}), eval_results=eval_results)
+        model_name=f"{cfg.name}-{cfg.version}",
+        license=base.get("license") or cfg.license,
+        base_model=base["model"],
+        datasets=datasets,
+        language=cfg.language,
+        pipeline_tag=pipeline_tag,
+        library_name="onnx",
+        tags=["onnx", "hpcnlp", task] + (["int8"] if "model.int8.onnx" in models else []),
+        metrics=sorted({m for scores in results["metrics"].values() for m in scores}),
+        eval_results=eval_results,
+    )
 
     steps = []
     for s in chain:
@@ -148,11 +182,16 @@ def model_card(cfg, bundle: Path, task: str, names: list[str], results: dict, pa
             on += f" (prepared corpus fingerprint `{s['corpus_fingerprint']}`)" if s.get("corpus_fingerprint") else ""
             steps.append(f"{s['stage']}{on} -> {made}")
     steps[-1] += ": the PyTorch reference of this validation"
-    int8 = (f", int8 {quant.get('mode')} (preset {quant.get('preset')}, per-channel {quant.get('per_channel')})"
-            if quant else "")
-    steps.append(f"export to ONNX opset {export.get('opset', '?')}, ORT optimization "
-                 f"O{export.get('optimization_level', 0)}{int8} -> "
-                 + ", ".join(f"`{n}` (sha256 `{sha256(bundle / n)}`)" for n in models))
+    int8 = (
+        f", int8 {quant.get('mode')} (preset {quant.get('preset')}, per-channel {quant.get('per_channel')})"
+        if quant
+        else ""
+    )
+    steps.append(
+        f"export to ONNX opset {export.get('opset', '?')}, ORT optimization "
+        f"O{export.get('optimization_level', 0)}{int8} -> "
+        + ", ".join(f"`{n}` (sha256 `{sha256(bundle / n)}`)" for n in models)
+    )
     steps.append(f"validate on {_hashed(evals['validation'][0])}: {'PASSED' if passed else 'REJECTED'}")
 
     tok = tokenizer_settings(bundle)
@@ -160,45 +199,78 @@ def model_card(cfg, bundle: Path, task: str, names: list[str], results: dict, pa
     for split, (f, key) in evals.items():
         n = results["eval_examples"] if split == "validation" else results["test_examples"]
         rows = [{"model": k, **v} for k, v in results[key].items()]
-        held = (f", the {cfg.data.validation_split:.0%} held out of it (seed {cfg.data.seed})"
-                if split == "validation" and not cfg.data.validation_file else "")
+        held = (
+            f", the {cfg.data.validation_split:.0%} held out of it (seed {cfg.data.seed})"
+            if split == "validation" and not cfg.data.validation_file
+            else ""
+        )
         metric_sections += [f"{split.capitalize()}: {n} examples of {_hashed(f)}{held}.", "", markdown_table(rows), ""]
     has_int8 = "model.int8.onnx" in models
     run = f'python onnx_inference.py . "{tasks.get(task).example_text}"'
-    body = "\n".join([
-        f"# {cfg.name} {cfg.version}", "",
-        f"**{'Validated' if passed else 'REJECTED'}** {pipeline_tag} model in ONNX: "
-        + ", ".join(f"`{n}`" for n in models) + ".", "",
-        "## Labels", "", ", ".join(f"`{n}`" for n in names), "",
-        "## Lineage", "", "Each stage, oldest first, with the sha256 of what it made (of a model dir: of its "
-        "top-level files' names and contents) and of its data files:", "",
-        *[f"{i}. {s}" for i, s in enumerate(steps, 1)], "",
-        "## Inputs and outputs", "", markdown_table(onnx_signature(bundle / "model.onnx")), "",
-        "Named axes are dynamic (any batch size, any length up to the model's maximum). Token ids come from "
-        f"`tokenizer.json`: {tok['type']} ({tok['class']}), lowercase {tok['lowercase']}, model_max_length "
-        f"{tok['model_max_length']}. Evaluated with inputs truncated to {cfg.data.max_seq_length} tokens "
-        f"(`onnx_inference.py --max-length {cfg.data.max_seq_length}`).", "",
-        "## Metrics", "", *metric_sections,
-        f"The gate judges {tasks.get(task).primary_metric} on the validation data; its checks, measured values and "
-        "latency are in validation.md.", "",
-        f"Latency was measured on {cpu_text(results['cpu'])}, "
-        f"{results['threads']} thread(s).", "",
-        "## Limits", "",
-        f"- Inputs longer than {cfg.data.max_seq_length} tokens were truncated in evaluation; the model "
-        "saw no longer ones.",
-        "- Scores hold for data like the evaluation set; other domains need their own check.",
-        "- int8 kernels differ by CPU (the ISA flags above): re-run `hpcnlp validate` on the target CPU type."
-        if has_int8 else "", "",
-        "## How to run", "",
-        "Needs only `onnxruntime`, `tokenizers` and `numpy` (no torch, no transformers):", "",
-        "```bash", run,
-        "python onnx_inference.py --model model.int8.onnx . \"...\"   # the int8 model" if has_int8 else "",
-        "```", "",
-        "## How to verify", "",
-        "In this directory, either of:", "",
-        "```bash",
-        f"sha256sum -c {SUMS}   # every file's checksum, with coreutils only",
-        "hpcnlp verify .          # checksums and sizes against manifest.json, nothing unlisted, the gate "
-        "passed, ONNX models load",
-        "```", ""])
+    body = "\n".join(
+        [
+            f"# {cfg.name} {cfg.version}",
+            "",
+            f"**{'Validated' if passed else 'REJECTED'}** {pipeline_tag} model in ONNX: "
+            + ", ".join(f"`{n}`" for n in models)
+            + ".",
+            "",
+            "## Labels",
+            "",
+            ", ".join(f"`{n}`" for n in names),
+            "",
+            "## Lineage",
+            "",
+            "Each stage, oldest first, with the sha256 of what it made (of a model dir: of its "
+            "top-level files' names and contents) and of its data files:",
+            "",
+            *[f"{i}. {s}" for i, s in enumerate(steps, 1)],
+            "",
+            "## Inputs and outputs",
+            "",
+            markdown_table(onnx_signature(bundle / "model.onnx")),
+            "",
+            "Named axes are dynamic (any batch size, any length up to the model's maximum). Token ids come from "
+            f"`tokenizer.json`: {tok['type']} ({tok['class']}), lowercase {tok['lowercase']}, model_max_length "
+            f"{tok['model_max_length']}. Evaluated with inputs truncated to {cfg.data.max_seq_length} tokens "
+            f"(`onnx_inference.py --max-length {cfg.data.max_seq_length}`).",
+            "",
+            "## Metrics",
+            "",
+            *metric_sections,
+            f"The gate judges {tasks.get(task).primary_metric} on the validation data; its checks, measured values and "
+            "latency are in validation.md.",
+            "",
+            f"Latency was measured on {cpu_text(results['cpu'])}, {results['threads']} thread(s).",
+            "",
+            "## Limits",
+            "",
+            f"- Inputs longer than {cfg.data.max_seq_length} tokens were truncated in evaluation; the model "
+            "saw no longer ones.",
+            "- Scores hold for data like the evaluation set; other domains need their own check.",
+            "- int8 kernels differ by CPU (the ISA flags above): re-run `hpcnlp validate` on the target CPU type."
+            if has_int8
+            else "",
+            "",
+            "## How to run",
+            "",
+            "Needs only `onnxruntime`, `tokenizers` and `numpy` (no torch, no transformers):",
+            "",
+            "```bash",
+            run,
+            'python onnx_inference.py --model model.int8.onnx . "..."   # the int8 model' if has_int8 else "",
+            "```",
+            "",
+            "## How to verify",
+            "",
+            "In this directory, either of:",
+            "",
+            "```bash",
+            f"sha256sum -c {SUMS}   # every file's checksum, with coreutils only",
+            "hpcnlp verify .          # checksums and sizes against manifest.json, nothing unlisted, the gate "
+            "passed, ONNX models load",
+            "```",
+            "",
+        ]
+    )
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))

@@ -7,6 +7,7 @@ by cost: per-channel weights cost nothing at run time, static QDQ needs calibrat
 ranges, and every MatMul kept in fp32 gives back part of int8's speed and size. Recipes are made by
 hpcnlp.ship.quantize; each is measured against the PyTorch reference and judged with the gate's int8 rows.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,18 +15,18 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from hpcnlp import tasks
 from hpcnlp.ship.edge_cases import compare_edge, edge_summary, run_edge_cases
 from hpcnlp.ship.gate import int8_checks
 from hpcnlp.ship.measure import PARITY_BATCH, Reference, metric_drop, predict
 from hpcnlp.ship.onnx import ort_runner, ort_session
 from hpcnlp.ship.quantize import Quantizer, Recipe, calibration_set
-from hpcnlp import tasks
 from hpcnlp.tasks import batches, latency
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,11 @@ def sensitive_matmuls(fp32: Path, int8: Path, feeds) -> list[tuple[str, float]]:
     weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     model = onnx.load(str(int8))
     made = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
-    matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.output[0] in made
-               and all(i in made or i in weights for i in n.input)]
+    matmuls = [
+        n
+        for n in graph.node
+        if n.op_type == "MatMul" and n.output[0] in made and all(i in made or i in weights for i in n.input)
+    ]
     outputs = {o.name for o in model.graph.output}
     extra = sorted({t for n in matmuls for t in (*n.input, n.output[0]) if t not in weights} - outputs)
     model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in extra)
@@ -74,13 +78,25 @@ class Attempt:
     seconds: float
 
     def row(self) -> dict:
-        return {"recipe": self.recipe.name, "fp32_nodes": list(self.recipe.fp32_nodes), **self.measured,
-                "seconds": round(self.seconds, 1)}
+        return {
+            "recipe": self.recipe.name,
+            "fp32_nodes": list(self.recipe.fp32_nodes),
+            **self.measured,
+            "seconds": round(self.seconds, 1),
+        }
 
 
-def search(exported: Recipe, exported_path: Path, quantizer: Quantizer, measure: Callable[[Path], dict],
-           work: Path, max_attempts: int, max_seconds: float, max_fp32_nodes: int,
-           rank_feeds: Callable) -> tuple[list[Attempt], Attempt | None, str]:
+def search(
+    exported: Recipe,
+    exported_path: Path,
+    quantizer: Quantizer,
+    measure: Callable[[Path], dict],
+    work: Path,
+    max_attempts: int,
+    max_seconds: float,
+    max_fp32_nodes: int,
+    rank_feeds: Callable,
+) -> tuple[list[Attempt], Attempt | None, str]:
     """Try recipes (order in the module doc) until `measure(path)["passed"]`. Returns every attempt, the
     passing one (None if none passed) and why the search stopped. `max_attempts` counts the recipes made
     here, not the export's own; `rank_feeds()` yields the inputs the sensitivity ranking runs on."""
@@ -124,10 +140,13 @@ def measure_int8(path: Path, ref: Reference, cfg, threads: int) -> dict:
     preds = predict(runner, ref.eval_ds, ref.pad, ref.token_level)
     got = preds.metrics(ref.task, ref.names)
     edge = compare_edge(ref.edge_outputs, run_edge_cases(runner, ref.cases))
-    m = {"metrics": got, "metric_drop": metric_drop(ref.metrics, got, primary) if primary else None,
-         "argmax_agreement": ref.predictions.agreement(preds),
-         "edge_argmax_agreement": edge_summary(edge)["argmax_agreement"],
-         "latency_b1_p50_ms": latency(runner, ref.eval_ds, 1, cfg.latency, ref.pad)["p50_ms"]}
+    m = {
+        "metrics": got,
+        "metric_drop": metric_drop(ref.metrics, got, primary) if primary else None,
+        "argmax_agreement": ref.predictions.agreement(preds),
+        "edge_argmax_agreement": edge_summary(edge)["argmax_agreement"],
+        "latency_b1_p50_ms": latency(runner, ref.eval_ds, 1, cfg.latency, ref.pad)["p50_ms"],
+    }
     failed = [c["check"] for c in int8_checks(m, cfg.thresholds, primary) if not c["passed"]]
     return {**m, "passed": not failed, "failed": failed}
 
@@ -145,33 +164,54 @@ def choose_int8(cfg, staging: Path, ref: Reference, train, threads: int) -> dict
     made = exported.get("quantization") or {}
     recipe = Recipe(static=made.get("mode") == "static", per_channel=bool(made.get("per_channel")))
     s = cfg.int8_search
-    quantizer = Quantizer(staging / "model.onnx", made.get("preset", "avx2"), lambda: calibration_set(
-        train, s.calibration_samples, cfg.data.seed, ref.pad, cfg.data.max_seq_length))
+    quantizer = Quantizer(
+        staging / "model.onnx",
+        made.get("preset", "avx2"),
+        lambda: calibration_set(train, s.calibration_samples, cfg.data.seed, ref.pad, cfg.data.max_seq_length),
+    )
     # ORT's quantizer cannot type the fused ops of an O1-O3 graph (see export): no new recipes from one.
     optimized = exported.get("optimization_level")
     with tempfile.TemporaryDirectory(dir=staging.parent, prefix=".int8-search-") as work:
         tried, chosen, why = search(
-            recipe, int8, quantizer, lambda p: measure_int8(p, ref, cfg, threads), Path(work),
-            max_attempts=0 if optimized else s.max_attempts, max_seconds=s.max_seconds,
+            recipe,
+            int8,
+            quantizer,
+            lambda p: measure_int8(p, ref, cfg, threads),
+            Path(work),
+            max_attempts=0 if optimized else s.max_attempts,
+            max_seconds=s.max_seconds,
             max_fp32_nodes=s.max_fp32_nodes,
-            rank_feeds=lambda: (x for x, _ in batches(ref.sample, PARITY_BATCH, ref.pad)))
+            rank_feeds=lambda: (x for x, _ in batches(ref.sample, PARITY_BATCH, ref.pad)),
+        )
         if chosen is not None and chosen.path != int8:
             os.replace(chosen.path, int8)
         elif chosen is None and cfg.thresholds.int8_fallback == "fp32":
             int8.unlink()  # fp32 ships alone; a rejected bundle keeps the export's int8 for a look
     if optimized and chosen is None:
-        why = (f"model.onnx is ORT-optimized (O{optimized}); other recipes need the plain graph: export with "
-               "optimization_level: 0")
-    out = {"exported_recipe": recipe.name, "attempts": [a.row() for a in tried], "search_stopped": why,
-           "recipe": chosen.recipe.name if chosen else None,
-           "fp32_nodes": list(chosen.recipe.fp32_nodes) if chosen else [],
-           "latency_b1_p50_ms": chosen.measured["latency_b1_p50_ms"] if chosen else None, "reason": None}
+        why = (
+            f"model.onnx is ORT-optimized (O{optimized}); other recipes need the plain graph: export with "
+            "optimization_level: 0"
+        )
+    out = {
+        "exported_recipe": recipe.name,
+        "attempts": [a.row() for a in tried],
+        "search_stopped": why,
+        "recipe": chosen.recipe.name if chosen else None,
+        "fp32_nodes": list(chosen.recipe.fp32_nodes) if chosen else [],
+        "latency_b1_p50_ms": chosen.measured["latency_b1_p50_ms"] if chosen else None,
+        "reason": None,
+    }
     if chosen is None:
         best = max(tried, key=lambda a: a.measured["argmax_agreement"])
-        out["reason"] = (f"no int8 recipe passed ({len(tried)} tried; search stopped: {why}); closest: "
-                         f"{best.recipe.name}, failed: {', '.join(best.measured['failed'])}")
-        log.warning("int8: %s; %s", out["reason"], "fp32 ships alone" if cfg.thresholds.int8_fallback == "fp32"
-                    else "rejecting (int8_fallback: reject)")
+        out["reason"] = (
+            f"no int8 recipe passed ({len(tried)} tried; search stopped: {why}); closest: "
+            f"{best.recipe.name}, failed: {', '.join(best.measured['failed'])}"
+        )
+        log.warning(
+            "int8: %s; %s",
+            out["reason"],
+            "fp32 ships alone" if cfg.thresholds.int8_fallback == "fp32" else "rejecting (int8_fallback: reject)",
+        )
     elif chosen.recipe != recipe:
         log.info("int8: the export's %s missed the gate; %s passed", recipe.name, chosen.recipe.name)
     return out

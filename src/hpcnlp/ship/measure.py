@@ -2,21 +2,21 @@
 from, on real eval data. Parity (per output: max abs diff, argmax agreement) on N eval examples, the task
 metrics on every eval set, the edge cases (hpcnlp.ship.edge_cases), latency, the CPU. The judging is
 hpcnlp.ship.gate's."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from hpcnlp import tasks
 from hpcnlp.ship.edge_cases import edge_cases, edge_results, run_edge_cases
 from hpcnlp.ship.onnx import ort_runner, ort_session, providers
-from hpcnlp import tasks
-from hpcnlp.tasks import (METRIC_BATCH, auto_model_class, batches, cpu, label_names, latency, metrics,
-                          torch_runner)
+from hpcnlp.tasks import METRIC_BATCH, auto_model_class, batches, cpu, label_names, latency, metrics, torch_runner
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,10 @@ class Predictions:
     def metrics(self, task: str, names: list[str]) -> dict:
         return metrics(task, self.logits, self.labels, names)
 
-    def agreement(self, other: "Predictions") -> float:
-        same = sum(int((a.argmax(-1) == b.argmax(-1))[k].sum())
-                   for a, b, k in zip(self.logits, other.logits, self.keep))
+    def agreement(self, other: Predictions) -> float:
+        same = sum(
+            int((a.argmax(-1) == b.argmax(-1))[k].sum()) for a, b, k in zip(self.logits, other.logits, self.keep)
+        )
         return same / sum(int(k.sum()) for k in self.keep)
 
 
@@ -103,9 +104,17 @@ def reference(cfg, model_dir: str, task: str, tokenizer, eval_ds) -> Reference:
     pad = tokenizer.pad_token_id
     sample = eval_ds.select(range(min(cfg.num_examples, len(eval_ds))))
     cases = edge_cases(tokenizer, cfg.data, task)
-    return Reference(task, label_names(model_dir), pad, eval_ds, sample, cases,
-                     predictions=predict(runner, eval_ds, pad, tasks.get(task).token_level),
-                     edge_outputs=run_edge_cases(runner, cases), runner=runner)
+    return Reference(
+        task,
+        label_names(model_dir),
+        pad,
+        eval_ds,
+        sample,
+        cases,
+        predictions=predict(runner, eval_ds, pad, tasks.get(task).token_level),
+        edge_outputs=run_edge_cases(runner, cases),
+        runner=runner,
+    )
 
 
 def measure(cfg, staging: Path, ref: Reference, data, int8: dict | None, threads: int) -> dict:
@@ -117,23 +126,41 @@ def measure(cfg, staging: Path, ref: Reference, data, int8: dict | None, threads
     if (staging / "model.int8.onnx").is_file():
         runners["onnx_int8"] = ort_runner(ort_session(staging / "model.int8.onnx", threads))
     eval_ds, pad = ref.eval_ds, ref.pad
-    results = {"task": ref.task, "eval_file": data.files["validation"], "eval_examples": len(eval_ds),
-               "parity_examples": len(ref.sample), "threads": threads,
-               "providers": providers(),
-               "parity": {k: parity(runners["pytorch"], r, ref.sample, pad, ref.token_level)
-                          for k, r in runners.items() if k != "pytorch"},
-               "metrics": {k: ref.metrics if k == "pytorch" else ref.score(r, eval_ds) for k, r in runners.items()}}
+    results = {
+        "task": ref.task,
+        "eval_file": data.files["validation"],
+        "eval_examples": len(eval_ds),
+        "parity_examples": len(ref.sample),
+        "threads": threads,
+        "providers": providers(),
+        "parity": {
+            k: parity(runners["pytorch"], r, ref.sample, pad, ref.token_level)
+            for k, r in runners.items()
+            if k != "pytorch"
+        },
+        "metrics": {k: ref.metrics if k == "pytorch" else ref.score(r, eval_ds) for k, r in runners.items()},
+    }
     log.info("parity %s", {k: (v["max_abs_diff"], v["argmax_agreement"]) for k, v in results["parity"].items()})
     if int8:
         results["int8"] = int8
     results["edge_cases"] = edge_results(runners, ref.cases, ref.edge_outputs)
-    results["extra_eval"] = {name: {"file": data.files[name], "examples": len(data.splits[name]),
-                                    "metrics": {k: ref.score(r, data.splits[name]) for k, r in runners.items()}}
-                             for name in cfg.data.extra_eval_files}  # reported, not gated
-    results["latency"] = {k: {str(b): latency(r, eval_ds, b, cfg.latency, pad) for b in cfg.latency.batch_sizes}
-                          for k, r in runners.items()}
+    results["extra_eval"] = {
+        name: {
+            "file": data.files[name],
+            "examples": len(data.splits[name]),
+            "metrics": {k: ref.score(r, data.splits[name]) for k, r in runners.items()},
+        }
+        for name in cfg.data.extra_eval_files
+    }  # reported, not gated
+    results["latency"] = {
+        k: {str(b): latency(r, eval_ds, b, cfg.latency, pad) for b in cfg.latency.batch_sizes}
+        for k, r in runners.items()
+    }
     results["cpu"] = cpu()
     if "test" in data.splits:  # held-out data, reported beside the validation file's; the gate stays on that
-        results.update(test_file=data.files["test"], test_examples=len(data.splits["test"]),
-                       test_metrics={k: ref.score(r, data.splits["test"]) for k, r in runners.items()})
+        results.update(
+            test_file=data.files["test"],
+            test_examples=len(data.splits["test"]),
+            test_metrics={k: ref.score(r, data.splits["test"]) for k, r in runners.items()},
+        )
     return results

@@ -1,6 +1,7 @@
 """onnxruntime for the gate: sessions on CUDA where onnxruntime has it (else CPU), and runners with the
 same call as hpcnlp.tasks.torch_runner (model inputs -> named outputs), so that every model is measured
 the same way."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,6 +30,7 @@ def ort_runner(session):
 
     def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(names, session.run(names, {k: v for k, v in inputs.items() if k in wanted})))
+
     return run
 
 

@@ -8,6 +8,7 @@ Prints one JSON object per input text: {"text", "label", "score"} for a sequence
 {"text", "words", "tags"} for a token classifier (words split on whitespace, each word tagged by
 its first sub-token, as in training).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,11 @@ class Bundle:
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def logits(self, encodings) -> np.ndarray:
-        feeds = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings],
-                 "token_type_ids": [e.type_ids for e in encodings]}
+        feeds = {
+            "input_ids": [e.ids for e in encodings],
+            "attention_mask": [e.attention_mask for e in encodings],
+            "token_type_ids": [e.type_ids for e in encodings],
+        }
         feeds = {k: np.array(v, dtype=np.int64) for k, v in feeds.items() if k in self.inputs}
         return self.session.run(["logits"], feeds)[0]
 
@@ -43,8 +47,10 @@ class Bundle:
             logits = self.logits(self.tokenizer.encode_batch(texts))
             probs = np.exp(logits - logits.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
-            return [{"text": t, "label": self.id2label[int(p.argmax())], "score": round(float(p.max()), 4)}
-                    for t, p in zip(texts, probs)]
+            return [
+                {"text": t, "label": self.id2label[int(p.argmax())], "score": round(float(p.max()), 4)}
+                for t, p in zip(texts, probs)
+            ]
         words = [t.split() for t in texts]
         encodings = self.tokenizer.encode_batch(words, is_pretokenized=True)
         out = []

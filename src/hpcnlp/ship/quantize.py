@@ -4,15 +4,16 @@ validate's recipe search (hpcnlp.ship.int8_search).
 A recipe is dynamic or static (QDQ, activation ranges calibrated on training rows), per-tensor or
 per-channel weights, plus MatMul nodes kept in fp32 (onnxruntime's `nodes_to_exclude`).
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class Quantizer:
         from optimum.onnxruntime.configuration import AutoCalibrationConfig, AutoQuantizationConfig
 
         qconfig = getattr(AutoQuantizationConfig, self.preset)(
-            is_static=recipe.static, per_channel=recipe.per_channel, nodes_to_exclude=list(recipe.fp32_nodes))
+            is_static=recipe.static, per_channel=recipe.per_channel, nodes_to_exclude=list(recipe.fp32_nodes)
+        )
         quantizer = ORTQuantizer.from_pretrained(self.fp32.parent, file_name=self.fp32.name)
         # Optimum also writes config, tokenizer and ort_config.json where it saves: a scratch dir, only the
         # model is kept.
@@ -76,11 +78,17 @@ class Quantizer:
                 calib = self.calibration()
                 self.calibration_rows = len(calib)
                 with _quiet_root_logger():
-                    self._ranges = quantizer.fit(dataset=calib, calibration_config=AutoCalibrationConfig.minmax(calib),
-                                                 operators_to_quantize=qconfig.operators_to_quantize,
-                                                 onnx_augmented_model_name=Path(tmp) / "augmented_model.onnx")
+                    self._ranges = quantizer.fit(
+                        dataset=calib,
+                        calibration_config=AutoCalibrationConfig.minmax(calib),
+                        operators_to_quantize=qconfig.operators_to_quantize,
+                        onnx_augmented_model_name=Path(tmp) / "augmented_model.onnx",
+                    )
             with _quiet_root_logger():
-                quantizer.quantize(quantization_config=qconfig, save_dir=tmp,
-                                   calibration_tensors_range=self._ranges if recipe.static else None)
+                quantizer.quantize(
+                    quantization_config=qconfig,
+                    save_dir=tmp,
+                    calibration_tensors_range=self._ranges if recipe.static else None,
+                )
             os.replace(Path(tmp) / f"{self.fp32.stem}_quantized.onnx", dest)
         return Path(dest)

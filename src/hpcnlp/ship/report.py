@@ -1,17 +1,18 @@
 """A bundle's reports: validation.md (the gate, parity, metrics, latency, the int8 recipes tried, the edge
 cases, the out-of-domain eval sets), validation.json (every measurement), latency.png,
 validate.resolved.yaml and MODEL_CARD.md (hpcnlp.ship.card)."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from hpcnlp import tasks
 from hpcnlp.config import dump_config
 from hpcnlp.report import markdown_table, save_figure
 from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
 from hpcnlp.ship import card
 from hpcnlp.ship.edge_cases import PAIR_TEXT
-from hpcnlp import tasks
 from hpcnlp.tasks import cpu_text
 
 
@@ -21,20 +22,40 @@ def report_sections(results: dict) -> list[str]:
     out = []
     int8 = results.get("int8")
     if int8:
-        rows = [{"recipe": a["recipe"], f"{primary} drop": a["metric_drop"],
-                 "flip rate": round(1 - a["argmax_agreement"], 4),
-                 "edge-case flip rate": round(1 - a["edge_argmax_agreement"], 4),
-                 "batch-1 p50 ms": a["latency_b1_p50_ms"], "passed": a["passed"],
-                 "failed": ", ".join(a["failed"]) or "-"} for a in int8["attempts"]]
+        rows = [
+            {
+                "recipe": a["recipe"],
+                f"{primary} drop": a["metric_drop"],
+                "flip rate": round(1 - a["argmax_agreement"], 4),
+                "edge-case flip rate": round(1 - a["edge_argmax_agreement"], 4),
+                "batch-1 p50 ms": a["latency_b1_p50_ms"],
+                "passed": a["passed"],
+                "failed": ", ".join(a["failed"]) or "-",
+            }
+            for a in int8["attempts"]
+        ]
         if int8["recipe"]:
-            verdict = (f"Shipped as model.int8.onnx: **{int8['recipe']}**, batch-1 p50 "
-                       f"{int8['latency_b1_p50_ms']} ms."
-                       + (f" MatMuls kept in fp32: {', '.join(f'`{n}`' for n in int8['fp32_nodes'])}."
-                          if int8["fp32_nodes"] else ""))
+            verdict = (
+                f"Shipped as model.int8.onnx: **{int8['recipe']}**, batch-1 p50 "
+                f"{int8['latency_b1_p50_ms']} ms."
+                + (
+                    f" MatMuls kept in fp32: {', '.join(f'`{n}`' for n in int8['fp32_nodes'])}."
+                    if int8["fp32_nodes"]
+                    else ""
+                )
+            )
         else:
             verdict = f"**No int8 model ships**: {int8['reason']}."
-        out += ["## int8 recipes tried", "", f"In order, flip rate vs PyTorch on the whole eval set; search "
-                f"stopped: {int8['search_stopped']}.", "", markdown_table(rows), "", verdict, ""]
+        out += [
+            "## int8 recipes tried",
+            "",
+            f"In order, flip rate vs PyTorch on the whole eval set; search stopped: {int8['search_stopped']}.",
+            "",
+            markdown_table(rows),
+            "",
+            verdict,
+            "",
+        ]
     if "edge_cases" in results:
         rows = []
         for c in results["edge_cases"]:
@@ -44,17 +65,41 @@ def report_sections(results: dict) -> list[str]:
                     row[f"{k} max abs diff"] = c[k].get("max_abs_diff", c[k].get("error"))
                     row[f"{k} argmax agrees"] = f"{c[k]['agree']}/{c[k]['compared']}"
             rows.append(row)
-        out += ["## Edge cases (gated)", "", "Each input alone (no padding), truncated to data.max_seq_length; "
-                "ONNX vs PyTorch." + (f" Pairs: second text {json.dumps(PAIR_TEXT)}."
-                                      if results["edge_cases"][0].get("pair") else ""), "",
-                markdown_table(rows), ""]
+        out += [
+            "## Edge cases (gated)",
+            "",
+            "Each input alone (no padding), truncated to data.max_seq_length; "
+            "ONNX vs PyTorch."
+            + (f" Pairs: second text {json.dumps(PAIR_TEXT)}." if results["edge_cases"][0].get("pair") else ""),
+            "",
+            markdown_table(rows),
+            "",
+        ]
     if results.get("extra_eval"):
-        rows = [{"eval set": name, "file": e["file"], "examples": e["examples"],
-                 **{k: m.get(primary) for k, m in e["metrics"].items()}}
-                for name, e in {"in-domain": {"file": results["eval_file"], "examples": results["eval_examples"],
-                                              "metrics": results["metrics"]}, **results["extra_eval"]}.items()]
-        out += ["## Out-of-domain eval sets (reported, not gated)", "", f"{primary} per model.", "",
-                markdown_table(rows), ""]
+        rows = [
+            {
+                "eval set": name,
+                "file": e["file"],
+                "examples": e["examples"],
+                **{k: m.get(primary) for k, m in e["metrics"].items()},
+            }
+            for name, e in {
+                "in-domain": {
+                    "file": results["eval_file"],
+                    "examples": results["eval_examples"],
+                    "metrics": results["metrics"],
+                },
+                **results["extra_eval"],
+            }.items()
+        ]
+        out += [
+            "## Out-of-domain eval sets (reported, not gated)",
+            "",
+            f"{primary} per model.",
+            "",
+            markdown_table(rows),
+            "",
+        ]
     return out
 
 
@@ -83,28 +128,64 @@ def plot_latency(lat: dict, path: Path, title: str) -> Path:
 def write_reports(out: Path, cfg, task: str, names: list[str], results: dict, passed: bool) -> None:
     """validation.md, validation.json, latency.png, validate.resolved.yaml and MODEL_CARD.md into `out` (the
     staged bundle). cfg: validate's config."""
-    lat_rows = [{"model": k, "batch": int(b), **v, "threads": results["threads"]}
-                for k, per in results["latency"].items() for b, v in per.items()]
-    par_rows = [{"model": k, **{f"max abs diff {n}": d for n, d in v["max_abs_diff"].items()},
-                 "argmax agreement": v["argmax_agreement"], "compared": v["compared"]}
-                for k, v in results["parity"].items()]
+    lat_rows = [
+        {"model": k, "batch": int(b), **v, "threads": results["threads"]}
+        for k, per in results["latency"].items()
+        for b, v in per.items()
+    ]
+    par_rows = [
+        {
+            "model": k,
+            **{f"max abs diff {n}": d for n, d in v["max_abs_diff"].items()},
+            "argmax agreement": v["argmax_agreement"],
+            "compared": v["compared"],
+        }
+        for k, v in results["parity"].items()
+    ]
     met_rows = [{"model": k, **v} for k, v in results["metrics"].items()]
-    plot_latency(results["latency"], out / "latency.png", f"{cfg.name} {cfg.version}: latency at seq "
-                 f"{cfg.latency.seq_length}, {results['threads']} thread(s)")
-    body = [f"# Validation of {cfg.name} {cfg.version}: {'PASSED' if passed else 'FAILED'}", "",
-            f"Reference: PyTorch `{cfg.model_name_or_path}`; ONNX from `{cfg.onnx_dir}`; onnxruntime providers "
-            f"{results['providers']}.", "",
-            "## Gate", "", markdown_table(results["checks"]), "",
-            f"## Parity on {results['parity_examples']} eval examples", "", markdown_table(par_rows), "",
-            f"## Task metrics on the whole eval set ({results['eval_examples']} examples of {results['eval_file']})",
-            "", markdown_table(met_rows), "",
-            *([f"## Task metrics on the held-out test set ({results['test_examples']} examples of "
-               f"{results['test_file']}; not gated)", "",
-               markdown_table([{"model": k, **v} for k, v in results["test_metrics"].items()]), ""]
-              if "test_metrics" in results else []),
-            f"## Latency (inputs padded to {cfg.latency.seq_length} tokens, {cfg.latency.repeats} runs)", "",
-            f"CPU: {cpu_text(results['cpu'])}", "",
-            markdown_table(lat_rows), "", "![latency](latency.png)", ""] + report_sections(results)
+    plot_latency(
+        results["latency"],
+        out / "latency.png",
+        f"{cfg.name} {cfg.version}: latency at seq {cfg.latency.seq_length}, {results['threads']} thread(s)",
+    )
+    body = [
+        f"# Validation of {cfg.name} {cfg.version}: {'PASSED' if passed else 'FAILED'}",
+        "",
+        f"Reference: PyTorch `{cfg.model_name_or_path}`; ONNX from `{cfg.onnx_dir}`; onnxruntime providers "
+        f"{results['providers']}.",
+        "",
+        "## Gate",
+        "",
+        markdown_table(results["checks"]),
+        "",
+        f"## Parity on {results['parity_examples']} eval examples",
+        "",
+        markdown_table(par_rows),
+        "",
+        f"## Task metrics on the whole eval set ({results['eval_examples']} examples of {results['eval_file']})",
+        "",
+        markdown_table(met_rows),
+        "",
+        *(
+            [
+                f"## Task metrics on the held-out test set ({results['test_examples']} examples of "
+                f"{results['test_file']}; not gated)",
+                "",
+                markdown_table([{"model": k, **v} for k, v in results["test_metrics"].items()]),
+                "",
+            ]
+            if "test_metrics" in results
+            else []
+        ),
+        f"## Latency (inputs padded to {cfg.latency.seq_length} tokens, {cfg.latency.repeats} runs)",
+        "",
+        f"CPU: {cpu_text(results['cpu'])}",
+        "",
+        markdown_table(lat_rows),
+        "",
+        "![latency](latency.png)",
+        "",
+    ] + report_sections(results)
     atomic_write_text(out / "validation.md", "\n".join(body))
     atomic_write_json(out / "validation.json", results)
     atomic_write_text(out / "validate.resolved.yaml", dump_config(cfg))

@@ -6,6 +6,7 @@ Data are read with the task's reader, with the label set forced to the model's o
 ids mean the same in the data, the PyTorch model and the ONNX file. Below the registry: running a
 model over data (PyTorch and onnxruntime share one runner signature), shared by the jobs and ship/.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +56,10 @@ def task_of(model_dir: str | Path) -> str:
         for task in registry().values():
             if arch.endswith(task.architecture):
                 return task.name
-    raise ValueError(f"{model_dir}/config.json: architectures {config.get('architectures')} is none of the "
-                     f"tasks' ({', '.join(t.architecture for t in registry().values())})")
+    raise ValueError(
+        f"{model_dir}/config.json: architectures {config.get('architectures')} is none of the "
+        f"tasks' ({', '.join(t.architecture for t in registry().values())})"
+    )
 
 
 def model_task(name_or_path: str) -> str | None:
@@ -101,7 +104,7 @@ def batches(ds, batch_size: int, pad_id: int = 0, pad_to: int | None = None):
     """(inputs as int64 numpy arrays, labels or None) per batch, padded to the longest row (or pad_to)."""
     names = [n for n in MODEL_INPUTS if n in ds.column_names]
     for start in range(0, len(ds), batch_size):
-        rows = ds[start:start + batch_size]
+        rows = ds[start : start + batch_size]
         width = pad_to or max(len(x) for x in rows["input_ids"])
         inputs = {}
         for name in names:
@@ -132,6 +135,7 @@ def torch_runner(model):
         with torch.inference_mode():
             out = model(**{k: torch.from_numpy(v).to(model.device) for k, v in inputs.items()})
             return {"logits": out.logits.float().cpu().numpy()}
+
     return run
 
 
@@ -153,8 +157,11 @@ def latency(runner, ds, batch_size: int, cfg, pad_id: int) -> dict:
         t = time.perf_counter()
         runner(inputs)
         times.append((time.perf_counter() - t) * 1000)
-    return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p95_ms": round(float(np.percentile(times, 95)), 3),
-            "samples_per_second": round(batch_size * 1000 / float(np.mean(times)), 1)}
+    return {
+        "p50_ms": round(float(np.percentile(times, 50)), 3),
+        "p95_ms": round(float(np.percentile(times, 95)), 3),
+        "samples_per_second": round(batch_size * 1000 / float(np.mean(times)), 1),
+    }
 
 
 # The x86 extensions onnxruntime's int8 and bf16 kernels pick by: the same model runs at another speed
@@ -170,8 +177,10 @@ def cpu() -> dict:
             key, _, value = line.partition(":")
             info.setdefault(key.strip(), value.strip())  # the first CPU's; a node has one model
     flags = set(info.get("flags", "").split())
-    return {"model": info.get("model name") or platform.processor() or platform.machine(),
-            "flags": {flag: flag in flags for flag in ISA_FLAGS}}
+    return {
+        "model": info.get("model name") or platform.processor() or platform.machine(),
+        "flags": {flag: flag in flags for flag in ISA_FLAGS},
+    }
 
 
 def cpu_text(info: dict) -> str:

@@ -4,10 +4,12 @@ classification and fill-mask, in one object per task module (hpcnlp/tasks/<task>
 A job never compares task names: it asks the task (`get(name)`, `task_of(model_dir)`) for its model
 class, data reader, collator, metrics and scoring. docs/architecture.md: adding a task.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 """Sequence classification: one label per text (or text pair); macro F1 over classes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,14 @@ def score(output, ds, label_names: list[str], data) -> tuple[dict, list[dict]]:
         row = {"where": ex["where"], "text": ex["text"]}
         if "text_pair" in ex:
             row["text_pair"] = ex["text_pair"]
-        rows.append({**row, "gold": label_names[ex["labels"]], "predicted": label_names[pred[i]],
-                     "score": round(float(probs[i, pred[i]]), 4)})
+        rows.append(
+            {
+                **row,
+                "gold": label_names[ex["labels"]],
+                "predicted": label_names[pred[i]],
+                "score": round(float(probs[i, pred[i]]), 4),
+            }
+        )
     return metrics, rows
 
 
@@ -35,13 +42,23 @@ def batch_metrics(logits: list, labels: list, names: list[str]) -> dict:
 
 
 TASK = Task(
-    name="sequence-classification", architecture="ForSequenceClassification",
-    auto_model="AutoModelForSequenceClassification", optimum_task="text-classification",
-    primary_metric="accuracy", data_formats=("csv", "tsv", "jsonl", "parquet"), peft_task_type="SEQ_CLS",
+    name="sequence-classification",
+    architecture="ForSequenceClassification",
+    auto_model="AutoModelForSequenceClassification",
+    optimum_task="text-classification",
+    primary_metric="accuracy",
+    data_formats=("csv", "tsv", "jsonl", "parquet"),
+    peft_task_type="SEQ_CLS",
     reader=classification,
-    data_columns=lambda d: {"text_column": d.text_column, "label_column": d.label_column,
-                            "text_pair_column": d.text_pair_column},
-    collator=_collator, compute_metrics=lambda names, data: m.classification_compute_metrics(names),
-    score=score, batch_metrics=batch_metrics,
+    data_columns=lambda d: {
+        "text_column": d.text_column,
+        "label_column": d.label_column,
+        "text_pair_column": d.text_pair_column,
+    },
+    collator=_collator,
+    compute_metrics=lambda names, data: m.classification_compute_metrics(names),
+    score=score,
+    batch_metrics=batch_metrics,
     encode=lambda tok, text, pair, n: tok(text, pair, truncation=True, max_length=n),
-    example_text="a text to classify")
+    example_text="a text to classify",
+)

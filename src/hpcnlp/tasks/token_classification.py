@@ -1,4 +1,5 @@
 """Token classification (NER): one BIO tag per word; entity F1 (seqeval), scored per word."""
+
 from __future__ import annotations
 
 from hpcnlp import metrics as m
@@ -27,8 +28,16 @@ def score(output, ds, label_names: list[str], data) -> tuple[dict, list[dict]]:
         scores = [round(float(probs[i, first[w], k]), 4) if w in first else None for w, k in enumerate(ids)]
         gold.append(ex["tags"])
         pred.append(tags)
-        rows.append({"where": ex["where"], "text": " ".join(ex["tokens"]), "tokens": ex["tokens"],
-                     "gold": ex["tags"], "predicted": tags, "score": scores})
+        rows.append(
+            {
+                "where": ex["where"],
+                "text": " ".join(ex["tokens"]),
+                "tokens": ex["tokens"],
+                "gold": ex["tags"],
+                "predicted": tags,
+                "score": scores,
+            }
+        )
     return m.ner_metrics(gold, pred, data.strict_iob2), rows
 
 
@@ -42,12 +51,23 @@ def batch_metrics(logits: list, labels: list, names: list[str]) -> dict:
 
 
 TASK = Task(
-    name="token-classification", architecture="ForTokenClassification",
-    auto_model="AutoModelForTokenClassification", optimum_task="token-classification",
-    primary_metric="f1", token_level=True, data_formats=("conll", "jsonl"), peft_task_type="TOKEN_CLS",
-    reader=ner, data_columns=lambda d: {"tokens_column": d.tokens_column, "tags_column": d.tags_column},
-    collator=_collator, compute_metrics=lambda names, data: m.ner_compute_metrics(names, data.strict_iob2),
-    score=score, batch_metrics=batch_metrics, accuracy_key="token_accuracy", per_label_key="per_type",
+    name="token-classification",
+    architecture="ForTokenClassification",
+    auto_model="AutoModelForTokenClassification",
+    optimum_task="token-classification",
+    primary_metric="f1",
+    token_level=True,
+    data_formats=("conll", "jsonl"),
+    peft_task_type="TOKEN_CLS",
+    reader=ner,
+    data_columns=lambda d: {"tokens_column": d.tokens_column, "tags_column": d.tags_column},
+    collator=_collator,
+    compute_metrics=lambda names, data: m.ner_compute_metrics(names, data.strict_iob2),
+    score=score,
+    batch_metrics=batch_metrics,
+    accuracy_key="token_accuracy",
+    per_label_key="per_type",
     per_label_title="entity type",
     encode=lambda tok, text, pair, n: tok(text.split(), is_split_into_words=True, truncation=True, max_length=n),
-    example_text="Jane Doe flew to Paris")
+    example_text="Jane Doe flew to Paris",
+)

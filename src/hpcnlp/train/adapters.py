@@ -6,10 +6,11 @@ alone (`<output_dir>/adapter/`: adapter_model.safetensors + adapter_config.json,
 merged model (`merge_and_unload`: a plain model of the base architecture, no LoRA ops) to output_dir,
 so distill, export and validate take it like any other.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from hpcnlp.config import AdapterConfig, Problem
 from hpcnlp.runtime.io import is_inside
@@ -20,7 +21,10 @@ from hpcnlp.runtime.io import is_inside
 _BERT_LIKE = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "bert": _BERT_LIKE,  # also MiniLM (a BertModel)
-    "roberta": _BERT_LIKE, "xlm-roberta": _BERT_LIKE, "camembert": _BERT_LIKE, "electra": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "camembert": _BERT_LIKE,
+    "electra": _BERT_LIKE,
     "mpnet": ["attn.q", "attn.k", "attn.v", "attn.o", "intermediate.dense", "output.dense"],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "ffn.lin1", "ffn.lin2"],
 }
@@ -45,8 +49,9 @@ def layer_linear_names(model) -> list[str]:
     return sorted(n for n, m in layer.named_modules() if n and isinstance(m, torch.nn.Linear))
 
 
-def check(adapter: AdapterConfig | None, name_or_path: str | None, pending: Iterable[str],
-          trust_remote_code: bool = False) -> list[Problem]:
+def check(
+    adapter: AdapterConfig | None, name_or_path: str | None, pending: Iterable[str], trust_remote_code: bool = False
+) -> list[Problem]:
     """Target modules the model has (built empty from its config.json: no weights are read)."""
     if adapter is None or name_or_path is None or is_inside(name_or_path, pending):
         return []
@@ -64,12 +69,22 @@ def check(adapter: AdapterConfig | None, name_or_path: str | None, pending: Iter
         return []  # the model check reports a model that cannot be read
     targets = target_modules(adapter, config.model_type)
     if targets is None:
-        return [Problem(key="adapter.target_modules", message=f"no default for model_type '{config.model_type}'",
-                        fix=f"list some of its layers' linear modules: {names}")]
+        return [
+            Problem(
+                key="adapter.target_modules",
+                message=f"no default for model_type '{config.model_type}'",
+                fix=f"list some of its layers' linear modules: {names}",
+            )
+        ]
     missing = [t for t in targets if not any(_matches(n, t) for n in names)]
     if missing:
-        return [Problem(key="adapter.target_modules", message=f"{missing} not in the encoder layers of "
-                        f"'{name_or_path}' ({config.model_type})", fix=f"use some of the modules it has: {names}")]
+        return [
+            Problem(
+                key="adapter.target_modules",
+                message=f"{missing} not in the encoder layers of '{name_or_path}' ({config.model_type})",
+                fix=f"use some of the modules it has: {names}",
+            )
+        ]
     return []
 
 
@@ -95,9 +110,14 @@ def wrap(model, adapter: AdapterConfig, task_type: str | None):
     from peft import LoraConfig, TaskType, get_peft_model
 
     task_type = TaskType[task_type] if task_type else None
-    lora = LoraConfig(r=adapter.r, lora_alpha=adapter.lora_alpha, lora_dropout=adapter.lora_dropout,
-                      target_modules=target_modules(adapter, model.config.model_type),
-                      modules_to_save=head_modules(model), task_type=task_type)
+    lora = LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.lora_alpha,
+        lora_dropout=adapter.lora_dropout,
+        target_modules=target_modules(adapter, model.config.model_type),
+        modules_to_save=head_modules(model),
+        task_type=task_type,
+    )
     return get_peft_model(model, lora)
 
 
@@ -110,8 +130,10 @@ def is_adapter_model(model) -> bool:
 
 
 def parameter_counts(model) -> dict:
-    return {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total_parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def save_adapter(model, path: Path) -> None:

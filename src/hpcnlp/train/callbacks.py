@@ -1,4 +1,5 @@
 """Trainer callbacks every training job uses: throughput/ETA/memory logging, and the log history."""
+
 from __future__ import annotations
 
 import logging
@@ -54,20 +55,35 @@ class ThroughputCallback(TrainerCallback):
         logs.update(peak_memory_mb())
         self._t, self._step, self._tokens = now, state.global_step, state.num_input_tokens_seen
         if state.is_world_process_zero:
-            log.info("step %d/%d loss %.4f lr %.3g | %s tok/s %s samples/s | ETA %s | rss %s MB%s",
-                     state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", 0),
-                     f"{logs['tokens_per_second']:,.0f}", logs["samples_per_second"],
-                     _hms(logs["eta_seconds"]), logs["peak_rss_mb"],
-                     f" gpu {logs['peak_gpu_mb']} MB" if "peak_gpu_mb" in logs else "")
+            log.info(
+                "step %d/%d loss %.4f lr %.3g | %s tok/s %s samples/s | ETA %s | rss %s MB%s",
+                state.global_step,
+                state.max_steps,
+                logs["loss"],
+                logs.get("learning_rate", 0),
+                f"{logs['tokens_per_second']:,.0f}",
+                logs["samples_per_second"],
+                _hms(logs["eta_seconds"]),
+                logs["peak_rss_mb"],
+                f" gpu {logs['peak_gpu_mb']} MB" if "peak_gpu_mb" in logs else "",
+            )
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         # The metrics otherwise only reach trainer_state.json inside the next checkpoint.
         if not metrics or not state.is_world_process_zero:
             return
-        shown = {k.removeprefix("eval_"): round(v, 4) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_per_second", "epoch"))}
-        log.info("eval at step %d/%d (epoch %.2f): %s", state.global_step, state.max_steps, state.epoch or 0,
-                 " ".join(f"{k} {v}" for k, v in shown.items()))
+        shown = {
+            k.removeprefix("eval_"): round(v, 4)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_per_second", "epoch"))
+        }
+        log.info(
+            "eval at step %d/%d (epoch %.2f): %s",
+            state.global_step,
+            state.max_steps,
+            state.epoch or 0,
+            " ".join(f"{k} {v}" for k, v in shown.items()),
+        )
 
 
 def _hms(seconds: float) -> str:

@@ -1,12 +1,13 @@
 """The Trainer run that pretrain, finetune and distill share; each job adds only its data, model, metrics.
 
-    run = TrainingRun(cfg, remove_unused_columns=False)     # TrainingArguments, seed
-    trainer = run.trainer(model=..., train_dataset=..., ...)  # + throughput/ETA log, preemption, resume target
-    code = run.train()                                        # None: finished, every rank holds the same weights
-    if code is not None: return code                          # 75: checkpointed for requeue; 1: ranks drifted
-    run.save()                                                # model (safetensors), tokenizer, config
-    if run.is_main: run.write_report(title, {**run.metrics(), ...}, sections)
+run = TrainingRun(cfg, remove_unused_columns=False)     # TrainingArguments, seed
+trainer = run.trainer(model=..., train_dataset=..., ...)  # + throughput/ETA log, preemption, resume target
+code = run.train()                                        # None: finished, every rank holds the same weights
+if code is not None: return code                          # 75: checkpointed for requeue; 1: ranks drifted
+run.save()                                                # model (safetensors), tokenizer, config
+if run.is_main: run.write_report(title, {**run.metrics(), ...}, sections)
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,16 +18,16 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from hpcnlp.train import adapters
 from hpcnlp.config import ConfigError, Problem, TrainingConfig, TrainingJobConfig, dump_config
 from hpcnlp.report import plot_loss, write_report
 from hpcnlp.runtime import env, rundir, status
 from hpcnlp.runtime.checkpoints import resume_target
 from hpcnlp.runtime.io import atomic_write_text, normal_mode
 from hpcnlp.runtime.preempt import PreemptionCallback, requeue_exit
+from hpcnlp.train import adapters
 from hpcnlp.train.callbacks import CheckpointMarker, ThroughputCallback, peak_memory_mb
-from hpcnlp.train.watchdog import StepWatchdog
 from hpcnlp.train.replicas import replicas_identical
+from hpcnlp.train.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,18 @@ def nvidia_driver() -> str:
     if not shutil.which("nvidia-smi"):
         return "no nvidia-smi"
     try:
-        res = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
+        res = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"nvidia-smi failed ({e})"
     lines = res.stdout.split()
-    return lines[0] if res.returncode == 0 and lines else f"nvidia-smi failed ({(res.stderr or res.stdout).strip()[:120]})"
+    return (
+        lines[0] if res.returncode == 0 and lines else f"nvidia-smi failed ({(res.stderr or res.stdout).strip()[:120]})"
+    )
 
 
 def cuda_guard(source: str = "<config>") -> None:
@@ -65,11 +72,19 @@ def cuda_guard(source: str = "<config>") -> None:
     if (gpus <= 0 and visible in ("", "-1", "NoDevFiles")) or torch.cuda.is_available():
         return
     given = f"{gpus} GPU(s)" if gpus > 0 else f"CUDA_VISIBLE_DEVICES={visible}"
-    raise ConfigError(source, [Problem(
-        key="cuda", message=f"Slurm gave this job {given} but torch.cuda.is_available() is False "
-        f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'none: a CPU build'}; driver {nvidia_driver()})",
-        fix="use a node whose NVIDIA driver supports that CUDA version (CUDA 13 wheels need driver >= 580), run "
-            "the container with GPUs (apptainer --nv, pyxis, podman CDI), or submit without GPUs")])
+    raise ConfigError(
+        source,
+        [
+            Problem(
+                key="cuda",
+                message=f"Slurm gave this job {given} but torch.cuda.is_available() is False "
+                f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'none: a CPU build'}; "
+                f"driver {nvidia_driver()})",
+                fix="use a node whose NVIDIA driver supports that CUDA version (CUDA 13 wheels need driver >= 580), "
+                "run the container with GPUs (apptainer --nv, pyxis, podman CDI), or submit without GPUs",
+            )
+        ],
+    )
 
 
 def training_arguments(t: TrainingConfig, output_dir: str, **job_settings) -> TrainingArguments:
@@ -141,8 +156,9 @@ class ResumableTrainer(Trainer):
             return PreparedOrderSampler(len(dataset), self.args.data_seed or self.args.seed)
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
-            sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths,
-                                                      self.args.data_seed or self.args.seed)
+            sampler = EpochSeededLengthGroupedSampler(
+                sampler.batch_size, sampler.lengths, self.args.data_seed or self.args.seed
+            )
         return sampler
 
 
@@ -165,8 +181,14 @@ class StatusCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs:
-            status.update(self.path, state="running", step=state.global_step, max_steps=state.max_steps,
-                          loss=logs["loss"], eta_seconds=logs.get("eta_seconds"))
+            status.update(
+                self.path,
+                state="running",
+                step=state.global_step,
+                max_steps=state.max_steps,
+                loss=logs["loss"],
+                eta_seconds=logs.get("eta_seconds"),
+            )
 
 
 class TrainingRun:
@@ -203,12 +225,18 @@ class TrainingRun:
 
     def trainer(self, trainer_class=ResumableTrainer, callbacks=(), **kwargs) -> Trainer:
         a = self.args
-        self.throughput = ThroughputCallback(a.per_device_train_batch_size * a.gradient_accumulation_steps
-                                             * a.world_size)
+        self.throughput = ThroughputCallback(
+            a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+        )
         self.preemption = PreemptionCallback(self.cfg.output_dir)
         self.marker = CheckpointMarker(self.run_id)
-        own = [self.throughput, self.preemption, self.marker, StatusCallback(self.out / "status.json"),
-               StepWatchdog(self.cfg.output_dir, self.cfg.step_timeout_minutes)]
+        own = [
+            self.throughput,
+            self.preemption,
+            self.marker,
+            StatusCallback(self.out / "status.json"),
+            StepWatchdog(self.cfg.output_dir, self.cfg.step_timeout_minutes),
+        ]
         self._trainer = trainer_class(args=a, callbacks=[*own, *callbacks], **kwargs)
         self._trainer.remove_callback(PrinterCallback)  # ThroughputCallback logs instead
         self.checkpoint = resume_target(self.cfg.resume, self.out, self.run_id, restarted=self.restarted)
@@ -272,8 +300,9 @@ class TrainingRun:
             "slurm_job_id": env.slurm_job_id(),
         }
 
-    def write_report(self, title: str, metrics: dict, sections: list[tuple[str, str]], images=(),
-                     plot_title: str | None = None) -> None:
+    def write_report(
+        self, title: str, metrics: dict, sections: list[tuple[str, str]], images=(), plot_title: str | None = None
+    ) -> None:
         """config.resolved.yaml, loss.png, report.md, and metrics.json last (it marks the run finished)."""
         atomic_write_text(self.out / "config.resolved.yaml", dump_config(self.cfg))
         plot = plot_loss(self._trainer.state.log_history, self.out / "loss.png", plot_title or title)

@@ -8,6 +8,7 @@ gathered, and the model's *own* head modules run on those rows only. Same parame
 exactly as before. The forward is swapped on the instance, so DDP, DeepSpeed and the Trainer all
 call it through the normal `model(**batch)` path.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,11 +41,14 @@ HEADS = {
 }
 
 
-def _sparse_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
-                    return_dict=None):
+def _sparse_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, return_dict=None):
     if labels is None:  # inference: the stock forward, full logits
-        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                  **({"token_type_ids": token_type_ids} if token_type_ids is not None else {}))
+        return type(self).forward(
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **({"token_type_ids": token_type_ids} if token_type_ids is not None else {}),
+        )
     encoder_attr, head = HEADS[self.config.model_type]
     extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
     hidden = getattr(self, encoder_attr)(input_ids=input_ids, attention_mask=attention_mask, **extra)[0]
@@ -61,8 +65,10 @@ def _sparse_forward(self, input_ids=None, attention_mask=None, token_type_ids=No
 def enable_sparse_mlm_head(model) -> bool:
     """Swap in the sparse forward when the architecture is known; else keep the stock one (logged)."""
     if model.config.model_type not in HEADS:
-        log.info("sparse MLM head: no recipe for model_type '%s'; using the stock forward "
-                 "(head on every position)", model.config.model_type)
+        log.info(
+            "sparse MLM head: no recipe for model_type '%s'; using the stock forward (head on every position)",
+            model.config.model_type,
+        )
         return False
     model.forward = types.MethodType(_sparse_forward, model)
     return True
@@ -111,8 +117,9 @@ def _pad_offsets(features: list[dict]) -> list[dict]:
     if "offset_mapping" not in features[0]:
         return features
     n = max(len(f["input_ids"]) for f in features)
-    return [{**f, "offset_mapping": list(f["offset_mapping"]) + [[0, 0]] * (n - len(f["offset_mapping"]))}
-            for f in features]
+    return [
+        {**f, "offset_mapping": list(f["offset_mapping"]) + [[0, 0]] * (n - len(f["offset_mapping"]))} for f in features
+    ]
 
 
 def masker(tokenizer, mlm_probability: float, whole_word_mask: bool, seed: int | None = None):
@@ -121,8 +128,9 @@ def masker(tokenizer, mlm_probability: float, whole_word_mask: bool, seed: int |
     # Whole-word masking only replaces with [MASK]; say so up front (transformers' own warning
     # for this case raises a TypeError in 4.57).
     replace = {"mask_replace_prob": 1.0, "random_replace_prob": 0.0} if whole_word_mask else {}
-    return DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability,
-                                           whole_word_mask=whole_word_mask, seed=seed, **replace)
+    return DataCollatorForLanguageModeling(
+        tokenizer, mlm_probability=mlm_probability, whole_word_mask=whole_word_mask, seed=seed, **replace
+    )
 
 
 def fixed_eval_masks(eval_ds, tokenizer, mlm_probability: float, whole_word_mask: bool, seed: int):
@@ -132,8 +140,10 @@ def fixed_eval_masks(eval_ds, tokenizer, mlm_probability: float, whole_word_mask
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         out = fixed(_pad_offsets(rows))
         lengths = [len(r["input_ids"]) for r in rows]
-        return {"input_ids": [ids[:n].tolist() for ids, n in zip(out["input_ids"], lengths)],
-                "labels": [lab[:n].tolist() for lab, n in zip(out["labels"], lengths)]}
+        return {
+            "input_ids": [ids[:n].tolist() for ids, n in zip(out["input_ids"], lengths)],
+            "labels": [lab[:n].tolist() for lab, n in zip(out["labels"], lengths)],
+        }
 
     # In memory (data.max_eval_blocks bounds it): datasets would otherwise write its cache file next to
     # the prepared shards, a dir shared by every run and rank.
@@ -152,15 +162,19 @@ def load_masked_lm(cfg, tokenizer):
 
     if cfg.init == "scratch":
         s = cfg.scratch
-        config = BertConfig(vocab_size=len(tokenizer), hidden_size=s.hidden_size,
-                            num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
-                            intermediate_size=s.intermediate_size,
-                            max_position_embeddings=max(512, cfg.data.max_seq_length),
-                            pad_token_id=tokenizer.pad_token_id)
+        config = BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=s.hidden_size,
+            num_hidden_layers=s.num_hidden_layers,
+            num_attention_heads=s.num_attention_heads,
+            intermediate_size=s.intermediate_size,
+            max_position_embeddings=max(512, cfg.data.max_seq_length),
+            pad_token_id=tokenizer.pad_token_id,
+        )
         return BertForMaskedLM(config), True
-    model, info = AutoModelForMaskedLM.from_pretrained(resolve_model_path(cfg.model_name_or_path),
-                                                       trust_remote_code=cfg.trust_remote_code,
-                                                       output_loading_info=True)
+    model, info = AutoModelForMaskedLM.from_pretrained(
+        resolve_model_path(cfg.model_name_or_path), trust_remote_code=cfg.trust_remote_code, output_loading_info=True
+    )
     head = set(mlm_head_parameter_names(model))
     return model, any(k in head for k in info["missing_keys"])
 
@@ -214,9 +228,13 @@ class HeadWarmupTrainer(ResumableTrainer):
         n, rest = self.head_warmup_steps, max(num_training_steps - self.head_warmup_steps, 1)
         # The Trainer's own schedule (type, warm-up, kwargs) over the steps after the warm-up, as a function.
         probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        normal = get_scheduler(self.args.lr_scheduler_type, probe, num_warmup_steps=self.args.get_warmup_steps(rest),
-                               num_training_steps=rest,
-                               scheduler_specific_kwargs=self.args.lr_scheduler_kwargs).lr_lambdas[0]
+        normal = get_scheduler(
+            self.args.lr_scheduler_type,
+            probe,
+            num_warmup_steps=self.args.get_warmup_steps(rest),
+            num_training_steps=rest,
+            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+        ).lr_lambdas[0]
         ratio = self.args.learning_rate / (self.head_learning_rate or self.args.learning_rate)
 
         def encoder(step):
@@ -225,7 +243,8 @@ class HeadWarmupTrainer(ResumableTrainer):
         def head(step):  # its own constant rate first, then the encoder's
             return 1.0 if step < n else ratio * normal(step - n)
 
-        self.lr_scheduler = LambdaLR(optimizer, [head if g.get("mlm_head") else encoder
-                                                 for g in optimizer.param_groups])
+        self.lr_scheduler = LambdaLR(
+            optimizer, [head if g.get("mlm_head") else encoder for g in optimizer.param_groups]
+        )
         self._created_lr_scheduler = True
         return self.lr_scheduler

@@ -1,4 +1,5 @@
 """After data-parallel training every rank must hold the same weights; check it, cheaply."""
+
 from __future__ import annotations
 
 import logging
@@ -29,6 +30,8 @@ def replicas_identical(model: torch.nn.Module) -> bool | None:
     dist.all_gather(gathered, sums)
     same = all(torch.equal(g.cpu(), gathered[0].cpu()) for g in gathered)
     if not same:
-        log.error("the ranks hold different weights after training: gradients were not all-reduced, so this "
-                  "was not one data-parallel run. Nothing saved; please report it with this log")
+        log.error(
+            "the ranks hold different weights after training: gradients were not all-reduced, so this "
+            "was not one data-parallel run. Nothing saved; please report it with this log"
+        )
     return same

@@ -6,6 +6,7 @@ while its process runs. Training steps, evaluation batches and checkpoint saves 
 When a rank sees no progress for the limit, it reads the heartbeats: a rank whose heartbeat stopped
 is stalled itself (SIGSTOP, a hung node); else every rank waits on something (a dead peer, slow I/O).
 """
+
 from __future__ import annotations
 
 import json
@@ -65,18 +66,21 @@ class StepWatchdog(TrainerCallback):
         (self.dir / f"rank-{self.rank}.json").unlink(missing_ok=True)
 
     def _beat(self):
-        atomic_write_json(self.dir / f"rank-{self.rank}.json", {"rank": self.rank, "host": self.host,
-                                                               "pid": os.getpid(), "step": self.step,
-                                                               "time": time.time()})
+        atomic_write_json(
+            self.dir / f"rank-{self.rank}.json",
+            {"rank": self.rank, "host": self.host, "pid": os.getpid(), "step": self.step, "time": time.time()},
+        )
 
     def _watch(self):
         while not self._stop.wait(self.beat):
             self._beat()
             idle = time.monotonic() - self.last_progress
             if idle > self.timeout:
-                message = (f"rank {self.rank} on {self.host}: no training step for {idle / 60:.1f} min "
-                           f"(step_timeout_minutes {self.timeout / 60:g}, last step {self.step}); "
-                           f"{self._stalled_ranks()}")
+                message = (
+                    f"rank {self.rank} on {self.host}: no training step for {idle / 60:.1f} min "
+                    f"(step_timeout_minutes {self.timeout / 60:g}, last step {self.step}); "
+                    f"{self._stalled_ranks()}"
+                )
                 log.error("%s; failing the job (exit %d)", message, status.EXIT_STALLED)
                 logging.shutdown()
                 status.stalled(message)
@@ -89,6 +93,8 @@ class StepWatchdog(TrainerCallback):
             except (OSError, ValueError):
                 continue
             if now - beat["time"] > 3 * self.beat:
-                stale.append(f"rank {beat['rank']} on {beat['host']} (pid {beat['pid']}, step {beat['step']}, "
-                             f"silent for {now - beat['time']:.0f} s)")
+                stale.append(
+                    f"rank {beat['rank']} on {beat['host']} (pid {beat['pid']}, step {beat['step']}, "
+                    f"silent for {now - beat['time']:.0f} s)"
+                )
         return ("stalled: " + ", ".join(stale)) if stale else "every rank is alive but waiting"

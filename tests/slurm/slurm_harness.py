@@ -136,11 +136,12 @@ SITE_GRACE = 60  # seconds between the preemption's SIGTERM and its SIGKILL in t
 def site_lines(host: str, nodes: int, cpus: int, node_ports: list[int], dbd_port: int) -> list[str]:
     """What makes the site look like production (docs/reliability.md, "The test site").
 
-    Not here, and why: task/cgroup and proctrack/cgroup. This machine has a hybrid cgroup v1 tree
-    (cpuset, memory, ... mounted by the container runtime, our processes in its memory cgroup), shared
-    with any other LocalSlurm on it: slurmd's cgroup/v1 plugin puts every job under one fixed
-    hierarchy (slurm/uid_<uid>/job_<id>), so two clusters' job ids would collide, and confinement
-    would be the container's, not a compute node's. Binding (task/affinity) is what is tested.
+    Not here, and why: task/cgroup and proctrack/cgroup (confinement). This machine is a container
+    with a hybrid cgroup v1 tree (cpuset, memory, devices... mounted by its runtime; our processes sit
+    in the runtime's memory cgroup), and any other LocalSlurm on it has nodes with the same names:
+    slurmd's cgroup/v1 plugin builds its job hierarchy from fixed names under those shared mounts, so
+    two clusters would create and clean up each other's cgroups. Not attempted, for that reason: the
+    binding (task/affinity) is what is tested, and confinement is left to a real site.
     """
     return [
         # Tasks bound to the CPUs Slurm gave them (sched_setaffinity): a rank sees only its cores.
@@ -255,8 +256,13 @@ class LocalSlurm:
         conf.write_text(slurmdbd_conf(self.root, dbd_port, db_port))
         conf.chmod(0o600)
         subprocess.run(["/usr/sbin/slurmdbd"], check=True, env=self.env)
-        self._until(lambda: self.run("sacctmgr", "-n", "list", "cluster", check=False, timeout=20).returncode == 0, timeout,
-                    "slurmdbd")
+        def dbd_answers() -> bool:
+            try:
+                return self.run("sacctmgr", "-n", "list", "cluster", check=False, timeout=20).returncode == 0
+            except subprocess.TimeoutExpired:
+                return False
+
+        self._until(dbd_answers, timeout, "slurmdbd")
 
     def _add_associations(self) -> None:
         """The cluster (before slurmctld registers), accounts, a QOS and this user in every account."""

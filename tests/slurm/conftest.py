@@ -1,4 +1,5 @@
-"""Real-Slurm fixtures: one local cluster (munge + slurmctld + 2 slurmd) for the whole session.
+"""Real-Slurm fixtures: one local cluster (munge + slurmctld + 2 slurmd) for the whole session, and
+the production-like site (`site`: LocalSlurm(site=True), for test_site.py) while its module runs.
 
 Jobs are submitted from a tmp dir with HPCNLP_HOME pointing at the repo, so logs (%x-%j.out) and
 launcher state land in tmp, never in the checkout. Job helpers are in cluster_jobs.py.

@@ -1,4 +1,5 @@
-"""Real-Slurm fixtures: one local cluster (munge + slurmctld + 2 slurmd) for the whole session.
+"""Real-Slurm fixtures: one local cluster (munge + slurmctld + 2 slurmd) for the whole session, and
+the production-like site (`site`: LocalSlurm(site=True), for test_site.py) while its module runs.
 
 Jobs are submitted from a tmp dir with HPCNLP_HOME pointing at the repo, so logs (%x-%j.out) and
 launcher state land in tmp, never in the checkout. Job helpers are in cluster_jobs.py.
@@ -34,9 +35,32 @@ def cluster_corpus(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def job_env(slurm) -> dict:
+def job_environment(cluster: LocalSlurm) -> dict:
     """Environment for sbatch: the cluster's SLURM_CONF, one thread per process, offline HF."""
-    return {**slurm.env, "HPCNLP_HOME": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+    return {**cluster.env, "HPCNLP_HOME": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def job_env(slurm) -> dict:
+    return job_environment(slurm)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The production-like site (LocalSlurm(site=True): task/affinity, fake GPUs, preemption, slurmdbd +
+    MariaDB), for tests/slurm/test_site.py only: the other tests keep the friendly cluster, whose two
+    unbound nodes do not share one core (see docs/reliability.md, "The test site")."""
+    reason = can_run()
+    if reason:
+        pytest.skip(f"no local Slurm: {reason}")
+    # Job ids of its own: launchers derive rendezvous ports from them, and the friendly cluster may be up.
+    cluster = LocalSlurm(tmp_path_factory.mktemp("site"), nodes=2, site=True, first_job_id=5001).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def site_env(site) -> dict:
+    return job_environment(site)

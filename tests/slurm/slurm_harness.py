@@ -10,6 +10,12 @@ at start, so it does not touch /etc/slurm and can run next to another Slurm. Sto
     cluster.stop()
 
 Use `cluster.env` (SLURM_CONF set) for your own sbatch/squeue/scontrol calls.
+
+`site=True` makes it look like a production GPU site (tests/slurm/test_site.py, docs/reliability.md
+"The test site"): task/affinity binding, 4 fake GPUs per node as GRES, partitions `cpu` (default),
+`gpu` (preemptable, GraceTime) and `gpu-high` (higher PriorityTier) with partition-priority
+preemption by requeue, and accounting through slurmdbd into a MariaDB the harness runs in its own
+directory (own port and socket), with a cluster, accounts, a QOS and the user added by sacctmgr.
 """
 from __future__ import annotations
 
@@ -18,11 +24,17 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
 
 APT_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+SITE_APT_PACKAGES = ["slurmdbd", "mariadb-server"]  # accounting (site=True)
+SITE_BINARIES = ("slurmdbd", "mariadbd", "mariadb-install-db", "sacctmgr")
+# site=True: the accounts and QOS sacctmgr creates; the submitting user gets all (default: the first)
+SITE_ACCOUNTS = ("nlp", "vision")
+SITE_QOS = {"high": 100}  # name: Priority
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
 
@@ -38,13 +50,21 @@ def can_run() -> str | None:
     return None
 
 
-def install() -> None:
-    """apt-get install Slurm and munge when missing (~15 s on Debian 12)."""
-    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
+def _which(b: str) -> bool:
+    return bool(shutil.which(b) or shutil.which(b, path="/usr/sbin:/usr/bin:/sbin:/bin"))
+
+
+def install(site: bool = False) -> None:
+    """apt-get install Slurm and munge when missing (~15 s on Debian 12); with `site`, slurmdbd and
+    MariaDB too (~30 s more). The MariaDB service is not started: the harness runs its own."""
+    packages = [] if all(_which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")) else APT_PACKAGES
+    if site and not all(_which(b) for b in SITE_BINARIES):
+        packages = [*packages, *SITE_APT_PACKAGES]
+    if not packages:
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages], check=True, env=env)
 
 
 def free_ports(n: int) -> list[int]:
@@ -67,17 +87,19 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def slurm_conf(root: Path, host: str, nodes: int, cpus: int, ctld_port: int, node_ports: list[int]) -> str:
+def slurm_conf(root: Path, host: str, nodes: int, cpus: int, ctld_port: int, node_ports: list[int],
+               dbd_port: int | None = None) -> str:
+    """The friendly cluster's slurm.conf; with `dbd_port`, the production-like site's (see `site_lines`)."""
+    site = dbd_port is not None
     lines = [
-        "ClusterName=hpcnlp-ci",
+        "ClusterName=hpcnlp-site" if site else "ClusterName=hpcnlp-ci",
         f"SlurmctldHost={host}(127.0.0.1)",
         f"SlurmctldPort={ctld_port}",
         "SlurmUser=root", "SlurmdUser=root",
         "AuthType=auth/munge", "CredType=cred/munge",
         "MpiDefault=none", "MailProg=/bin/true",
-        # No cgroups on this machine (and none needed): plain process tracking.
-        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-        "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+        # Plain process tracking: no cgroup confinement (see site_lines for why not even on the site).
+        "ProctrackType=proctrack/linuxproc",
         "SchedulerType=sched/backfill",
         "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
         "ReturnToService=2",
@@ -89,19 +111,80 @@ def slurm_conf(root: Path, host: str, nodes: int, cpus: int, ctld_port: int, nod
         f"SlurmdLogFile={root}/log/slurmd-%n.log",
         "SlurmctldDebug=info", "SlurmdDebug=info",
         "SlurmctldTimeout=30", "SlurmdTimeout=30",
-        "MinJobAge=600",  # finished jobs stay visible to `scontrol show job` (there is no sacct here)
+        "MinJobAge=600",  # finished jobs stay visible to `scontrol show job` (the friendly one has no sacct)
         "KillWait=10",
+        # N nodes each claiming this machine's cores: slurmd accepts the config, not the hardware count.
         "SlurmdParameters=config_overrides",
-        f"NodeName=n[1-{nodes}] NodeHostname={host} NodeAddr=127.0.0.1 "
-        f"Port=[{node_ports[0]}-{node_ports[-1]}] CPUs={cpus} RealMemory=8000 State=UNKNOWN",
-        "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
     ]
+    if not site:
+        lines += [
+            "TaskPlugin=task/none",
+            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+            f"NodeName=n[1-{nodes}] NodeHostname={host} NodeAddr=127.0.0.1 "
+            f"Port=[{node_ports[0]}-{node_ports[-1]}] CPUs={cpus} RealMemory=8000 State=UNKNOWN",
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+        ]
+    else:
+        lines += site_lines(host, nodes, cpus, node_ports, dbd_port)
     return "\n".join(lines) + "\n"
 
 
+SITE_GPUS = 4  # fake GPUs per node
+SITE_GRACE = 60  # seconds between the preemption's SIGTERM and its SIGKILL in the preemptable partitions
+
+
+def site_lines(host: str, nodes: int, cpus: int, node_ports: list[int], dbd_port: int) -> list[str]:
+    """What makes the site look like production (docs/reliability.md, "The test site").
+
+    Not here, and why: task/cgroup and proctrack/cgroup (confinement). This machine is a container
+    with a hybrid cgroup v1 tree (cpuset, memory, devices... mounted by its runtime; our processes sit
+    in the runtime's memory cgroup), and any other LocalSlurm on it has nodes with the same names:
+    slurmd's cgroup/v1 plugin builds its job hierarchy from fixed names under those shared mounts, so
+    two clusters would create and clean up each other's cgroups. Not attempted, for that reason: the
+    binding (task/affinity) is what is tested, and confinement is left to a real site.
+    """
+    return [
+        # Tasks bound to the CPUs Slurm gave them (sched_setaffinity): a rank sees only its cores.
+        "TaskPlugin=task/affinity",
+        # Fake GPUs: 4 per node, GRES with device files (gres.conf), no NVML autodetection.
+        "GresTypes=gpu",
+        # Partition-priority preemption: a job in a higher PriorityTier partition requeues the jobs of
+        # lower tiers that hold the resources it needs (SIGTERM, GraceTime, SIGKILL, requeue).
+        "PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE",
+        # Accounting: slurmdbd into MariaDB; jobs need a valid account/association and QOS.
+        "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageHost=127.0.0.1",
+        f"AccountingStoragePort={dbd_port}", "AccountingStorageEnforce=associations,limits,qos",
+        "AccountingStorageTRES=gres/gpu",
+        "JobAcctGatherType=jobacct_gather/linux", "JobAcctGatherFrequency=10",
+        f"NodeName=n[1-{nodes}] NodeHostname={host} NodeAddr=127.0.0.1 "
+        f"Port=[{node_ports[0]}-{node_ports[-1]}] CPUs={cpus} RealMemory=8000 Gres=gpu:{SITE_GPUS} State=UNKNOWN",
+        "PartitionName=cpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1",
+        f"PartitionName=gpu Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=1 GraceTime={SITE_GRACE}",
+        "PartitionName=gpu-high Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF",
+    ]
+
+
+def gres_conf(root: Path, nodes: int) -> str:
+    """4 fake GPUs per node: device files the harness makes (character devices like /dev/null, 1:3),
+    named as NVIDIA's are so Slurm numbers them 0..3 (CUDA_VISIBLE_DEVICES); no NVML (AutoDetect=off)."""
+    return (f"AutoDetect=off\n"
+            f"NodeName=n[1-{nodes}] Name=gpu File={root}/dev/nvidia[0-{SITE_GPUS - 1}]\n")
+
+
+def slurmdbd_conf(root: Path, dbd_port: int, db_port: int) -> str:
+    return "\n".join([
+        "AuthType=auth/munge", "DbdHost=localhost", "DbdAddr=127.0.0.1", f"DbdPort={dbd_port}",
+        "SlurmUser=root", f"PidFile={root}/run/slurmdbd.pid", f"LogFile={root}/log/slurmdbd.log",
+        "DebugLevel=info", "StorageType=accounting_storage/mysql", "StorageHost=127.0.0.1",
+        f"StoragePort={db_port}", "StorageUser=slurm", "StoragePass=slurm", "StorageLoc=slurm_acct_db",
+    ]) + "\n"
+
+
 class LocalSlurm:
-    def __init__(self, root: Path, nodes: int = 2, cpus_per_node: int = 2, first_job_id: int = 1):
+    def __init__(self, root: Path, nodes: int = 2, cpus_per_node: int = 2, first_job_id: int = 1,
+                 site: bool = False):
         self.root = Path(root)
+        self.site = site
         self.nodes = nodes
         self.cpus = cpus_per_node
         # Launchers derive rendezvous ports from job ids: a second cluster on this machine (the image
@@ -113,7 +196,7 @@ class LocalSlurm:
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self, timeout: float = 60) -> "LocalSlurm":
-        install()
+        install(self.site)
         for d in ("state", "spool", "run", "log"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         host = socket.gethostname().split(".")[0]  # `hostname -s`: slurmctld insists on it
@@ -122,9 +205,16 @@ class LocalSlurm:
         while not all(_port_free(p) for p in range(base, base + self.nodes + 1)):
             base += self.nodes + 1
         node_ports = list(range(base, base + self.nodes))
-        self.conf.write_text(slurm_conf(self.root, host, self.nodes, self.cpus, base + self.nodes, node_ports)
-                             + f"FirstJobId={self.first_job_id}\n")
+        dbd_port = db_port = None
+        if self.site:
+            dbd_port, db_port = free_ports(2)
+        self.conf.write_text(slurm_conf(self.root, host, self.nodes, self.cpus, base + self.nodes, node_ports,
+                                        dbd_port) + f"FirstJobId={self.first_job_id}\n")
         self._start_munge()
+        if self.site:
+            (self.root / "gres.conf").write_text(gres_conf(self.root, self.nodes))
+            self._start_accounting(dbd_port, db_port)
+            self._add_associations()
         subprocess.run(["/usr/sbin/slurmctld", "-c", "-f", str(self.conf)], check=True, env=self.env)
         for i in range(1, self.nodes + 1):
             (self.root / "spool" / f"n{i}").mkdir(exist_ok=True)
@@ -137,6 +227,64 @@ class LocalSlurm:
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"Slurm nodes did not come up in {timeout}s; see {self.root}/log")
+
+    def _start_accounting(self, dbd_port: int, db_port: int, timeout: float = 60) -> None:
+        """MariaDB (own datadir, socket, port; as root) with the accounting database, then slurmdbd."""
+        dev = self.root / "dev"  # the fake GPUs' device files (gres.conf)
+        dev.mkdir(exist_ok=True)
+        for i in range(SITE_GPUS):
+            if not (dev / f"nvidia{i}").exists():
+                os.mknod(dev / f"nvidia{i}", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        db, sock = self.root / "mysql", self.root / "run" / "mysqld.sock"
+        if not (db / "mysql").is_dir():
+            subprocess.run(["mariadb-install-db", "--no-defaults", "--user=root", f"--datadir={db}",
+                            "--auth-root-authentication-method=socket", "--skip-test-db"],
+                           check=True, capture_output=True)
+        with open(self.root / "log" / "mariadbd.out", "ab") as out:
+            subprocess.Popen(["/usr/sbin/mariadbd", "--no-defaults", "--user=root", f"--datadir={db}",
+                              f"--socket={sock}", f"--port={db_port}", "--bind-address=127.0.0.1",
+                              f"--pid-file={self.root}/run/mariadbd.pid", f"--log-error={self.root}/log/mariadbd.log",
+                              "--skip-name-resolve", "--skip-log-bin", "--innodb-buffer-pool-size=32M"],
+                             stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
+        sql = ("CREATE DATABASE IF NOT EXISTS slurm_acct_db; "
+               "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm'; "
+               "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';")
+        self._until(lambda: subprocess.run(["mariadb", "--no-defaults", f"--socket={sock}", "-u", "root", "-e", sql],
+                                           capture_output=True).returncode == 0, timeout, "MariaDB")
+        # slurmdbd reads slurmdbd.conf next to $SLURM_CONF; it must be private to SlurmUser.
+        conf = self.root / "slurmdbd.conf"
+        conf.write_text(slurmdbd_conf(self.root, dbd_port, db_port))
+        conf.chmod(0o600)
+        subprocess.run(["/usr/sbin/slurmdbd"], check=True, env=self.env)
+        def dbd_answers() -> bool:
+            try:
+                return self.run("sacctmgr", "-n", "list", "cluster", check=False, timeout=20).returncode == 0
+            except subprocess.TimeoutExpired:
+                return False
+
+        self._until(dbd_answers, timeout, "slurmdbd")
+
+    def _add_associations(self) -> None:
+        """The cluster (before slurmctld registers), accounts, a QOS and this user in every account."""
+        user = pwd.getpwuid(os.getuid()).pw_name
+        sacctmgr = ("sacctmgr", "-i")
+        self.run(*sacctmgr, "add", "cluster", "hpcnlp-site")
+        for qos, priority in SITE_QOS.items():
+            self.run(*sacctmgr, "add", "qos", qos, f"Priority={priority}")
+        self.run(*sacctmgr, "add", "account", ",".join(SITE_ACCOUNTS), "Cluster=hpcnlp-site",
+                 "Description=hpcnlp tests", "Organization=hpcnlp")
+        self.run(*sacctmgr, "add", "user", user, f"Account={','.join(SITE_ACCOUNTS)}",
+                 f"DefaultAccount={SITE_ACCOUNTS[0]}", "Cluster=hpcnlp-site")
+        self.run(*sacctmgr, "modify", "user", user, "set", f"QOS=normal,{','.join(SITE_QOS)}", "DefaultQOS=normal")
+
+    def _until(self, ok, timeout: float, what: str) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if ok():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{what} did not come up in {timeout}s; see {self.root}/log")
 
     def _start_munge(self) -> None:
         if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:

@@ -43,9 +43,10 @@ $(VENV)/.installed: requirements/lock.txt requirements/docs.txt requirements/lin
 demo: setup
 	$(BIN)/hpcnlp pipeline --config jobs/demo.yaml --local
 
-# Two workers on the two cores (pytest-xdist); tests/conftest.py keeps each file, and the real-Slurm
-# tests together, on one worker. A single test: .venv/bin/python -m pytest tests/<file>::<test>.
-XDIST := -n 2 --dist loadgroup
+# Two workers on the two cores (pytest-xdist), a test file whole to one worker: its module fixtures are
+# built once, and a worker running real-Slurm tests starts its own local cluster (free ports, own dirs).
+# A single test: .venv/bin/python -m pytest tests/<file>::<test>.
+XDIST := -n 2 --dist loadfile
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) tests
 

@@ -27,16 +27,6 @@ from helpers import (  # noqa: E402
 )
 
 
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs two xdist workers (--dist loadgroup): each test file goes to one worker whole, so
-    its module fixtures are built once; the real-Slurm tests (tests/slurm) share one worker, and so one
-    local cluster. Without xdist the marks do nothing."""
-    for item in items:
-        path = Path(str(item.fspath))
-        group = "slurm" if path.parent.name == "slurm" else path.stem
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     from hpcnlp.models import resolve_model_path

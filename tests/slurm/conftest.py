@@ -4,6 +4,7 @@ the production-like site (`site`: LocalSlurm(site=True), for test_site.py) while
 Jobs are submitted from a tmp dir with HPCNLP_HOME pointing at the repo, so logs (%x-%j.out) and
 launcher state land in tmp, never in the checkout. Job helpers are in cluster_jobs.py.
 """
+
 from __future__ import annotations
 
 import sys
@@ -12,9 +13,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from slurm_harness import LocalSlurm, can_run  # noqa: E402
-
 from cluster_jobs import CORPUS, REPO  # noqa: E402
+from slurm_harness import LocalSlurm, can_run  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +37,17 @@ def cluster_corpus(tmp_path_factory) -> Path:
 
 def job_environment(cluster: LocalSlurm) -> dict:
     """Environment for sbatch: the cluster's SLURM_CONF, one thread per process, offline HF."""
-    return {**cluster.env, "HPCNLP_HOME": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    return {
+        **cluster.env,
+        "HPCNLP_HOME": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ Use `cluster.env` (SLURM_CONF set) for your own sbatch/squeue/scontrol calls.
 preemption by requeue, and accounting through slurmdbd into a MariaDB the harness runs in its own
 directory (own port and socket), with a cluster, accounts, a QOS and the user added by sacctmgr.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,17 @@ SITE_BINARIES = ("slurmdbd", "mariadbd", "mariadb-install-db", "sacctmgr")
 # site=True: the accounts and QOS sacctmgr creates; the submitting user gets all (default: the first)
 SITE_ACCOUNTS = ("nlp", "vision")
 SITE_QOS = {"high": 100}  # name: Priority
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def can_run() -> str | None:
@@ -87,21 +97,26 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def slurm_conf(root: Path, host: str, nodes: int, cpus: int, ctld_port: int, node_ports: list[int],
-               dbd_port: int | None = None) -> str:
+def slurm_conf(
+    root: Path, host: str, nodes: int, cpus: int, ctld_port: int, node_ports: list[int], dbd_port: int | None = None
+) -> str:
     """The friendly cluster's slurm.conf; with `dbd_port`, the production-like site's (see `site_lines`)."""
     site = dbd_port is not None
     lines = [
         "ClusterName=hpcnlp-site" if site else "ClusterName=hpcnlp-ci",
         f"SlurmctldHost={host}(127.0.0.1)",
         f"SlurmctldPort={ctld_port}",
-        "SlurmUser=root", "SlurmdUser=root",
-        "AuthType=auth/munge", "CredType=cred/munge",
-        "MpiDefault=none", "MailProg=/bin/true",
+        "SlurmUser=root",
+        "SlurmdUser=root",
+        "AuthType=auth/munge",
+        "CredType=cred/munge",
+        "MpiDefault=none",
+        "MailProg=/bin/true",
         # Plain process tracking: no cgroup confinement (see site_lines for why not even on the site).
         "ProctrackType=proctrack/linuxproc",
         "SchedulerType=sched/backfill",
-        "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
+        "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_Core",
         "ReturnToService=2",
         f"StateSaveLocation={root}/state",
         f"SlurmdSpoolDir={root}/spool/%n",
@@ -109,8 +124,10 @@ def slurm_conf(root: Path, host: str, nodes: int, cpus: int, ctld_port: int, nod
         f"SlurmdPidFile={root}/run/slurmd-%n.pid",
         f"SlurmctldLogFile={root}/log/slurmctld.log",
         f"SlurmdLogFile={root}/log/slurmd-%n.log",
-        "SlurmctldDebug=info", "SlurmdDebug=info",
-        "SlurmctldTimeout=30", "SlurmdTimeout=30",
+        "SlurmctldDebug=info",
+        "SlurmdDebug=info",
+        "SlurmctldTimeout=30",
+        "SlurmdTimeout=30",
         "MinJobAge=600",  # finished jobs stay visible to `scontrol show job` (the friendly one has no sacct)
         "KillWait=10",
         # N nodes each claiming this machine's cores: slurmd accepts the config, not the hardware count.
@@ -119,7 +136,8 @@ def slurm_conf(root: Path, host: str, nodes: int, cpus: int, ctld_port: int, nod
     if not site:
         lines += [
             "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
             f"NodeName=n[1-{nodes}] NodeHostname={host} NodeAddr=127.0.0.1 "
             f"Port=[{node_ports[0]}-{node_ports[-1]}] CPUs={cpus} RealMemory=8000 State=UNKNOWN",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
@@ -150,12 +168,16 @@ def site_lines(host: str, nodes: int, cpus: int, node_ports: list[int], dbd_port
         "GresTypes=gpu",
         # Partition-priority preemption: a job in a higher PriorityTier partition requeues the jobs of
         # lower tiers that hold the resources it needs (SIGTERM, GraceTime, SIGKILL, requeue).
-        "PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE",
+        "PreemptType=preempt/partition_prio",
+        "PreemptMode=REQUEUE",
         # Accounting: slurmdbd into MariaDB; jobs need a valid account/association and QOS.
-        "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageHost=127.0.0.1",
-        f"AccountingStoragePort={dbd_port}", "AccountingStorageEnforce=associations,limits,qos",
+        "AccountingStorageType=accounting_storage/slurmdbd",
+        "AccountingStorageHost=127.0.0.1",
+        f"AccountingStoragePort={dbd_port}",
+        "AccountingStorageEnforce=associations,limits,qos",
         "AccountingStorageTRES=gres/gpu",
-        "JobAcctGatherType=jobacct_gather/linux", "JobAcctGatherFrequency=10",
+        "JobAcctGatherType=jobacct_gather/linux",
+        "JobAcctGatherFrequency=10",
         f"NodeName=n[1-{nodes}] NodeHostname={host} NodeAddr=127.0.0.1 "
         f"Port=[{node_ports[0]}-{node_ports[-1]}] CPUs={cpus} RealMemory=8000 Gres=gpu:{SITE_GPUS} State=UNKNOWN",
         "PartitionName=cpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1",
@@ -167,22 +189,35 @@ def site_lines(host: str, nodes: int, cpus: int, node_ports: list[int], dbd_port
 def gres_conf(root: Path, nodes: int) -> str:
     """4 fake GPUs per node: device files the harness makes (character devices like /dev/null, 1:3),
     named as NVIDIA's are so Slurm numbers them 0..3 (CUDA_VISIBLE_DEVICES); no NVML (AutoDetect=off)."""
-    return (f"AutoDetect=off\n"
-            f"NodeName=n[1-{nodes}] Name=gpu File={root}/dev/nvidia[0-{SITE_GPUS - 1}]\n")
+    return f"AutoDetect=off\nNodeName=n[1-{nodes}] Name=gpu File={root}/dev/nvidia[0-{SITE_GPUS - 1}]\n"
 
 
 def slurmdbd_conf(root: Path, dbd_port: int, db_port: int) -> str:
-    return "\n".join([
-        "AuthType=auth/munge", "DbdHost=localhost", "DbdAddr=127.0.0.1", f"DbdPort={dbd_port}",
-        "SlurmUser=root", f"PidFile={root}/run/slurmdbd.pid", f"LogFile={root}/log/slurmdbd.log",
-        "DebugLevel=info", "StorageType=accounting_storage/mysql", "StorageHost=127.0.0.1",
-        f"StoragePort={db_port}", "StorageUser=slurm", "StoragePass=slurm", "StorageLoc=slurm_acct_db",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "AuthType=auth/munge",
+                "DbdHost=localhost",
+                "DbdAddr=127.0.0.1",
+                f"DbdPort={dbd_port}",
+                "SlurmUser=root",
+                f"PidFile={root}/run/slurmdbd.pid",
+                f"LogFile={root}/log/slurmdbd.log",
+                "DebugLevel=info",
+                "StorageType=accounting_storage/mysql",
+                "StorageHost=127.0.0.1",
+                f"StoragePort={db_port}",
+                "StorageUser=slurm",
+                "StoragePass=slurm",
+                "StorageLoc=slurm_acct_db",
+            ]
+        )
+        + "\n"
+    )
 
 
 class LocalSlurm:
-    def __init__(self, root: Path, nodes: int = 2, cpus_per_node: int = 2, first_job_id: int = 1,
-                 site: bool = False):
+    def __init__(self, root: Path, nodes: int = 2, cpus_per_node: int = 2, first_job_id: int = 1, site: bool = False):
         self.root = Path(root)
         self.site = site
         self.nodes = nodes
@@ -195,7 +230,7 @@ class LocalSlurm:
         self._munged_pid: int | None = None  # set only when we started munged
 
     # --- lifecycle ----------------------------------------------------------------------
-    def start(self, timeout: float = 60) -> "LocalSlurm":
+    def start(self, timeout: float = 60) -> LocalSlurm:
         install(self.site)
         for d in ("state", "spool", "run", "log"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
@@ -208,8 +243,10 @@ class LocalSlurm:
         dbd_port = db_port = None
         if self.site:
             dbd_port, db_port = free_ports(2)
-        self.conf.write_text(slurm_conf(self.root, host, self.nodes, self.cpus, base + self.nodes, node_ports,
-                                        dbd_port) + f"FirstJobId={self.first_job_id}\n")
+        self.conf.write_text(
+            slurm_conf(self.root, host, self.nodes, self.cpus, base + self.nodes, node_ports, dbd_port)
+            + f"FirstJobId={self.first_job_id}\n"
+        )
         self._start_munge()
         if self.site:
             (self.root / "gres.conf").write_text(gres_conf(self.root, self.nodes))
@@ -237,25 +274,60 @@ class LocalSlurm:
                 os.mknod(dev / f"nvidia{i}", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         db, sock = self.root / "mysql", self.root / "run" / "mysqld.sock"
         if not (db / "mysql").is_dir():
-            subprocess.run(["mariadb-install-db", "--no-defaults", "--user=root", f"--datadir={db}",
-                            "--auth-root-authentication-method=socket", "--skip-test-db"],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "mariadb-install-db",
+                    "--no-defaults",
+                    "--user=root",
+                    f"--datadir={db}",
+                    "--auth-root-authentication-method=socket",
+                    "--skip-test-db",
+                ],
+                check=True,
+                capture_output=True,
+            )
         with open(self.root / "log" / "mariadbd.out", "ab") as out:
-            subprocess.Popen(["/usr/sbin/mariadbd", "--no-defaults", "--user=root", f"--datadir={db}",
-                              f"--socket={sock}", f"--port={db_port}", "--bind-address=127.0.0.1",
-                              f"--pid-file={self.root}/run/mariadbd.pid", f"--log-error={self.root}/log/mariadbd.log",
-                              "--skip-name-resolve", "--skip-log-bin", "--innodb-buffer-pool-size=32M"],
-                             stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
-        sql = ("CREATE DATABASE IF NOT EXISTS slurm_acct_db; "
-               "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm'; "
-               "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';")
-        self._until(lambda: subprocess.run(["mariadb", "--no-defaults", f"--socket={sock}", "-u", "root", "-e", sql],
-                                           capture_output=True).returncode == 0, timeout, "MariaDB")
+            subprocess.Popen(
+                [
+                    "/usr/sbin/mariadbd",
+                    "--no-defaults",
+                    "--user=root",
+                    f"--datadir={db}",
+                    f"--socket={sock}",
+                    f"--port={db_port}",
+                    "--bind-address=127.0.0.1",
+                    f"--pid-file={self.root}/run/mariadbd.pid",
+                    f"--log-error={self.root}/log/mariadbd.log",
+                    "--skip-name-resolve",
+                    "--skip-log-bin",
+                    "--innodb-buffer-pool-size=32M",
+                ],
+                stdout=out,
+                stderr=out,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        sql = (
+            "CREATE DATABASE IF NOT EXISTS slurm_acct_db; "
+            "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm'; "
+            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+        )
+        self._until(
+            lambda: (
+                subprocess.run(
+                    ["mariadb", "--no-defaults", f"--socket={sock}", "-u", "root", "-e", sql], capture_output=True
+                ).returncode
+                == 0
+            ),
+            timeout,
+            "MariaDB",
+        )
         # slurmdbd reads slurmdbd.conf next to $SLURM_CONF; it must be private to SlurmUser.
         conf = self.root / "slurmdbd.conf"
         conf.write_text(slurmdbd_conf(self.root, dbd_port, db_port))
         conf.chmod(0o600)
         subprocess.run(["/usr/sbin/slurmdbd"], check=True, env=self.env)
+
         def dbd_answers() -> bool:
             try:
                 return self.run("sacctmgr", "-n", "list", "cluster", check=False, timeout=20).returncode == 0
@@ -271,10 +343,24 @@ class LocalSlurm:
         self.run(*sacctmgr, "add", "cluster", "hpcnlp-site")
         for qos, priority in SITE_QOS.items():
             self.run(*sacctmgr, "add", "qos", qos, f"Priority={priority}")
-        self.run(*sacctmgr, "add", "account", ",".join(SITE_ACCOUNTS), "Cluster=hpcnlp-site",
-                 "Description=hpcnlp tests", "Organization=hpcnlp")
-        self.run(*sacctmgr, "add", "user", user, f"Account={','.join(SITE_ACCOUNTS)}",
-                 f"DefaultAccount={SITE_ACCOUNTS[0]}", "Cluster=hpcnlp-site")
+        self.run(
+            *sacctmgr,
+            "add",
+            "account",
+            ",".join(SITE_ACCOUNTS),
+            "Cluster=hpcnlp-site",
+            "Description=hpcnlp tests",
+            "Organization=hpcnlp",
+        )
+        self.run(
+            *sacctmgr,
+            "add",
+            "user",
+            user,
+            f"Account={','.join(SITE_ACCOUNTS)}",
+            f"DefaultAccount={SITE_ACCOUNTS[0]}",
+            "Cluster=hpcnlp-site",
+        )
         self.run(*sacctmgr, "modify", "user", user, "set", f"QOS=normal,{','.join(SITE_QOS)}", "DefaultQOS=normal")
 
     def _until(self, ok, timeout: float, what: str) -> None:
@@ -328,8 +414,7 @@ class LocalSlurm:
 
     # --- using it -----------------------------------------------------------------------
     def run(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), check=check, capture_output=True, text=True, env=kw.pop("env", self.env),
-                              **kw)
+        return subprocess.run(list(cmd), check=check, capture_output=True, text=True, env=kw.pop("env", self.env), **kw)
 
     def sbatch(self, args: list[str], cwd: str | Path, env: dict | None = None) -> str:
         out = self.run("sbatch", "--parsable", *args, cwd=str(cwd), env=env or self.env)

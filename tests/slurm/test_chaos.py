@@ -5,6 +5,7 @@ stops with a classified failure (the batch script's exit code and status.json sa
 most max_requeues requeues. None resumes from an incomplete checkpoint, none loops. The fault /
 outcome table is printed (`pytest -s`) and checked.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cluster_jobs import REPO, log_of, tiny_pretrain
 from test_slurm import SBATCH_SMALL, _pids_of_rank, logged_losses, wait_for_log
 
@@ -28,13 +28,24 @@ TOL = 1e-4
 TABLE: list[dict] = []
 
 
-def submit(slurm, chaos: dict, name: str, overrides: tuple[str, ...] = (), where: Path | None = None,
-           **training) -> str:
+def submit(
+    slurm, chaos: dict, name: str, overrides: tuple[str, ...] = (), where: Path | None = None, **training
+) -> str:
     """sbatch the chaos config (2 nodes) into <tmp>/<name>; `overrides`: top-level key=value."""
     tmp = chaos["tmp"]
     config = tiny_pretrain(where or tmp, chaos["corpus"], tmp / "prepared", name, **{**RUN, **training})
-    return slurm.sbatch([*SBATCH_SMALL, "--nodes=2", f"--output={tmp}/{name}-%j.out",
-                         str(REPO / "slurm" / "pretrain.sbatch"), str(config), *overrides], cwd=tmp, env=chaos["env"])
+    return slurm.sbatch(
+        [
+            *SBATCH_SMALL,
+            "--nodes=2",
+            f"--output={tmp}/{name}-%j.out",
+            str(REPO / "slurm" / "pretrain.sbatch"),
+            str(config),
+            *overrides,
+        ],
+        cwd=tmp,
+        env=chaos["env"],
+    )
 
 
 def usr1(slurm, job: str) -> None:
@@ -57,8 +68,11 @@ def same_as_reference(out: Path, ref: Path, log: str) -> float:
     The first logged loss after a resume averages fewer steps (the interval restarts): not compared."""
     got, want = logged_losses(out, RUN["max_steps"]), logged_losses(ref, RUN["max_steps"])
     assert sorted(got) == sorted(want), (sorted(got), sorted(want))
-    resumed = [int(s) for s in re.findall(r"\[rank 0\] INFO hpcnlp.runtime.preempt: rank 0 of 2 ready at step (\d+)",
-                                          log) if int(s) > 0]
+    resumed = [
+        int(s)
+        for s in re.findall(r"\[rank 0\] INFO hpcnlp.runtime.preempt: rank 0 of 2 ready at step (\d+)", log)
+        if int(s) > 0
+    ]
     first_after = {min((s for s in got if s > step), default=None) for step in resumed}
     worst = max(abs(got[s] - want[s]) for s in got if s not in first_after)
     assert worst < TOL, worst
@@ -67,8 +81,12 @@ def same_as_reference(out: Path, ref: Path, log: str) -> float:
 
 @pytest.fixture(scope="module")
 def chaos(slurm, job_env, tmp_path_factory, cluster_corpus):
-    chaos = {"tmp": tmp_path_factory.mktemp("chaos"), "corpus": cluster_corpus, "env": job_env,
-             "rng": random.Random(SEED)}
+    chaos = {
+        "tmp": tmp_path_factory.mktemp("chaos"),
+        "corpus": cluster_corpus,
+        "env": job_env,
+        "rng": random.Random(SEED),
+    }
     ref = submit(slurm, chaos, "reference")
     assert slurm.wait(ref, timeout=400) == "COMPLETED", log_of(slurm, ref)[-3000:]
     chaos["ref"] = chaos["tmp"] / "reference"
@@ -108,8 +126,13 @@ def test_preempted_at_a_step_during_eval_and_during_a_save(slurm, chaos):
     worst = same_as_reference(out, chaos["ref"], log)
     assert log.count("requeueing job") == 3 and log.count("FAILED") == 0 and "ChildFailedError" not in log
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
-    TABLE.append({"run": "three-signals", "faults": f"USR1 at step {step}, during the eval at step 20, during a save",
-                  "outcome": f"COMPLETED after 3 requeues, 60/60 steps, max loss diff {worst:.1e}"})
+    TABLE.append(
+        {
+            "run": "three-signals",
+            "faults": f"USR1 at step {step}, during the eval at step 20, during a save",
+            "outcome": f"COMPLETED after 3 requeues, 60/60 steps, max loss diff {worst:.1e}",
+        }
+    )
 
 
 def test_truncated_newest_checkpoint_is_skipped(slurm, chaos):
@@ -129,8 +152,13 @@ def test_truncated_newest_checkpoint_is_skipped(slurm, chaos):
     assert f"not resuming from {newest}: model.safetensors is missing or truncated" in log
     assert "resuming from " + str(out / "checkpoint-20") in log
     worst = same_as_reference(out, chaos["ref"], log)
-    TABLE.append({"run": "truncated", "faults": f"USR1, then {newest.name} truncated before the restart",
-                  "outcome": f"COMPLETED from checkpoint-20 (skipped {newest.name}), max loss diff {worst:.1e}"})
+    TABLE.append(
+        {
+            "run": "truncated",
+            "faults": f"USR1, then {newest.name} truncated before the restart",
+            "outcome": f"COMPLETED from checkpoint-20 (skipped {newest.name}), max loss diff {worst:.1e}",
+        }
+    )
 
 
 def test_rank_killed_mid_save_then_resubmitted(slurm, chaos):
@@ -148,9 +176,14 @@ def test_rank_killed_mid_save_then_resubmitted(slurm, chaos):
     again = submit(slurm, chaos, "killed", ("resume=auto",))
     assert slurm.wait(again, timeout=400) == "COMPLETED", log_of(slurm, again)[-3000:]
     worst = same_as_reference(out, chaos["ref"], log_of(slurm, again))
-    TABLE.append({"run": "killed", "faults": "SIGKILL of rank 1 as checkpoint-20 was written",
-                  "outcome": f"FAILED exit 1, no requeue; checkpoint-20 {'complete' if marked else 'unmarked, skipped'}; "
-                             f"resubmitted with resume: auto: COMPLETED, max loss diff {worst:.1e}"})
+    TABLE.append(
+        {
+            "run": "killed",
+            "faults": "SIGKILL of rank 1 as checkpoint-20 was written",
+            "outcome": f"FAILED exit 1, no requeue; checkpoint-20 {'complete' if marked else 'unmarked, skipped'}; "
+            f"resubmitted with resume: auto: COMPLETED, max loss diff {worst:.1e}",
+        }
+    )
 
 
 def test_save_without_space_fails_once_and_never_loops(slurm, chaos):
@@ -169,8 +202,13 @@ def test_save_without_space_fails_once_and_never_loops(slurm, chaos):
         assert "No space left on device" in log and "requeueing" not in log
     finally:
         subprocess.run(["umount", "-l", str(small)])
-    TABLE.append({"run": "full", "faults": "USR1 with output_dir on a 1 MB filesystem (the save fails)",
-                  "outcome": "FAILED exit 1 (No space left on device), 0 requeues"})
+    TABLE.append(
+        {
+            "run": "full",
+            "faults": "USR1 with output_dir on a 1 MB filesystem (the save fails)",
+            "outcome": "FAILED exit 1 (No space left on device), 0 requeues",
+        }
+    )
 
 
 def test_stalled_rank_fails_the_job_naming_it(slurm, chaos):
@@ -191,8 +229,13 @@ def test_stalled_rank_fails_the_job_naming_it(slurm, chaos):
     seconds = time.time() - t0
     log = log_of(slurm, job)
     assert exit_code(slurm, job) == 4 and re.search(r"exit 4: rank 0 on \S+: no training step .*stalled: rank 1", log)
-    TABLE.append({"run": "stalled", "faults": "SIGSTOP of rank 1 mid-training (step_timeout_minutes 0.25)",
-                  "outcome": f"FAILED exit 4 after {seconds:.0f} s, naming rank 1"})
+    TABLE.append(
+        {
+            "run": "stalled",
+            "faults": "SIGSTOP of rank 1 mid-training (step_timeout_minutes 0.25)",
+            "outcome": f"FAILED exit 4 after {seconds:.0f} s, naming rank 1",
+        }
+    )
 
 
 def test_requeue_cap_stops_a_job_that_keeps_being_preempted(slurm, chaos):
@@ -210,5 +253,10 @@ def test_requeue_cap_stops_a_job_that_keeps_being_preempted(slurm, chaos):
     assert "reached max_requeues (1)" in log
     status = json.loads((tmp / "capped" / "status.json").read_text())
     assert status["state"] == "preempted" and status["restarts"] == 1
-    TABLE.append({"run": "capped", "faults": "USR1 twice with max_requeues 1",
-                  "outcome": "requeued once, then stopped: exit 75, 'reached max_requeues (1)', checkpoint kept"})
+    TABLE.append(
+        {
+            "run": "capped",
+            "faults": "USR1 twice with max_requeues 1",
+            "outcome": "requeued once, then stopped: exit 75, 'reached max_requeues (1)', checkpoint kept",
+        }
+    )

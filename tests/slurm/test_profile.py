@@ -1,6 +1,7 @@
 """The cluster profile on a real Slurm (2 slurmd nodes on this machine): its options as Slurm records
 them, `hpcnlp status` through a preempt / requeue / finish cycle, the log linked into output_dir, and
 one TensorBoard curve across the requeue."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from cluster_jobs import log_of, tiny_pretrain
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -25,15 +25,25 @@ def hpcnlp(env: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 def with_profile(job_env: dict, tmp: Path, **fields) -> dict:
     path = tmp / "cluster.yaml"
-    path.write_text(yaml.safe_dump({"cpus_per_task": 1, "time": "30", "nodes": 1, "log_dir": str(tmp / "logs"),
-                                    **fields}))
+    path.write_text(
+        yaml.safe_dump({"cpus_per_task": 1, "time": "30", "nodes": 1, "log_dir": str(tmp / "logs"), **fields})
+    )
     return {**job_env, "HPCNLP_CLUSTER": str(path)}
 
 
 def test_profile_options_are_what_slurm_records(slurm, job_env, tmp_path, cluster_corpus):
-    env = with_profile(job_env, tmp_path, account="nlp", partition="debug", mem="500M", time="00:20:00",
-                       mail_user="me@example.org", mail_type="END,FAIL", env={"NCCL_DEBUG": "WARN"},
-                       sbatch=["--comment=from-the-profile"])
+    env = with_profile(
+        job_env,
+        tmp_path,
+        account="nlp",
+        partition="debug",
+        mem="500M",
+        time="00:20:00",
+        mail_user="me@example.org",
+        mail_type="END,FAIL",
+        env={"NCCL_DEBUG": "WARN"},
+        sbatch=["--comment=from-the-profile"],
+    )
     config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "pydocs", max_steps=2)
     res = hpcnlp(env, tmp_path, "submit", "--config", str(config), "--sbatch=--hold", "--sbatch=--time=00:25:00")
     assert res.returncode == 0, res.stderr
@@ -60,13 +70,20 @@ def _status(env: dict, tmp: Path, out: Path) -> dict:
     return dict(zip(keys, [c.strip() for c in lines[2].strip("|").split("|")]))
 
 
-def test_status_through_preempt_requeue_finish_with_one_tensorboard_curve(slurm, job_env, tmp_path,
-                                                                          cluster_corpus):
+def test_status_through_preempt_requeue_finish_with_one_tensorboard_curve(slurm, job_env, tmp_path, cluster_corpus):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     env = with_profile(job_env, tmp_path)
-    config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "tb", max_steps=120, save_steps=40,
-                           logging_steps=5, report_to=["tensorboard"])
+    config = tiny_pretrain(
+        tmp_path,
+        cluster_corpus,
+        tmp_path / "prepared",
+        "tb",
+        max_steps=120,
+        save_steps=40,
+        logging_steps=5,
+        report_to=["tensorboard"],
+    )
     out = tmp_path / "tb"
     res = hpcnlp(env, tmp_path, "submit", "--config", str(config))
     assert res.returncode == 0, res.stderr
@@ -90,7 +107,12 @@ def test_status_through_preempt_requeue_finish_with_one_tensorboard_curve(slurm,
     row = _status(env, tmp_path, out)
     log = f"{tmp_path}/logs/pretrain-tb-{job}.out"
     assert (row["state"], row["slurm"], row["step"], row["restarts"], row["log"]) == (
-        "finished", "COMPLETED", "120/120", "1", log), row
+        "finished",
+        "COMPLETED",
+        "120/120",
+        "1",
+        log,
+    ), row
     assert "requeueing job" in Path(log).read_text() and "restart 1 on" in Path(log).read_text()
     assert (out / Path(log).name).resolve() == Path(log)  # the log, linked into output_dir
     # One TensorBoard curve: every logged step once, in order, across the requeue.

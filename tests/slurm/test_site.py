@@ -4,6 +4,7 @@ Each test names the site settings it depends on. The cluster: 2 slurmd nodes n1,
 CPUs=2 and 4 fake GPUs (GRES) each; partitions cpu (default), gpu (preemptable, GraceTime) and
 gpu-high (higher PriorityTier); accounting through slurmdbd into MariaDB.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cluster_jobs import REPO, log_of, tiny_pretrain
 from slurm_harness import SITE_ACCOUNTS, SITE_GPUS, SITE_GRACE
 from test_slurm import logged_losses, wait_for_log
@@ -26,7 +26,7 @@ TOL = 1e-4  # as tests/slurm/test_slurm.py: resumed runs equal the uninterrupted
 
 # Every Python process started with this directory first on PYTHONPATH runs it; the ranks (RANK and
 # LOCAL_RANK set by torchrun) record where they run and which CPUs they may use, then go on unchanged.
-PROBE = '''
+PROBE = """
 import json, os
 _out = os.environ.get("SITE_AFFINITY_PROBE")
 if _out and "RANK" in os.environ and "LOCAL_RANK" in os.environ:
@@ -35,7 +35,7 @@ if _out and "RANK" in os.environ and "LOCAL_RANK" in os.environ:
                    "cpus": sorted(os.sched_getaffinity(0)), "job": os.environ.get("SLURM_JOB_ID"),
                    "step": os.environ.get("SLURM_STEP_ID"),
                    "cpus_per_task": os.environ.get("SLURM_CPUS_PER_TASK")}, _f)
-'''
+"""
 
 
 def sbatch_pretrain(site, env: dict, tmp: Path, config: Path, *opts: str) -> str:
@@ -47,10 +47,23 @@ def test_fake_gpus_are_scheduled_and_visible(site, site_env, tmp_path):
     """Site: GresTypes=gpu, NodeName=... Gres=gpu:4, gres.conf `AutoDetect=off` + `File=` device files.
     `--gres=gpu:2` is scheduled, counted (TRES) and exported to the job and its steps."""
     script = tmp_path / "gpus.sh"
-    script.write_text("#!/bin/bash\nsrun bash -c 'echo \"$SLURMD_NODENAME gpus=$SLURM_GPUS_ON_NODE "
-                      "cvd=$CUDA_VISIBLE_DEVICES\"'\n")
-    job = site.sbatch(["-p", "gpu", "--gres=gpu:2", "--nodes=2", "--ntasks-per-node=1", "--time=5",
-                       f"--output={tmp_path}/gpus-%j.out", str(script)], cwd=tmp_path, env=site_env)
+    script.write_text(
+        "#!/bin/bash\nsrun bash -c 'echo \"$SLURMD_NODENAME gpus=$SLURM_GPUS_ON_NODE cvd=$CUDA_VISIBLE_DEVICES\"'\n"
+    )
+    job = site.sbatch(
+        [
+            "-p",
+            "gpu",
+            "--gres=gpu:2",
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            "--time=5",
+            f"--output={tmp_path}/gpus-%j.out",
+            str(script),
+        ],
+        cwd=tmp_path,
+        env=site_env,
+    )
     assert site.wait(job, timeout=120) == "COMPLETED", log_of(site, job)
     lines = sorted(log_of(site, job).split("\n"))
     assert [line for line in lines if line] == ["n1 gpus=2 cvd=0,1", "n2 gpus=2 cvd=0,1"]
@@ -72,8 +85,11 @@ def test_every_rank_is_bound_to_the_cpus_it_asked_for(site, site_env, tmp_path, 
     probe.mkdir()
     seen.mkdir()
     (probe / "sitecustomize.py").write_text(PROBE)
-    env = {**site_env, "SITE_AFFINITY_PROBE": str(seen),
-           "PYTHONPATH": ":".join(p for p in (str(probe), site_env.get("PYTHONPATH", "")) if p)}
+    env = {
+        **site_env,
+        "SITE_AFFINITY_PROBE": str(seen),
+        "PYTHONPATH": ":".join(p for p in (str(probe), site_env.get("PYTHONPATH", "")) if p),
+    }
     config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "aff", max_steps=2, save_steps=2)
     job = sbatch_pretrain(site, env, tmp_path, config, "-p", "cpu", "--nodes=2", f"--cpus-per-task={cpus}")
     assert site.wait(job, timeout=400) == "COMPLETED", log_of(site, job)[-3000:]
@@ -81,8 +97,10 @@ def test_every_rank_is_bound_to_the_cpus_it_asked_for(site, site_env, tmp_path, 
     assert [(r["rank"], r["job"]) for r in ranks] == [(0, job), (1, job)], ranks
     assert {r["node"] for r in ranks} == {"n1", "n2"}
     allocated = allocated_cpus(site, job)
-    print(f"--cpus-per-task={cpus}: allocated {allocated}; ranks see "
-          + ", ".join(f"rank {r['rank']} on {r['node']}: {r['cpus']} (step {r['step']})" for r in ranks))
+    print(
+        f"--cpus-per-task={cpus}: allocated {allocated}; ranks see "
+        + ", ".join(f"rank {r['rank']} on {r['node']}: {r['cpus']} (step {r['step']})" for r in ranks)
+    )
     for r in ranks:
         assert len(r["cpus"]) == cpus, f"rank {r['rank']} on {r['node']} may use CPUs {r['cpus']}, asked for {cpus}"
         assert r["cpus"] == allocated[r["node"]]  # the node's CPUs of this job, the same on a one-core-per-id box
@@ -92,8 +110,7 @@ def allocated_cpus(site, job: str) -> dict[str, list[int]]:
     """Per node, the CPU ids Slurm allocated to the job (`scontrol -d show job`: Nodes=n[1-2] CPU_IDs=0-1)."""
     out = {}
     for nodes, ids in re.findall(r"Nodes=(\S+) CPU_IDs=(\S+)", site.run("scontrol", "-d", "show", "job", job).stdout):
-        cpus = [i for part in ids.split(",") for i in
-                (range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))]
+        cpus = [i for part in ids.split(",") for i in (range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))]
         for node in site.run("scontrol", "show", "hostnames", nodes).stdout.split():
             out[node] = cpus
     return out
@@ -116,8 +133,21 @@ def preemption(site, site_env, tmp_path_factory, cluster_corpus):
     low = sbatch_pretrain(site, env, tmp, config, *gpu_job)
     wait_for_log(site, low, r"hpcnlp\.train: step \d+/", after="restart 0 on")
     # The urgent job wants all GPUs of one node: only preempting the low-tier job frees them.
-    high = site.sbatch(["-p", "gpu-high", f"--gres=gpu:{SITE_GPUS}", "--nodes=1", "--cpus-per-task=1", "--time=5",
-                        "--job-name=urgent", f"--output={tmp}/urgent-%j.out", "--wrap=sleep 5"], cwd=tmp, env=env)
+    high = site.sbatch(
+        [
+            "-p",
+            "gpu-high",
+            f"--gres=gpu:{SITE_GPUS}",
+            "--nodes=1",
+            "--cpus-per-task=1",
+            "--time=5",
+            "--job-name=urgent",
+            f"--output={tmp}/urgent-%j.out",
+            "--wrap=sleep 5",
+        ],
+        cwd=tmp,
+        env=env,
+    )
     submitted = time.time()
     deadline = submitted + SITE_GRACE + 120
     while int(site.job(low).get("Restarts", 0)) < 1 and time.time() < deadline:
@@ -127,8 +157,14 @@ def preemption(site, site_env, tmp_path_factory, cluster_corpus):
     assert site.wait(high, timeout=120) == "COMPLETED", log_of(site, high)
     site.start_now(low)  # skip Slurm's delay before a requeued job may start again
     assert site.wait(low, timeout=400) == "COMPLETED", log_of(site, low)[-3000:]
-    return {"tmp": tmp, "ref": ref, "low": low, "high": high, "log": log_of(site, low),
-            "seconds_to_requeue": requeued - submitted}
+    return {
+        "tmp": tmp,
+        "ref": ref,
+        "low": low,
+        "high": high,
+        "log": log_of(site, low),
+        "seconds_to_requeue": requeued - submitted,
+    }
 
 
 def test_preempted_by_a_higher_tier_job_checkpoints_requeues_and_matches(site, preemption):
@@ -141,16 +177,19 @@ def test_preempted_by_a_higher_tier_job_checkpoints_requeues_and_matches(site, p
     checkpoint at the next step, rank 0's outcome says requeue and slurm/launch.sh requeues the job
     within GraceTime; it resumes and ends with the uninterrupted run's steps and losses."""
     p, log = preemption, preemption["log"]
-    print(f"urgent job {p['high']} submitted; job {p['low']} checkpointed and requeued after "
-          f"{p['seconds_to_requeue']:.1f} s (GraceTime {SITE_GRACE} s)")
+    print(
+        f"urgent job {p['high']} submitted; job {p['low']} checkpointed and requeued after "
+        f"{p['seconds_to_requeue']:.1f} s (GraceTime {SITE_GRACE} s)"
+    )
     assert p["seconds_to_requeue"] < SITE_GRACE  # checkpointed and left before SIGKILL
     assert re.search(r"\[rank 0\] WARNING hpcnlp\.runtime\.preempt: received SIGTERM", log), log[-3000:]
     assert "USR1" not in log  # the warning signal played no part
     step = int(re.search(r"\[rank 0\] WARNING hpcnlp\.\S+: checkpointed at step (\d+)", log).group(1))
     assert 0 < step < RUN["max_steps"]
     assert log.count("requeueing job") == 1 and "restart 1 on" in log
-    resumed = [int(s) for s in re.findall(r"\[rank 0\] INFO hpcnlp.runtime.preempt: rank 0 of 2 ready at step (\d+)",
-                                          log)]
+    resumed = [
+        int(s) for s in re.findall(r"\[rank 0\] INFO hpcnlp.runtime.preempt: rank 0 of 2 ready at step (\d+)", log)
+    ]
     assert resumed == [0, step]
     # The SIGTERM is Slurm's preemption (srun relays slurmstepd's notice), not a test's scancel; the
     # batch shell got nothing (slurm/launch.sh traps USR1 only, and said nothing).
@@ -164,8 +203,10 @@ def test_preempted_by_a_higher_tier_job_checkpoints_requeues_and_matches(site, p
     short = {min(s for s in losses if s > step)}  # the first logged loss after the resume averages fewer steps
     worst = max(abs(losses[s] - ref_losses[s]) for s in losses if s not in short)
     diff = abs(got["eval_after"]["loss"] - want["eval_after"]["loss"])
-    print(f"preempted at step {step}: final eval loss {got['eval_after']['loss']:.6f} vs uninterrupted "
-          f"{want['eval_after']['loss']:.6f}; max logged-loss diff {worst:.2e}")
+    print(
+        f"preempted at step {step}: final eval loss {got['eval_after']['loss']:.6f} vs uninterrupted "
+        f"{want['eval_after']['loss']:.6f}; max logged-loss diff {worst:.2e}"
+    )
     assert diff < TOL and worst < TOL
 
 

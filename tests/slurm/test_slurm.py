@@ -4,6 +4,7 @@ requeue, rank failure, pipelines, arrays, refusal at submit. No mocks.
 Each training job is a 2-layer BERT from scratch on two doc files (see conftest.tiny_pretrain);
 most of the time goes into Python start-up on 2 shared cores.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from cluster_jobs import REPO, log_of, tiny_pretrain
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -32,8 +32,11 @@ LOSS_TOLERANCE = 1e-4
 
 
 def sbatch_pretrain(slurm, env, tmp: Path, config: Path, *opts: str) -> str:
-    return slurm.sbatch([*SBATCH_SMALL, f"--output={tmp}/%x-%j.out", *opts,
-                         str(REPO / "slurm" / "pretrain.sbatch"), str(config)], cwd=tmp, env=env)
+    return slurm.sbatch(
+        [*SBATCH_SMALL, f"--output={tmp}/%x-%j.out", *opts, str(REPO / "slurm" / "pretrain.sbatch"), str(config)],
+        cwd=tmp,
+        env=env,
+    )
 
 
 def wait_for_log(slurm, job_id: str, pattern: str, after: str = "", timeout: float = 240) -> re.Match:
@@ -42,13 +45,15 @@ def wait_for_log(slurm, job_id: str, pattern: str, after: str = "", timeout: flo
     while time.time() < deadline:
         text = log_of(slurm, job_id)
         if after in text:
-            m = re.search(pattern, text[text.rindex(after):] if after else text, re.M)
+            m = re.search(pattern, text[text.rindex(after) :] if after else text, re.M)
             if m:
                 return m
         if slurm.state(job_id) in ("FAILED", "CANCELLED", "COMPLETED"):
             break
         time.sleep(0.3)
-    raise AssertionError(f"job {job_id} ({slurm.state(job_id)}): no /{pattern}/ in log:\n{log_of(slurm, job_id)[-3000:]}")
+    raise AssertionError(
+        f"job {job_id} ({slurm.state(job_id)}): no /{pattern}/ in log:\n{log_of(slurm, job_id)[-3000:]}"
+    )
 
 
 def logged_losses(output_dir: Path, step: int) -> dict[int, float]:
@@ -99,7 +104,9 @@ def test_preempted_twice_resumes_with_same_steps_and_loss(slurm, job_env, tmp_pa
     assert log.count("USR1: asking every rank to checkpoint") == 2
     assert len(re.findall(r"\[rank 0\] WARNING hpcnlp\.\S+: checkpointed at step \d+", log)) == 2
     assert log.count("requeueing job") == 2 and "restart 2 on" in log
-    resumed = [int(s) for s in re.findall(r"\[rank 0\] INFO hpcnlp.runtime.preempt: rank 0 of 2 ready at step (\d+)", log)]
+    resumed = [
+        int(s) for s in re.findall(r"\[rank 0\] INFO hpcnlp.runtime.preempt: rank 0 of 2 ready at step (\d+)", log)
+    ]
     assert resumed[0] == 0 and 0 < resumed[1] < resumed[2] < LONG["max_steps"]
 
     out, ref = tmp_path / "pre", reference["out"]
@@ -111,8 +118,10 @@ def test_preempted_twice_resumes_with_same_steps_and_loss(slurm, job_env, tmp_pa
     short = {min(s for s in losses if s > r) for r in resumed[1:]}
     worst = max(abs(losses[s] - ref_losses[s]) for s in losses if s not in short)
     diff = abs(got["eval_after"]["loss"] - want["eval_after"]["loss"])
-    print(f"preempted at steps {resumed[1:]}: final eval loss {got['eval_after']['loss']:.6f} vs uninterrupted "
-          f"{want['eval_after']['loss']:.6f}; max logged-loss diff {worst:.2e} over {len(losses) - len(short)} steps")
+    print(
+        f"preempted at steps {resumed[1:]}: final eval loss {got['eval_after']['loss']:.6f} vs uninterrupted "
+        f"{want['eval_after']['loss']:.6f}; max logged-loss diff {worst:.2e} over {len(losses) - len(short)} steps"
+    )
     assert diff < LOSS_TOLERANCE and worst < LOSS_TOLERANCE
     assert got["eval_after"]["loss"] < got["eval_before"]["loss"] - 0.2  # and it did learn
 
@@ -124,21 +133,27 @@ def _pids_of_rank(slurm, job_id: str, rank: int) -> list[int]:
         if not proc.name.isdigit():
             continue
         try:
-            environ = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode(errors="replace")
-                           .split("\0") if "=" in kv)
+            environ = dict(
+                kv.split("=", 1)
+                for kv in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in kv
+            )
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if (environ.get("SLURM_JOB_ID") == job_id and environ.get("SLURM_CONF") == slurm.env["SLURM_CONF"]
-                and environ.get("RANK") == str(rank)
-                and "-m hpcnlp pretrain" in cmdline and "torch.distributed.run" not in cmdline):
+        if (
+            environ.get("SLURM_JOB_ID") == job_id
+            and environ.get("SLURM_CONF") == slurm.env["SLURM_CONF"]
+            and environ.get("RANK") == str(rank)
+            and "-m hpcnlp pretrain" in cmdline
+            and "torch.distributed.run" not in cmdline
+        ):
             pids.append(int(proc.name))
     return pids
 
 
 def test_killed_rank_fails_the_whole_step(slurm, job_env, tmp_path, cluster_corpus):
-    config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "kill", max_steps=100000,
-                           save_steps=100000)
+    config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "kill", max_steps=100000, save_steps=100000)
     job = sbatch_pretrain(slurm, job_env, tmp_path, config, "--nodes=2")
     wait_for_log(slurm, job, r"hpcnlp\.train: step \d+/")
     pids = _pids_of_rank(slurm, job, 1)
@@ -159,8 +174,7 @@ def test_two_nodes_deepspeed_and_accelerate(variant, slurm, job_env, tmp_path, c
         extra["deepspeed"] = str(REPO / "jobs" / "deepspeed" / "zero2.json")
     else:
         env["HPCNLP_LAUNCHER"] = "accelerate"
-    config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", variant, max_steps=6, save_steps=6,
-                           **extra)
+    config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", variant, max_steps=6, save_steps=6, **extra)
     job = sbatch_pretrain(slurm, env, tmp_path, config, "--nodes=2")
     state = slurm.wait(job, timeout=400)
     log = log_of(slurm, job)
@@ -174,8 +188,13 @@ def test_two_nodes_deepspeed_and_accelerate(variant, slurm, job_env, tmp_path, c
 def test_bad_config_is_refused_at_submit(slurm, job_env, tmp_path, cluster_corpus):
     config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "bad", max_stepz=3)
     before = slurm.squeue_ids()
-    res = subprocess.run([*HPCNLP, "submit", "--config", str(config), "--sbatch=--nodes=1"], cwd=tmp_path,
-                         env=job_env, capture_output=True, text=True)
+    res = subprocess.run(
+        [*HPCNLP, "submit", "--config", str(config), "--sbatch=--nodes=1"],
+        cwd=tmp_path,
+        env=job_env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2
     assert "training.max_stepz: unknown key" in res.stderr and "did you mean 'max_steps'" in res.stderr
     assert "nothing was queued" in res.stderr
@@ -191,25 +210,38 @@ def _pipeline(tmp: Path, corpus: Path, fail_first: bool = False) -> Path:
     stages = [
         {"name": "prepare", "config": str(prep)},
         {"name": "scratch", "config": str(scratch)},
-        {"name": "continue", "config": str(scratch),
-         "overrides": {"init": "pretrained", "model_name_or_path": "${scratch.output_dir}",
-                       "output_dir": str(tmp / "continue")}},
+        {
+            "name": "continue",
+            "config": str(scratch),
+            "overrides": {
+                "init": "pretrained",
+                "model_name_or_path": "${scratch.output_dir}",
+                "output_dir": str(tmp / "continue"),
+            },
+        },
     ]
     if fail_first:  # valid for `check` (a model dir with config.json), fails once the job starts (no
         # tokenizer in it): later stages must never run
         (tmp / "no-tokenizer").mkdir()
         (tmp / "no-tokenizer" / "config.json").write_text("{}")
-        stages[0] = {"name": "broken", "config": str(scratch),
-                     "overrides": {"output_dir": str(tmp / "broken"), "tokenizer_name_or_path": str(tmp / "no-tokenizer")}}
+        stages[0] = {
+            "name": "broken",
+            "config": str(scratch),
+            "overrides": {"output_dir": str(tmp / "broken"), "tokenizer_name_or_path": str(tmp / "no-tokenizer")},
+        }
     path = tmp / "pipeline.yaml"
-    path.write_text(yaml.safe_dump({"sbatch": [*SBATCH_SMALL, "--nodes=1", f"--output={tmp}/%x-%j.out"],
-                                    "stages": stages}, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            {"sbatch": [*SBATCH_SMALL, "--nodes=1", f"--output={tmp}/%x-%j.out"], "stages": stages}, sort_keys=False
+        )
+    )
     return path
 
 
 def _submit_pipeline(path: Path, env: dict) -> dict[str, str]:
-    res = subprocess.run([*HPCNLP, "pipeline", "--config", str(path)], cwd=path.parent, env=env,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [*HPCNLP, "pipeline", "--config", str(path)], cwd=path.parent, env=env, capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr
     return dict(re.findall(r"^(\S+): submitted job (\d+)", res.stdout, re.M))
 
@@ -218,8 +250,10 @@ def test_pipeline_runs_in_order_and_skips_finished_stages(slurm, job_env, tmp_pa
     path = _pipeline(tmp_path, cluster_corpus)
     jobs = _submit_pipeline(path, job_env)
     assert list(jobs) == ["prepare", "scratch", "continue"]
-    assert "afterok:" + jobs["scratch"] in slurm.job(jobs["continue"]).get("Dependency", "") or \
-        slurm.state(jobs["continue"]) != "PENDING"
+    assert (
+        "afterok:" + jobs["scratch"] in slurm.job(jobs["continue"]).get("Dependency", "")
+        or slurm.state(jobs["continue"]) != "PENDING"
+    )
     for name in jobs:
         assert slurm.wait(jobs[name], timeout=400) == "COMPLETED", log_of(slurm, jobs[name])[-3000:]
     times = [(slurm.job(j)["StartTime"], slurm.job(j)["EndTime"]) for j in jobs.values()]
@@ -227,8 +261,13 @@ def test_pipeline_runs_in_order_and_skips_finished_stages(slurm, job_env, tmp_pa
     cont = json.loads((tmp_path / "continue" / "metrics.json").read_text())
     assert cont["global_step"] == 4
     # Re-run: every stage is finished (prepare: its prepared data), so nothing is queued.
-    res = subprocess.run([*HPCNLP, "pipeline", "--config", str(path), "--dry-run"], cwd=tmp_path, env=job_env,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [*HPCNLP, "pipeline", "--config", str(path), "--dry-run"],
+        cwd=tmp_path,
+        env=job_env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     assert all(f"{name}: complete, skipped" in res.stdout for name in jobs), res.stdout
 
@@ -247,11 +286,27 @@ def test_failed_stage_cancels_the_rest(slurm, job_env, tmp_path, cluster_corpus)
 
 def test_sweep_array_and_summary(slurm, job_env, tmp_path, cluster_corpus):
     config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "sweep", max_steps=4, save_steps=4)
-    res = subprocess.run([*HPCNLP, "sweep", "--config", str(config), "--max-parallel", "2",
-                          "--overrides-list", "training.learning_rate=1e-3", "training.learning_rate=3e-3",
-                          "training.learning_rate=1e-2", "--sbatch=--nodes=1", "--sbatch=--cpus-per-task=1",
-                          "--sbatch=--time=30"],
-                         cwd=tmp_path, env=job_env, capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            *HPCNLP,
+            "sweep",
+            "--config",
+            str(config),
+            "--max-parallel",
+            "2",
+            "--overrides-list",
+            "training.learning_rate=1e-3",
+            "training.learning_rate=3e-3",
+            "training.learning_rate=1e-2",
+            "--sbatch=--nodes=1",
+            "--sbatch=--cpus-per-task=1",
+            "--sbatch=--time=30",
+        ],
+        cwd=tmp_path,
+        env=job_env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     array, logs = re.search(r"submitted array job (\d+) \(3 tasks\), logs (\S+)", res.stdout).groups()
     assert logs == f"{tmp_path}/outputs/logs/pretrain-sweep-{array}_<task>.out"
@@ -260,8 +315,13 @@ def test_sweep_array_and_summary(slurm, job_env, tmp_path, cluster_corpus):
     for i in range(3):  # one log per task (the default --output), each of its own task
         log = Path(logs.replace("<task>", str(i))).read_text()
         assert f"output_dir={tmp_path}/sweep/task-{i}" in log and "/task-" not in log.replace(f"/task-{i}", "")
-    res = subprocess.run([*HPCNLP, "summary", str(tmp_path / "sweep"), "--keys", "global_step,eval_after.loss"],
-                         cwd=tmp_path, env=job_env, capture_output=True, text=True)
+    res = subprocess.run(
+        [*HPCNLP, "summary", str(tmp_path / "sweep"), "--keys", "global_step,eval_after.loss"],
+        cwd=tmp_path,
+        env=job_env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     rows = [line for line in res.stdout.splitlines() if "/task-" in line]
     assert len(rows) == 3 and all("| 4 |" in r for r in rows), res.stdout
@@ -273,9 +333,22 @@ def test_submit_freezes_the_config_and_says_queued(slurm, job_env, tmp_path, clu
     """Edits to the YAML after `hpcnlp submit` change nothing in the queued job; status.json says
     queued, then finished, with the job id."""
     config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "frozen", max_steps=4, save_steps=4)
-    res = subprocess.run([*HPCNLP, "submit", "--config", str(config), "--sbatch=--nodes=1", "--sbatch=--hold",
-                          *(f"--sbatch={o}" for o in SBATCH_SMALL), f"--sbatch=--output={tmp_path}/%x-%j.out"],
-                         cwd=tmp_path, env=job_env, capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            *HPCNLP,
+            "submit",
+            "--config",
+            str(config),
+            "--sbatch=--nodes=1",
+            "--sbatch=--hold",
+            *(f"--sbatch={o}" for o in SBATCH_SMALL),
+            f"--sbatch=--output={tmp_path}/%x-%j.out",
+        ],
+        cwd=tmp_path,
+        env=job_env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     job = re.search(r"submitted job (\d+)", res.stdout).group(1)
     status = json.loads((tmp_path / "frozen" / "status.json").read_text())
@@ -300,14 +373,25 @@ def test_prepare_as_an_array_equals_one_task(slurm, job_env, tmp_path, cluster_c
     config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "arr", prepare=False)
     prep = tmp_path / "prepare.yaml"
     prep.write_text(yaml.safe_dump({"job": "prepare", "data_from": str(config), "data": {"shard_mb": 0.01}}))
-    array = slurm.sbatch(["--array=0-1", *SBATCH_SMALL, f"--output={tmp_path}/%x-%A_%a.out",
-                          str(REPO / "slurm" / "prepare.sbatch"), str(prep)], cwd=tmp_path, env=job_env)
+    array = slurm.sbatch(
+        [
+            "--array=0-1",
+            *SBATCH_SMALL,
+            f"--output={tmp_path}/%x-%A_%a.out",
+            str(REPO / "slurm" / "prepare.sbatch"),
+            str(prep),
+        ],
+        cwd=tmp_path,
+        env=job_env,
+    )
     assert [slurm.wait(f"{array}_{i}", timeout=400) for i in range(2)] == ["COMPLETED"] * 2
     logs = "".join(p.read_text() for p in tmp_path.glob("*.out"))
     assert "task 0 of 2" in logs or "task 1 of 2" in logs  # one finished first and left the index
     data = yaml.safe_load(config.read_text())["data"]
-    local = prepare(CorpusConfig(**{**data, "shard_mb": 0.01, "prepared_root": str(tmp_path / "local")}),
-                    load_tokenizer("minilm-l6"))
+    local = prepare(
+        CorpusConfig(**{**data, "shard_mb": 0.01, "prepared_root": str(tmp_path / "local")}),
+        load_tokenizer("minilm-l6"),
+    )
     arrayed = tmp_path / "prepared" / local.path.name
     assert local.stats["shards"] >= 4 and (arrayed / "stats.json").is_file()
     for f in sorted(local.path.rglob("*.arrow")) + [local.path / "order.npy"]:

@@ -206,6 +206,31 @@ def run_cli(*argv: str) -> int:
     return main(list(argv))
 
 
+def cli(*argv: str, cwd: Path | str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`hpcnlp <argv>` in this process, as a subprocess would see it (its cwd, its environment on top of
+    this one), with its exit code and output captured: the fast tier pays torch's import once, not per call."""
+    import contextlib
+    import io
+
+    from hpcnlp.cli import main
+
+    out, err, saved_env, saved_cwd = io.StringIO(), io.StringIO(), dict(os.environ), os.getcwd()
+    try:
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(argv))
+            except SystemExit as e:  # argparse's --help and usage errors, sbatch refusals
+                code = e.code if isinstance(e.code, int) else (print(e.code, file=sys.stderr) or 1)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["hpcnlp", *argv], code, out.getvalue(), err.getvalue())
+
+
 def export_config(tmp: Path, model: str, **extra) -> Path:
     cfg = {
         "job": "export",

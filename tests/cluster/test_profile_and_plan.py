@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import cli
 
 from hpcnlp.cluster import options
 from hpcnlp.cluster.profile import ClusterProfile, load_profile
@@ -44,6 +45,11 @@ GPU_PROFILE = {
 
 
 def hpcnlp(*args: str, cwd=REPO, **env) -> subprocess.CompletedProcess:
+    return cli(*args, cwd=cwd, env={"OMP_NUM_THREADS": "1", **env})
+
+
+def hpcnlp_process(*args: str, cwd=REPO, **env) -> subprocess.CompletedProcess:
+    """A fresh process: for a job registry that differs from this one's ($HPCNLP_JOB_PACKAGES)."""
     return subprocess.run(
         [sys.executable, "-m", "hpcnlp", *args],
         cwd=cwd,
@@ -357,10 +363,10 @@ def test_a_site_job_without_a_batch_script_gets_its_template_rendered_at_submit(
         "PATH": f"{bin_dir}:/usr/bin:/bin",
     }
     script = state / "templates" / "hello.sbatch"
-    res = hpcnlp("submit", "--dry-run", "--config", str(config), cwd=tmp_path, **env)
+    res = hpcnlp_process("submit", "--dry-run", "--config", str(config), cwd=tmp_path, **env)
     assert res.returncode == 0, res.stderr
     assert f" {script} {state}/configs/hello-" in res.stdout and not script.exists()
-    res = hpcnlp("submit", "--config", str(config), cwd=tmp_path, **env)
+    res = hpcnlp_process("submit", "--config", str(config), cwd=tmp_path, **env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("submit: submitted job 42, log ")
     args = (tmp_path / "sbatch-args").read_text().splitlines()

@@ -202,6 +202,9 @@ def test_cuda_guard_refuses_gpus_torch_cannot_use(allocation, tmp_path):
     allocation.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=0,1"):
         harness.training_arguments(TrainingConfig(), str(tmp_path / "run"))
+    allocation.setenv("HPCNLP_ALLOW_CPU", "1")  # said on purpose: GRES that are no CUDA devices
+    assert harness.training_arguments(TrainingConfig(), str(tmp_path / "run")).use_cpu
+    allocation.delenv("HPCNLP_ALLOW_CPU")
     # No GPUs given (or outside an allocation): CPU training as before
     allocation.delenv("CUDA_VISIBLE_DEVICES")
     assert harness.training_arguments(TrainingConfig(), str(tmp_path / "run")).use_cpu

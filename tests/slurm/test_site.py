@@ -122,7 +122,8 @@ def preemption(site, site_env, tmp_path_factory, cluster_corpus):
     """An uninterrupted run, then the same config preempted by a higher-tier job, both as 2-node GPU
     jobs (4 fake GPUs each node, one process per node as in the other tests: HPCNLP_NPROC_PER_NODE=1)."""
     tmp = tmp_path_factory.mktemp("preempt")
-    env = {**site_env, "HPCNLP_NPROC_PER_NODE": "1"}
+    # Fake GPUs: torch here has no CUDA, so the job's CUDA guard is told the CPU is meant.
+    env = {**site_env, "HPCNLP_NPROC_PER_NODE": "1", "HPCNLP_ALLOW_CPU": "1"}
     gpu_job = ("-p", "gpu", f"--gres=gpu:{SITE_GPUS}", "--nodes=2", "--cpus-per-task=1")
 
     ref_config = tiny_pretrain(tmp, cluster_corpus, tmp / "prepared", "ref", **RUN)

@@ -64,8 +64,9 @@ def nvidia_driver() -> str:
 
 def cuda_guard(source: str = "<config>") -> None:
     """Slurm gave this job GPUs but torch sees none (a driver older than the wheels' CUDA, a container
-    run without --nv, a CPU build of torch): refuse (exit 2) rather than train for hours on the CPU."""
-    if not env.in_allocation():
+    run without --nv, a CPU build of torch): refuse (exit 2) rather than train for hours on the CPU.
+    HPCNLP_ALLOW_CPU=1 says it is meant (GRES that are not CUDA devices, a test site's fake GPUs)."""
+    if not env.in_allocation() or env.hpcnlp_setting("ALLOW_CPU") == "1":
         return
     gpus = env.slurm_gpus_on_node()
     visible = (env.cuda_visible_devices() or "").strip()
@@ -81,7 +82,8 @@ def cuda_guard(source: str = "<config>") -> None:
                 f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'none: a CPU build'}; "
                 f"driver {nvidia_driver()})",
                 fix="use a node whose NVIDIA driver supports that CUDA version (CUDA 13 wheels need driver >= 580), "
-                "run the container with GPUs (apptainer --nv, pyxis, podman CDI), or submit without GPUs",
+                "run the container with GPUs (apptainer --nv, pyxis, podman CDI), or submit without GPUs "
+                "(HPCNLP_ALLOW_CPU=1: train on the CPU all the same)",
             )
         ],
     )

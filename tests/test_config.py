@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from helpers import prepare_corpus
+from helpers import prepare_corpus, run_cli
 
 from hpcnlp.cli import main
 from hpcnlp.config import ConfigError, with_overrides
@@ -189,3 +189,31 @@ def test_bad_values_are_one_line_each(pretrain_config, capsys, override, expecte
     errs = _errors(capsys)
     assert any(expected in e for e in errs), errs
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_yaml_duplicate_keys_aliases_and_loops_are_refused_in_one_line(tmp_path, capsys):
+    """PyYAML keeps the last of two equal keys silently; an alias bomb expands to gigabytes once OmegaConf
+    copies it (with any override); an alias inside itself loops. Each is one line, exit 2, at once."""
+    import time
+
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+    )
+    cases = {
+        "job: pretrain\nmax_requeues: 3\nmax_requeues: 0\n": "key 'max_requeues' is given twice (first on line 2)",
+        "job: pretrain\n" + laughs: "with its aliases (at most 100,000)",
+        "job: pretrain\nloop: &l [1, *l]\n": "an alias refers to itself",
+    }
+    for text, expected in cases.items():
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        t0 = time.monotonic()
+        assert run_cli("check", "--config", str(path), "training.max_steps=5") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0] and str(path) in err[0], err
+        assert time.monotonic() - t0 < 10  # refused, not expanded
+    merged = tmp_path / "merge.yaml"  # merge keys (<<) are not duplicates
+    merged.write_text("base: &b {x: 1}\nother: {<<: *b, y: 2}\n")
+    from hpcnlp.config import read_yaml
+
+    assert read_yaml(merged)["other"] == {"x": 1, "y": 2}

@@ -342,11 +342,66 @@ class LatencyConfig(Section):
 # ------------------------------------------------------------------------------------------
 # Reading: YAML + dotted overrides -> typed object, or ConfigError with one line per problem
 # ------------------------------------------------------------------------------------------
+MAX_YAML_NODES = 100_000  # values once every alias is expanded: configs have hundreds
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes of the document with every alias expanded (an alias is the node it names: memoised, so a
+    billion-laughs document is sized without being expanded). An alias inside what it names is refused."""
+    if id(node) in memo:
+        if memo[id(node)] < 0:
+            raise yaml.constructor.ConstructorError(None, None, "an alias refers to itself", node.start_mark)
+        return memo[id(node)]
+    memo[id(node)] = -1  # on the path
+    if isinstance(node, yaml.MappingNode):
+        children = [x for pair in node.value for x in pair]
+    else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+    memo[id(node)] = 1 + sum(_expanded_size(child, memo) for child in children)
+    return memo[id(node)]
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently:
+    `max_requeues: 0` lower down would win unseen) and a document whose aliases expand past
+    MAX_YAML_NODES (a few nested aliases make gigabytes, and OmegaConf expands them)."""
+
+    def construct_document(self, node):
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"expands to {size:,} values with its aliases (at most {MAX_YAML_NODES:,})", node.start_mark
+            )
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # merge keys (<<) and complex keys: SafeLoader's own rules
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"key {key!r} is given twice (first on line {seen[key] + 1})",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    """YAML as hpcnlp reads every config: safe types only, keys unique, aliases bounded."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+
+
 def read_yaml(path: str | Path) -> dict:
     """A YAML mapping, or a ConfigError naming the file."""
     source = str(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = load_yaml(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(
             source,
@@ -366,6 +421,10 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(
             source,
             [Problem(key="<file>", message=f"not valid YAML ({e})".replace("\n", " "), fix="fix the YAML syntax")],
+        ) from None
+    except RecursionError:
+        raise ConfigError(
+            source, [Problem(key="<file>", message="nested too deeply to read", fix="flatten the YAML")]
         ) from None
     if not isinstance(raw, dict):
         raise ConfigError(

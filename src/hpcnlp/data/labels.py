@@ -278,6 +278,19 @@ def read_splits(data: FinetuneDataConfig, read, labels_of, label_set=sort_labels
         examples["validation"] = read(data.validation_file)
     else:
         files["validation"] = f"{data.train_file} (held-out {data.validation_split:.0%}, seed {data.seed})"
+        held = int(len(examples["train"]) * data.validation_split)  # sklearn rounds the held-out share up
+        if len(examples["train"]) < 2 or len(examples["train"]) - held < 1:
+            raise DataError(
+                data.train_file,
+                [
+                    Problem(
+                        key="data.validation_split",
+                        message=f"{len(examples['train'])} example(s): too few to hold out "
+                        f"{data.validation_split:.0%} for validation and still train",
+                        fix="give data.validation_file, or more training data",
+                    )
+                ],
+            )
         examples["train"], examples["validation"] = _split(examples["train"], data.validation_split, data.seed)
     if data.test_file:
         files["test"], examples["test"] = data.test_file, read(data.test_file)

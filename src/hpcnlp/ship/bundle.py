@@ -153,13 +153,23 @@ def verify(bundle: str | Path) -> list[str]:
     if not (bundle / MANIFEST).is_file():
         return [f"{bundle}: no {MANIFEST} (not a bundle, or an unfinished one)"]
     try:
-        manifest = json.loads((bundle / MANIFEST).read_text())
+        manifest = json.loads((bundle / MANIFEST).read_bytes().decode("utf-8"))
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        return [f"{bundle / MANIFEST}: unreadable ({e})"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        return [f"{bundle / MANIFEST}: unreadable ({type(e).__name__}: {e})"]
     if not isinstance(files, dict) or not files:
         return [f"{bundle / MANIFEST}: lists no files"]
     problems = [p for p in (name_problem(bundle, n) for n in files) if p]
+    problems += [
+        f"{bundle / MANIFEST}: entry {name!r} is not {{bytes: <int>, sha256: <hex>}}"
+        for name, want in files.items()
+        if not (
+            isinstance(want, dict)
+            and isinstance(want.get("bytes"), int)
+            and not isinstance(want.get("bytes"), bool)
+            and isinstance(want.get("sha256"), str)
+        )
+    ]
     if problems:  # never open a path the manifest may have aimed outside the bundle
         return problems
     problems += [

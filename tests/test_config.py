@@ -217,3 +217,15 @@ def test_yaml_duplicate_keys_aliases_and_loops_are_refused_in_one_line(tmp_path,
     from hpcnlp.config import read_yaml
 
     assert read_yaml(merged)["other"] == {"x": 1, "y": 2}
+
+
+def test_metric_for_best_model_is_a_metric_the_task_logs(capsys):
+    """A typo (`acc`) passed check and crashed at the first evaluation, after an epoch of training."""
+    sentiment, ner = "jobs/finetune-sentiment.yaml", "jobs/finetune-ner.yaml"
+    assert run_cli("check", "--config", sentiment, "training.metric_for_best_model=acc") == 2
+    err = capsys.readouterr().err
+    assert "training.metric_for_best_model: 'acc' is not a metric sequence-classification evaluations log" in err
+    assert "'accuracy', 'precision', 'recall', 'f1', 'loss'" in err
+    assert run_cli("check", "--config", ner, "training.metric_for_best_model=accuracy") == 2  # NER: token_accuracy
+    for name in ("eval_f1", "loss", "token_accuracy"):
+        assert run_cli("check", "--config", ner, f"training.metric_for_best_model={name}") == 0

@@ -147,3 +147,26 @@ def test_unknown_column_and_format_are_config_problems(tmp_path):
     assert "does not fit sequence-classification" in conll[0].message
     missing = data_file_problems("sequence-classification", FinetuneDataConfig(train_file=str(tmp_path / "no.csv")))
     assert "no such file" in missing[0].message
+
+
+def test_labels_are_read_by_their_value_type(tmp_path):
+    """JSONL 1, 1.0, 0, 0.0 are two classes, not four; a table's 1 and 1.0 too; 1 vs "1" vs true in one
+    file is refused naming a row of each kind (one class or three? the file must say one way)."""
+    import json
+
+    from hpcnlp.data.classification import read_examples
+
+    def labels(name, body):
+        path = tmp_path / name
+        path.write_text(body)
+        return sorted({e.label for e in read_examples(str(path), FinetuneDataConfig(train_file=str(path)))})
+
+    rows = lambda values: "\n".join(json.dumps({"text": f"t{i}", "label": v}) for i, v in enumerate(values))  # noqa: E731
+    assert labels("numbers.jsonl", rows([1, 1.0, 0, 0.0])) == ["0", "1"]
+    assert labels("bools.jsonl", rows([True, False])) == ["false", "true"]
+    assert labels("table.csv", "text,label\na,1\nb,0\nc,1.0\n") == ["0", "1"]
+    assert labels("words.csv", "text,label\na,pos\nb,1\n") == ["1", "pos"]
+    with pytest.raises(DataError) as e:
+        labels("mixed.jsonl", rows([1, "1", True]))
+    [line] = e.value.lines
+    assert "labels of several kinds: number (line 1: 1), text (line 2: '1'), true/false (line 3: True)" in line

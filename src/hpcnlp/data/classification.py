@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 from dataclasses import dataclass
+
+import numpy as np
 
 from hpcnlp.config import FinetuneDataConfig, Problem
 from hpcnlp.data.labels import DataError, Labelled, decoded_lines, detect_format, length_sorted, read_splits
@@ -82,10 +85,33 @@ def _as_text(value) -> str:
     return str(value)
 
 
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _label(value) -> tuple[str, str]:
+    """(kind, label) of a label cell, read by its value type: a number is its value (1 and 1.0 are the
+    class "1"), true/false are bools, text is text. ("", "") when empty."""
+    if isinstance(value, (bool, np.bool_)):
+        return "true/false", "true" if value else "false"
+    if isinstance(value, numbers.Integral):
+        return "number", str(int(value))
+    if isinstance(value, numbers.Real):
+        if math.isnan(value):
+            return "", ""
+        return "number", str(int(value)) if float(value).is_integer() else repr(float(value))
+    text = _as_text(value).strip()
+    return ("text" if text else ""), text
+
+
 def read_examples(path: str, data: FinetuneDataConfig) -> list[Example]:
     """All rows of one file, or DataError naming every bad row (up to a limit)."""
     fmt = detect_format(path, data.format)
-    examples, problems = [], []
+    examples, problems, first_of_kind = [], [], {}
     columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
     for where, record in _records(path, fmt, data.encoding):
         missing = [c for c in columns if c not in record]
@@ -99,7 +125,7 @@ def read_examples(path: str, data: FinetuneDataConfig) -> list[Example]:
             )
             continue
         text = _as_text(record[data.text_column]).strip()
-        label = _as_text(record[data.label_column]).strip()
+        kind, label = _label(record[data.label_column])
         pair = _as_text(record[data.text_pair_column]).strip() if data.text_pair_column else None
         if not text or (data.text_pair_column and not pair):
             col = data.text_column if not text else data.text_pair_column
@@ -115,7 +141,20 @@ def read_examples(path: str, data: FinetuneDataConfig) -> list[Example]:
                 )
             )
         else:
+            first_of_kind.setdefault(kind, (where, record[data.label_column]))
             examples.append(Example(where, text, label, pair))
+    if fmt in ("csv", "tsv") and examples and all(_number(e.label) is not None for e in examples):
+        # A table's cells are text: a label column of numbers written two ways (1, 1.0) is one class each.
+        examples = [Example(e.where, e.text, _label(_number(e.label))[1], e.text_pair) for e in examples]
+    if len(first_of_kind) > 1:  # 1 vs "1" vs true: one class or three? The file must say one way.
+        seen = ", ".join(f"{k} ({w}: {v!r})" for k, (w, v) in first_of_kind.items())
+        problems.append(
+            Problem(
+                key=f"column '{data.label_column}'",
+                message=f"labels of several kinds: {seen}",
+                fix="write every label the same way (all numbers, all text or all true/false)",
+            )
+        )
     if problems:
         raise DataError(path, problems)
     if not examples:

@@ -95,8 +95,25 @@ class FinetuneConfig(TrainingJobConfig):
     early_stopping_patience: int | None = Field(None, ge=1)  # evaluations without improvement
     training: FinetuneTrainingConfig = Field(default_factory=FinetuneTrainingConfig)
 
+    def best_metric_is_logged(self) -> bool:
+        """metric_for_best_model names what the task's evaluations log (the Trainer finds out only at the
+        first evaluation, after a whole epoch of training)."""
+        name = self.training.metric_for_best_model
+        if not name or not self.training.load_best_model_at_end and self.early_stopping_patience is None:
+            return True
+        return name.removeprefix("eval_") in (*tasks.get(self.task).metric_names, "loss")
+
     def problems(self) -> list[Problem]:
         out = self.training.problems()
+        if self.task in tasks.names(labelled=True) and not self.best_metric_is_logged():
+            names = [*tasks.get(self.task).metric_names, "loss"]
+            out.append(
+                Problem(
+                    key="training.metric_for_best_model",
+                    message=f"{self.training.metric_for_best_model!r} is not a metric {self.task} evaluations log",
+                    fix=f"use one of {names} (eval_ prefix optional)",
+                )
+            )
         if self.task not in tasks.names(labelled=True):
             out.append(
                 Problem(

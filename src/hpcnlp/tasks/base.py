@@ -32,6 +32,7 @@ class Task:
     score: Callable[[Any, Any, list[str], Any], tuple[dict, list[dict]]] | None = None
     # (logits per batch, labels per batch, label names) -> headline metrics of a runner (PyTorch or ONNX)
     batch_metrics: Callable[[list, list, list[str]], dict] | None = None
+    metric_names: tuple[str, ...] = ()  # what its evaluations log (metric_for_best_model may name one, or loss)
     accuracy_key: str = "accuracy"  # the accuracy column of reports (token tasks: token_accuracy)
     per_label_key: str = "per_class"  # metrics key of the per-label table ...
     per_label_title: str = "class"  # ... and what a label is called in it

@@ -47,6 +47,7 @@ TASK = Task(
     auto_model="AutoModelForSequenceClassification",
     optimum_task="text-classification",
     primary_metric="accuracy",
+    metric_names=("accuracy", "precision", "recall", "f1"),
     data_formats=("csv", "tsv", "jsonl", "parquet"),
     peft_task_type="SEQ_CLS",
     reader=classification,

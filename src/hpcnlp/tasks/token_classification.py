@@ -56,6 +56,7 @@ TASK = Task(
     auto_model="AutoModelForTokenClassification",
     optimum_task="token-classification",
     primary_metric="f1",
+    metric_names=("precision", "recall", "f1", "token_accuracy"),
     token_level=True,
     data_formats=("conll", "jsonl"),
     peft_task_type="TOKEN_CLS",

@@ -57,6 +57,27 @@ def test_resume_takes_the_newest_marked_checkpoint_of_this_run(tmp_path, caplog)
     assert json.loads((good / MARKER).read_text())["files"]["model.safetensors"] == 100
 
 
+def test_a_marker_that_lists_no_files_or_no_weights_is_not_complete(tmp_path):
+    """`files: []` crashed resume; a marker with no files key (and no weights) counted as complete."""
+    from hpcnlp.runtime.checkpoints import problem
+
+    for files, why in (
+        ([], "lists no files"),
+        (None, "lists no files"),
+        ({"trainer_state.json": 2}, "no model weights"),
+        ({"model.safetensors": "100"}, "lists no files"),
+    ):
+        ckpt = _checkpoint(tmp_path / str(why) / str(type(files).__name__), 2)
+        marker = json.loads((ckpt / MARKER).read_text())
+        if files is None:
+            del marker["files"]
+        else:
+            marker["files"] = files
+        (ckpt / MARKER).write_text(json.dumps(marker))
+        assert why in problem(ckpt, "r1")
+        assert newest_complete_checkpoint(ckpt.parent, "r1") is None
+
+
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / "out"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

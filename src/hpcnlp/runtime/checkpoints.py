@@ -22,6 +22,9 @@ from hpcnlp.runtime.io import atomic_write_json
 log = logging.getLogger(__name__)
 MARKER = "hpcnlp-checkpoint.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+# What a checkpoint's weights are called: the Trainer's safetensors (adapters: adapter_model.safetensors),
+# DeepSpeed's per-rank model states.
+WEIGHTS = (".safetensors", "model_states.pt")
 
 
 def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -53,7 +56,12 @@ def problem(ckpt: Path, run: str | None = None) -> str | None:
         return "its marker or trainer_state.json names another step"
     if run is not None and marker.get("run") != run:
         return f"it belongs to another run ({marker.get('run')}; this run is {run})"
-    for name, size in marker.get("files", {}).items():
+    files = marker.get("files")
+    if not isinstance(files, dict) or not all(isinstance(n, str) and type(s) is int for n, s in files.items()):
+        return "its marker lists no files (or not as name: size)"
+    if not any(n.endswith(WEIGHTS) for n in files):
+        return "its marker lists no model weights"
+    for name, size in files.items():
         f = ckpt / name
         if not f.is_file() or f.stat().st_size != size:
             return f"{name} is missing or truncated"

@@ -1,5 +1,5 @@
 """Real-Slurm fixtures: one local cluster (munge + slurmctld + 2 slurmd) for the whole session, and
-the production-like site (`site`: LocalSlurm(site=True), for test_site.py) while its module runs.
+the production-like site (`site`: LocalSlurm(site=True), for test_production_site.py) while its module runs.
 
 Jobs are submitted from a tmp dir with HPCNLP_HOME pointing at the repo, so logs (%x-%j.out) and
 launcher state land in tmp, never in the checkout. Job helpers are in cluster_jobs.py.
@@ -58,7 +58,7 @@ def job_env(slurm) -> dict:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """The production-like site (LocalSlurm(site=True): task/affinity, fake GPUs, preemption, slurmdbd +
-    MariaDB), for tests/slurm/test_site.py only: the other tests keep the friendly cluster, whose two
+    MariaDB), for tests/slurm/test_production_site.py only: the other tests keep the friendly cluster, whose two
     unbound nodes do not share one core (see docs/reliability.md, "The test site")."""
     reason = can_run()
     if reason:

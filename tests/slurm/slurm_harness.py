@@ -11,7 +11,7 @@ at start, so it does not touch /etc/slurm and can run next to another Slurm. Sto
 
 Use `cluster.env` (SLURM_CONF set) for your own sbatch/squeue/scontrol calls.
 
-`site=True` makes it look like a production GPU site (tests/slurm/test_site.py, docs/reliability.md
+`site=True` makes it look like a production GPU site (tests/slurm/test_production_site.py, docs/reliability.md
 "The test site"): task/affinity binding, 4 fake GPUs per node as GRES, partitions `cpu` (default),
 `gpu` (preemptable, GraceTime) and `gpu-high` (higher PriorityTier) with partition-priority
 preemption by requeue, and accounting through slurmdbd into a MariaDB the harness runs in its own

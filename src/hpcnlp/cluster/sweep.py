@@ -1,30 +1,39 @@
 """`hpcnlp sweep`: check a job config for each override set, then queue one Slurm job array.
 
-One array task per override set, each in <output_dir>/task-<i>. Each submission writes its own
-manifest, <output_dir>/sweep-<time>-<id>.json, never rewritten: the array's tasks read the one named in
-their environment (HPCNLP_SWEEP) and the launcher appends task i's overrides. <output_dir>/sweep.json is
-the latest manifest's copy (with its name and array job id) for `hpcnlp status`, `summary`, `cancel`.
+The override sets are listed (--overrides-list) or a grid's cartesian product (--grid key=[v,...] ...,
+--seeds adding a training.seed axis). One array task per override set, each in <output_dir>/task-<i>.
+Each submission writes its own manifest, <output_dir>/sweep-<time>-<id>.json, never rewritten: the
+array's tasks read the one named in their environment (HPCNLP_SWEEP) and the launcher appends task i's
+overrides. <output_dir>/sweep.json is the latest manifest's copy (with its name and array job id) for
+`hpcnlp status`, `summary`, `cancel`.
+A grid's manifest also holds the grid ({key: [values]}), its seed axis (seed_key) and each task's point.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
+
+import yaml
 
 from hpcnlp.cluster.jobs_alive import FINAL, busy_problems, read_status, recorded_jobs
 from hpcnlp.cluster.plan import plan, refused
 from hpcnlp.cluster.profile import load_profile
 from hpcnlp.cluster.submit import expand_log, snapshot
-from hpcnlp.config import ConfigError
+from hpcnlp.config import ConfigError, Problem
 from hpcnlp.jobs import load_config, registry
 from hpcnlp.runtime import status
 from hpcnlp.runtime.io import atomic_write_json
 
 LATEST = "sweep.json"
+SEED_KEY = "training.seed"  # --seeds' axis; `hpcnlp summary` averages over it
+NUMBER = re.compile(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?")  # what the overrides read as a number
 
 
 def add_parser(subparsers) -> None:
@@ -33,9 +42,18 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--overrides-list",
         nargs="+",
-        required=True,
         metavar="'k=v k=v'",
         help="one quoted, space-separated override set per array task (put this option last)",
+    )
+    p.add_argument(
+        "--grid",
+        nargs="+",
+        metavar="'key=[v1,v2]'",
+        help="instead of --overrides-list: one task per point of the grid, the cartesian product of the "
+        "listed values (YAML list after '=')",
+    )
+    p.add_argument(
+        "--seeds", nargs="+", type=int, metavar="SEED", help=f"with --grid: a {SEED_KEY} axis, multiplying the grid"
     )
     p.add_argument("--max-parallel", type=int, default=None, help="run at most K tasks at once (--array=..%%K)")
     p.add_argument("--sbatch", action="append", default=[], metavar="OPTION")
@@ -50,18 +68,92 @@ def add_parser(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
+        grid = sweep_grid(args.grid, args.seeds, args.overrides_list)
+    except ConfigError as e:
+        return refused(e, queueing=False)  # one line: nothing was checked yet
+    try:
         sweep(
             args.config,
             args.overrides,
-            [t.split() for t in args.overrides_list],
+            grid_tasks(grid) if grid else [t.split() for t in args.overrides_list],
             args.max_parallel,
             args.sbatch,
             dry_run=args.dry_run,
             force=args.force,
+            grid=grid,
         )
     except ConfigError as e:
         return refused(e)
     return 0
+
+
+def _usage(message: str, fix: str) -> ConfigError:
+    return ConfigError("hpcnlp sweep", [Problem(key="options", message=message, fix=fix)])
+
+
+def grid_value(value):
+    """A grid value as the manifest records it: what the override reads as a number is one (YAML reads
+    5e-5 as text, OmegaConf as a float); a date or the like as text."""
+    if isinstance(value, str) and NUMBER.fullmatch(value):
+        return int(value.replace("_", "")) if re.fullmatch(r"[-+]?[\d_]+", value) else float(value.replace("_", ""))
+    return json.loads(json.dumps(value, default=str))
+
+
+def override_text(value) -> str:
+    """A value written back as an override reads as itself (OmegaConf's dotlist: YAML)."""
+    if isinstance(value, str):
+        try:
+            same = NUMBER.fullmatch(value) or yaml.safe_load(value) == value
+        except yaml.YAMLError:
+            same = False
+        return value if same else json.dumps(value)
+    return json.dumps(value, default=str)
+
+
+def sweep_grid(items: list[str] | None, seeds: list[int] | None, overrides_list: list[str] | None) -> dict | None:
+    """{key: [(override text, value), ...]} of --grid (and --seeds, the last axis); None for --overrides-list.
+    Exactly one of --grid and --overrides-list; anything else is refused."""
+    if bool(items) == bool(overrides_list):
+        raise _usage(
+            "give exactly one of --grid and --overrides-list" + (", not both" if items else ""),
+            "--grid 'training.learning_rate=[5e-5,1e-4]' ... or --overrides-list 'k=v k=v' ...",
+        )
+    if not items:
+        if seeds:
+            raise _usage("--seeds goes with --grid", f"use --grid, or add {SEED_KEY}=N to each override set")
+        return None
+    grid = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        try:
+            values = yaml.safe_load(text) if eq else None
+        except yaml.YAMLError:
+            values = None
+        if not key or not isinstance(values, list) or not values:
+            raise _usage(f"--grid {item!r} is not key=[v1,v2,...]", f"write it as {key or 'key'}=[v1,v2], quoted")
+        if key in grid:
+            raise _usage(f"--grid names {key} twice", "give each key once, all its values in one list")
+        grid[key] = [(override_text(v), grid_value(v)) for v in values]
+    if seeds:
+        if SEED_KEY in grid:
+            raise _usage(f"{SEED_KEY} is in --grid and --seeds", "give the seeds once")
+        grid[SEED_KEY] = [(str(s), s) for s in seeds]
+    return grid
+
+
+def grid_tasks(grid: dict) -> list[list[str]]:
+    """The cartesian product, the last key fastest (a point's seeds are neighbours)."""
+    return [[f"{k}={text}" for k, (text, _) in zip(grid, point)] for point in itertools.product(*grid.values())]
+
+
+def grid_manifest(grid: dict) -> dict:
+    """What the manifest records of a grid: its keys and values, its seed axis, each task's point."""
+    return {
+        "grid": {k: [v for _, v in values] for k, values in grid.items()},
+        "seed_key": SEED_KEY if SEED_KEY in grid else None,
+        "points": [{k: v for k, (_, v) in zip(grid, point)} for point in itertools.product(*grid.values())],
+    }
 
 
 def sweep(
@@ -72,8 +164,10 @@ def sweep(
     sbatch_args: list[str] = (),
     dry_run: bool = False,
     force: bool = False,
+    grid: dict | None = None,
 ) -> str | None:
-    """One array task per override set, each in <output_dir>/task-<i>; a manifest says which is which.
+    """One array task per override set, each in <output_dir>/task-<i>; a manifest says which is which
+    (with `grid`, sweep_grid's: its keys, values and each task's point too).
     One log per task: <log_dir>/<name>-<array id>_<task>.out."""
     cfg = load_config(config, overrides, check=False)  # the common config: what is frozen and submitted
     base = cfg.output_dir
@@ -95,9 +189,15 @@ def sweep(
         cfg, registry()[cfg.job], load_profile(), frozen, config, list(sbatch_args), array=array, env=env
     ).checked()
     if dry_run:
-        print(f"sweep: would submit an array of {len(tasks)} {cfg.job} tasks\n" + sub.describe())
+        shape = " x ".join(f"{len(v)} {k}" for k, v in grid.items()) if grid else ""
+        print(
+            f"sweep: would submit an array of {len(tasks)} {cfg.job} tasks"
+            + (f" ({shape})" if shape else "")
+            + "\n"
+            + sub.describe()
+        )
         return None
-    body = {"config": config, "overrides": overrides, "tasks": task_args}
+    body = {"config": config, "overrides": overrides, **(grid_manifest(grid) if grid else {}), "tasks": task_args}
     write_new(manifest, body)  # this submission's own: a queued array reads it until its last task starts
     job_id = sub.run()
     log = expand_log(sub.log, job_id, sub.name)

@@ -26,7 +26,6 @@ from helpers import (  # noqa: E402
     write_config,
 )
 
-
 SHARED_BUNDLE = {"sentiment_onnx", "sentiment_bundle"}  # session fixtures that take minutes to build
 
 

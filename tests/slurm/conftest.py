@@ -7,6 +7,7 @@ launcher state land in tmp, never in the checkout. Job helpers are in cluster_jo
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,10 @@ def slurm(tmp_path_factory):
     reason = can_run()
     if reason:
         pytest.skip(f"no local Slurm: {reason}")
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=2).start()
+    # Each xdist worker runs its own cluster: job ids of its own, since launchers derive rendezvous ports
+    # from them (two clusters' job 1 would both listen on one port). The site's start at 5001.
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=2, first_job_id=1 + 2000 * worker).start()
     yield cluster
     cluster.stop()
 

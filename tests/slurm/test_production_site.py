@@ -236,3 +236,65 @@ def test_accounting_records_the_requeue(site, preemption):
     # A job without a valid account is refused: the associations are enforced.
     res = site.run("sbatch", "--account=nobody", "--wrap=true", check=False, cwd=str(p["tmp"]))
     assert res.returncode != 0 and "Invalid account" in res.stderr
+
+
+# --- the quickstart, as docs/quickstart.md writes it ------------------------------------------
+SITE_PROFILE = """# docs/quickstart.md's GPU profile, for this site: its partitions and account; no container here
+# (no apptainer on this machine); one process per node and HPCNLP_ALLOW_CPU: the site's 4 "GPUs" per node
+# are GRES without CUDA devices, so the job's CUDA guard is told the CPU is meant.
+account: nlp
+partition: gpu
+cpu_partition: cpu
+gpus_per_node: 4
+nproc_per_node: 1
+cpus_per_task: 1
+time: "00:30:00"
+env: {NCCL_DEBUG: WARN, HPCNLP_ALLOW_CPU: "1"}
+jobs:
+  prepare: {cpus_per_task: 1, time: "00:10:00"}
+"""
+
+
+def test_the_quickstart_runs_as_written(site, site_env, tmp_path):
+    """docs/quickstart.md's commands, in its order, from a checkout's working dir (jobs/ copied, data/
+    linked) with the GPU-shaped profile above as jobs/cluster.yaml: the profile checks, the pipeline dry
+    run, prepare on the cpu partition (runs to the end), pretrain's dry run and submit on the gpu partition,
+    status and logs of the running job, cancel. Site: partitions cpu and gpu, GRES gpu:4, accounting."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(REPO / "jobs", tmp_path / "jobs")
+    (tmp_path / "data").symlink_to(REPO / "data")
+    (tmp_path / "jobs" / "cluster.yaml").write_text(SITE_PROFILE)
+    env = {**site_env, "HPCNLP_STATE_DIR": str(tmp_path / "outputs" / ".slurm")}
+    env.pop("HPCNLP_CLUSTER", None)
+
+    def hpcnlp(*args: str) -> subprocess.CompletedProcess:
+        res = subprocess.run(
+            [sys.executable, "-m", "hpcnlp", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert res.returncode == 0, f"hpcnlp {' '.join(args)}: exit {res.returncode}\n{res.stdout}\n{res.stderr}"
+        return res
+
+    def job_of(res) -> str:
+        return re.search(r"submitted job (\d+)", res.stdout).group(1)
+
+    assert "pretrain" in hpcnlp("check", "--config", "jobs/cluster.yaml").stdout
+    dry = hpcnlp("pipeline", "--config", "jobs/pipeline.yaml", "--dry-run").stdout
+    assert dry.count("sbatch:") >= 5 and "--partition=cpu" in dry and "--partition=gpu" in dry
+    prepare = job_of(hpcnlp("submit", "--config", "jobs/prepare.yaml"))
+    assert site.job(prepare)["Partition"] == "cpu"
+    assert site.wait(prepare, timeout=300) == "COMPLETED", (tmp_path / "outputs" / "logs").glob("*")
+    plan = hpcnlp("submit", "--config", "jobs/pretrain.yaml", "--dry-run").stdout
+    assert "--gpus-per-node=4" in plan and "--partition=gpu" in plan and "--cpus-per-task=1" in plan
+    pretrain = job_of(hpcnlp("submit", "--config", "jobs/pretrain.yaml"))
+    assert site.job(pretrain)["Partition"] == "gpu"
+    site.wait(pretrain, timeout=120, states={"RUNNING"})
+    status = hpcnlp("status", "outputs/pretrain-pydocs").stdout
+    assert pretrain in status and ("queued" in status or "running" in status), status
+    wait_for_log(site, pretrain, r"launch: .* job \d+ restart 0")
+    assert "launch:" in hpcnlp("logs", "outputs/pretrain-pydocs").stdout
+    assert pretrain in hpcnlp("cancel", "outputs/pretrain-pydocs").stdout
+    assert site.wait(pretrain, timeout=120) == "CANCELLED"
+    assert "cancelled" in hpcnlp("status", "outputs/pretrain-pydocs").stdout

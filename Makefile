@@ -43,10 +43,10 @@ $(VENV)/.installed: requirements/lock.txt requirements/docs.txt requirements/lin
 demo: setup
 	$(BIN)/hpcnlp pipeline --config jobs/demo.yaml --local
 
-# Two workers on the two cores (pytest-xdist); tests/conftest.py keeps a test file whole on one worker
-# (and the files sharing the sentiment bundle together). A worker running real-Slurm tests starts its own
-# local cluster (free ports, own dirs). A single test: .venv/bin/python -m pytest tests/<file>::<test>.
-XDIST := -n 2 --dist loadgroup
+# Two workers on the two cores (pytest-xdist), a test file whole on one worker (--dist loadfile): its
+# module fixtures are built once; a worker running real-Slurm tests starts its own local cluster (free
+# ports, own dirs, its own job ids). A single test: .venv/bin/python -m pytest tests/<file>::<test>.
+XDIST := -n 2 --dist loadfile
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) tests
 

@@ -26,18 +26,6 @@ from helpers import (  # noqa: E402
     write_config,
 )
 
-SHARED_BUNDLE = {"sentiment_onnx", "sentiment_bundle"}  # session fixtures that take minutes to build
-
-
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs two xdist workers (--dist loadgroup): a test file goes to one worker whole (its
-    module fixtures are built once), and the files that use the exported, validated sentiment bundle go to
-    the same worker, which builds it once. Without xdist the marks do nothing."""
-    bundle_files = {item.path for item in items if SHARED_BUNDLE & set(getattr(item, "fixturenames", ()))}
-    for item in items:
-        group = "sentiment-bundle" if item.path in bundle_files else str(item.path)
-        item.add_marker(pytest.mark.xdist_group(group))
-
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:

@@ -34,6 +34,16 @@ pytestmark = [
 ]
 
 
+def lock_pins() -> dict[str, str]:
+    """name -> version of every `name==version` line of the lock (comments and hashes aside)."""
+    pins = {}
+    for line in (REPO / "requirements" / "lock.txt").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;#\\]+)", line)
+        if m:
+            pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return pins
+
+
 def in_image(
     *args: str, entrypoint: str | None = None, volumes: dict[str, str] | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess:
@@ -99,10 +109,8 @@ def test_same_python_and_pins_as_make_setup(image):
     r = in_image("-m", "pip", "list", "--format=json", entrypoint="python3")
     assert r.returncode == 0, r.stderr
     installed = {p["name"].lower().replace("_", "-"): p["version"] for p in json.loads(r.stdout)}
-    for line in (REPO / "requirements" / "lock.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, version = line.split("==")
-            assert installed.get(name.lower().replace("_", "-"), "").split("+")[0] == version, name
+    for name, version in lock_pins().items():
+        assert installed.get(name, "").split("+")[0] == version, name
     r = in_image("-c", "import sys; print(sys.version_info[:2])", entrypoint="python3")
     assert r.stdout.strip() == "(3, 11)"
 
@@ -304,9 +312,9 @@ def test_whole_chain_in_the_image_and_the_bundle_runs_without_hpcnlp(image, tmp_
     venv = tmp_path / "deployer"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pins = [
-        line
-        for line in (REPO / "requirements" / "lock.txt").read_text().splitlines()
-        if line.split("==")[0].lower()
+        f"{name}=={version}"
+        for name, version in lock_pins().items()
+        if name
         in (
             "onnxruntime",
             "tokenizers",

@@ -23,7 +23,7 @@ help:
 	@echo "make docs       the user docs (docs/, mkdocs.yml) built offline into site/"
 	@echo "make templates  write slurm/<job>.sbatch from the job specs (src/hpcnlp/jobs/)"
 	@echo "make bench      benchmarks -> bench/results/"
-	@echo "make data       fetch the full public datasets (Python/kernel docs, Rotten Tomatoes, WNUT)"
+	@echo "make data       fetch the full public datasets (Rotten Tomatoes, WNUT, the kernel-docs task)"
 	@echo "make image      build the container image; make image-test builds and checks it here"
 
 setup: $(VENV)/.installed
@@ -78,6 +78,7 @@ bench: setup
 # Full public datasets into data/full/ (gitignored); the repo ships only small samples.
 data: setup
 	$(BIN)/python data/fetch_finetune.py
+	$(BIN)/python data/fetch_kernel_docs.py
 
 # Container image (docker/, docs/container.md). `make image` is the cluster build: CUDA torch
 # from PyPI, with docker or podman; IMAGE_ARGS passes more, e.g. --build-arg MODEL_DIR=models/mine.

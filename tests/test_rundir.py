@@ -97,6 +97,25 @@ def test_replaced_runs_are_carried_forward_never_orphaned(tmp_path):
     assert not list(tmp_path.glob(".out.replaced-*"))  # a's and b's runs, both deleted once c finished
 
 
+def test_files_found_when_a_run_goes_on_never_become_its_own(tmp_path):
+    """A user's notes in an unfinished run's dir, the run resumed: overwrite later still refuses to remove them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint-1").mkdir()
+    (out / "run.json").write_text(json.dumps({"run": "a", "files": ["checkpoint-1"]}))
+    (out / "my_notes.txt").write_text("mine")
+    rundir.acquire(out)
+    try:
+        assert rundir.claim(out, "a", overwrite=False, job="pretrain", resume="auto") == rundir.CONTINUE
+        (out / "checkpoint-2").mkdir()
+        rundir.record_files(out)
+        assert json.loads((out / "run.json").read_text())["files"] == ["checkpoint-1", "checkpoint-2"]
+        with pytest.raises(rundir.OutputDirRefused, match="did not write: my_notes.txt$"):
+            rundir.claim(out, "b", overwrite=True, job="pretrain")
+    finally:
+        rundir.release(out)
+
+
 # --- identity by resolved path -----------------------------------------------------------------
 def test_one_dir_through_a_symlink_is_one_lock_and_one_input(tmp_path):
     """main: the lock and the overlap checks compared spellings; two runs at once both exit 0."""

@@ -275,13 +275,14 @@ def foreign(out: Path, run: dict | None) -> list[str]:
 
 
 def record_files(output_dir: str | Path, *names: str) -> None:
-    """The lock holder notes in run.json the top-level names its run has written (all there now, or
-    `names`): overwrite and cleanup touch only those."""
+    """The lock holder notes in run.json the top-level names its run has written (all there now but
+    those it found when it went on, or `names`): overwrite and cleanup touch only those. A name put into
+    the dir while the run runs counts as the run's."""
     out = real(output_dir)
     run = read_run(out)
     if run is None or not holds(out):
         return
-    now = set(names) if names else set(entries(out))
+    now = (set(names) if names else set(entries(out))) - set(run.get("kept") or [])
     files = sorted(set(run.get("files") or []) | now)
     if files != run.get("files"):
         atomic_write_json(out / RUN_FILE, {**run, "files": files})
@@ -395,6 +396,8 @@ def claim(
             "job": job,
             "replaced": replaced,
             "files": (previous or {}).get("files", []) if same else [],
+            # what was there, not the run's, when it went on: never recorded as its own later
+            "kept": foreign(out, previous) if same else [],
             "started": (previous or {}).get("started") if same else time.strftime("%Y-%m-%d %H:%M:%S"),
             "starts": [
                 *((previous or {}).get("starts", []) if same else []),

@@ -304,6 +304,8 @@ def test_a_stalled_rank_fails_the_job_naming_it(tmp_path):
     assert proc.returncode != 0 and waited < 60  # a 12 s limit (+ torchrun's teardown), not the 30 min timeout
     line = outcome.read_text()
     assert line.startswith("4 stop rank 0 on ") and "stalled: rank 1 on " in line, line
+    st = json.loads((tmp_path / "out" / "status.json").read_text())  # rank 0, the lock holder, said it too
+    assert st["state"] == "failed" and "stalled: rank 1 on " in st["reason"], st
 
 
 @pytest.mark.slow

@@ -175,6 +175,17 @@ def from_rank_zero(value):
     return value
 
 
+def on_any_rank(flag: bool, device) -> bool:
+    """True on every rank when it is True on one (one decision, so no rank goes on alone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
+
+
 class StatusCallback(TrainerCallback):
     """status.json follows the run: step, loss, ETA at every logging step (rank 0)."""
 
@@ -266,7 +277,7 @@ class TrainingRun:
         # Installed only now, after data preparation: forked prepare workers never see our handlers
         # (the job's early ones, preempt.arm, pass a signal on to them).
         self.preemption.install_handlers()
-        if self.preemption.requested and not self.preemption.stopped:  # a signal before training began
+        if on_any_rank(self.preemption.requested, self.args.device):  # a signal before training began
             self.preemption.restore_handlers()
             return requeue_exit(0)  # nothing new to save: a requeue resumes the newest checkpoint
         try:

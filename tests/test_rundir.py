@@ -91,6 +91,9 @@ def test_replaced_runs_are_carried_forward_never_orphaned(tmp_path):
         assert rundir.claim(out, "c", overwrite=True, job="pretrain") == rundir.REPLACE
         asides = json.loads((out / "run.json").read_text())["replaced"]
         assert len(asides) == 2 and all(Path(p).is_dir() for p in asides)
+        # c crashes before writing anything: the dir holds only its records, d starts there afresh
+        assert rundir.claim(out, "d", overwrite=False, job="pretrain") == rundir.FRESH
+        assert json.loads((out / "run.json").read_text())["replaced"] == asides
         rundir.finish(out)
     finally:
         rundir.release(out)

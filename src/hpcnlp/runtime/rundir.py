@@ -381,7 +381,7 @@ def claim(
     if what == FINISHED:
         return what
     previous = read_run(out)
-    replaced = _replaced(previous) if what in (CONTINUE, REPLACE) else []
+    replaced = _replaced(previous)  # whatever start made the dir: runs moved aside are carried forward
     if what == REPLACE:
         aside = out.parent / f".{out.name}.replaced-{time.time_ns()}"
         os.replace(out, aside)  # the resolved dir: a symlink to it stays, and points at the new run

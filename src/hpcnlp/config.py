@@ -88,7 +88,7 @@ TextEncoding = Annotated[str, AfterValidator(_text_encoding)]
 JOB_OWNED = {
     "output_dir": "set the top-level output_dir",
     "overwrite_output_dir": "set the top-level overwrite",
-    "resume_from_checkpoint": "set the top-level resume (auto, never or a checkpoint dir)",
+    "resume_from_checkpoint": "set the top-level resume (auto, never, continue or a checkpoint dir)",
     "do_train": "remove it: the job decides what it runs",
     "do_eval": "remove it: the job decides what it runs",
     "do_predict": "remove it: the job decides what it runs",
@@ -191,7 +191,9 @@ class JobConfig(Section):
 class TrainingJobConfig(JobConfig):
     """What the Trainer jobs (pretrain, finetune, distill) share: resuming, requeues, the step watchdog."""
 
-    resume: str = "never"  # never | auto (newest complete checkpoint of this run) | a checkpoint dir
+    # never | auto (newest complete checkpoint of this run) | continue (auto, and a finished run trains on
+    # to a raised training.max_steps) | a checkpoint dir
+    resume: str = "never"
     max_requeues: int = Field(3, ge=0)  # preemptions a job may checkpoint and requeue itself after
     # A rank without a training step (or eval batch, or save) for this long fails the job, naming it.
     step_timeout_minutes: float | None = Field(15, gt=0)

@@ -16,7 +16,7 @@ import pkgutil
 import sys
 from collections.abc import Iterable
 
-from hpcnlp.config import ConfigError, JobConfig, Problem, read_yaml, with_overrides
+from hpcnlp.config import ConfigError, JobConfig, Problem, TrainingJobConfig, read_yaml, with_overrides
 from hpcnlp.config import validate as validate_shape
 from hpcnlp.runtime import env, rundir, status
 from hpcnlp.spec import JobSpec
@@ -184,36 +184,54 @@ def report(e: ConfigError) -> int:
 def run_job(cfg: JobConfig) -> int:
     """Run a checked config's job and say how it ended: status.json, the outcome line for the batch
     script, the exit code (hpcnlp.runtime.status). A ConfigError found only once the job reads its data
-    (a column, a label, a file's format) is reported like a refused config: one line per problem, exit 2."""
+    (a column, a label, a file's format) is reported like a refused config: one line per problem, exit 2.
+    A training run's status.json is written only by the process holding its lock (rundir): a start
+    refused by the lock, or stopped before it took it, writes nothing into another run's status."""
+    from hpcnlp.runtime import preempt
     from hpcnlp.runtime.malloc import fix_mmap_threshold
 
     fix_mmap_threshold()  # before the job allocates: else its memory climbs step after step (see there)
     spec = registry()[cfg.job]
     path = spec.status_file(cfg)
+    training = isinstance(cfg, TrainingJobConfig)
     log = env.hpcnlp_setting("LOG")  # the Slurm log (slurm/launch.sh): `hpcnlp status` shows it
-    status.update(path, state="running", job=cfg.job, reason=None, **({"log": log} if log else {}))
+
+    def mine() -> bool:  # may this process write the run's status.json
+        return not training or rundir.holds(cfg.output_dir)
+
+    signals = preempt.arm() if training else {}  # before the run dir is claimed: no signal kills us bare
+    if not training:
+        status.update(path, state="running", job=cfg.job, reason=None, **({"log": log} if log else {}))
     try:
         code = int(spec.run(cfg) or 0)
         reason = {status.EXIT_REQUEUE: "checkpointed for requeue", status.EXIT_REJECTED: "rejected by the gate"}.get(
             code
         )
+    except rundir.Finished as e:
+        code, reason = status.EXIT_OK, str(e)
+        print(f"hpcnlp: {e}", file=sys.stderr)
     except ConfigError as e:
         code, reason = report(e), e.lines[0]
     except BaseException as e:  # the traceback follows; status and the batch script say it failed
-        status.update(path, state="failed", reason=f"{type(e).__name__}: {e}")
+        if mine():
+            status.update(path, state="failed", reason=f"{type(e).__name__}: {e}")
         status.record_outcome(status.EXIT_FAILED, False, f"{type(e).__name__}: {e}")
-        raise
-    finally:
         if cfg.output_dir:
-            rundir.release(cfg.output_dir)  # the lock a training run took, if this process holds it
+            rundir.release(cfg.output_dir)
+        preempt.disarm(signals)
+        raise
     requeue = code == status.EXIT_REQUEUE and env.slurm_restart_count() < getattr(cfg, "max_requeues", 0)
     if code == status.EXIT_REQUEUE and not requeue:
         reason = (
             f"checkpointed, but {env.slurm_restart_count()} requeues reached max_requeues "
             f"({getattr(cfg, 'max_requeues', 0)}): resubmit (resume: auto) to continue"
         )
-    status.update(path, state=status.STATES.get(code, "failed"), reason=reason, **({"log": log} if log else {}))
-    if code != EXIT_CONFIG and path is not None:
-        status.link_log(log, path.parent)
+    if mine():
+        status.update(path, state=status.STATES.get(code, "failed"), reason=reason, **({"log": log} if log else {}))
+        if code != EXIT_CONFIG and path is not None:
+            status.link_log(log, path.parent)
+    if cfg.output_dir:
+        rundir.release(cfg.output_dir)  # the lock a training run took, if this process holds it
+    preempt.disarm(signals)
     status.record_outcome(code, requeue, reason or status.STATES.get(code, "failed"))
     return code

@@ -175,6 +175,17 @@ def from_rank_zero(value):
     return value
 
 
+def on_any_rank(flag: bool, device) -> bool:
+    """True on every rank when it is True on one (one decision, so no rank goes on alone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
+
+
 class StatusCallback(TrainerCallback):
     """status.json follows the run: step, loss, ETA at every logging step (rank 0)."""
 
@@ -207,19 +218,33 @@ class TrainingRun:
 
     def _claim(self) -> None:
         """Rank 0 takes the output_dir's lock and makes it this run's (the previous run moved aside
-        with overwrite: true) before any rank writes there; every rank learns if that was refused."""
-        error = None
+        with overwrite: true) before any rank writes there; every rank learns the verdict. A finished
+        run is final: rundir.Finished (exit 0), nothing trains again."""
+        error, verdict = None, None
         if self.is_main:
             try:
                 rundir.acquire(self.out)
-                continuing = self.restarted or self.cfg.resume != "never"
-                rundir.claim(self.out, self.run_id, self.cfg.overwrite, self.cfg.job, continuing)
-                status.update(self.out / "status.json", state="running", job=self.cfg.job, reason=None)
+                verdict = rundir.claim(
+                    self.out,
+                    self.run_id,
+                    self.cfg.overwrite,
+                    self.cfg.job,
+                    self.cfg.resume,
+                    self.restarted,
+                    self.cfg.training.max_steps,
+                )
+                if verdict != rundir.FINISHED:
+                    status.update(self.out / "status.json", state="running", job=self.cfg.job, reason=None)
             except rundir.OutputDirRefused as e:
                 error = (str(e), e.fix)
-        error = from_rank_zero(error)
+        error, verdict = from_rank_zero((error, verdict))
         if error:
             raise ConfigError(self.cfg._source, [Problem(key="output_dir", message=error[0], fix=error[1])])
+        if verdict == rundir.FINISHED:
+            raise rundir.Finished(
+                f"'{self.cfg.output_dir}' holds this run, finished: nothing to train (overwrite: true trains it "
+                "again from scratch; resume: continue with a higher training.max_steps goes on from its checkpoint)"
+            )
 
     @property
     def is_main(self) -> bool:
@@ -249,8 +274,12 @@ class TrainingRun:
         else the exit code: REQUEUE_EXIT after a preemption checkpoint, 1 when replicas drifted."""
         if self.checkpoint:
             log.info("resuming from %s", self.checkpoint)
-        # Installed only now, after data preparation: forked prepare workers never see our handlers.
+        # Installed only now, after data preparation: forked prepare workers never see our handlers
+        # (the job's early ones, preempt.arm, pass a signal on to them).
         self.preemption.install_handlers()
+        if on_any_rank(self.preemption.requested, self.args.device):  # a signal before training began
+            self.preemption.restore_handlers()
+            return requeue_exit(0)  # nothing new to save: a requeue resumes the newest checkpoint
         try:
             self.result = self._trainer.train(resume_from_checkpoint=self.checkpoint)
         finally:

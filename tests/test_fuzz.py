@@ -82,7 +82,42 @@ def _tokenizer():
 @given(rows=st.lists(st.tuples(CELL, CELL), max_size=12), sep=st.sampled_from([",", "\t"]))
 def test_any_csv_or_tsv_is_read_or_refused(tmp_path_factory, rows, sep):
     body = ("text" + sep + "label\n" + "".join(a + sep + b + "\n" for a, b in rows)).encode()
-    _read(tmp_path_factory, "d.csv" if sep == "," else "d.tsv", body)
+    out = _read(tmp_path_factory, "d.csv" if sep == "," else "d.tsv", body)
+    if out is not None:  # read as written: one row per non-blank line, never a row swallowed by a quote
+        lines = [line for line in body.decode().split("\n")[1:] if line.strip("\r")]
+        assert sum(len(ds) for ds in out.splits.values()) == len(lines)
+
+
+@FUZZ
+@given(
+    rows=st.lists(st.tuples(CELL, CELL), min_size=2, max_size=12),
+    at=st.integers(0, 11),
+    sep=st.sampled_from([",", "\t"]),
+)
+def test_a_quote_left_open_is_refused_naming_its_line(tmp_path_factory, rows, at, sep):
+    rows = [(a.replace('"', "").replace("\n", "").replace("\r", "") or "x", "a") for a, _ in rows]
+    at %= len(rows)
+    rows[at] = ('"' + rows[at][0], "a")
+    body = ("text" + sep + "label\n" + "".join(a + sep + b + "\n" for a, b in rows)).encode()
+    path = tmp_path_factory.mktemp("fuzz") / ("d.csv" if sep == "," else "d.tsv")
+    path.write_bytes(body)
+    res = cli("check", "--config", str(_finetune_config(path)))
+    assert res.returncode == 2 and f"{path}' line {at + 2}: " in res.stderr, res.stderr
+
+
+def _finetune_config(path):
+    config = path.with_name("c.yaml")
+    config.write_text(
+        json.dumps(
+            {
+                "job": "finetune",
+                "task": "sequence-classification",
+                "output_dir": str(path.with_name("out")),
+                "data": {"train_file": str(path)},
+            }
+        )
+    )
+    return config
 
 
 @FUZZ

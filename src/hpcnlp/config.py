@@ -308,6 +308,7 @@ class FinetuneDataConfig(Section):
     extra_eval_files: dict[str, str] = Field(default_factory=dict)  # name -> file, each reported apart
     format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "conll"] = "auto"
     encoding: TextEncoding = "utf-8"  # of the CSV/TSV/JSONL/CoNLL files, any Python codec (Parquet is UTF-8)
+    multiline_rows: bool = False  # CSV/TSV: a quoted field may hold line breaks (else a row is one line)
     validation_split: float = Field(0.1, gt=0, lt=1)
     seed: int = 42  # of the train/validation split
     text_column: str = "text"  # sequence classification

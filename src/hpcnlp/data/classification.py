@@ -56,9 +56,7 @@ def _records(path: str, fmt: str, encoding: str, multiline: bool = False):
     if fmt == "parquet":
         frame = pd.read_parquet(path)
     else:
-        lines = table_records(
-            path, fmt, encoding, multiline
-        )  # first: it names a bad quote's line
+        lines = table_records(path, fmt, encoding, multiline)  # first: it names a bad quote's line
         try:
             frame = pd.read_csv(
                 path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False, encoding=encoding

@@ -212,6 +212,8 @@ def run_job(cfg: JobConfig) -> int:
             f"checkpointed, but {env.slurm_restart_count()} requeues reached max_requeues "
             f"({getattr(cfg, 'max_requeues', 0)}): resubmit (resume: auto) to continue"
         )
+    if code == EXIT_CONFIG and spec.is_complete(cfg):
+        path = None  # refused because another run finished the same stage (a lost publish): its status stays
     status.update(path, state=status.STATES.get(code, "failed"), reason=reason, **({"log": log} if log else {}))
     if code != EXIT_CONFIG and path is not None:
         status.link_log(log, path.parent)

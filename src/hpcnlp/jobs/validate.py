@@ -25,7 +25,7 @@ from typing import Literal
 from pydantic import Field
 
 from hpcnlp import checks, tasks
-from hpcnlp.config import FinetuneDataConfig, JobConfig, LatencyConfig, Problem, Section
+from hpcnlp.config import ConfigError, FinetuneDataConfig, JobConfig, LatencyConfig, Problem, Section
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import mb
 from hpcnlp.runtime import status
@@ -181,7 +181,16 @@ def manifest(cfg: ValidateConfig, staging: Path, model_dir: str, names: list[str
 
 
 def publish(staging: Path, cfg: ValidateConfig) -> int:
-    final = bundle.publish(staging, cfg.bundle_dir, replace=cfg.overwrite)
+    try:
+        final = bundle.publish(staging, cfg.bundle_dir, replace=cfg.overwrite)
+    except FileExistsError:  # another validate of this version shipped while this one measured
+        problem = Problem(
+            key="version",
+            message=f"'{cfg.bundle_dir}' was shipped by another run while this one ran; "
+            "this run shipped nothing and left that bundle as it is",
+            fix="bump version to ship this run's model",
+        )
+        raise ConfigError(cfg._source, [problem]) from None
     log.info("PASSED: shipped %s (hpcnlp verify %s)", final, final)
     return 0
 

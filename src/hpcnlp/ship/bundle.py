@@ -15,8 +15,10 @@ dir (`reject`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -122,9 +124,15 @@ def publish(staging: Path, final: Path, replace: bool = False) -> Path:
     """Rename the staged bundle into place: readers see all of the old one or all of the new, never
     neither (an existing bundle is swapped with the new one in one step; see replace_dir)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not replace:
-        raise FileExistsError(f"{final} exists; bundles are immutable: bump the version")
-    replace_dir(staging, final)
+    if replace:
+        replace_dir(staging, final)
+        return final
+    try:  # a rename, never a replace: onto a bundle (never an empty dir) it fails, whoever got there first
+        os.rename(staging, final)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(f"{final} exists; bundles are immutable: bump the version") from None
+        raise
     return final
 
 
@@ -142,6 +150,11 @@ def name_problem(bundle: Path, name) -> str | None:
     """A manifest names files of this flat dir: a plain name that stays inside it, even through a symlink."""
     if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\n\0"):
         return f"{bundle / MANIFEST}: {name!r} is not a plain file name in the bundle"
+    try:  # a name the filesystem cannot hold (a lone surrogate, over 255 bytes) is no file of the bundle
+        if len(os.fsencode(name)) > 255:
+            raise ValueError("longer than 255 bytes")
+    except (UnicodeError, ValueError) as e:
+        return f"{bundle / MANIFEST}: {name!r} is not a file name ({e})"
     if (bundle / name).resolve().parent != bundle.resolve():
         return f"{bundle / MANIFEST}: {name!r} resolves outside the bundle"
     return None

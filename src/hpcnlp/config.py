@@ -22,7 +22,7 @@ import functools
 import typing
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -182,6 +182,9 @@ class JobConfig(Section):
     overwrite: bool = False
     # Where the YAML came from (set when loaded), so errors at run time can name the file.
     _source: str = PrivateAttr("<config>")
+    # Dotted keys naming a file of settings the job reads: submit freezes a copy of each with the config
+    # (hpcnlp.cluster.submit.snapshot), so editing it cannot change a queued job.
+    SETTING_FILES: ClassVar[tuple[str, ...]] = ("training.deepspeed",)
 
     def problems(self) -> list[Problem]:
         """Contradictions within the config itself (no file access; files are the job's check)."""

@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from hpcnlp import checks
 from hpcnlp.config import ConfigError, CorpusConfig, JobConfig, Problem, read_yaml
@@ -30,6 +30,7 @@ class PrepareConfig(JobConfig):
     job: Literal["prepare"] = "prepare"
     output_dir: str = ""  # unused: prepared data goes to data.prepared_root
     data_from: str | None = None
+    SETTING_FILES: ClassVar[tuple[str, ...]] = ("data_from",)
     model_name_or_path: str = "minilm-l6"
     tokenizer_name_or_path: str | None = None
     trust_remote_code: bool = False

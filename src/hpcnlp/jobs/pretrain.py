@@ -11,7 +11,7 @@ import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -78,6 +78,7 @@ class PretrainConfig(TrainingJobConfig):
     # report both metrics and their difference (runs in <output_dir>-downstream/{base,adapted}).
     downstream: str | None = None
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    SETTING_FILES: ClassVar[tuple[str, ...]] = ("training.deepspeed", "downstream")
 
     def problems(self) -> list[Problem]:
         out = self.data.problems() + self.training.problems()

@@ -238,6 +238,7 @@ def claim(output_dir: str | Path, run: str, overwrite: bool, job: str, continuin
                     "restart": env.slurm_restart_count(),
                     "host": socket.gethostname(),
                     "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "code_version": env.code_version(),
                 },
             ],
         },

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from importlib import metadata, resources
@@ -63,24 +62,6 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def git_commit() -> str | None:
-    """HEAD of the repo the code runs from, '+dirty' with uncommitted changes; None outside git."""
-    repo = Path(__file__).resolve().parents[3]  # src/hpcnlp/ship/bundle.py
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
 def stage(onnx_dir: Path, root: Path) -> Path:
     """A staging dir (hidden, beside the destinations) holding the files to validate and ship."""
     root.mkdir(parents=True, exist_ok=True)
@@ -111,7 +92,7 @@ def write_manifest(bundle: Path, info: dict) -> dict:
         "files": files,
         "packages": package_versions(),
         "python": sys.version.split()[0],
-        "git_commit": git_commit(),
+        "code_version": env.code_version(),
         "slurm_job_id": env.slurm_job_id(),
         **info,
     }

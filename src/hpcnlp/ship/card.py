@@ -16,6 +16,7 @@ import yaml
 from hpcnlp import tasks
 from hpcnlp.models import ALIASES, ModelNotFound, resolve_model_path
 from hpcnlp.report import markdown_table
+from hpcnlp.runtime import env
 from hpcnlp.ship.bundle import SUMS, dir_sha256, sha256
 from hpcnlp.tasks import cpu_text
 
@@ -192,7 +193,10 @@ def model_card(cfg, bundle: Path, task: str, names: list[str], results: dict, pa
         f"O{export.get('optimization_level', 0)}{int8} -> "
         + ", ".join(f"`{n}` (sha256 `{sha256(bundle / n)}`)" for n in models)
     )
-    steps.append(f"validate on {_hashed(evals['validation'][0])}: {'PASSED' if passed else 'REJECTED'}")
+    steps.append(
+        f"validate on {_hashed(evals['validation'][0])}: {'PASSED' if passed else 'REJECTED'} "
+        f"(hpcnlp code `{env.code_version()}`)"
+    )
 
     tok = tokenizer_settings(bundle)
     metric_sections = []

@@ -88,7 +88,7 @@ def hpcnlp_setting(name: str, default: str | None = None) -> str | None:
 
 def code_version() -> str:
     """The code this process runs: $HPCNLP_GIT_COMMIT (the container image sets it at build), else the git
-    HEAD of the package's own source checkout ("-dirty" with changes to tracked files), else the
+    HEAD of the package's own source checkout ("-dirty" with changes to its tracked src/ files), else the
     package's version. Submit records it; a job refuses to start from another (hpcnlp.jobs.check_config)."""
     return hpcnlp_setting("GIT_COMMIT") or _checkout_commit() or _package_version()
 
@@ -105,7 +105,9 @@ def _checkout_commit() -> str | None:
     try:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != repo:  # an installed package inside another repo
             return None
-        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        # Dirty: tracked files of the code changed (src/); an edited job YAML is a config, not code.
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "src")
+        return git("rev-parse", "HEAD") + ("-dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

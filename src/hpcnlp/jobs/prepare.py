@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 from hpcnlp import checks
 from hpcnlp.config import ConfigError, CorpusConfig, JobConfig, Problem, read_yaml
-from hpcnlp.data.corpus import corpus_problems
+from hpcnlp.data.corpus import corpus_split_problems
 from hpcnlp.models import load_tokenizer
 from hpcnlp.spec import JobSpec, SlurmDefaults
 
@@ -68,7 +68,7 @@ def with_data_from(raw: dict, source: str) -> dict:
 
 def check(cfg: PrepareConfig, pending: Iterable[str] = ()) -> list[Problem]:
     return (
-        corpus_problems(cfg.data)
+        corpus_split_problems(cfg.data)
         + checks.model("model_name_or_path", cfg.model_name_or_path, pending)
         + checks.model("tokenizer_name_or_path", cfg.tokenizer_name_or_path, pending)
     )

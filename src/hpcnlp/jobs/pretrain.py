@@ -28,7 +28,7 @@ from hpcnlp.config import (
     validate,
     with_overrides,
 )
-from hpcnlp.data.corpus import corpus_problems, expand_files, read_documents
+from hpcnlp.data.corpus import corpus_split_problems, expand_files, read_documents
 from hpcnlp.jobs import finetune
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb
@@ -119,7 +119,7 @@ class PretrainConfig(TrainingJobConfig):
 
 
 def check(cfg: PretrainConfig, pending: Iterable[str] = ()) -> list[Problem]:
-    out = corpus_problems(cfg.data) + checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg)
+    out = corpus_split_problems(cfg.data) + checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg)
     if cfg.init == "pretrained":
         out += checks.model("model_name_or_path", cfg.model_name_or_path, pending)
         out += checks.max_seq_length(cfg.data.max_seq_length, "model_name_or_path", cfg.model_name_or_path, pending)

@@ -95,3 +95,57 @@ def test_two_publishes_of_one_version_one_wins_the_other_is_refused(tmp_path, mo
         bundle.publish(second, cfg.bundle_dir)
     assert json.loads((cfg.bundle_dir / "manifest.json").read_text()) == {"who": "a"}
     assert second.is_dir()  # the loser's staging is its own to clean up
+
+
+def _external_data_model(onnx_dir):
+    """A tiny ONNX model keeping its weights in model.onnx_data, as a model over 2 GB must."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3), "weight")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "weight"], ["logits"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 3])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(
+        model, str(onnx_dir / "model.onnx"), save_as_external_data=True, location="model.onnx_data", size_threshold=0
+    )
+    for name in ("config.json", "tokenizer.json"):
+        (onnx_dir / name).write_text("{}")
+    return onnx_dir
+
+
+def test_external_data_travels_through_staging_the_manifest_verify_and_the_card(tmp_path):
+    from hpcnlp.ship.card import model_files_text
+    from hpcnlp.ship.onnx import external_data_files
+
+    onnx_dir = _external_data_model(tmp_path / "onnx")
+    assert external_data_files(onnx_dir / "model.onnx") == ["model.onnx_data"]
+    staging = bundle.stage(onnx_dir, tmp_path / "artifacts")
+    assert (staging / "model.onnx_data").read_bytes() == (onnx_dir / "model.onnx_data").read_bytes()
+    for name in ("MODEL_CARD.md", "validation.json"):
+        (staging / name).write_text("{}")
+    manifest = bundle.write_manifest(staging, {"passed": True})
+    assert manifest["files"]["model.onnx_data"]["bytes"] == 48  # 12 float32 weights
+    shipped = bundle.publish(staging, tmp_path / "artifacts" / "m" / "1")
+    assert bundle.verify(shipped) == []  # onnxruntime loads the model with its weights
+    card = model_files_text(shipped, ["model.onnx"])
+    assert f"with external data `model.onnx_data` (sha256 `{bundle.sha256(shipped / 'model.onnx_data')}`)" in card
+    (shipped / "model.onnx_data").unlink()
+    assert any("model.onnx_data: listed in the manifest but missing" in p for p in bundle.verify(shipped))
+
+
+def test_validate_check_refuses_external_data_that_is_not_beside_the_model(tmp_path):
+    from hpcnlp.jobs.validate import external_data_problems
+
+    onnx_dir = _external_data_model(tmp_path / "onnx")
+    assert external_data_problems(onnx_dir) == []
+    (onnx_dir / "model.onnx_data").unlink()
+    [problem] = external_data_problems(onnx_dir)
+    assert problem.key == "onnx_dir" and "external data 'model.onnx_data' is not a file beside it" in problem.message

@@ -71,8 +71,19 @@ def stage(onnx_dir: Path, root: Path) -> Path:
     for name in ("model.onnx", "model.int8.onnx", "config.json", *TOKENIZER_FILES):
         if (onnx_dir / name).is_file():
             shutil.copyfile(onnx_dir / name, tmp / name)
+    for name in model_data_files(onnx_dir):  # a model over 2 GB keeps its weights beside it (model.onnx_data)
+        if Path(name).name == name and (onnx_dir / name).is_file():  # else validate's check refused it
+            shutil.copyfile(onnx_dir / name, tmp / name)
     (tmp / SCRIPT).write_bytes(resources.files("hpcnlp.ship").joinpath(SCRIPT).read_bytes())
     return tmp
+
+
+def model_data_files(onnx_dir: Path) -> list[str]:
+    """The external data files of the models a bundle ships (hpcnlp.ship.onnx.external_data_files)."""
+    from hpcnlp.ship.onnx import external_data_files
+
+    names = [n for n in ("model.onnx", "model.int8.onnx") if (onnx_dir / n).is_file()]
+    return sorted({f for n in names for f in external_data_files(onnx_dir / n)})
 
 
 def sums_text(files: dict) -> str:

@@ -74,14 +74,6 @@ def corpus_problems(data: CorpusConfig) -> list[Problem]:
     return out
 
 
-def corpus_split_problems(data: CorpusConfig) -> list[Problem]:
-    """corpus_problems, then (files there) whether the train/eval split leaves a document on each side:
-    decided from the text's hashes before prepare writes a shard (hpcnlp.data.pack.split_problems)."""
-    from hpcnlp.data.pack import CHECK_DOCS, split_problems
-
-    return corpus_problems(data) or split_problems(data, CHECK_DOCS)
-
-
 def compression(path: str) -> str | None:
     suffix = Path(path).suffix.lower()
     return suffix if suffix in OPENERS or suffix == ".zst" else None

@@ -38,7 +38,7 @@ from itertools import chain
 from pathlib import Path
 
 from hpcnlp.config import ConfigError, CorpusConfig, Problem
-from hpcnlp.data.corpus import expand_files, read_documents, split_points, splittable
+from hpcnlp.data.corpus import corpus_problems, expand_files, read_documents, split_points, splittable
 from hpcnlp.runtime.io import atomic_dir, atomic_write_bytes, atomic_write_json, exclusive_lock
 
 log = logging.getLogger(__name__)
@@ -293,6 +293,12 @@ def _held_out(h: bytes, cfg: CorpusConfig) -> bool:
 
 
 CHECK_DOCS = 200_000  # `hpcnlp check` reads at most this many documents to decide the split (seconds)
+
+
+def corpus_split_problems(data: CorpusConfig) -> list[Problem]:
+    """corpus_problems, then (files there) whether the train/eval split leaves a document on each side:
+    decided from the text's hashes before prepare writes a shard (split_problems)."""
+    return corpus_problems(data) or split_problems(data, CHECK_DOCS)
 
 
 def split_problems(cfg: CorpusConfig, max_docs: int | None = None) -> list[Problem]:

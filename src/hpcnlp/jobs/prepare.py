@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 from hpcnlp import checks
 from hpcnlp.config import ConfigError, CorpusConfig, JobConfig, Problem, read_yaml
-from hpcnlp.data.corpus import corpus_split_problems
+from hpcnlp.data.pack import corpus_split_problems
 from hpcnlp.models import load_tokenizer
 from hpcnlp.spec import JobSpec, SlurmDefaults
 

@@ -28,7 +28,8 @@ from hpcnlp.config import (
     validate,
     with_overrides,
 )
-from hpcnlp.data.corpus import corpus_split_problems, expand_files, read_documents
+from hpcnlp.data.corpus import expand_files, read_documents
+from hpcnlp.data.pack import corpus_split_problems
 from hpcnlp.jobs import finetune
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb

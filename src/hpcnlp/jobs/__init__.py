@@ -197,6 +197,13 @@ def report(e: ConfigError) -> int:
     return EXIT_CONFIG
 
 
+def _complete(spec: JobSpec, cfg: JobConfig) -> bool:
+    try:
+        return spec.is_complete(cfg)
+    except Exception:  # noqa: BLE001 - cannot tell: the refusal is recorded as usual
+        return False
+
+
 def run_job(cfg: JobConfig) -> int:
     """Run a checked config's job and say how it ended: status.json, the outcome line for the batch
     script, the exit code (hpcnlp.runtime.status). A ConfigError found only once the job reads its data
@@ -228,7 +235,7 @@ def run_job(cfg: JobConfig) -> int:
             f"checkpointed, but {env.slurm_restart_count()} requeues reached max_requeues "
             f"({getattr(cfg, 'max_requeues', 0)}): resubmit (resume: auto) to continue"
         )
-    if code == EXIT_CONFIG and spec.is_complete(cfg):
+    if code == EXIT_CONFIG and _complete(spec, cfg):
         path = None  # refused because another run finished the same stage (a lost publish): its status stays
     status.update(path, state=status.STATES.get(code, "failed"), reason=reason, **({"log": log} if log else {}))
     if code != EXIT_CONFIG and path is not None:

@@ -175,7 +175,9 @@ def test_any_conll_is_read_or_refused(tmp_path_factory, lines):
             max_leaves=12,
         ).map(lambda v: json.dumps({"files": v, "passed": True}).encode()),
         st.dictionaries(
-            st.sampled_from(["model.onnx", "x/../y", "../escape", "manifest.json", "a\udc80", ""]),
+            st.sampled_from(
+                ["model.onnx", "x/../y", "../escape", "manifest.json", "a\udc80", "\ud800x", "a" * 300, ""]
+            ),
             st.fixed_dictionaries(
                 {}, optional={"bytes": st.one_of(st.integers(), st.text(max_size=3)), "sha256": st.text(max_size=5)}
             ),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -68,6 +69,16 @@ def _read(tmp_path_factory, name: str, body: bytes, **data):
 
 
 _TOK = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tokenizer_loaded():
+    """Loaded before the first example, with the job registry: their seconds (more on a busy machine) are
+    not any example's deadline."""
+    from hpcnlp.jobs import registry
+
+    registry()
+    _tokenizer()
 
 
 def _tokenizer():

@@ -85,7 +85,9 @@ data: setup
 IMAGE      ?= hpcnlp:latest
 ENGINE     ?= $(shell command -v docker || command -v podman)
 image:
-	$(ENGINE) build -f docker/Dockerfile -t $(IMAGE) $(IMAGE_ARGS) .
+	$(ENGINE) build -f docker/Dockerfile -t $(IMAGE) \
+	  --build-arg HPCNLP_GIT_COMMIT=$$(PYTHONPATH=src python3 -c 'from hpcnlp.runtime.env import code_version; print(code_version())') \
+	  $(IMAGE_ARGS) .
 
 # Here (no Docker engine, no registry): lint, build with podman on a debootstrap base from a local
 # wheelhouse (CPU torch), then check the image from inside (tests/image/). Needs root.

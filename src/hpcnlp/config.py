@@ -22,7 +22,7 @@ import functools
 import typing
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -182,6 +182,9 @@ class JobConfig(Section):
     overwrite: bool = False
     # Where the YAML came from (set when loaded), so errors at run time can name the file.
     _source: str = PrivateAttr("<config>")
+    # Dotted keys naming a file of settings the job reads: submit freezes a copy of each with the config
+    # (hpcnlp.cluster.submit.snapshot), so editing it cannot change a queued job.
+    SETTING_FILES: ClassVar[tuple[str, ...]] = ("training.deepspeed",)
 
     def problems(self) -> list[Problem]:
         """Contradictions within the config itself (no file access; files are the job's check)."""
@@ -310,6 +313,7 @@ class FinetuneDataConfig(Section):
     extra_eval_files: dict[str, str] = Field(default_factory=dict)  # name -> file, each reported apart
     format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "conll"] = "auto"
     encoding: TextEncoding = "utf-8"  # of the CSV/TSV/JSONL/CoNLL files, any Python codec (Parquet is UTF-8)
+    multiline_rows: bool = False  # CSV/TSV: a quoted field may hold line breaks (else a row is one line)
     validation_split: float = Field(0.1, gt=0, lt=1)
     seed: int = 42  # of the train/validation split
     text_column: str = "text"  # sequence classification

@@ -99,7 +99,23 @@ def check_config(cfg: JobConfig, pending: Iterable[str] = ()) -> list[Problem]:
     """The job's meaning checks (files, data, placement) of an already validated config: what
     load_config's `check` adds. `pending`: paths earlier pipeline stages will create."""
     spec = registry()[cfg.job]
-    return spec.check(cfg, list(pending)) + _placement_problems(spec) + report_to_problems(cfg)
+    return spec.check(cfg, list(pending)) + _placement_problems(spec) + report_to_problems(cfg) + code_problems()
+
+
+def code_problems() -> list[Problem]:
+    """A submitted job starts with the code it was submitted with (HPCNLP_SUBMITTED_CODE, set by submit):
+    a checkout pulled or an image rebuilt while it waited would run code nobody checked the config with."""
+    submitted, now = env.hpcnlp_setting("SUBMITTED_CODE"), env.code_version()
+    if not submitted or submitted == now or env.hpcnlp_setting("ALLOW_CODE_CHANGE") == "1":
+        return []
+    return [
+        Problem(
+            key="code",
+            message=f"the job was submitted with code {submitted} and starts with {now} "
+            "(the checkout or image changed while it waited)",
+            fix="resubmit it, or submit with --allow-code-change (HPCNLP_ALLOW_CODE_CHANGE=1)",
+        )
+    ]
 
 
 # training.report_to: the integration -> (modules any one of which it needs, what to pip install)
@@ -181,6 +197,13 @@ def report(e: ConfigError) -> int:
     return EXIT_CONFIG
 
 
+def _complete(spec: JobSpec, cfg: JobConfig) -> bool:
+    try:
+        return spec.is_complete(cfg)
+    except Exception:  # noqa: BLE001 - cannot tell: the refusal is recorded as usual
+        return False
+
+
 def run_job(cfg: JobConfig) -> int:
     """Run a checked config's job and say how it ended: status.json, the outcome line for the batch
     script, the exit code (hpcnlp.runtime.status). A ConfigError found only once the job reads its data
@@ -226,6 +249,8 @@ def run_job(cfg: JobConfig) -> int:
             f"checkpointed, but {env.slurm_restart_count()} requeues reached max_requeues "
             f"({getattr(cfg, 'max_requeues', 0)}): resubmit (resume: auto) to continue"
         )
+    if code == EXIT_CONFIG and _complete(spec, cfg):
+        path = None  # refused because another run finished the same stage (a lost publish): its status stays
     if mine():
         status.update(path, state=status.STATES.get(code, "failed"), reason=reason, **({"log": log} if log else {}))
         if code != EXIT_CONFIG and path is not None:

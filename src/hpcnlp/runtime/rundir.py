@@ -406,6 +406,7 @@ def claim(
                     "restart": env.slurm_restart_count(),
                     "host": socket.gethostname(),
                     "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "code_version": env.code_version(),
                 },
             ],
         },

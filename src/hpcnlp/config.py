@@ -38,6 +38,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from hpcnlp.runtime import stack
+
 
 class Problem(BaseModel):
     key: str
@@ -147,6 +149,9 @@ class TrainingConfig(Section):
     def _training_arguments_fields(self):
         """Keys beyond the typed ones must be TrainingArguments fields of the right type."""
         if not self.model_extra:
+            return self
+        if not stack.installed():
+            stack.skipped(f"training.{', training.'.join(self.model_extra)} (TrainingArguments fields)")
             return self
         fields = training_arguments_fields()
         for key, value in list(self.model_extra.items()):
@@ -488,7 +493,7 @@ def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
             return []
         cls = ann
     names = list(cls.model_fields)
-    if issubclass(cls, TrainingConfig):
+    if issubclass(cls, TrainingConfig) and stack.installed():
         names += list(training_arguments_fields())
     return names
 

@@ -180,7 +180,7 @@ def training(t: TrainingConfig, output_dir_: str) -> list[Problem]:
                     )
                 )
     if not stack.installed():
-        stack.skipped("training: TrainingArguments' checks, bf16 advice")
+        stack.skipped("training: TrainingArguments' fields and checks, bf16 advice")
         return out
     advice = bf16_advice(t)
     if advice:

@@ -48,11 +48,13 @@ def test_affinity_other_than_allocated(cpus, word):
     assert f"is {word} than the allocation (16)" in line
 
 
-def test_gather_reads_the_allocation_and_the_sys_tree(tmp_path):
+def test_gather_reads_the_allocation_and_the_sys_tree(tmp_path, monkeypatch):
     fake_ib(tmp_path, "mlx5_0")
     fake_ib(tmp_path, "mlx5_1", state="1: DOWN", layer="Ethernet")
-    env = {"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "2", "SLURM_CPUS_PER_TASK": str(len(os.sched_getaffinity(0)))}
-    node = gather(env, root=tmp_path, allreduce=False)
+    for name, value in (("SLURM_JOB_ID", "7"), ("SLURM_GPUS_ON_NODE", "2")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(len(os.sched_getaffinity(0))))
+    node = gather(root=tmp_path, allreduce=False)
     assert node.gpus_allocated == 2 and node.in_allocation
     assert node.ib_devices == {"mlx5_0": ["port 1: ACTIVE (InfiniBand)"], "mlx5_1": ["port 1: DOWN (Ethernet)"]}
     assert node.cpus_allocated == node.cpus
@@ -78,7 +80,7 @@ def test_a_failed_allreduce_is_a_mismatch(monkeypatch):
 
 
 def test_main_exits_nonzero_on_a_mismatch(monkeypatch, capsys):
-    monkeypatch.setattr(doctor, "gather", lambda environ, allreduce: Node(gpus_allocated=1, in_allocation=True))
+    monkeypatch.setattr(doctor, "gather", lambda allreduce: Node(gpus_allocated=1, in_allocation=True))
     assert doctor.main(type("A", (), {"no_allreduce": True})()) == EXIT_MISMATCH
     assert "mismatch: Slurm allocated 1 GPUs" in capsys.readouterr().err
 

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcnlp.runtime import gres
+from hpcnlp.runtime import env
 
 EXIT_MISMATCH = 1
 # The oldest driver each CUDA major of torch's wheels runs on (NVIDIA's CUDA compatibility table).
@@ -52,7 +52,7 @@ def add_parser(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    node = gather(dict(os.environ), allreduce=not args.no_allreduce)
+    node = gather(allreduce=not args.no_allreduce)
     for line in describe(node):
         print(line)
     problems = mismatches(node)
@@ -62,9 +62,10 @@ def main(args: argparse.Namespace) -> int:
     return EXIT_MISMATCH if problems else 0
 
 
-def gather(environ: dict, root: Path = Path("/"), allreduce: bool = True) -> Node:
-    """Everything doctor reports, read from `environ` (the SLURM_* variables) and the files under `root`."""
-    node = Node(gpus_allocated=gres.from_environment(environ), in_allocation=bool(environ.get("SLURM_JOB_ID")))
+def gather(root: Path = Path("/"), allreduce: bool = True) -> Node:
+    """Everything doctor reports: the allocation as the launcher reads it (hpcnlp.runtime.env), torch,
+    nvidia-smi, and /sys under `root`."""
+    node = Node(gpus_allocated=env.slurm_gpus_on_node(), in_allocation=env.in_allocation())
     node.driver, smi_gpus = nvidia_smi()
     try:
         import torch
@@ -74,12 +75,13 @@ def gather(environ: dict, root: Path = Path("/"), allreduce: bool = True) -> Nod
         node.torch, node.cuda = torch.__version__, torch.version.cuda
         node.gpus_seen, node.seen_by = torch.cuda.device_count(), "torch"
         if node.cuda and torch.cuda.is_available() and hasattr(torch.cuda, "nccl"):
-            node.nccl = ".".join(str(v) for v in torch.cuda.nccl.version())
+            version = torch.cuda.nccl.version()  # (2, 29, 7); an int in old releases
+            node.nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
     elif smi_gpus is not None:
         node.gpus_seen, node.seen_by = smi_gpus, "nvidia-smi"
     node.ib_devices = infiniband(root)
     node.cpus = len(os.sched_getaffinity(0))
-    node.cpus_allocated = allocated_cpus(environ)
+    node.cpus_allocated = env.slurm_cpus_per_task()
     if (node.gpus_seen or 0) < 2 or node.seen_by != "torch":
         node.nccl_why_not = "fewer than 2 GPUs seen by torch"
     elif not allreduce:
@@ -127,15 +129,6 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def allocated_cpus(environ: dict) -> int | None:
-    """CPUs of this task: SLURM_CPUS_PER_TASK, else SLURM_CPUS_ON_NODE (the launcher's one task per node)."""
-    for name in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
-        value = (environ.get(name) or "").split("(")[0].split(",")[0]
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return None
-
-
 def nccl_transport(log: str) -> str | None:
     """The network NCCL chose, from its NCCL_DEBUG=INFO lines: "IB" (NET/IB) or "Socket" (NET/Socket)."""
     for net in ("IB", "Socket"):
@@ -146,10 +139,10 @@ def nccl_transport(log: str) -> str | None:
 
 def nccl_network(timeout: int = 120) -> tuple[str | None, str | None]:
     """(network, None) from a 2-rank NCCL all-reduce on this node's first two GPUs, or (None, why not)."""
-    env = {**os.environ, "NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET"}
+    environ = {**os.environ, "NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET"}
     cmd = [sys.executable, "-m", "hpcnlp.cluster.doctor", "--allreduce-ranks", "2", "--port", str(_free_port())]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=environ, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, f"the all-reduce hung for {timeout} s"
     net = nccl_transport(res.stdout + res.stderr)

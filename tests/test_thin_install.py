@@ -102,3 +102,25 @@ def test_login_node_install_checks_and_submits_without_torch(thin_python, login_
     result = probe(thin_python, *sweep, "training.learning_rate=1e-4", "training.learning_rate=3e-4")
     assert result["code"] == 0 and result["heavy"] == [], result["stderr"]
     assert "--array=0-1" in result["stdout"]
+
+
+def test_checks_that_need_the_stack_become_notes_without_it(tmp_path, monkeypatch, capsys):
+    """In process, the stack hidden: report_to, the adapter's modules, extra TrainingArguments keys, the
+    packaged model and the CSV columns are left to the job's start (one note each); the rest still refuses."""
+    from hpcnlp.cli import main
+    from hpcnlp.runtime import stack
+
+    for name in ("jobs", "data"):
+        (tmp_path / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HPCNLP_CLUSTER", str(tmp_path / "no-profile.yaml"))
+    (tmp_path / "no-profile.yaml").write_text("{}\n")
+    monkeypatch.setattr(stack, "installed", lambda: False)
+    stack.skipped.cache_clear()
+    overrides = ["training.report_to=tensorboard", "adapter={r: 8}", "training.adam_beta2=0.99"]
+    assert main(["check", "--config", "jobs/finetune-sentiment.yaml", *overrides]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    for what in ("training.report_to", "adapter.target_modules", "TrainingArguments", "minilm-l6", "train.csv"):
+        assert any(what in line and line.endswith("checked at job start") for line in notes), what
+    assert main(["check", "--config", "jobs/finetune-sentiment.yaml", "training.learning_rate=-1"]) == 2
+    assert "training.learning_rate" in capsys.readouterr().err

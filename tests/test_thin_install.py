@@ -103,6 +103,10 @@ def test_login_node_install_checks_and_submits_without_torch(thin_python, login_
     assert result["code"] == 0 and result["heavy"] == [], result["stderr"]
     assert "--array=0-1" in result["stdout"]
 
+    result = probe(thin_python, "doctor")  # a login node: no torch, no GPU, no allocation; nothing contradicts
+    assert result["code"] == 0, result["stderr"]
+    assert "not measured (no torch here)" in result["stdout"] and "doctor: nothing contradicts" in result["stdout"]
+
 
 def test_checks_that_need_the_stack_become_notes_without_it(tmp_path, monkeypatch, capsys):
     """In process, the stack hidden: report_to, the adapter's modules, extra TrainingArguments keys, the

@@ -82,7 +82,9 @@ def gather(root: Path = Path("/"), allreduce: bool = True) -> Node:
     node.ib_devices = infiniband(root)
     node.cpus = len(os.sched_getaffinity(0))
     node.cpus_allocated = env.slurm_cpus_per_task()
-    if (node.gpus_seen or 0) < 2 or node.seen_by != "torch":
+    if node.torch is None:
+        node.nccl_why_not = "no torch here"
+    elif (node.gpus_seen or 0) < 2:
         node.nccl_why_not = "fewer than 2 GPUs seen by torch"
     elif not allreduce:
         node.nccl_why_not = "--no-allreduce"

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from hpcnlp.config import JobConfig, Problem, TrainingConfig, TrainingJobConfig
-from hpcnlp.models import ModelNotFound, resolve_model_path
-from hpcnlp.runtime import env, rundir
+from hpcnlp.models import ALIASES, ModelNotFound, resolve_model_path
+from hpcnlp.runtime import env, rundir, stack
 from hpcnlp.runtime.checkpoints import problem
 from hpcnlp.runtime.io import is_inside
 
@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 def model(key: str, value: str | None, pending: Iterable[str]) -> list[Problem]:
     if value is None or is_inside(value, pending):
+        return []
+    if value in ALIASES and not stack.installed():  # the model packages come with the training stack
+        stack.skipped(f"{key}: the packaged model '{value}'")
         return []
     try:
         resolve_model_path(value)
@@ -173,6 +176,9 @@ def training(t: TrainingConfig, output_dir_: str) -> list[Problem]:
                         key="training.deepspeed", message=f"'{path}' is not valid JSON ({e})", fix="fix the JSON syntax"
                     )
                 )
+    if not stack.installed():
+        stack.skipped("training: TrainingArguments' fields and checks, bf16 advice")
+        return out
     advice = bf16_advice(t)
     if advice:
         log.warning("training.bf16: %s", advice)

@@ -15,6 +15,7 @@ This module reads no files but the YAML it is given and imports nothing of data,
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import difflib
 import enum
@@ -148,7 +149,10 @@ class TrainingConfig(Section):
         """Keys beyond the typed ones must be TrainingArguments fields of the right type."""
         if not self.model_extra:
             return self
-        fields = training_arguments_fields()
+        try:
+            fields = training_arguments_fields()
+        except ImportError:  # a login node's install (no transformers): checked at the job's start
+            return self
         for key, value in list(self.model_extra.items()):
             if key in JOB_OWNED:
                 raise PydanticCustomError("job_owned", "{key}: set by the job", {"key": key, "fix": JOB_OWNED[key]})
@@ -495,7 +499,8 @@ def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
         cls = ann
     names = list(cls.model_fields)
     if issubclass(cls, TrainingConfig):
-        names += list(training_arguments_fields())
+        with contextlib.suppress(ImportError):  # no transformers here: the typed keys only
+            names += list(training_arguments_fields())
     return names
 
 

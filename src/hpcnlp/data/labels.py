@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcnlp.config import ConfigError, FinetuneDataConfig, Problem
+from hpcnlp.runtime import stack
 from hpcnlp.runtime.io import is_inside
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,9 @@ def data_file_problems(
                 out += undecodable
                 continue
         if fmt == "conll":
+            continue
+        if fmt != "jsonl" and not stack.installed():  # pandas/pyarrow read the header: training stack
+            stack.skipped(f"{key}: the columns of '{path}'")
             continue
         try:
             if fmt in ("csv", "tsv"):

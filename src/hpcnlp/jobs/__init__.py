@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 from hpcnlp.config import ConfigError, JobConfig, Problem, TrainingJobConfig, read_yaml, with_overrides
 from hpcnlp.config import validate as validate_shape
-from hpcnlp.runtime import env, rundir, status
+from hpcnlp.runtime import env, rundir, stack, status
 from hpcnlp.spec import JobSpec
 
 PACKAGES_VARIABLE = "HPCNLP_JOB_PACKAGES"
@@ -144,6 +144,9 @@ def report_to_problems(cfg: JobConfig) -> list[Problem]:
     training = getattr(cfg, "training", None)
     value = getattr(training, "report_to", None) if training is not None else None
     names = [value] if isinstance(value, str) else list(value or [])
+    if names and not stack.installed():  # a login node: the integrations are the job's environment's
+        stack.skipped("training.report_to")
+        return []
     out = []
     for name in names:
         if name in ("none", "all", None):

@@ -17,6 +17,7 @@ from hpcnlp import checks
 from hpcnlp.config import ConfigError, CorpusConfig, JobConfig, Problem, read_yaml
 from hpcnlp.data.pack import corpus_split_problems
 from hpcnlp.models import load_tokenizer
+from hpcnlp.runtime import stack
 from hpcnlp.spec import JobSpec, SlurmDefaults
 
 
@@ -106,6 +107,9 @@ def run(cfg: PrepareConfig) -> int:
 
 
 def is_complete(cfg: PrepareConfig) -> bool:
+    if not stack.installed():  # its dir is named by the tokenizer's fingerprint; a re-run reuses finished data
+        stack.skipped("whether prepare already ran (a re-run reuses its data)")
+        return False
     return (prepared_dir(cfg) / "stats.json").is_file()  # written last by prepare
 
 

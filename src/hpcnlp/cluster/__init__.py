@@ -13,7 +13,7 @@ One module per command, each with add_parser(subparsers) and main(args) -> exit 
 
 from __future__ import annotations
 
-from hpcnlp.cluster import cancel, doctor, logs, pipeline, status, submit, summary, sweep
+from hpcnlp.cluster import cancel, doctor, logs, pipeline, status, submit, summary, sweep, sync
 
 COMMANDS = {
     "submit": submit,
@@ -24,4 +24,5 @@ COMMANDS = {
     "cancel": cancel,
     "logs": logs,
     "doctor": doctor,
+    "sync": sync,
 }

@@ -118,11 +118,12 @@ def code_problems() -> list[Problem]:
     ]
 
 
-# training.report_to: the integration -> (modules any one of which it needs, what to pip install)
+# training.report_to: the integration -> (modules any one of which it needs, a tuple: all of them; what to
+# pip install). mlflow's sqlite store needs sqlalchemy and alembic, which mlflow-skinny leaves out.
 REPORTERS = {
     "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
-    "wandb": (("wandb",), "wandb"),
-    "mlflow": (("mlflow",), "mlflow"),
+    "wandb": (("wandb",), "'hpcnlp[wandb]'"),
+    "mlflow": ((("mlflow", "sqlalchemy", "alembic"),), "'hpcnlp[mlflow]'"),
     "comet_ml": (("comet_ml",), "comet-ml"),
     "clearml": (("clearml",), "clearml"),
     "neptune": (("neptune",), "neptune"),
@@ -162,7 +163,9 @@ def report_to_problems(cfg: JobConfig) -> list[Problem]:
             continue
         modules, package = REPORTERS[name]
 
-        def found(module: str) -> bool:
+        def found(module: str | tuple[str, ...]) -> bool:
+            if isinstance(module, tuple):
+                return all(found(m) for m in module)
             try:
                 return importlib.util.find_spec(module) is not None
             except (ImportError, ValueError):

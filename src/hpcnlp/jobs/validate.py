@@ -157,6 +157,8 @@ def external_data_problems(onnx_dir: Path) -> list[Problem]:
 def run(cfg: ValidateConfig) -> int:
     import torch
 
+    from hpcnlp.train.tracking import log_to_model_run
+
     t0 = time.perf_counter()
     model_dir = resolve_model_path(cfg.model_name_or_path)
     task = task_of(model_dir)
@@ -178,7 +180,10 @@ def run(cfg: ValidateConfig) -> int:
         results.update(checks=checks, passed=passed, wall_seconds=round(time.perf_counter() - t0, 2))
         write_reports(staging, cfg, task, ref.names, results, passed)
         bundle.write_manifest(staging, manifest(cfg, staging, model_dir, ref.names, results))
-        return publish(staging, cfg) if passed else reject(staging, cfg, checks)
+        code = publish(staging, cfg) if passed else reject(staging, cfg, checks)
+        final = cfg.bundle_dir if passed else cfg.rejected_bundle_dir
+        log_to_model_run(model_dir, final, "shipped" if passed else "rejected")
+        return code
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed midway
 

@@ -32,6 +32,7 @@ from hpcnlp.runtime.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
+TRACKING_KEY = "tracking"  # run.json: {"mlflow_run_id": ..., "wandb_run_id": ...}, kept across requeues
 OWN_FILES = {RUN_FILE, "status.json", ".heartbeat", ".preempt"}  # bookkeeping, not results
 RESULT = "metrics.json"  # a training run's result: written last, it marks the run finished
 # Settings that change how long or how a run is carried out, not what it learns: a run continued
@@ -48,6 +49,7 @@ RUN_FIELDS = {
     "training.eval_steps",
     "training.save_total_limit",
     "training.report_to",
+    "tracking",
     "training.ddp_timeout",
     "training.dataloader_num_workers",
     "data.num_proc",
@@ -399,6 +401,7 @@ def claim(
             # what was there, not the run's, when it went on: never recorded as its own later
             "kept": foreign(out, previous) if same else [],
             "started": (previous or {}).get("started") if same else time.strftime("%Y-%m-%d %H:%M:%S"),
+            TRACKING_KEY: (previous or {}).get(TRACKING_KEY) if same else None,  # a requeue logs into the same runs
             "starts": [
                 *((previous or {}).get("starts", []) if same else []),
                 {
@@ -412,6 +415,17 @@ def claim(
         },
     )
     return what
+
+
+def tracking_ids(output_dir: str | Path) -> dict:
+    """The MLflow / W&B run ids this run logs into (train/tracking.py); {} before its first start."""
+    return dict((read_run(output_dir) or {}).get(TRACKING_KEY) or {})
+
+
+def record_tracking(output_dir: str | Path, **ids: str) -> None:
+    """Keep tracking run ids in run.json, so a requeued start continues the same MLflow / W&B run."""
+    run = read_run(output_dir) or {}
+    atomic_write_json(Path(output_dir) / RUN_FILE, {**run, TRACKING_KEY: {**tracking_ids(output_dir), **ids}})
 
 
 def finish(output_dir: str | Path) -> None:

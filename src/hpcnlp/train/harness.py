@@ -27,6 +27,7 @@ from hpcnlp.runtime.preempt import PreemptionCallback, requeue_exit
 from hpcnlp.train import adapters
 from hpcnlp.train.callbacks import CheckpointMarker, ThroughputCallback, peak_memory_mb
 from hpcnlp.train.replicas import replicas_identical
+from hpcnlp.train.tracking import Tracking
 from hpcnlp.train.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,7 @@ class TrainingRun:
         self.run_id = rundir.run_hash(cfg.model_dump(mode="json"))
         self.restarted = env.slurm_restart_count() > 0
         self._claim()
+        self.tracking = Tracking(cfg, self.is_main)  # after claim: run.json holds this run's tracking ids
         self.checkpoint: str | None = None
         self.result = None
         self.replicas: bool | None = None
@@ -266,6 +268,7 @@ class TrainingRun:
         ]
         self._trainer = trainer_class(args=a, callbacks=[*own, *callbacks], **kwargs)
         self._trainer.remove_callback(PrinterCallback)  # ThroughputCallback logs instead
+        self.tracking.attach(self._trainer)
         self.checkpoint = resume_target(self.cfg.resume, self.out, self.run_id, restarted=self.restarted)
         return self._trainer
 
@@ -282,12 +285,16 @@ class TrainingRun:
             return requeue_exit(0)  # nothing new to save: a requeue resumes the newest checkpoint
         try:
             self.result = self._trainer.train(resume_from_checkpoint=self.checkpoint)
+        except BaseException:
+            self.tracking.close("FAILED")
+            raise
         finally:
             self.preemption.restore_handlers()
         state = self._trainer.state
         if self.preemption.stopped and state.global_step < state.max_steps:
             if self.marker.last_marked != state.global_step:  # the save raised, or was never asked for
                 raise RuntimeError(f"preemption: checkpoint-{state.global_step} was not saved completely")
+            self.tracking.close("KILLED")  # the next start continues the same tracking runs
             return requeue_exit(state.global_step)
         if self.preemption.requested:  # after the last step: the run is done, finish it
             log.warning("preemption signal after the last training step: finishing the run")
@@ -337,5 +344,9 @@ class TrainingRun:
         """config.resolved.yaml, loss.png, report.md, and metrics.json last (it marks the run finished)."""
         atomic_write_text(self.out / "config.resolved.yaml", dump_config(self.cfg))
         plot = plot_loss(self._trainer.state.log_history, self.out / "loss.png", plot_title or title)
-        write_report(self.out, title, metrics, sections, images=(["loss.png"] if plot else []) + list(images))
+        images = (["loss.png"] if plot else []) + list(images)
+        write_report(self.out, title, metrics, sections, images=images)
+        names = ["report.md", "metrics.json", "config.resolved.yaml", *images]
+        self.tracking.log_files([self.out / n for n in names])
+        self.tracking.close()
         rundir.finish(self.out)  # the previous run moved aside by overwrite: gone only now

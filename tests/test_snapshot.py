@@ -107,6 +107,6 @@ def test_run_json_and_metrics_json_say_which_code_made_them(tmp_path, monkeypatc
     monkeypatch.setenv("HPCNLP_GIT_COMMIT", "cccc333")
     write_report(tmp_path, "t", {"loss": 1.0}, [])
     assert yaml.safe_load((tmp_path / "metrics.json").read_text())["code_version"] == "cccc333"
-    rundir.claim(tmp_path / "run", "hash", overwrite=False, job="finetune", continuing=False)
+    rundir.claim(tmp_path / "run", "hash", overwrite=False, job="finetune")
     [start] = yaml.safe_load((tmp_path / "run" / "run.json").read_text())["starts"]
     assert start["code_version"] == "cccc333"

@@ -93,6 +93,21 @@ def test_submit_records_the_code_and_a_job_started_from_other_code_refuses(tmp_p
     assert main(["check", "--config", frozen]) == 0
 
 
+def test_a_release_and_a_commit_are_not_compared(tmp_path, monkeypatch, capsys):
+    """A pip-installed login node (a release number) submitting into an image built from a checkout (a
+    commit): nothing to compare, so nothing is refused; two releases or two commits are compared."""
+    from hpcnlp.jobs import code_problems
+
+    monkeypatch.setenv("HPCNLP_SUBMITTED_CODE", "0.1.0")
+    monkeypatch.setenv("HPCNLP_GIT_COMMIT", "bbbb222")
+    assert code_problems() == []
+    monkeypatch.setenv("HPCNLP_GIT_COMMIT", "0.2.0")
+    assert [p.key for p in code_problems()] == ["code"]
+    monkeypatch.setenv("HPCNLP_SUBMITTED_CODE", "aaaa111-dirty")
+    monkeypatch.setenv("HPCNLP_GIT_COMMIT", "aaaa111")
+    assert [p.key for p in code_problems()] == ["code"]
+
+
 def test_allow_code_change_travels_with_the_job(tmp_path, fake_slurm, monkeypatch):
     monkeypatch.setenv("HPCNLP_STATE_DIR", str(tmp_path / "state"))
     assert main(["submit", "--allow-code-change", "--config", str(_finetune(tmp_path))]) == 0

@@ -11,8 +11,10 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import logging
 import os
 import pkgutil
+import re
 import sys
 from collections.abc import Iterable
 
@@ -20,6 +22,8 @@ from hpcnlp.config import ConfigError, JobConfig, Problem, TrainingJobConfig, re
 from hpcnlp.config import validate as validate_shape
 from hpcnlp.runtime import env, rundir, stack, status
 from hpcnlp.spec import JobSpec
+
+log = logging.getLogger(__name__)
 
 PACKAGES_VARIABLE = "HPCNLP_JOB_PACKAGES"
 
@@ -102,11 +106,20 @@ def check_config(cfg: JobConfig, pending: Iterable[str] = ()) -> list[Problem]:
     return spec.check(cfg, list(pending)) + _placement_problems(spec) + report_to_problems(cfg) + code_problems()
 
 
+def _is_commit(version: str) -> bool:
+    return re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", version) is not None
+
+
 def code_problems() -> list[Problem]:
     """A submitted job starts with the code it was submitted with (HPCNLP_SUBMITTED_CODE, set by submit):
     a checkout pulled or an image rebuilt while it waited would run code nobody checked the config with."""
     submitted, now = env.hpcnlp_setting("SUBMITTED_CODE"), env.code_version()
     if not submitted or submitted == now or env.hpcnlp_setting("ALLOW_CODE_CHANGE") == "1":
+        return []
+    if _is_commit(submitted) != _is_commit(now):
+        # A commit and a package version cannot be compared (a pip-installed login node submitting into an
+        # image built from a checkout): say so, refuse nothing.
+        log.warning("code: submitted with %s, starts with %s (not comparable: one is a release)", submitted, now)
         return []
     return [
         Problem(

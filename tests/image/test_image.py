@@ -132,6 +132,8 @@ def test_labels_and_commit_say_what_the_image_was_built_from(image):
     assert labels["org.opencontainers.image.base.name"] == "localhost/hpcnlp-base:bookworm-py311"
     assert re.fullmatch(r"\d{8}T\d{6}Z", labels["io.hpcnlp.base.debian-snapshot"])  # snapshot.debian.org's form
     assert f"HPCNLP_GIT_COMMIT={commit}" in config["Env"]
+    r = in_image("/opt/hpcnlp/build-info.txt", entrypoint="cat")
+    assert f"revision={commit}" in r.stdout.splitlines()
     # code_version() (reads HPCNLP_GIT_COMMIT first) lands on another branch: checked once it is there.
     probe = "from hpcnlp.runtime import env; print(getattr(env, 'code_version', lambda: 'absent')())"
     r = in_image("-c", probe, entrypoint="python3")

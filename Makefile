@@ -105,10 +105,13 @@ data: setup
 # from PyPI, with docker or podman; IMAGE_ARGS passes more, e.g. --build-arg MODEL_DIR=models/mine.
 IMAGE      ?= hpcnlp:latest
 ENGINE     ?= $(shell command -v docker || command -v podman)
+# The labels and HPCNLP_GIT_COMMIT say which commit an image (and every run in it) came from.
+IMAGE_META = --build-arg VERSION=$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1) \
+	--build-arg REVISION=$(shell git rev-parse HEAD) \
+	--build-arg CREATED=$(shell date -u +%Y-%m-%dT%H:%M:%SZ) \
+	--build-arg SOURCE=$(shell git config --get remote.origin.url)
 image:
-	$(ENGINE) build -f docker/Dockerfile -t $(IMAGE) \
-	  --build-arg HPCNLP_GIT_COMMIT=$$(PYTHONPATH=src python3 -c 'from hpcnlp.runtime.env import code_version; print(code_version())') \
-	  $(IMAGE_ARGS) .
+	$(ENGINE) build -f docker/Dockerfile -t $(IMAGE) $(IMAGE_META) $(IMAGE_ARGS) .
 
 # Here (no Docker engine, no registry): lint, build with podman on a debootstrap base from a local
 # wheelhouse (CPU torch), then check the image from inside (tests/image/). Needs root.

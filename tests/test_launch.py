@@ -126,6 +126,25 @@ def test_container_wrapping(container, expect_srun, expect_prefix):
         assert check[0] == "srun" and "--ntasks=1" in check
 
 
+def test_podman_passes_the_sites_network_settings_and_ib_devices(monkeypatch, tmp_path):
+    """NCCL/UCX/libfabric settings a site tunes reach the job, and /dev/infiniband when the node has it:
+    without them NCCL inside podman falls back to TCP sockets."""
+    plan = Plan(**PLAN, container="podman", image="img")
+    _, prefix = launch.container_wrap(plan)
+    assert {"--env=NCCL_*", "--env=UCX_*", "--env=FI_*"} <= set(prefix)
+    assert "/dev/infiniband" not in prefix
+    _, prefix = launch.container_wrap(Plan(**PLAN, container="podman", image="img", ib_devices=True))
+    assert prefix[prefix.index("/dev/infiniband") - 1] == "--device"
+
+    monkeypatch.setattr(launch, "_scontrol", lambda *a: "NodeAddr=10.0.0.1" if a[:2] == ("show", "node") else "n1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n1")
+    monkeypatch.setenv("SLURM_JOB_ID", "12345")
+    monkeypatch.setattr(launch, "IB_DEVICES", str(tmp_path / "infiniband"))
+    assert launch.plan_from_env("pretrain", []).ib_devices is False
+    (tmp_path / "infiniband").mkdir()
+    assert launch.plan_from_env("pretrain", []).ib_devices is True
+
+
 def test_container_needs_an_image():
     with pytest.raises(LaunchError, match="HPCNLP_IMAGE"):
         launch.container_wrap(Plan(**PLAN, container="apptainer"))

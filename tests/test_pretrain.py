@@ -174,3 +174,51 @@ def test_prepared_order_sampler_reads_in_order_then_reshuffles_per_epoch():
     assert list(again) == first  # drawn from (seed, epoch) alone: a resumed run sees the same batches
     sampler.set_epoch(2)
     assert list(sampler) != first
+
+
+@pytest.mark.slow
+def test_zero3_from_a_saved_model_under_torchrun_on_cpu_trains_as_ddp(tmp_path):
+    """jobs/deepspeed/zero3.json with a saved model, 2 processes on CPU: from_pretrained runs DeepSpeed's
+    zero.Init, which took the world for one process and refused the batch sizes until the run set up
+    DeepSpeed's comm first. Dropout off (it draws from the global RNG, which the DDP run's evaluation
+    before training moves): then ZeRO-3 and DDP see the same batches and masks and give the same losses."""
+    from helpers import CORPUS, write_config
+    from transformers import BertConfig, BertForMaskedLM
+
+    BertForMaskedLM(
+        BertConfig(
+            vocab_size=30522,  # the packaged MiniLM's tokenizer
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    ).save_pretrained(tmp_path / "tiny-bert")
+    path = write_config(
+        tmp_path / "tiny.yaml",
+        {
+            "job": "pretrain",
+            "model_name_or_path": str(tmp_path / "tiny-bert"),
+            "tokenizer_name_or_path": "minilm-l6",
+            "output_dir": str(tmp_path / "out"),
+            "data": {
+                "train_files": [str(CORPUS / "tutorial" / "introduction.rst.txt")],
+                "max_seq_length": 32,
+                "eval_fraction": 0.1,
+                "prepared_root": str(tmp_path / "prepared"),
+            },
+            "training": {"max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "seed": 11},
+        },
+    )
+    (tmp_path / "prepare.yaml").write_text(yaml.safe_dump({"job": "prepare", "data_from": str(path)}))
+    assert main(["prepare", "--config", str(tmp_path / "prepare.yaml")]) == 0
+    metrics = {}
+    for name, extra in (("ddp", []), ("zero3", [f"training.deepspeed={REPO / 'jobs/deepspeed/zero3.json'}"])):
+        proc = torchrun(["pretrain", "--config", str(path), f"output_dir={tmp_path / name}", *extra])
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert metrics["zero3"]["world_size"] == 2
+    assert metrics["zero3"]["train_loss"] == pytest.approx(metrics["ddp"]["train_loss"], abs=1e-4)
+    assert metrics["zero3"]["eval_after"]["loss"] == pytest.approx(metrics["ddp"]["eval_after"]["loss"], abs=1e-4)

@@ -19,7 +19,7 @@ Steered by environment variables (see docs/slurm.md):
   HPCNLP_CONTAINER       apptainer | singularity | pyxis | podman (default: apptainer when an image is set)
   HPCNLP_BIND            extra comma-separated dirs to bind into the container
   HPCNLP_PODMAN_ARGS     extra `podman run` options (e.g. --runtime runc)
-  HPCNLP_PASS_ENV        more variable names podman passes in (NCCL_*, TORCH_* and proxies always are)
+  HPCNLP_PASS_ENV        more variable names podman passes in (NCCL_*, UCX_*, FI_*, TORCH_* and proxies always are)
   HPCNLP_MODULES         modules slurm/launch.sh loads first (`module load ...`)
   HPCNLP_PYTHON          python on the nodes (default: this interpreter; `python3` inside a container)
 DeepSpeed needs no launcher of its own: `training.deepspeed: jobs/deepspeed/zero2.json` in the job
@@ -50,7 +50,9 @@ PODMAN_ENV = (
     "DS_ACCELERATOR",
     "TOKENIZERS_PARALLELISM",
     "CUDA_VISIBLE_DEVICES",
-    "NCCL_*",
+    "NCCL_*",  # the network settings a site tunes: NCCL, UCX, libfabric (docs/container.md, "NCCL")
+    "UCX_*",
+    "FI_*",
     "TORCH_*",
     "PYTORCH_*",
     "http_proxy",
@@ -60,6 +62,7 @@ PODMAN_ENV = (
     "HTTPS_PROXY",
     "NO_PROXY",
 )
+IB_DEVICES = "/dev/infiniband"  # uverbs and rdma_cm: what libibverbs opens
 PORT_BASE, PORT_SPAN = 20000, 20000  # rendezvous ports live in [20000, 40000)
 
 
@@ -90,6 +93,9 @@ class Plan:
     binds: list[str] = field(default_factory=list)
     podman_args: list[str] = field(default_factory=list)
     gpus: int = 0  # GPUs Slurm gave each node: podman then passes the devices in (CDI)
+    # The node has InfiniBand/RoCE devices: podman passes /dev/infiniband in, or NCCL falls back to TCP
+    # sockets (Apptainer and pyxis show the host's /dev already).
+    ib_devices: bool = False
     pass_env: list[str] = field(default_factory=list)  # more variables podman passes (the profile's env)
     # CPUs of the one task per node: the allocation's cpus-per-task (Slurm >= 22.05: a step does not
     # inherit it, and with task/affinity the node's launcher and all its ranks would share ONE CPU)
@@ -220,6 +226,8 @@ def container_wrap(plan: Plan) -> tuple[list[str], list[str]]:
             prefix += ["-v", f"{b}:{b}"]
         if plan.gpus:  # CDI names all of the node's GPUs; CUDA_VISIBLE_DEVICES (Slurm's) picks the job's
             prefix += ["--device", "nvidia.com/gpu=all"]
+        if plan.ib_devices:
+            prefix += ["--device", IB_DEVICES]
         # Podman passes no host variable unless named (Apptainer and pyxis pass them all).
         for name in (*PODMAN_ENV, *plan.pass_env):
             prefix.append(f"--env={name}")
@@ -320,6 +328,7 @@ def plan_from_env(job: str, job_args: list[str], single_process: bool = False) -
         binds=binds,
         podman_args=shlex.split(env.hpcnlp_setting("PODMAN_ARGS", "")),
         gpus=gpus,
+        ib_devices=os.path.isdir(IB_DEVICES),
         pass_env=(env.hpcnlp_setting("PASS_ENV") or "").split(),
         cpus_per_task=env.slurm_cpus_per_task(),
         gpu_option=gres.step_option(gpus, env.slurm_gpus_per_node_request()),

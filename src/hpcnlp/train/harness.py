@@ -205,10 +205,22 @@ class StatusCallback(TrainerCallback):
             )
 
 
+def deepspeed_comm(args: TrainingArguments) -> None:
+    """DeepSpeed's comm layer on the process group, before any model loads. On CPU (use_cpu) accelerate
+    sets up gloo without it, and ZeRO-3's zero.Init inside from_pretrained then takes the world for one
+    process and refuses the batch sizes ("train_batch_size is not equal to ... 16 != 8 * 1 * 1"). On
+    GPUs accelerate's DeepSpeed path has done it already: a second call changes nothing."""
+    if args.deepspeed and args.world_size > 1:
+        import deepspeed
+
+        deepspeed.init_distributed()
+
+
 class TrainingRun:
     def __init__(self, cfg: TrainingJobConfig, **job_settings):
         self.cfg, self.out, self.t_start = cfg, Path(cfg.output_dir), time.perf_counter()
         self.args = training_arguments(cfg.training, cfg.output_dir, **job_settings)
+        deepspeed_comm(self.args)
         set_seed(self.args.seed)  # before any head is initialised
         self.run_id = rundir.run_hash(cfg.model_dump(mode="json"))
         self.restarted = env.slurm_restart_count() > 0

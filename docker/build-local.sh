@@ -73,7 +73,7 @@ podman build --isolation=chroot --file docker/Dockerfile --tag "$image" \
   --build-arg BASE_IMAGE="$base" --build-arg WHEEL_DIR=docker/wheelhouse --build-arg DS_ACCELERATOR=cpu \
   --build-arg BASE_DATE="$(date -u -d "$(sed -n 's/^release-date: //p' "$record")" +%Y%m%dT%H%M%SZ)" \
   --build-arg VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)" \
-  --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+  --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || true)" \
   --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
   --build-arg SOURCE="$(git config --get remote.origin.url || true)" "${@:2}" .
 echo "build-local: built $image in $((SECONDS - t0)) s, $(podman image inspect --format '{{.Size}}' "$image") bytes"

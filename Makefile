@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: help setup lock demo test test-fast lint format docs templates bench data image image-test clean
+.PHONY: help setup lock demo test test-fast lint format docs templates bench data image image-test image-test-gpu clean
 .DEFAULT_GOAL := help
 
 help:
@@ -26,6 +26,7 @@ help:
 	@echo "make bench      benchmarks -> bench/results/"
 	@echo "make data       fetch the full public datasets (Rotten Tomatoes, WNUT, the kernel-docs task)"
 	@echo "make image      build the container image; make image-test builds and checks it here"
+	@echo "make image-test-gpu  builds the CUDA image here (7 GB from PyPI, not in CI) and checks it without a GPU"
 
 setup: $(VENV)/.installed
 
@@ -118,6 +119,10 @@ image:
 image-test: setup
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/dev.txt
 	HPCNLP_IMAGE_TEST=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/image
+
+# The cluster's CUDA image (lock-cuda.txt from PyPI), built here on the same base and checked without a GPU.
+image-test-gpu: setup
+	HPCNLP_GPU_IMAGE_TEST=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/image/test_gpu_image.py
 
 clean:
 	rm -rf outputs artifacts rejected .pytest_cache

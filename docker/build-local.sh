@@ -5,6 +5,8 @@
 #   2. wheelhouse: every wheel of requirements/lock.txt (torch: the local CPU wheel), so the image
 #      build installs with --no-index and needs no network;
 #   3. podman build of docker/Dockerfile against that base.
+#   HPCNLP_GPU_IMAGE=1: the cluster's CUDA image instead (make image-test-gpu): no wheelhouse, the build
+#   installs requirements/lock-cuda.txt from PyPI (CUDA torch + its nvidia-* wheels), DeepSpeed's ops for cuda.
 # Usage: docker/build-local.sh [image-name [podman build options]]   (default localhost/hpcnlp:test; root)
 #   e.g. docker/build-local.sh localhost/hpcnlp:mine --build-arg MODEL_DIR=models/pydocs-mlm
 set -euo pipefail
@@ -53,24 +55,38 @@ echo "build-local: base $base ready ($((SECONDS - t0)) s)"
 
 # The stamp records what the wheelhouse was made from: an unchanged lock skips pip altogether.
 t0=$SECONDS
-stamp=docker/wheelhouse/made-from.txt
-made_from() { cat "${locks[@]}"; echo "$deepspeed_req (source)"; }
-if ! made_from | cmp -s - "$stamp"; then
-  log=$(mktemp)
-  "$pip" wheel --quiet --no-deps --require-hashes --wheel-dir docker/wheelhouse "${locks[@]/#/-r}" \
-    > "$log" 2>&1 || { grep -v '^WARNING: Location' "$log" >&2; exit 1; }
-  "$pip" download --quiet --no-deps --no-binary :all: --require-hashes --dest docker/wheelhouse \
-    -r <(echo "$deepspeed_req") > "$log" 2>&1 || { grep -v '^WARNING: Location' "$log" >&2; exit 1; }
-  rm -f "$log"
-  made_from > "$stamp"
+variant=(--build-arg WHEEL_DIR=docker/wheelhouse --build-arg DS_ACCELERATOR=cpu)
+if [ -n "${HPCNLP_GPU_IMAGE:-}" ]; then
+  variant=(--build-arg WHEEL_DIR= --build-arg DS_ACCELERATOR=cuda)
+  mkdir -p docker/wheelhouse  # the Dockerfile binds docker/; nothing from it is installed
+  # A host whose HTTPS goes through a proxy with its own CA (this one): pip inside the build trusts it
+  # through a pip.conf mounted for the build's RUN steps only (not a layer of the image).
+  cert=$("$pip" config list 2>/dev/null | sed -n "s/^[^=]*\.cert='\(.*\)'$/\1/p" | head -1)
+  if [ -n "$cert" ]; then
+    conf=$(mktemp -d)
+    printf '[global]\ncert = /etc/hpcnlp-build-ca.crt\n' > "$conf/pip.conf"
+    variant+=(--volume "$cert:/etc/hpcnlp-build-ca.crt:ro" --volume "$conf/pip.conf:/etc/pip.conf:ro")
+  fi
+else
+  stamp=docker/wheelhouse/made-from.txt
+  made_from() { cat "${locks[@]}"; echo "$deepspeed_req (source)"; }
+  if ! made_from | cmp -s - "$stamp"; then
+    log=$(mktemp)
+    "$pip" wheel --quiet --no-deps --require-hashes --wheel-dir docker/wheelhouse "${locks[@]/#/-r}" \
+      > "$log" 2>&1 || { grep -v '^WARNING: Location' "$log" >&2; exit 1; }
+    "$pip" download --quiet --no-deps --no-binary :all: --require-hashes --dest docker/wheelhouse \
+      -r <(echo "$deepspeed_req") > "$log" 2>&1 || { grep -v '^WARNING: Location' "$log" >&2; exit 1; }
+    rm -f "$log"
+    made_from > "$stamp"
+  fi
+  echo "build-local: wheelhouse docker/wheelhouse ($(ls docker/wheelhouse/*.whl | wc -l) wheels, $((SECONDS - t0)) s)"
 fi
-echo "build-local: wheelhouse docker/wheelhouse ($(ls docker/wheelhouse/*.whl | wc -l) wheels, $((SECONDS - t0)) s)"
 
 # chroot isolation: podman's default runtime (crun) refuses this host's hybrid cgroups.
 t0=$SECONDS
 # DS_ACCELERATOR=cpu: DeepSpeed's ops for the CPU torch of this build (make image: cuda).
 podman build --isolation=chroot --file docker/Dockerfile --tag "$image" \
-  --build-arg BASE_IMAGE="$base" --build-arg WHEEL_DIR=docker/wheelhouse --build-arg DS_ACCELERATOR=cpu \
+  --build-arg BASE_IMAGE="$base" "${variant[@]}" \
   --build-arg BASE_DATE="$(date -u -d "$(sed -n 's/^release-date: //p' "$record")" +%Y%m%dT%H%M%SZ)" \
   --build-arg VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)" \
   --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || true)" \

@@ -32,10 +32,10 @@ setup: $(VENV)/.installed
 
 # Re-installs only when a lock or the package metadata changed. Every file is hash-checked
 # (--require-hashes): a wheel that differs by one byte from the one locked is refused.
-LOCKS := requirements/lock.txt requirements/tracking.txt requirements/docs.txt requirements/lint.txt requirements/model.txt
+LOCKS := requirements/lock.txt requirements/build-constraints.txt requirements/tracking.txt requirements/docs.txt requirements/lint.txt requirements/model.txt
 $(VENV)/.installed: $(LOCKS) pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --require-hashes -r requirements/lock.txt
+	PIP_CONSTRAINT=requirements/build-constraints.txt $(BIN)/pip install -q --require-hashes -r requirements/lock.txt
 	$(BIN)/pip install -q --require-hashes -r requirements/tracking.txt  # the mlflow and wandb extras (tests)
 	$(BIN)/pip install -q --require-hashes -r requirements/docs.txt
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/lint.txt

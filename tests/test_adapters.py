@@ -120,7 +120,7 @@ def test_lora_resumes_after_preemption_with_the_same_losses(tmp_path, monkeypatc
         state = json.loads((tmp_path / name / "checkpoint-8" / "trainer_state.json").read_text())
         return [h["loss"] for h in state["log_history"] if "loss" in h]
 
-    settings = {"max_steps": 8, "save_strategy": "steps", "save_steps": 8, "logging_steps": 1}
+    settings = {"max_steps": 8, "save_strategy": "steps", "save_steps": 8, "logging_steps": 1, "bf16": False}
     assert run_cli("finetune", "--config", str(finetune_config(tmp_path, "whole", **settings))) == 0
     resumed = finetune_config(tmp_path, "resumed", **settings)
     with monkeypatch.context() as m:

@@ -14,16 +14,15 @@ import functools
 import time
 from typing import Literal
 
-# bf16 is picked when its matmul rate is at least MARGIN x fp32's. Why 1.2 and not 1.0:
-# - the matmuls are not the whole step: under autocast LayerNorm, softmax, the loss and the optimizer stay
-#   fp32 and every weight is cast to bf16 at each forward. Two machines put the break-even near 1.15x:
-#   matmul 0.55x -> training 0.68x (Xeon without AMX, bench/results), matmul 2.2x -> training 1.5-1.6x
-#   (EPYC, issue #31); a straight line between them crosses 1.0x training speed at about 1.15x matmul.
-# - the probe is short (a few hundred ms): its best-of-N rates moved by up to ~5% between runs on an
-#   idle node, so a ratio under ~1.05 is noise (measured: docs/performance.md).
+# bf16 is picked when its matmul rate is at least MARGIN x fp32's. Why 1.2 and not 1.0: the matmuls are
+# not the whole step (under autocast LayerNorm, softmax, the loss and the optimizer stay fp32). Two machines
+# give training speed against matmul speed: matmul 0.55x -> training 0.64-0.77x (Xeon without AMX,
+# bench/results), matmul 2.2x -> training 1.5-1.63x (EPYC, issue #31). Lines through them cross equal
+# training speed between 1.07x and 1.2x matmul; 1.2 takes the top, so a near-tie (within the noise of a
+# few-hundred-ms probe) stays fp32, which changes nothing. The probe's own casts are timed with the bf16 side.
 MARGIN = 1.2
-# The probe's GEMMs are at most this many rows (tokens) tall: taller ones run at the same rate
-# (compute-bound already) and would only make the probe slower.
+# The probe's GEMMs are at most this many rows (tokens) tall: taller ones are compute-bound already
+# and would only make the probe slower (BERT-base's fp32 GEMMs at 2,048 rows took 0.2 s a call here).
 MAX_ROWS = 1024
 BUDGET_S = 0.2  # timed repeats stop after this (warm-up not counted); at least MIN_REPEATS each
 MIN_REPEATS = 2

@@ -94,13 +94,16 @@ def test_probe_times_both_dtypes_here_in_bounded_time():
     import torch
 
     precision.probe.cache_clear()
+    minilm = precision.Shape(384, 1536, 16 * 128)  # MiniLM at batch 16 x 128 tokens
+    threads = torch.get_num_threads()
     start = time.perf_counter()
-    p = precision.probe(precision.Shape(384, 1536, 16 * 128))  # MiniLM at batch 16 x 128 tokens
+    p = precision.probe(minilm, 2)
     took = time.perf_counter() - start
-    assert p.fp32_gflops > 0 and p.bf16_gflops > 0 and p.threads == torch.get_num_threads()
+    assert p.fp32_gflops > 0 and p.bf16_gflops > 0 and p.threads == 2
     # 0.2 s of timed repeats after a warm-up: a few hundred ms (2 shared cores here: headroom for load)
     assert p.seconds <= took < 3
-    assert precision.probe(precision.Shape(384, 1536, 16 * 128)) is p  # cached: a pipeline's stages share it
+    assert precision.probe(minilm, 2) is p  # cached: a pipeline's stages share it
+    assert torch.get_num_threads() == threads  # the process's threads as they were
 
 
 def test_bf16_is_true_false_or_auto(tmp_path, capsys):
@@ -115,14 +118,14 @@ def test_auto_follows_the_probe_and_a_bf16_gpu(tmp_path, monkeypatch):
 
     from hpcnlp.train import harness
 
-    monkeypatch.setattr(precision, "probe", lambda shape: EPYC)
+    monkeypatch.setattr(precision, "probe", lambda *shape: EPYC)
     assert harness.training_arguments(TrainingConfig(), str(tmp_path)).bf16 is True
     assert harness.training_arguments(TrainingConfig(bf16=False), str(tmp_path)).bf16 is False
-    monkeypatch.setattr(precision, "probe", lambda shape: XEON_NO_AMX)
+    monkeypatch.setattr(precision, "probe", lambda *shape: XEON_NO_AMX)
     assert harness.training_arguments(TrainingConfig(), str(tmp_path)).bf16 is False
     assert harness.training_arguments(TrainingConfig(bf16=True), str(tmp_path)).bf16 is True
     # A bf16 GPU stood in for by torch.cuda's two answers (CI has no GPU); no probe runs there.
-    monkeypatch.setattr(precision, "probe", lambda shape: pytest.fail("probed on a GPU"))
+    monkeypatch.setattr(precision, "probe", lambda *shape: pytest.fail("probed on a GPU"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert precision.decide("auto", precision.Shape(384, 1536, 2048)).bf16 is True
@@ -138,7 +141,7 @@ def test_check_says_what_auto_picks_here(tmp_path, monkeypatch, capsys):
     line = next(x for x in out.splitlines() if "training.bf16: auto -> " in x)
     assert "INFO hpcnlp.checks" in line and "GFLOP/s vs fp32" in line
     assert "32x32 and 32x64 at 256 tokens" in line  # the job's shape: scratch sizes, batch 8 x 32 tokens
-    monkeypatch.setattr(precision, "probe", lambda shape: XEON_NO_AMX)
+    monkeypatch.setattr(precision, "probe", lambda *shape: XEON_NO_AMX)
     assert run_cli("check", "--config", str(tiny_pretrain(tmp_path)), "training.bf16=true") == 0
     out = capsys.readouterr().out
     assert "WARNING hpcnlp.checks: training.bf16: true, but auto would pick fp32 on this node: bf16 matmuls 75" in out
@@ -150,13 +153,13 @@ def test_a_resumed_auto_run_keeps_its_checkpoints_dtype(tmp_path, monkeypatch):
     """bf16 picked at the start (the probe said so) stays bf16 after a resume, even where the probe would
     now say fp32: the checkpoint's marker records the dtype, and no probe runs."""
     config = tiny_pretrain(tmp_path, save_steps=3)
-    monkeypatch.setattr(precision, "probe", lambda shape: EPYC)
+    monkeypatch.setattr(precision, "probe", lambda *shape: EPYC)
     assert run_cli("pretrain", "--config", str(config), "training.max_steps=3") == 0
     first = _trained_in_bf16(tmp_path / "out")
     assert first["bf16"] is True and first["probe_gflops_bf16"] == 212.0 and first["probe_gflops_fp32"] == 96.0
     assert json.loads((tmp_path / "out" / "checkpoint-3" / MARKER).read_text())["bf16"] is True
 
-    monkeypatch.setattr(precision, "probe", lambda shape: pytest.fail("a resumed run probed again"))
+    monkeypatch.setattr(precision, "probe", lambda *shape: pytest.fail("a resumed run probed again"))
     assert run_cli("pretrain", "--config", str(config), "resume=auto", "training.max_steps=6") == 0
     m = _trained_in_bf16(tmp_path / "out")
     assert m["resumed_from"].endswith("checkpoint-3") and m["global_step"] == 6
@@ -190,3 +193,17 @@ def test_bf16_under_torchrun(tmp_path):
         proc = torchrun([job, "--config", str(config)])
         assert proc.returncode == 0, job + ": " + proc.stdout[-3000:] + proc.stderr[-3000:]
         assert _trained_in_bf16(tmp_path / out, world_size=2)["replicas_identical"] is True, job
+
+
+@pytest.mark.slow
+def test_auto_under_torchrun_is_one_choice_for_every_rank(tmp_path):
+    """Two processes with training.bf16: auto: rank 0 probes (MiniLM's shapes: bf16 on an AMX CPU) and
+    every rank trains in the dtype it picked, so they stay replicas."""
+    config = _finetune(tmp_path, 2)
+    proc = torchrun(["finetune", "--config", str(config), "training.bf16=auto"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["replicas_identical"] is True
+    assert m["mixed_precision"] == ("bf16" if m["bf16"] else "no") and "GFLOP/s" in m["bf16_reason"]
+    picked = {line.split("training.bf16: auto -> ")[1][:4] for line in proc.stdout.splitlines() if "auto -> " in line}
+    assert len(picked) == 1 and proc.stdout.count("training.bf16: auto -> ") == 2  # one line per rank, one dtype

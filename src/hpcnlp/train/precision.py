@@ -40,7 +40,8 @@ class Shape:
     tokens: int
 
     def __str__(self) -> str:
-        return f"{self.hidden}x{self.hidden} and {self.hidden}x{self.intermediate} at {self.tokens} tokens"
+        timed = f" (timed at {MAX_ROWS})" if self.tokens > MAX_ROWS else ""
+        return f"{self.hidden}x{self.hidden} and {self.hidden}x{self.intermediate} at {self.tokens} tokens{timed}"
 
 
 def shape_of(model_config: dict | None, batch: int, seq: int) -> Shape:
@@ -126,15 +127,26 @@ def decide(setting: Setting, shape: Shape, fp16: bool = False, checkpoint: bool 
 
     gpu = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
     measure = setting == "auto" and gpu is None and not fp16 and checkpoint is None
-    return choose_bf16(setting, gpu, probe(shape) if measure else None, fp16, checkpoint)
+    return choose_bf16(setting, gpu, probe(shape, torch.get_num_threads()) if measure else None, fp16, checkpoint)
 
 
 @functools.cache
-def probe(shape: Shape, budget_s: float = BUDGET_S) -> Probe:
+def probe(shape: Shape, threads: int) -> Probe:
     """Time the job's matmuls in fp32 and under bf16 autocast (as the Trainer runs them: fp32 weights cast
-    at each call) on this process's threads. Warm-up first (oneDNN builds its kernels at the first call of
-    a shape), then fp32 and bf16 alternate so that load from elsewhere hits both alike, and each keeps its
-    best repeat: other work only ever slows a repeat down. Cached: a pipeline's stages share the result."""
+    at each call) on `threads` torch threads (the job's). Warm-up first (oneDNN builds its kernels at the
+    first call of a shape), then fp32 and bf16 alternate so that load from elsewhere hits both alike, and
+    each keeps its best repeat: other work only ever slows a repeat down. Cached: a pipeline's stages share it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _timed(shape)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _timed(shape: Shape) -> Probe:
     import torch
     import torch.nn.functional as F
 
@@ -155,10 +167,11 @@ def probe(shape: Shape, budget_s: float = BUDGET_S) -> Probe:
             return time.perf_counter() - start
 
     t0 = time.perf_counter()
-    once(False), once(True)  # warm-up
+    for bf16 in (False, True):  # warm-up
+        once(bf16)
     best = {False: float("inf"), True: float("inf")}
     timed, repeats = time.perf_counter(), 0
-    while repeats < MIN_REPEATS or time.perf_counter() - timed < budget_s:
+    while repeats < MIN_REPEATS or time.perf_counter() - timed < BUDGET_S:
         for bf16 in (False, True):
             best[bf16] = min(best[bf16], once(bf16))
         repeats += 1

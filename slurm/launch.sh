@@ -7,7 +7,8 @@
 #    request goes through a flag file every rank polls);
 # 5. exit with the code rank 0 wrote in the outcome file (whatever torchrun made of the ranks' codes),
 #    and requeue only when it says a checkpoint of this job was saved and max_requeues allows it.
-#    Codes: 0 finished, 1 failed, 2 config refused, 3 rejected, 4 stalled, 75 checkpointed (docs/slurm.md).
+#    Codes: 0 finished, 1 failed, 2 config refused, 3 rejected, 4 stalled, 5 launch failed (scontrol,
+#    no free port, module load: nothing started), 75 checkpointed (docs/slurm.md).
 # A plain scancel still cancels: SIGTERM is not trapped here.
 set -uo pipefail
 job=$1; shift
@@ -21,7 +22,7 @@ planner=${HPCNLP_PYTHON:-python3}
 if [ -n "${HPCNLP_MODULES:-}" ]; then
   type module >/dev/null 2>&1 || source /etc/profile.d/modules.sh 2>/dev/null || source /etc/profile.d/lmod.sh 2>/dev/null
   # shellcheck disable=SC2086
-  module load $HPCNLP_MODULES || { echo "launch: module load $HPCNLP_MODULES failed; nothing started" >&2; exit 2; }
+  module load $HPCNLP_MODULES || { echo "launch: module load $HPCNLP_MODULES failed; nothing started" >&2; exit 5; }
 fi
 # This job's log (sbatch --output, expanded by Slurm): the job links it into its output_dir at the end.
 HPCNLP_LOG=$(scontrol show job --oneliner "$SLURM_JOB_ID" 2>/dev/null | grep -o 'StdOut=[^ ]*' | cut -d= -f2-)
@@ -33,7 +34,8 @@ export HPCNLP_PREEMPT_FILE=$state_dir/preempt-$SLURM_JOB_ID
 export HPCNLP_OUTCOME_FILE=$state_dir/outcome-$SLURM_JOB_ID
 rm -f "$HPCNLP_PREEMPT_FILE" "$HPCNLP_OUTCOME_FILE"
 
-plan=$(PYTHONPATH=$HPCNLP_HOME/src${PYTHONPATH:+:$PYTHONPATH} "$planner" -m hpcnlp.cluster.launcher plan "$job" --config "$@") || exit 2
+plan=$(PYTHONPATH=$HPCNLP_HOME/src${PYTHONPATH:+:$PYTHONPATH} "$planner" -m hpcnlp.cluster.launcher plan "$job" --config "$@") || {
+  echo "launch: the launcher could not plan the step; nothing started" >&2; exit 5; }
 eval "$plan"
 echo "launch: $(date +%T) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s): $DESCRIBE"
 "${CHECK[@]}" || { echo "launch: config refused; nothing started" >&2; exit 2; }

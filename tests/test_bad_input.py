@@ -22,6 +22,11 @@ from hpcnlp.jobs import EXIT_CONFIG
 
 LATIN1_CSV = b"text,label\ngood film,fresh\ncaf\xe9 au lait,rotten\n"  # b"\xe9" is latin-1 for 'é'
 LATIN1_CONLL = b"Paris\tB-LOC\nis\tO\n\ncaf\xe9\tO\n"
+# 12 rows; row 3's quote closes in row 4: pandas reads 11 rows ("it was fine,a\nrow 4", a) and says nothing.
+UNBALANCED_CSV = b"text,label\n" + b"".join(b"row %d,a\n" % i for i in range(1, 13)).replace(
+    b"row 3", b'"row 3', 1
+).replace(b"row 4,", b'row 4",', 1)
+QUOTE_LINE = "'{tmp}/train.csv' line 4: a quote opened on this line closes on line 5"
 LATIN1_JSONL = b'{"text": "good", "label": "a"}\n{"text": "caf\xe9", "label": "b"}\n'
 
 
@@ -188,6 +193,22 @@ CASES = [
         "training.adam_beta2: Input should be a valid number",
     ),
     ("empty-corpus", "pretrain", _empty_corpus, [], "data.train_files: all 1 file(s) it matches are empty"),
+    ("csv-unbalanced-quote-check", "check", lambda t: _finetune(t, "train.csv", UNBALANCED_CSV), [], QUOTE_LINE),
+    ("csv-unbalanced-quote-job", "finetune", lambda t: _finetune(t, "train.csv", UNBALANCED_CSV), [], QUOTE_LINE),
+    (
+        "csv-quote-never-closed",
+        "finetune",
+        lambda t: _finetune(t, "train.csv", b'text,label\ngood,a\n"bad,b\nfine,a\n'),
+        [],
+        "'{tmp}/train.csv' line 3: unbalanced or stray quote",
+    ),
+    (
+        "tsv-stray-quote",
+        "check",
+        lambda t: _finetune(t, "train.tsv", b'text\tlabel\ngood\ta\n"so" good\tb\nfine\ta\n'),
+        [],
+        "data.train_file: '{tmp}/train.tsv' line 3: unbalanced or stray quote",
+    ),
 ]
 
 

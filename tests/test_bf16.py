@@ -160,7 +160,7 @@ def test_a_resumed_auto_run_keeps_its_checkpoints_dtype(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / "checkpoint-3" / MARKER).read_text())["bf16"] is True
 
     monkeypatch.setattr(precision, "probe", lambda *shape: pytest.fail("a resumed run probed again"))
-    assert run_cli("pretrain", "--config", str(config), "resume=auto", "training.max_steps=6") == 0
+    assert run_cli("pretrain", "--config", str(config), "resume=continue", "training.max_steps=6") == 0
     m = _trained_in_bf16(tmp_path / "out")
     assert m["resumed_from"].endswith("checkpoint-3") and m["global_step"] == 6
     assert m["bf16_reason"] == "the checkpoint resumed was trained in bf16" and "probe_gflops_bf16" not in m

@@ -43,7 +43,7 @@ def test_bundle_contents_and_manifest(sentiment_bundle):
     assert manifest["packages"]["onnxruntime"] and manifest["packages"]["torch"]
     assert len(manifest["source_model"]["sha256"]) == 64 and manifest["id2label"] == {"0": "fresh", "1": "rotten"}
     assert manifest["thresholds"]["fp32_atol"] == 1e-4 and manifest["checks"]
-    assert "git_commit" in manifest and "slurm_job_id" in manifest
+    assert "code_version" in manifest and "slurm_job_id" in manifest
     assert "python onnx_inference.py" in (sentiment_bundle / "MODEL_CARD.md").read_text()
 
 

@@ -83,15 +83,18 @@ def test_hub_id_is_refused(tmp_path, pretrain_config, capsys):
     assert code == EXIT_CONFIG and any("local model dir" in e for e in _errors(capsys))
 
 
-def test_finished_run_needs_resume_or_overwrite(tmp_path, pretrain_config, capsys):
+def test_another_configs_finished_run_needs_overwrite(tmp_path, pretrain_config, capsys):
     path, cfg = pretrain_config
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.json").write_text(json.dumps({"done": True}))
-    assert main(["check", "--config", str(path)]) == EXIT_CONFIG
-    assert any("output_dir" in e and "finished run" in e and "overwrite: true" in e for e in _errors(capsys))
+    assert main(["check", "--config", str(path), "overwrite=true"]) == EXIT_CONFIG  # no run recorded it
+    assert any("did not write: metrics.json" in e for e in _errors(capsys))
+    (out / "run.json").write_text(json.dumps({"run": "another-config", "files": ["metrics.json"]}))
+    for flags in ([], ["resume=auto"]):
+        assert main(["check", "--config", str(path), *flags]) == EXIT_CONFIG
+        assert any("output_dir" in e and "another config" in e and "overwrite: true" in e for e in _errors(capsys))
     assert main(["check", "--config", str(path), "overwrite=true"]) == 0
-    assert main(["check", "--config", str(path), "resume=auto"]) == 0
 
 
 def test_incompatible_options(tmp_path, pretrain_config, capsys):

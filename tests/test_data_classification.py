@@ -170,3 +170,12 @@ def test_labels_are_read_by_their_value_type(tmp_path):
         labels("mixed.jsonl", rows([1, "1", True]))
     [line] = e.value.lines
     assert "labels of several kinds: number (line 1: 1), text (line 2: '1'), true/false (line 3: True)" in line
+
+
+def test_line_breaks_inside_quotes_are_read_only_when_the_config_says_so(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text('text,label\n"leaves absolutely no\ncliche unexploited.",rotten\nfine,fresh\n')
+    with pytest.raises(DataError, match="line 2: a quote opened on this line closes on line 3.*multiline_rows"):
+        classification.read_examples(str(path), FinetuneDataConfig(train_file="x"))
+    rows = classification.read_examples(str(path), FinetuneDataConfig(train_file="x", multiline_rows=True))
+    assert [r.text for r in rows] == ["leaves absolutely no\ncliche unexploited.", "fine"]

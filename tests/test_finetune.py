@@ -288,7 +288,8 @@ def test_resume_continues_from_the_newest_checkpoint(tmp_path):
     }
     path = config(tmp_path, "sequence-classification", data, training, freeze={"all_but_head": True})
     assert run_cli("finetune", "--config", str(path)) == 0
-    assert run_cli("finetune", "--config", str(path), "resume=auto", "training.max_steps=4") == 0
+    # A finished run is final: training on past its max_steps is asked for (resume: continue).
+    assert run_cli("finetune", "--config", str(path), "resume=continue", "training.max_steps=4") == 0
     m = metrics(tmp_path)
     assert m["resumed_from"].endswith("checkpoint-2") and m["global_step"] == 4
     assert load_config(path, ["resume=auto"]).resume == "auto"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -70,6 +71,16 @@ def _read(tmp_path_factory, name: str, body: bytes, **data):
 _TOK = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _tokenizer_loaded():
+    """Loaded before the first example, with the job registry: their seconds (more on a busy machine) are
+    not any example's deadline."""
+    from hpcnlp.jobs import registry
+
+    registry()
+    _tokenizer()
+
+
 def _tokenizer():
     if "t" not in _TOK:
         from hpcnlp.models import load_tokenizer
@@ -82,7 +93,42 @@ def _tokenizer():
 @given(rows=st.lists(st.tuples(CELL, CELL), max_size=12), sep=st.sampled_from([",", "\t"]))
 def test_any_csv_or_tsv_is_read_or_refused(tmp_path_factory, rows, sep):
     body = ("text" + sep + "label\n" + "".join(a + sep + b + "\n" for a, b in rows)).encode()
-    _read(tmp_path_factory, "d.csv" if sep == "," else "d.tsv", body)
+    out = _read(tmp_path_factory, "d.csv" if sep == "," else "d.tsv", body)
+    if out is not None:  # read as written: one row per non-blank line, never a row swallowed by a quote
+        lines = [line for line in body.decode().split("\n")[1:] if line.strip("\r")]
+        assert sum(len(ds) for ds in out.splits.values()) == len(lines)
+
+
+@FUZZ
+@given(
+    rows=st.lists(st.tuples(CELL, CELL), min_size=2, max_size=12),
+    at=st.integers(0, 11),
+    sep=st.sampled_from([",", "\t"]),
+)
+def test_a_quote_left_open_is_refused_naming_its_line(tmp_path_factory, rows, at, sep):
+    rows = [(a.replace('"', "").replace("\n", "").replace("\r", "") or "x", "a") for a, _ in rows]
+    at %= len(rows)
+    rows[at] = ('"' + rows[at][0], "a")
+    body = ("text" + sep + "label\n" + "".join(a + sep + b + "\n" for a, b in rows)).encode()
+    path = tmp_path_factory.mktemp("fuzz") / ("d.csv" if sep == "," else "d.tsv")
+    path.write_bytes(body)
+    res = cli("check", "--config", str(_finetune_config(path)))
+    assert res.returncode == 2 and f"{path}' line {at + 2}: " in res.stderr, res.stderr
+
+
+def _finetune_config(path):
+    config = path.with_name("c.yaml")
+    config.write_text(
+        json.dumps(
+            {
+                "job": "finetune",
+                "task": "sequence-classification",
+                "output_dir": str(path.with_name("out")),
+                "data": {"train_file": str(path)},
+            }
+        )
+    )
+    return config
 
 
 @FUZZ
@@ -140,7 +186,9 @@ def test_any_conll_is_read_or_refused(tmp_path_factory, lines):
             max_leaves=12,
         ).map(lambda v: json.dumps({"files": v, "passed": True}).encode()),
         st.dictionaries(
-            st.sampled_from(["model.onnx", "x/../y", "../escape", "manifest.json", "a\udc80", ""]),
+            st.sampled_from(
+                ["model.onnx", "x/../y", "../escape", "manifest.json", "a\udc80", "\ud800x", "a" * 300, ""]
+            ),
             st.fixed_dictionaries(
                 {}, optional={"bytes": st.one_of(st.integers(), st.text(max_size=3)), "sha256": st.text(max_size=5)}
             ),

@@ -5,6 +5,7 @@ The real-Slurm runs are in tests/slurm/."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -397,3 +398,31 @@ def test_summary_table_lists_every_run(tmp_path):
     lines = summary([str(tmp_path / "sweep")]).splitlines()
     assert lines[0] == "| run | overrides | global_step | eval_after.loss |"
     assert lines[4].endswith("task-2 | training.learning_rate=3 | 4 | 3 |")
+
+
+def test_a_failing_scontrol_is_a_launch_failure_not_a_refused_config(tmp_path):
+    """slurm/launch.sh with an scontrol that fails: exit 5 (launch failed) and Slurm's words, never exit 2
+    "config refused" (which sends users to a config that is fine)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text("#!/bin/sh\necho 'slurm_load_node error: Unable to contact slurm controller' >&2\nexit 1\n")
+    scontrol.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "HPCNLP_STATE_DIR": str(tmp_path / "state"),
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "slurm" / "launch.sh"), "finetune", str(tmp_path / "c.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == launch.EXIT_LAUNCH == 5, proc.stderr
+    assert "`scontrol show hostnames n[1-2]` failed (exit 1): slurm_load_node error" in proc.stderr, proc.stderr
+    assert "config refused" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

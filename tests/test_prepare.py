@@ -151,3 +151,25 @@ def test_prepare_cli_prints_stats(tmp_path, small_corpus, capsys):
     assert main(["prepare", "--config", str(tmp_path / "p.yaml")]) == 0
     out = capsys.readouterr().out
     assert "prepared" in out and "tokens/s" in out and "padding" in out
+
+
+def test_a_corpus_too_small_to_split_is_refused_before_a_shard_is_written(tmp_path, minilm_tokenizer, capsys):
+    """Refused at `hpcnlp check`, and by prepare before it writes: the split is by content hash, known up front."""
+    import yaml
+
+    from hpcnlp.cli import main
+    from hpcnlp.config import ConfigError
+
+    (tmp_path / "one.txt").write_text("\n\nonly one paragraph here\n\n")
+    with pytest.raises(ConfigError, match="no document was held out"):
+        prepare(_cfg(tmp_path, [str(tmp_path / "one.txt")]), minilm_tokenizer)
+    assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").rglob("*.arrow"))
+    config = tmp_path / "prepare.yaml"
+    data = {"train_files": [str(tmp_path / "one.txt")], "prepared_root": str(tmp_path / "prepared")}
+    config.write_text(yaml.safe_dump({"job": "prepare", "data": data}))
+    assert main(["check", "--config", str(config)]) == 2
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "data.eval_fraction: no document was held out (1 non-empty documents, eval_fraction 0.05)" in line
+    (tmp_path / "two.txt").write_text("\n\n".join(f"paragraph number {i}" for i in range(200)))
+    config.write_text(yaml.safe_dump({"job": "prepare", "data": {**data, "train_files": [str(tmp_path / "two.txt")]}}))
+    assert main(["check", "--config", str(config)]) == 0

@@ -80,20 +80,28 @@ def test_a_marker_that_lists_no_files_or_no_weights_is_not_complete(tmp_path):
 
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / "out"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from hpcnlp.runtime import rundir; rundir.acquire({str(out)!r}); print(1, flush=True); input()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     try:
-        rundir.lock_path(out).write_text(
-            json.dumps({"host": os.uname().nodename, "pid": sleeper.pid, "slurm_job_id": None, "since": "then"})
-        )
-        with pytest.raises(rundir.OutputDirRefused, match=f"in use by pid {sleeper.pid} on "):
+        assert holder.stdout.readline().strip() == "1"
+        with pytest.raises(rundir.OutputDirRefused, match=f"in use by pid {holder.pid} on "):
             rundir.acquire(out)
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    assert rundir.acquire(out) == rundir.lock_path(out)  # the holder is gone: taken over
+        holder.kill()
+        holder.wait()
+    assert rundir.acquire(out) == rundir.lock_path(out)  # the holder died: the kernel freed its flock
     assert json.loads(rundir.lock_path(out).read_text())["pid"] == os.getpid()
     rundir.release(out)
-    assert not rundir.lock_path(out).exists()
+    assert rundir.lock_holder(out) is None and rundir.holder_alive(out) is False
 
 
 @pytest.mark.slow
@@ -103,6 +111,8 @@ def test_overwrite_never_mixes_runs_and_keeps_the_old_one_until_the_new_one_fini
     out = tmp_path / "out"
     first = json.loads((out / "run.json").read_text())
     (out / "checkpoint-99").mkdir()  # a later checkpoint of the old run: must not be resumed or kept
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run, "files": [*run["files"], "checkpoint-99"]}))
     with monkeypatch.context() as m:  # the rerun is preempted: the old run stays aside, whole
         preempt_at(m, 3)
         assert run_cli("pretrain", "--config", str(config), "overwrite=true") == 75
@@ -132,12 +142,12 @@ def test_a_rerun_upstream_stage_makes_the_next_stage_another_run(tmp_path):
 
     upstream, out = tmp_path / "finetune", tmp_path / "distill"
     shutil.copytree(resolve_model_path("minilm-l6"), upstream)  # stands for the finetune stage's output
-    rundir.claim(upstream, "up-1", overwrite=False, job="finetune", continuing=False)
+    (upstream / "run.json").write_text(json.dumps({"run": "up-1", "files": []}))
     cfg = load_config("jobs/distill.yaml", [f"teacher={upstream}", f"output_dir={out}", "resume=auto"], check=False)
     before = rundir.run_hash(cfg.model_dump(mode="json"))
     assert before != rundir.run_hash({**cfg.model_dump(mode="json"), "teacher": "minilm-l6"})
     _checkpoint(out, 4, run=before)
-    rundir.claim(out, before, overwrite=False, job="distill", continuing=False)
+    (out / "run.json").write_text(json.dumps({"run": before, "files": ["checkpoint-4"]}))
     assert output_dir_problems(cfg, "auto") == []  # same upstream weights: its own run, resumed
     assert rundir.run_hash(cfg.model_dump(mode="json")) == before
     time.sleep(0.01)
@@ -294,6 +304,8 @@ def test_a_stalled_rank_fails_the_job_naming_it(tmp_path):
     assert proc.returncode != 0 and waited < 60  # a 12 s limit (+ torchrun's teardown), not the 30 min timeout
     line = outcome.read_text()
     assert line.startswith("4 stop rank 0 on ") and "stalled: rank 1 on " in line, line
+    st = json.loads((tmp_path / "out" / "status.json").read_text())  # rank 0, the lock holder, said it too
+    assert st["state"] == "failed" and "stalled: rank 1 on " in st["reason"], st
 
 
 @pytest.mark.slow

@@ -78,6 +78,7 @@ def workdir(tmp_path, monkeypatch, fake_slurm):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "hpcnlp.sif").write_text("")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HPCNLP_GIT_COMMIT", "<code>")  # the code version submit records: not this checkout's
     monkeypatch.setenv("HPCNLP_STATE_DIR", str(tmp_path / "state"))
     return tmp_path
 

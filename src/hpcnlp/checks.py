@@ -13,9 +13,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from hpcnlp.config import JobConfig, Problem, TrainingConfig
-from hpcnlp.models import ModelNotFound, resolve_model_path
-from hpcnlp.runtime import env, rundir
+from hpcnlp.config import JobConfig, Problem, TrainingConfig, TrainingJobConfig
+from hpcnlp.models import ALIASES, ModelNotFound, resolve_model_path
+from hpcnlp.runtime import env, rundir, stack
 from hpcnlp.runtime.checkpoints import problem
 from hpcnlp.runtime.io import is_inside
 from hpcnlp.train import precision
@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 def model(key: str, value: str | None, pending: Iterable[str]) -> list[Problem]:
     if value is None or is_inside(value, pending):
+        return []
+    if value in ALIASES and not stack.installed():  # the model packages come with the training stack
+        stack.skipped(f"{key}: the packaged model '{value}'")
         return []
     try:
         resolve_model_path(value)
@@ -69,7 +72,7 @@ def max_seq_length(value: int, model_key: str, name_or_path: str | None, pending
 def resume(cfg: JobConfig) -> list[Problem]:
     """An explicit `resume: <dir>` is a complete checkpoint of this run (same config)."""
     value = cfg.resume
-    if value in ("never", "auto"):
+    if value in ("never", "auto", "continue"):
         return []
     why = problem(Path(value), rundir.run_hash(cfg.model_dump(mode="json"))) if Path(value).is_dir() else "no such dir"
     if why is None:
@@ -78,24 +81,41 @@ def resume(cfg: JobConfig) -> list[Problem]:
         Problem(
             key="resume",
             message=f"'{value}' is not a complete checkpoint of this run: {why}",
-            fix="use resume: auto (the newest complete checkpoint in output_dir); to start from other "
+            fix="use resume: auto (the newest complete checkpoint in output_dir; continue: the same after a "
+            "finished run, to train it on to a higher max_steps); to start from other "
             "weights, set model_name_or_path to them",
         )
     ]
 
 
 def output_dir(cfg: JobConfig, resume_: str = "never", finished: str = "metrics.json") -> list[Problem]:
-    """Only this job's own runs are continued or replaced; nothing else is written into or removed."""
+    """Only this job's own runs are continued or replaced; nothing else is written into or removed.
+    A training run asks rundir.verdict, as the job itself does when it starts (a requeued start too)."""
+    if isinstance(cfg, TrainingJobConfig):
+        max_steps = cfg.training.max_steps
+        try:
+            rundir.verdict(
+                cfg.output_dir,
+                rundir.run_hash(cfg.model_dump(mode="json")),
+                cfg.overwrite,
+                cfg.resume,
+                env.slurm_restart_count() > 0,
+                max_steps,
+            )
+        except rundir.OutputDirRefused as e:
+            return [Problem(key="output_dir", message=str(e), fix=e.fix)]
+        return []
     out = Path(cfg.output_dir)
-    if not out.is_dir() or env.slurm_restart_count() > 0:  # a requeue goes on with its own run
+    if not out.is_dir():
         return (
             []
-            if not out.exists() or out.is_dir()
+            if not out.exists()
             else [Problem(key="output_dir", message=f"'{out}' is a file", fix="choose a directory path")]
         )
     if not any(p.name not in rundir.OWN_FILES for p in out.iterdir()):
         return []
-    if not rundir.written_by_hpcnlp(out):
+    hpcnlp_wrote = any((out / n).exists() for n in (rundir.RUN_FILE, finished)) or any(out.glob("checkpoint-*"))
+    if not hpcnlp_wrote:
         return [
             Problem(
                 key="output_dir",
@@ -103,33 +123,13 @@ def output_dir(cfg: JobConfig, resume_: str = "never", finished: str = "metrics.
                 fix="choose another output_dir: no job writes into, or replaces, what it did not create",
             )
         ]
-    if cfg.overwrite:
+    if cfg.overwrite or not (out / finished).exists():
         return []
-    previous = rundir.read_run(out)
-    if resume_ != "never":
-        if previous and previous.get("run") != rundir.run_hash(cfg.model_dump(mode="json")):
-            return [
-                Problem(
-                    key="output_dir",
-                    message=f"'{out}' holds a run of another config (run "
-                    f"{previous.get('run')}): its checkpoints are not this run's",
-                    fix="set overwrite: true to replace it, or choose a new output_dir",
-                )
-            ]
-        return []
-    if (out / finished).exists():
-        return [
-            Problem(
-                key="output_dir",
-                message=f"'{out}' holds a finished run ({finished})",
-                fix="set overwrite: true, resume: auto, or choose a new output_dir",
-            )
-        ]
     return [
         Problem(
             key="output_dir",
-            message=f"'{out}' holds checkpoints of an unfinished run",
-            fix="set resume: auto to continue it, or overwrite: true to start over",
+            message=f"'{out}' holds a finished run ({finished})",
+            fix="set overwrite: true, or choose a new output_dir",
         )
     ]
 
@@ -177,6 +177,9 @@ def training(t: TrainingConfig, output_dir_: str) -> list[Problem]:
                         key="training.deepspeed", message=f"'{path}' is not valid JSON ({e})", fix="fix the JSON syntax"
                     )
                 )
+    if not stack.installed():
+        stack.skipped("training: TrainingArguments' fields and checks")
+        return out
     from transformers import TrainingArguments
 
     kwargs = {
@@ -217,6 +220,9 @@ def bf16_advice(t: TrainingConfig, shape: precision.Shape) -> tuple[bool, str]:
 def log_bf16_advice(cfg: JobConfig, model_config: dict | None) -> None:
     """`hpcnlp check` of a training job: bf16_advice's line for its model and batch (a warning when a forced
     dtype is not what this node's probe picks)."""
+    if not stack.installed():  # a login node's thin install: the job probes on its node
+        stack.skipped("training.bf16: auto's probe")
+        return
     warn, line = bf16_advice(cfg.training, precision.job_shape(cfg, model_config))
     log.log(logging.WARNING if warn else logging.INFO, line)
 

@@ -37,9 +37,9 @@ def setup_logging() -> None:
     for noisy in ("datasets", "transformers.tokenization_utils_base", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not sys.stderr.isatty():  # progress bars turn batch logs into noise
-        import datasets
-
-        datasets.disable_progress_bars()
+        # The variable, not datasets.disable_progress_bars(): datasets reads it when a job imports it, and
+        # check/submit/status import no training library (they run on login nodes without one).
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def _config_parser(name: str, help_: str, sub) -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ This module reads no files but the YAML it is given and imports nothing of data,
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import difflib
 import enum
@@ -22,7 +23,7 @@ import functools
 import typing
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -88,7 +89,7 @@ TextEncoding = Annotated[str, AfterValidator(_text_encoding)]
 JOB_OWNED = {
     "output_dir": "set the top-level output_dir",
     "overwrite_output_dir": "set the top-level overwrite",
-    "resume_from_checkpoint": "set the top-level resume (auto, never or a checkpoint dir)",
+    "resume_from_checkpoint": "set the top-level resume (auto, never, continue or a checkpoint dir)",
     "do_train": "remove it: the job decides what it runs",
     "do_eval": "remove it: the job decides what it runs",
     "do_predict": "remove it: the job decides what it runs",
@@ -161,7 +162,10 @@ class TrainingConfig(Section):
         """Keys beyond the typed ones must be TrainingArguments fields of the right type."""
         if not self.model_extra:
             return self
-        fields = training_arguments_fields()
+        try:
+            fields = training_arguments_fields()
+        except ImportError:  # a login node's install (no transformers): checked at the job's start
+            return self
         for key, value in list(self.model_extra.items()):
             if key in JOB_OWNED:
                 raise PydanticCustomError("job_owned", "{key}: set by the job", {"key": key, "fix": JOB_OWNED[key]})
@@ -195,16 +199,35 @@ class JobConfig(Section):
     overwrite: bool = False
     # Where the YAML came from (set when loaded), so errors at run time can name the file.
     _source: str = PrivateAttr("<config>")
+    # Dotted keys naming a file of settings the job reads: submit freezes a copy of each with the config
+    # (hpcnlp.cluster.submit.snapshot), so editing it cannot change a queued job.
+    SETTING_FILES: ClassVar[tuple[str, ...]] = ("training.deepspeed",)
 
     def problems(self) -> list[Problem]:
         """Contradictions within the config itself (no file access; files are the job's check)."""
         return []
 
 
+class TrackingConfig(Section):
+    """`tracking:` where `training.report_to: [mlflow]` and `[wandb]` keep a run (docs/tracking.md). Unset
+    keys fall back to the job's environment (e.g. the cluster profile's `env:`), then to these defaults."""
+
+    # MLflow experiment and W&B project. Default: $MLFLOW_EXPERIMENT_NAME / $WANDB_PROJECT, else "hpcnlp".
+    experiment: str | None = None
+    # Default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db (offline, beside the run).
+    mlflow_tracking_uri: str | None = None
+    # Default: $WANDB_MODE, else offline: compute nodes rarely reach the internet (`hpcnlp sync` uploads later).
+    wandb_mode: Literal["offline", "online", "disabled"] | None = None
+
+
 class TrainingJobConfig(JobConfig):
     """What the Trainer jobs (pretrain, finetune, distill) share: resuming, requeues, the step watchdog."""
 
-    resume: str = "never"  # never | auto (newest complete checkpoint of this run) | a checkpoint dir
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    # never | auto (newest complete checkpoint of this run) | continue (auto, and a finished run trains on
+    # to a raised training.max_steps) | a checkpoint dir
+    resume: str = "never"
     max_requeues: int = Field(3, ge=0)  # preemptions a job may checkpoint and requeue itself after
     # A rank without a training step (or eval batch, or save) for this long fails the job, naming it.
     step_timeout_minutes: float | None = Field(15, gt=0)
@@ -321,6 +344,7 @@ class FinetuneDataConfig(Section):
     extra_eval_files: dict[str, str] = Field(default_factory=dict)  # name -> file, each reported apart
     format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "conll"] = "auto"
     encoding: TextEncoding = "utf-8"  # of the CSV/TSV/JSONL/CoNLL files, any Python codec (Parquet is UTF-8)
+    multiline_rows: bool = False  # CSV/TSV: a quoted field may hold line breaks (else a row is one line)
     validation_split: float = Field(0.1, gt=0, lt=1)
     seed: int = 42  # of the train/validation split
     text_column: str = "text"  # sequence classification
@@ -502,7 +526,8 @@ def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
         cls = ann
     names = list(cls.model_fields)
     if issubclass(cls, TrainingConfig):
-        names += list(training_arguments_fields())
+        with contextlib.suppress(ImportError):  # no transformers here: the typed keys only
+            names += list(training_arguments_fields())
     return names
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hpcnlp.runtime import env
 from hpcnlp.runtime.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
@@ -62,8 +63,10 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
 def write_report(
     output_dir: str | Path, title: str, metrics: dict, sections: list[tuple[str, str]], images: list[str] = ()
 ) -> None:
-    """metrics.json last: its presence marks a finished job (config checks look for it)."""
+    """metrics.json last: its presence marks a finished job (config checks look for it). It says which
+    code made it (code_version: see hpcnlp.runtime.env)."""
     out = Path(output_dir)
+    metrics = {**metrics, "code_version": env.code_version()}
     body = [f"# {title}", ""]
     for heading, text in sections:
         body += [f"## {heading}", "", text, ""]

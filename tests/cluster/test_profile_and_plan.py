@@ -38,7 +38,7 @@ GPU_PROFILE = {
     "image": "/shared/hpcnlp.sif",
     "binds": ["/scratch", "/data"],
     "env": {"NCCL_DEBUG": "WARN"},
-    "modules": ["cuda/12.8"],
+    "modules": ["cuda/13.0"],
     "log_dir": "/logs",
     "sbatch": ["--constraint=h100"],
 }
@@ -89,7 +89,7 @@ def test_profile_renders_every_field_and_per_job_options_win():
         "HPCNLP_CONTAINER": "apptainer",
         "HPCNLP_IMAGE": "/shared/hpcnlp.sif",
         "HPCNLP_BIND": "/scratch,/data",
-        "HPCNLP_MODULES": "cuda/12.8",
+        "HPCNLP_MODULES": "cuda/13.0",
         "HPCNLP_PASS_ENV": "NCCL_DEBUG",
         "NCCL_DEBUG": "WARN",
     }

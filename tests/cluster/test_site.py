@@ -463,13 +463,16 @@ def test_report_to_without_its_package_is_refused_at_check(workdir, capsys, monk
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "mlflow") else real(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "sqlalchemy") else real(name, *a)
     )
     rc, out, err = cli(
         capsys, "check", "--config", "jobs/finetune-sentiment.yaml", "training.report_to=[wandb,tensorboard]"
     )
-    assert rc == 2 and "training.report_to: 'wandb' is not installed here. Fix: pip install wandb" in err
-    assert "'tensorboard' is not installed" not in err
+    assert rc == 2 and "training.report_to: 'wandb' is not installed here. Fix: pip install 'hpcnlp[wandb]'" in err
+    assert "'tensorboard' is not installed" not in err and len(err.strip().splitlines()) == 1
+    # mlflow alone (mlflow-skinny) cannot keep runs in its sqlite store: the extra brings sqlalchemy too
+    rc, out, err = cli(capsys, "check", "--config", "jobs/finetune-sentiment.yaml", "training.report_to=[mlflow]")
+    assert rc == 2 and "'mlflow' is not installed here. Fix: pip install 'hpcnlp[mlflow]'" in err
     for ok in ("none", "all", "tensorboard", "[none]"):
         assert cli(capsys, "check", "--config", "jobs/finetune-sentiment.yaml", f"training.report_to={ok}")[0] == 0
     rc, out, err = cli(capsys, "check", "--config", "jobs/finetune-sentiment.yaml", "training.report_to=wandbb")

@@ -147,6 +147,20 @@ def test_summary_of_a_seeded_grid_is_one_row_per_point_with_mean_and_std(workdir
     assert rows[-1].endswith(f"| 1 | {accuracy(1e-4, 3, 1):.4g} |")
 
 
+@pytest.mark.parametrize("flag", ["--plot", "--tensorboard"])
+def test_summary_plots_without_the_training_stack_is_one_line(workdir, fake_slurm, monkeypatch, flag):
+    """A login node's install (no matplotlib, no torch): the table, and one line saying what --plot needs."""
+    from hpcnlp.runtime import stack
+
+    sweep_dir = grid_sweep(workdir, fake_slurm)
+    finish(sweep_dir)
+    monkeypatch.setattr(stack, "installed", lambda: False)
+    proc = hpcnlp(workdir, "summary", flag, str(sweep_dir))
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {flag} need(s) the training stack: pip install hpcnlp[train]\n"
+    assert not (sweep_dir / "summary.png").exists() and not (sweep_dir / "hparams").exists()
+
+
 def test_summary_plot_is_a_png_with_one_subplot_per_swept_key(workdir, fake_slurm, monkeypatch):
     from hpcnlp.cluster import summary
 

@@ -35,12 +35,13 @@ pytestmark = [
 
 
 def lock_pins() -> dict[str, str]:
-    """name -> version of every `name==version` line of the lock (comments and hashes aside)."""
+    """name -> version of every `name==version` line of the lock (comments and hashes aside; a local label
+    such as torch's +cpu dropped, as pip list's versions are compared without it)."""
     pins = {}
     for line in (REPO / "requirements" / "lock.txt").read_text().splitlines():
         m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;#\\]+)", line)
         if m:
-            pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+            pins[m.group(1).lower().replace("_", "-")] = m.group(2).split("+")[0]
     return pins
 
 

@@ -6,13 +6,14 @@
              pipeline, sweep and their dry runs all use it)
   templates  the batch scripts slurm/<job>.sbatch (`make templates`)
   jobs_alive what Slurm says of the jobs a run recorded: status, cancel, the duplicate-submission guard
+  doctor     `hpcnlp doctor`: what a job would get on this node (GPUs, driver, NCCL, InfiniBand, CPUs)
 
 One module per command, each with add_parser(subparsers) and main(args) -> exit code: COMMANDS.
 """
 
 from __future__ import annotations
 
-from hpcnlp.cluster import cancel, logs, pipeline, status, submit, summary, sweep
+from hpcnlp.cluster import cancel, doctor, logs, pipeline, status, submit, summary, sweep, sync
 
 COMMANDS = {
     "submit": submit,
@@ -22,4 +23,6 @@ COMMANDS = {
     "summary": summary,
     "cancel": cancel,
     "logs": logs,
+    "doctor": doctor,
+    "sync": sync,
 }

@@ -26,6 +26,7 @@ from hpcnlp.cluster.profile import ClusterProfile, load_profile, profile_path
 from hpcnlp.cluster.templates import batch_script, home
 from hpcnlp.config import ConfigError, JobConfig, Problem
 from hpcnlp.runtime import launch
+from hpcnlp.runtime.env import code_version
 from hpcnlp.runtime.io import atomic_write_text
 from hpcnlp.spec import JobSpec
 
@@ -105,7 +106,8 @@ def plan(
     group = group_problems(cfg, spec, options, profile)
     problems = profile_problems(cfg, options, [] if data_pending else group)
     # The batch script finds slurm/launch.sh by HPCNLP_HOME.
-    env = {"HPCNLP_HOME": str(home()), **launch_env(profile), **(env or {})}
+    # HPCNLP_SUBMITTED_CODE: the job refuses to start from other code (hpcnlp.jobs.code_problems).
+    env = {"HPCNLP_HOME": str(home()), "HPCNLP_SUBMITTED_CODE": code_version(), **launch_env(profile), **(env or {})}
     script, text = batch_script(spec)
     sub = Submission(
         name,

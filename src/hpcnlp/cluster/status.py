@@ -107,8 +107,8 @@ def stale(st: dict, slurm: str | None, output_dir: Path | None) -> bool:
     forgotten (or there is none) and the process that held the run's lock is gone (or there is no lock)."""
     if st.get("state") not in ACTIVE or slurm in ALIVE:
         return False
-    alive = rundir.process_alive(rundir.lock_holder(output_dir)) if output_dir else None
-    if alive is not None:  # this host's process: its pid says
+    alive = rundir.holder_alive(output_dir) if output_dir else None
+    if alive is not None:  # the lock's flock says (the kernel freed it when its holder died, kill -9 too)
         return not alive
     return slurm is not None  # Slurm answered: the job is over or forgotten (None: no Slurm to ask here)
 

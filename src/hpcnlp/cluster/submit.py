@@ -13,14 +13,17 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from hpcnlp.cluster.jobs_alive import run_busy
 from hpcnlp.cluster.options import job_name, option_value
 from hpcnlp.cluster.plan import plan, refused
 from hpcnlp.cluster.profile import ClusterProfile, load_profile
 from hpcnlp.cluster.templates import state_dir
-from hpcnlp.config import ConfigError, JobConfig, dump_config
+from hpcnlp.config import ConfigError, JobConfig, read_yaml
 from hpcnlp.jobs import load_config, registry
 from hpcnlp.runtime import status
+from hpcnlp.runtime.env import code_version
 from hpcnlp.runtime.io import atomic_write_text
 
 
@@ -42,19 +45,36 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="submit even when the run already has a job queued or running (or squeue cannot say)",
     )
+    p.add_argument(
+        "--allow-code-change",
+        action="store_true",
+        help="let the job start from other code than this (a checkout or image updated while it waits)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        submit(args.config, args.overrides, args.sbatch, dry_run=args.dry_run, force=args.force)
+        submit(
+            args.config,
+            args.overrides,
+            args.sbatch,
+            dry_run=args.dry_run,
+            force=args.force,
+            allow_code_change=args.allow_code_change,
+        )
     except ConfigError as e:
         return refused(e)
     return 0
 
 
 def submit(
-    config: str, overrides: list[str], sbatch_args: list[str] = (), dry_run: bool = False, force: bool = False
+    config: str,
+    overrides: list[str],
+    sbatch_args: list[str] = (),
+    dry_run: bool = False,
+    force: bool = False,
+    allow_code_change: bool = False,
 ) -> str | None:
     return queue(
         load_config(config, overrides),
@@ -64,25 +84,50 @@ def submit(
         dry_run=dry_run,
         title="submit",
         force=force,
+        env={"HPCNLP_ALLOW_CODE_CHANGE": "1"} if allow_code_change else None,
     )
 
 
 def snapshot(cfg: JobConfig, source: str, overrides: list[str], write: bool = True) -> Path:
-    """The resolved config, frozen where the job reads it at every start and requeue: editing the YAML
-    after submitting changes nothing in a queued or running job. Named by its content."""
+    """The resolved config, frozen where the job reads it at every start and requeue, with a frozen copy
+    of every settings file it names (freeze_files): editing the YAML, the DeepSpeed JSON or a downstream
+    config after submitting changes nothing in a queued or running job. Named by its content."""
     from importlib import metadata
 
-    from hpcnlp.ship.bundle import git_commit
-
-    body = dump_config(cfg)
+    body = yaml.safe_dump(freeze_files(cfg.model_dump(mode="json"), write), sort_keys=False)
     path = state_dir() / "configs" / f"{cfg.job}-{hashlib.sha256(body.encode()).hexdigest()[:12]}.yaml"
     header = (
-        f"# Frozen by hpcnlp {metadata.version('hpcnlp')} (code {git_commit() or 'not in git'}) on "
+        f"# Frozen by hpcnlp {metadata.version('hpcnlp')} (code {code_version()}) on "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n# from {source} {' '.join(overrides)}\n"
     )
     if write and not path.is_file():
         atomic_write_text(path, header + body)
     return path.absolute()
+
+
+def freeze_files(raw: dict, write: bool = True, seen: frozenset = frozenset()) -> dict:
+    """`raw` (a job config as a mapping) with each settings file its job names (the config class's
+    SETTING_FILES: a DeepSpeed JSON, a downstream or data_from job config) replaced by the path of a
+    frozen copy, content-addressed under the state dir; a job config named so is frozen the same way."""
+    spec = registry().get(raw.get("job")) if isinstance(raw.get("job"), str) else None
+    for key in spec.config.SETTING_FILES if spec else ():
+        *parents, last = key.split(".")
+        holder = raw
+        for name in parents:
+            holder = holder.get(name) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and isinstance(holder.get(last), str) and Path(holder[last]).is_file():
+            holder[last] = str(frozen_copy(Path(holder[last]), write, seen))
+    return raw
+
+
+def frozen_copy(path: Path, write: bool, seen: frozenset) -> Path:
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml") and path.resolve() not in seen:  # a job config: its own files too
+        text = yaml.safe_dump(freeze_files(read_yaml(path), write, seen | {path.resolve()}), sort_keys=False)
+    copy = state_dir() / "configs" / "files" / hashlib.sha256(text.encode()).hexdigest()[:12] / path.name
+    if write and not copy.is_file():
+        atomic_write_text(copy, text)
+    return copy.absolute()
 
 
 def expand_log(pattern: str, job_id: str, name: str) -> str:
@@ -100,6 +145,7 @@ def queue(
     title: str = "",
     data_pending: bool = False,
     force: bool = False,
+    env: dict[str, str] | None = None,
 ) -> str | None:
     """sbatch the job's template with its frozen config; its status says queued, with the log path.
     Prints `<title>: submitted job <id>, log <path>` (dry run: the sbatch, srun, node and log lines).
@@ -116,6 +162,7 @@ def queue(
         snapshot(cfg, source, overrides, write=not dry_run),
         source,
         sbatch_args,
+        env=env,
         data_pending=data_pending or dry_run,
     )
     sub = planned.checked()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hpcnlp.cluster.sweep import LATEST, grid_value
 from hpcnlp.report import markdown_table, save_figure
+from hpcnlp.runtime import stack
 
 PLOT = "summary.png"
 HPARAMS = "hparams"
@@ -51,6 +52,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: no metrics.json under {' '.join(args.paths)}", file=sys.stderr)
         return 1
     wanted = [flag for flag, on in (("--plot", args.plot), ("--tensorboard", args.tensorboard)) if on]
+    if wanted and not stack.installed():  # matplotlib and torch's SummaryWriter come with the training stack
+        print(f"error: {' and '.join(wanted)} need(s) the training stack: pip install hpcnlp[train]", file=sys.stderr)
+        return 2
     if wanted and not s.sweep_dir:
         print(f"error: {' and '.join(wanted)} take the runs of one sweep (its output_dir)", file=sys.stderr)
         return 2

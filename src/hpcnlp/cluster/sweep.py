@@ -171,6 +171,9 @@ def sweep(
     One log per task: <log_dir>/<name>-<array id>_<task>.out."""
     cfg = load_config(config, overrides, check=False)  # the common config: what is frozen and submitted
     base = cfg.output_dir
+    foreign = not_a_sweeps(Path(base))
+    if foreign:
+        raise ConfigError(config, foreign)
     task_args = [[*t, f"output_dir={base}/task-{i}"] for i, t in enumerate(tasks)]
     for i, t in enumerate(task_args):  # each task's own config, checked as the task will run it
         try:
@@ -216,6 +219,27 @@ def sweep(
         )
     print(f"submitted array job {job_id} ({len(tasks)} tasks), logs {log}")
     return job_id
+
+
+# What a sweep (and its tasks' runs) leave in its base output_dir: manifests, task dirs, their locks
+# and the runs overwrite moved aside, atomic writes' leftovers.
+SWEEP_NAMES = re.compile(r"^(sweep\.json|sweep-.+\.json|task-\d+|\.task-\d+\.(lock|replaced-\d+)|\..+\.tmp)$")
+
+
+def not_a_sweeps(base: Path) -> list[Problem]:
+    """A base output_dir holding anything a sweep did not write (a run, a user's files) is not written into."""
+    base = Path(os.path.realpath(base))
+    foreign = sorted(p.name for p in base.iterdir() if not SWEEP_NAMES.match(p.name)) if base.is_dir() else []
+    if not foreign:
+        return []
+    return [
+        Problem(
+            key="output_dir",
+            message=f"'{base}' holds files no sweep wrote: {', '.join(foreign[:5])}"
+            + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""),
+            fix="choose another output_dir for the sweep (its tasks write <output_dir>/task-<i>)",
+        )
+    ]
 
 
 def write_new(path: Path, body: dict) -> None:

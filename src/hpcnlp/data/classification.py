@@ -16,7 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpcnlp.config import FinetuneDataConfig, Problem
-from hpcnlp.data.labels import DataError, Labelled, decoded_lines, detect_format, length_sorted, read_splits
+from hpcnlp.data.labels import (
+    DataError,
+    Labelled,
+    decoded_lines,
+    detect_format,
+    length_sorted,
+    read_splits,
+    table_records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +37,7 @@ class Example:
     text_pair: str | None = None
 
 
-def _records(path: str, fmt: str, encoding: str):
+def _records(path: str, fmt: str, encoding: str, multiline: bool = False):
     """(where, record dict) for every row. Tables are read as strings: '1' stays '1', '' stays ''."""
     if fmt == "jsonl":
         for n, line in enumerate(decoded_lines(path, encoding), 1):
@@ -48,6 +56,7 @@ def _records(path: str, fmt: str, encoding: str):
     if fmt == "parquet":
         frame = pd.read_parquet(path)
     else:
+        lines = table_records(path, fmt, encoding, multiline)  # first: it names a bad quote's line
         try:
             frame = pd.read_csv(
                 path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False, encoding=encoding
@@ -75,6 +84,13 @@ def _records(path: str, fmt: str, encoding: str):
                     )
                 ],
             ) from None
+        if lines != len(frame):  # the two readers disagree: say so rather than train on either
+            problem = Problem(
+                key="<file>",
+                message=f"{len(frame)} rows read from {lines} lines",
+                fix="check the file's quotes and separators, and data.format",
+            )
+            raise DataError(path, [problem])
     for n, record in enumerate(frame.to_dict("records"), 1):
         yield f"row {n}", record
 
@@ -113,7 +129,7 @@ def read_examples(path: str, data: FinetuneDataConfig) -> list[Example]:
     fmt = detect_format(path, data.format)
     examples, problems, first_of_kind = [], [], {}
     columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
-    for where, record in _records(path, fmt, data.encoding):
+    for where, record in _records(path, fmt, data.encoding, data.multiline_rows):
         missing = [c for c in columns if c not in record]
         if missing:
             problems.append(

@@ -7,6 +7,7 @@ job prints it the same way and refuses to start before anything is written.
 from __future__ import annotations
 
 import codecs
+import csv
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcnlp.config import ConfigError, FinetuneDataConfig, Problem
+from hpcnlp.runtime import stack
 from hpcnlp.runtime.io import is_inside
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,36 @@ def decoding_problems(key: str, path: str, encoding: str) -> list[Problem]:
     return []
 
 
+def table_records(path: str, fmt: str, encoding: str, multiline: bool = False, limit_chars: int | None = None) -> int:
+    """The number of records of a CSV/TSV file, or a DataError naming the line of the first record that
+    is not exactly one line. A quote opened and not closed on its line would otherwise swallow the rows
+    after it into one field (pandas does so without a word), so a record spanning lines is refused, and
+    so is an unbalanced or stray quote, unless `multiline` (data.multiline_rows) says quoted fields hold
+    line breaks. Blank lines are no records (pandas skips them too)."""
+    reader = csv.reader(decoded_lines(path, encoding), delimiter="\t" if fmt == "tsv" else ",", strict=True)
+    records, start, seen = 0, 1, 0
+    fix = (
+        'close the quote on its line (a quote inside a quoted field is written twice: ""); if fields '
+        "really hold line breaks, set data.multiline_rows: true"
+    )
+    try:
+        for record in reader:
+            if reader.line_num != start and not multiline:
+                end = reader.line_num
+                message = f"a quote opened on this line closes on line {end}: {end - start + 1} lines read as one row"
+                raise DataError(path, [Problem(key=f"line {start}", message=message, fix=fix)])
+            records += bool(record)
+            seen += sum(map(len, record))
+            start = reader.line_num + 1
+            if limit_chars and seen > limit_chars:
+                break
+    except csv.Error as e:
+        raise DataError(
+            path, [Problem(key=f"line {start}", message=f"unbalanced or stray quote ({e})", fix=fix)]
+        ) from None
+    return records - 1  # the header
+
+
 def read_columns(path: str, fmt: str, encoding: str = "utf-8") -> list[str]:
     """Column names from the header or first record only: cheap enough for `hpcnlp check`."""
     if fmt in ("csv", "tsv"):
@@ -173,6 +205,16 @@ def data_file_problems(
                 out += undecodable
                 continue
         if fmt == "conll":
+            continue
+        if fmt != "jsonl" and not stack.installed():  # pandas/pyarrow read the header: training stack
+            stack.skipped(f"{key}: the columns of '{path}'")
+            continue
+        try:
+            if fmt in ("csv", "tsv"):
+                table_records(path, fmt, data.encoding, data.multiline_rows, CHECK_DECODE_CHARS)
+        except DataError as e:
+            p = e.problems[0]
+            out.append(Problem(key=key, message=f"'{path}' {p.key}: {p.message}", fix=p.fix))
             continue
         try:
             columns = read_columns(path, fmt, data.encoding)

@@ -38,7 +38,7 @@ from itertools import chain
 from pathlib import Path
 
 from hpcnlp.config import ConfigError, CorpusConfig, Problem
-from hpcnlp.data.corpus import expand_files, read_documents, split_points, splittable
+from hpcnlp.data.corpus import corpus_problems, expand_files, read_documents, split_points, splittable
 from hpcnlp.runtime.io import atomic_dir, atomic_write_bytes, atomic_write_json, exclusive_lock
 
 log = logging.getLogger(__name__)
@@ -292,6 +292,65 @@ def _held_out(h: bytes, cfg: CorpusConfig) -> bool:
     return int.from_bytes(draw, "big") < cfg.eval_fraction * 2**64
 
 
+CHECK_DOCS = 200_000  # `hpcnlp check` reads at most this many documents to decide the split (seconds)
+
+
+def corpus_split_problems(data: CorpusConfig) -> list[Problem]:
+    """corpus_problems, then (files there) whether the train/eval split leaves a document on each side:
+    decided from the text's hashes before prepare writes a shard (split_problems)."""
+    return corpus_problems(data) or split_problems(data, CHECK_DOCS)
+
+
+def split_problems(cfg: CorpusConfig, max_docs: int | None = None) -> list[Problem]:
+    """Whether the train/eval split leaves a document on each side, decided before anything is tokenized
+    or written. Exact (the split is by content hash: _held_out), and quick: it stops once both sides have
+    a document (a large corpus holds one out within ~1/eval_fraction documents). `max_docs` (`hpcnlp
+    check`): stop undecided after that many; the job decides for good."""
+    if cfg.eval_files and not _any_text(expand_files(cfg.eval_files), cfg, max_docs):
+        return [
+            Problem(
+                key="data.eval_files",
+                message=f"{cfg.eval_files} hold no non-empty document",
+                fix="point it at files with text, or remove it to split off an eval set",
+            )
+        ]
+    files = [f for s in cfg.source_list() for f in expand_files(s.files, s.exclude)]
+    sides, read, nonempty = set(), 0, 0
+    for doc in read_documents(files, cfg.format, cfg.text_field, cfg.sample_by, cfg.encoding):
+        read += 1
+        if doc["text"]:
+            nonempty += 1
+            sides.add(bool(not cfg.eval_files and _held_out(_doc_hash(doc["text"]), cfg)))
+        if (False in sides and (True in sides or cfg.eval_files)) or (max_docs and read >= max_docs):
+            return []
+    if False not in sides:
+        what = "sources" if cfg.sources else "train_files"
+        return [
+            Problem(
+                key=f"data.{what}",
+                message=f"{[s.files for s in cfg.source_list()]} hold no non-empty document ({read} read, "
+                f"{read - nonempty} empty)",
+                fix="point it at files with text (and check data.format, data.text_field)",
+            )
+        ]
+    if cfg.eval_files:
+        return []
+    return [
+        Problem(
+            key="data.eval_fraction",
+            message=f"no document was held out ({nonempty} non-empty documents, eval_fraction {cfg.eval_fraction})",
+            fix="add text, raise data.eval_fraction, or give data.eval_files",
+        )
+    ]
+
+
+def _any_text(files: list[str], cfg: CorpusConfig, max_docs: int | None) -> bool:
+    for n, doc in enumerate(read_documents(files, cfg.format, cfg.text_field, cfg.sample_by, cfg.encoding), 1):
+        if doc["text"] or (max_docs and n >= max_docs):
+            return True
+    return False
+
+
 def _documents(shard: dict, cfg: CorpusConfig):
     return read_documents([tuple(p) for p in shard["pieces"]], cfg.format, cfg.text_field, cfg.sample_by, cfg.encoding)
 
@@ -416,6 +475,9 @@ def prepare(cfg: CorpusConfig, tokenizer, with_offsets: bool = False, task: tupl
     final = Path(cfg.prepared_root) / fp
     if done := _reuse(final):
         return done
+    problems = split_problems(cfg)  # before any shard is written: a corpus too small to split is refused now
+    if problems:
+        raise ConfigError("prepare", problems)
     shards = plan(cfg)
     final.mkdir(parents=True, exist_ok=True)
     index, count = task

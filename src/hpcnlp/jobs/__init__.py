@@ -11,15 +11,19 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import logging
 import os
 import pkgutil
+import re
 import sys
 from collections.abc import Iterable
 
-from hpcnlp.config import ConfigError, JobConfig, Problem, read_yaml, with_overrides
+from hpcnlp.config import ConfigError, JobConfig, Problem, TrainingJobConfig, read_yaml, with_overrides
 from hpcnlp.config import validate as validate_shape
-from hpcnlp.runtime import env, rundir, status
+from hpcnlp.runtime import env, rundir, stack, status
 from hpcnlp.spec import JobSpec
+
+log = logging.getLogger(__name__)
 
 PACKAGES_VARIABLE = "HPCNLP_JOB_PACKAGES"
 
@@ -99,14 +103,40 @@ def check_config(cfg: JobConfig, pending: Iterable[str] = ()) -> list[Problem]:
     """The job's meaning checks (files, data, placement) of an already validated config: what
     load_config's `check` adds. `pending`: paths earlier pipeline stages will create."""
     spec = registry()[cfg.job]
-    return spec.check(cfg, list(pending)) + _placement_problems(spec) + report_to_problems(cfg)
+    return spec.check(cfg, list(pending)) + _placement_problems(spec) + report_to_problems(cfg) + code_problems()
 
 
-# training.report_to: the integration -> (modules any one of which it needs, what to pip install)
+def _is_commit(version: str) -> bool:
+    return re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", version) is not None
+
+
+def code_problems() -> list[Problem]:
+    """A submitted job starts with the code it was submitted with (HPCNLP_SUBMITTED_CODE, set by submit):
+    a checkout pulled or an image rebuilt while it waited would run code nobody checked the config with."""
+    submitted, now = env.hpcnlp_setting("SUBMITTED_CODE"), env.code_version()
+    if not submitted or submitted == now or env.hpcnlp_setting("ALLOW_CODE_CHANGE") == "1":
+        return []
+    if _is_commit(submitted) != _is_commit(now):
+        # A commit and a package version cannot be compared (a pip-installed login node submitting into an
+        # image built from a checkout): say so, refuse nothing.
+        log.warning("code: submitted with %s, starts with %s (not comparable: one is a release)", submitted, now)
+        return []
+    return [
+        Problem(
+            key="code",
+            message=f"the job was submitted with code {submitted} and starts with {now} "
+            "(the checkout or image changed while it waited)",
+            fix="resubmit it, or submit with --allow-code-change (HPCNLP_ALLOW_CODE_CHANGE=1)",
+        )
+    ]
+
+
+# training.report_to: the integration -> (modules any one of which it needs, a tuple: all of them; what to
+# pip install). mlflow's sqlite store needs sqlalchemy and alembic, which mlflow-skinny leaves out.
 REPORTERS = {
     "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
-    "wandb": (("wandb",), "wandb"),
-    "mlflow": (("mlflow",), "mlflow"),
+    "wandb": (("wandb",), "'hpcnlp[wandb]'"),
+    "mlflow": ((("mlflow", "sqlalchemy", "alembic"),), "'hpcnlp[mlflow]'"),
     "comet_ml": (("comet_ml",), "comet-ml"),
     "clearml": (("clearml",), "clearml"),
     "neptune": (("neptune",), "neptune"),
@@ -128,6 +158,9 @@ def report_to_problems(cfg: JobConfig) -> list[Problem]:
     training = getattr(cfg, "training", None)
     value = getattr(training, "report_to", None) if training is not None else None
     names = [value] if isinstance(value, str) else list(value or [])
+    if names and not stack.installed():  # a login node: the integrations are the job's environment's
+        stack.skipped("training.report_to")
+        return []
     out = []
     for name in names:
         if name in ("none", "all", None):
@@ -143,7 +176,9 @@ def report_to_problems(cfg: JobConfig) -> list[Problem]:
             continue
         modules, package = REPORTERS[name]
 
-        def found(module: str) -> bool:
+        def found(module: str | tuple[str, ...]) -> bool:
+            if isinstance(module, tuple):
+                return all(found(m) for m in module)
             try:
                 return importlib.util.find_spec(module) is not None
             except (ImportError, ValueError):
@@ -181,39 +216,66 @@ def report(e: ConfigError) -> int:
     return EXIT_CONFIG
 
 
+def _complete(spec: JobSpec, cfg: JobConfig) -> bool:
+    try:
+        return spec.is_complete(cfg)
+    except Exception:  # noqa: BLE001 - cannot tell: the refusal is recorded as usual
+        return False
+
+
 def run_job(cfg: JobConfig) -> int:
     """Run a checked config's job and say how it ended: status.json, the outcome line for the batch
     script, the exit code (hpcnlp.runtime.status). A ConfigError found only once the job reads its data
-    (a column, a label, a file's format) is reported like a refused config: one line per problem, exit 2."""
+    (a column, a label, a file's format) is reported like a refused config: one line per problem, exit 2.
+    A training run's status.json is written only by the process holding its lock (rundir): a start
+    refused by the lock, or stopped before it took it, writes nothing into another run's status."""
+    from hpcnlp.runtime import preempt
     from hpcnlp.runtime.malloc import fix_mmap_threshold
 
     fix_mmap_threshold()  # before the job allocates: else its memory climbs step after step (see there)
     spec = registry()[cfg.job]
     path = spec.status_file(cfg)
+    training = isinstance(cfg, TrainingJobConfig)
     log = env.hpcnlp_setting("LOG")  # the Slurm log (slurm/launch.sh): `hpcnlp status` shows it
-    status.update(path, state="running", job=cfg.job, reason=None, **({"log": log} if log else {}))
+
+    def mine() -> bool:  # may this process write the run's status.json
+        return not training or rundir.holds(cfg.output_dir)
+
+    signals = preempt.arm() if training else {}  # before the run dir is claimed: no signal kills us bare
+    if not training:
+        status.update(path, state="running", job=cfg.job, reason=None, **({"log": log} if log else {}))
     try:
         code = int(spec.run(cfg) or 0)
         reason = {status.EXIT_REQUEUE: "checkpointed for requeue", status.EXIT_REJECTED: "rejected by the gate"}.get(
             code
         )
+    except rundir.Finished as e:
+        code, reason = status.EXIT_OK, str(e)
+        print(f"hpcnlp: {e}", file=sys.stderr)
     except ConfigError as e:
         code, reason = report(e), e.lines[0]
     except BaseException as e:  # the traceback follows; status and the batch script say it failed
-        status.update(path, state="failed", reason=f"{type(e).__name__}: {e}")
+        if mine():
+            status.update(path, state="failed", reason=f"{type(e).__name__}: {e}")
         status.record_outcome(status.EXIT_FAILED, False, f"{type(e).__name__}: {e}")
-        raise
-    finally:
         if cfg.output_dir:
-            rundir.release(cfg.output_dir)  # the lock a training run took, if this process holds it
+            rundir.release(cfg.output_dir)
+        preempt.disarm(signals)
+        raise
     requeue = code == status.EXIT_REQUEUE and env.slurm_restart_count() < getattr(cfg, "max_requeues", 0)
     if code == status.EXIT_REQUEUE and not requeue:
         reason = (
             f"checkpointed, but {env.slurm_restart_count()} requeues reached max_requeues "
             f"({getattr(cfg, 'max_requeues', 0)}): resubmit (resume: auto) to continue"
         )
-    status.update(path, state=status.STATES.get(code, "failed"), reason=reason, **({"log": log} if log else {}))
-    if code != EXIT_CONFIG and path is not None:
-        status.link_log(log, path.parent)
+    if code == EXIT_CONFIG and _complete(spec, cfg):
+        path = None  # refused because another run finished the same stage (a lost publish): its status stays
+    if mine():
+        status.update(path, state=status.STATES.get(code, "failed"), reason=reason, **({"log": log} if log else {}))
+        if code != EXIT_CONFIG and path is not None:
+            status.link_log(log, path.parent)
+    if cfg.output_dir:
+        rundir.release(cfg.output_dir)  # the lock a training run took, if this process holds it
+    preempt.disarm(signals)
     status.record_outcome(code, requeue, reason or status.STATES.get(code, "failed"))
     return code

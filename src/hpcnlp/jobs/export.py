@@ -23,6 +23,7 @@ from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb, write_report
 from hpcnlp.runtime import status
 from hpcnlp.runtime.io import atomic_dir, atomic_write_text
+from hpcnlp.ship.onnx import external_data_files
 from hpcnlp.ship.quantize import Quantizer, Recipe, calibration_set
 from hpcnlp.spec import JobSpec, SlurmDefaults
 from hpcnlp.tasks import load_data, model_task, task_of
@@ -184,7 +185,10 @@ def build(cfg: ExportConfig) -> int:
         quant = quantize(out, cfg, task, model_dir, tokenizer) if cfg.quantize.mode != "none" else None
         if cfg.optimization_level:
             optimize(out, cfg.optimization_level)
-        sizes = {f.name: f.stat().st_size for f in sorted(out.glob("*.onnx"))}
+        # with their external data files (a model over 2 GB: model.onnx_data), which stay beside them
+        models = sorted(out.glob("*.onnx"))
+        data = [out / d for f in models for d in external_data_files(f)]
+        sizes = {f.name: f.stat().st_size for f in [*models, *data]}
         metrics = {
             "job": "export",
             "task": task,

@@ -11,12 +11,13 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from hpcnlp import checks
 from hpcnlp.config import ConfigError, CorpusConfig, JobConfig, Problem, read_yaml
-from hpcnlp.data.corpus import corpus_problems
+from hpcnlp.data.pack import corpus_split_problems
 from hpcnlp.models import load_tokenizer
+from hpcnlp.runtime import stack
 from hpcnlp.spec import JobSpec, SlurmDefaults
 
 
@@ -30,6 +31,7 @@ class PrepareConfig(JobConfig):
     job: Literal["prepare"] = "prepare"
     output_dir: str = ""  # unused: prepared data goes to data.prepared_root
     data_from: str | None = None
+    SETTING_FILES: ClassVar[tuple[str, ...]] = ("data_from",)
     model_name_or_path: str = "minilm-l6"
     tokenizer_name_or_path: str | None = None
     trust_remote_code: bool = False
@@ -67,7 +69,7 @@ def with_data_from(raw: dict, source: str) -> dict:
 
 def check(cfg: PrepareConfig, pending: Iterable[str] = ()) -> list[Problem]:
     return (
-        corpus_problems(cfg.data)
+        corpus_split_problems(cfg.data)
         + checks.model("model_name_or_path", cfg.model_name_or_path, pending)
         + checks.model("tokenizer_name_or_path", cfg.tokenizer_name_or_path, pending)
     )
@@ -105,6 +107,9 @@ def run(cfg: PrepareConfig) -> int:
 
 
 def is_complete(cfg: PrepareConfig) -> bool:
+    if not stack.installed():  # its dir is named by the tokenizer's fingerprint; a re-run reuses finished data
+        stack.skipped("whether prepare already ran (a re-run reuses its data)")
+        return False
     return (prepared_dir(cfg) / "stats.json").is_file()  # written last by prepare
 
 

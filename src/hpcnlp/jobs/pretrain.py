@@ -11,7 +11,7 @@ import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -28,10 +28,12 @@ from hpcnlp.config import (
     validate,
     with_overrides,
 )
-from hpcnlp.data.corpus import corpus_problems, expand_files, read_documents
+from hpcnlp.data.corpus import expand_files, read_documents
+from hpcnlp.data.pack import corpus_split_problems
 from hpcnlp.jobs import finetune
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import markdown_table, mb
+from hpcnlp.runtime import stack
 from hpcnlp.runtime.io import atomic_write_json
 from hpcnlp.spec import JobSpec, SlurmDefaults
 from hpcnlp.train import adapters
@@ -78,6 +80,7 @@ class PretrainConfig(TrainingJobConfig):
     # report both metrics and their difference (runs in <output_dir>-downstream/{base,adapted}).
     downstream: str | None = None
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    SETTING_FILES: ClassVar[tuple[str, ...]] = ("training.deepspeed", "downstream")
 
     def problems(self) -> list[Problem]:
         out = self.data.problems() + self.training.problems()
@@ -123,7 +126,7 @@ def model_config(cfg: PretrainConfig) -> dict | None:
 
 
 def check(cfg: PretrainConfig, pending: Iterable[str] = ()) -> list[Problem]:
-    out = corpus_problems(cfg.data) + checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg)
+    out = corpus_split_problems(cfg.data) + checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg)
     if cfg.init == "pretrained":
         out += checks.model("model_name_or_path", cfg.model_name_or_path, pending)
         out += checks.max_seq_length(cfg.data.max_seq_length, "model_name_or_path", cfg.model_name_or_path, pending)
@@ -334,6 +337,9 @@ def group_check(cfg: PretrainConfig, processes: int) -> list[Problem]:
     from hpcnlp.data.pack import find, fingerprint
 
     if cfg.init == "scratch":
+        return []
+    if not stack.installed():  # the data's fingerprint needs the tokenizer
+        stack.skipped("the prepared data of a multi-process pretrain")
         return []
     try:
         tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)

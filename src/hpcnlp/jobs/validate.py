@@ -25,7 +25,7 @@ from typing import Literal
 from pydantic import Field
 
 from hpcnlp import checks, tasks
-from hpcnlp.config import FinetuneDataConfig, JobConfig, LatencyConfig, Problem, Section
+from hpcnlp.config import ConfigError, FinetuneDataConfig, JobConfig, LatencyConfig, Problem, Section
 from hpcnlp.models import load_tokenizer, resolve_model_path
 from hpcnlp.report import mb
 from hpcnlp.runtime import status
@@ -106,6 +106,8 @@ def check(cfg: ValidateConfig, pending: Iterable[str] = ()) -> list[Problem]:
                 fix="run `hpcnlp export` first and point onnx_dir at its output_dir",
             )
         )
+    elif not is_inside(cfg.onnx_dir, pending):
+        out += external_data_problems(Path(cfg.onnx_dir))
     task = model_task(cfg.model_name_or_path)
     out += tasks.data_problems(task, cfg.data, pending) if tasks.labelled(task) else []
     if cfg.bundle_dir.exists() and not cfg.overwrite:
@@ -133,9 +135,29 @@ def check(cfg: ValidateConfig, pending: Iterable[str] = ()) -> list[Problem]:
     return out
 
 
+def external_data_problems(onnx_dir: Path) -> list[Problem]:
+    """A model over 2 GB keeps its weights in files beside it: each must be there, by a plain name (the
+    bundle is one flat dir, and staging copies them with the model)."""
+    try:
+        names = bundle.model_data_files(onnx_dir)
+    except Exception:  # noqa: BLE001 - not a readable ONNX file: the job's own load says so, in its words
+        return []
+    return [
+        Problem(
+            key="onnx_dir",
+            message=f"'{onnx_dir}': a model's external data '{name}' is not a file beside it",
+            fix="export again (hpcnlp export) and keep the data file next to model.onnx",
+        )
+        for name in names
+        if Path(name).name != name or not (onnx_dir / name).is_file()
+    ]
+
+
 # --- the job: measure -> judge -> publish | reject -----------------------------------------------
 def run(cfg: ValidateConfig) -> int:
     import torch
+
+    from hpcnlp.train.tracking import log_to_model_run
 
     t0 = time.perf_counter()
     model_dir = resolve_model_path(cfg.model_name_or_path)
@@ -158,7 +180,10 @@ def run(cfg: ValidateConfig) -> int:
         results.update(checks=checks, passed=passed, wall_seconds=round(time.perf_counter() - t0, 2))
         write_reports(staging, cfg, task, ref.names, results, passed)
         bundle.write_manifest(staging, manifest(cfg, staging, model_dir, ref.names, results))
-        return publish(staging, cfg) if passed else reject(staging, cfg, checks)
+        code = publish(staging, cfg) if passed else reject(staging, cfg, checks)
+        final = cfg.bundle_dir if passed else cfg.rejected_bundle_dir
+        log_to_model_run(model_dir, final, "shipped" if passed else "rejected")
+        return code
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed midway
 
@@ -181,7 +206,16 @@ def manifest(cfg: ValidateConfig, staging: Path, model_dir: str, names: list[str
 
 
 def publish(staging: Path, cfg: ValidateConfig) -> int:
-    final = bundle.publish(staging, cfg.bundle_dir, replace=cfg.overwrite)
+    try:
+        final = bundle.publish(staging, cfg.bundle_dir, replace=cfg.overwrite)
+    except FileExistsError:  # another validate of this version shipped while this one measured
+        problem = Problem(
+            key="version",
+            message=f"'{cfg.bundle_dir}' was shipped by another run while this one ran; "
+            "this run shipped nothing and left that bundle as it is",
+            fix="bump version to ship this run's model",
+        )
+        raise ConfigError(cfg._source, [problem]) from None
     log.info("PASSED: shipped %s (hpcnlp verify %s)", final, final)
     return 0
 

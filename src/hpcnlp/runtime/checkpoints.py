@@ -84,11 +84,12 @@ def newest_complete_checkpoint(output_dir: str | Path, run: str | None = None) -
 def resume_target(resume: str, output_dir: str | Path, run: str | None, restarted: bool = False) -> str | None:
     """`resume` config value -> checkpoint path for Trainer.train(resume_from_checkpoint=...), or None.
 
-    A job Slurm requeued (`restarted`) always resumes: that is the point of the requeue.
+    A job Slurm requeued (`restarted`) always resumes: that is the point of the requeue. `continue` is
+    `auto` for a finished run whose max_steps was raised (rundir.verdict lets it train again).
     """
     if resume == "never" and not restarted:
         return None
-    if resume not in ("never", "auto"):
+    if resume not in ("never", "auto", "continue"):
         return resume  # checked by `hpcnlp check`: a complete checkpoint
     found = newest_complete_checkpoint(output_dir, run)
     return str(found) if found else None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
+from pathlib import Path
 
 from hpcnlp.runtime import gres
 
@@ -81,3 +84,38 @@ def hpcnlp_setting(name: str, default: str | None = None) -> str | None:
     """`HPCNLP_<NAME>` (launcher, image, container, ...): how users steer slurm/launch.sh."""
     value = os.environ.get(f"HPCNLP_{name}")
     return value if value not in (None, "") else default
+
+
+def code_version() -> str:
+    """The code this process runs: $HPCNLP_GIT_COMMIT (the container image sets it at build), else the git
+    HEAD of the package's own source checkout ("-dirty" with changes to its tracked src/ files), else the
+    package's version. Submit records it; a job refuses to start from another (hpcnlp.jobs.check_config)."""
+    return hpcnlp_setting("GIT_COMMIT") or _checkout_commit() or _package_version()
+
+
+@functools.cache  # a subprocess or two; the checkout does not change under a running job's feet
+def _checkout_commit() -> str | None:
+    repo = Path(__file__).resolve().parents[3]  # <checkout>/src/hpcnlp/runtime/env.py
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != repo:  # an installed package inside another repo
+            return None
+        # Dirty: tracked files of the code changed (src/); an edited job YAML is a config, not code.
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "src")
+        return git("rev-parse", "HEAD") + ("-dirty" if changed else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _package_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("hpcnlp")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -162,6 +162,7 @@ def exclusive_lock(path: str | os.PathLike, holder_is: str = "another process") 
 
 
 def is_inside(path: str | os.PathLike, roots: Iterable[str | os.PathLike]) -> bool:
-    """`path` is one of `roots` or lies below one of them (paths compared absolute, not resolved)."""
-    p = os.path.abspath(path)
-    return any(p == os.path.abspath(r) or p.startswith(os.path.abspath(r) + os.sep) for r in roots)
+    """`path` is one of `roots` or lies below one of them, compared resolved (os.path.realpath): a
+    symlink or another spelling of a dir is that dir."""
+    p = os.path.realpath(path)
+    return any(p == os.path.realpath(r) or p.startswith(os.path.realpath(r).rstrip(os.sep) + os.sep) for r in roots)

@@ -63,6 +63,11 @@ PODMAN_ENV = (
 PORT_BASE, PORT_SPAN = 20000, 20000  # rendezvous ports live in [20000, 40000)
 
 
+# slurm/launch.sh could not plan or start the step (scontrol failed, no free port, module load, no
+# allocation): the cluster's side, not the config's (2), so `sacct` tells them apart. Nothing ran.
+EXIT_LAUNCH = 5
+
+
 class LaunchError(Exception):
     pass
 
@@ -118,7 +123,11 @@ def job_port(job_id: str | int, is_free=port_is_free) -> int:
 
 
 def _scontrol(*args: str) -> str:
-    return subprocess.run(["scontrol", *args], check=True, capture_output=True, text=True).stdout
+    proc = subprocess.run(["scontrol", *args], capture_output=True, text=True)
+    if proc.returncode != 0:  # its own words, in one line: the batch log says what Slurm said
+        said = " ".join((proc.stderr or proc.stdout).split()) or "no output"
+        raise LaunchError(f"`scontrol {' '.join(args)}` failed (exit {proc.returncode}): {said}")
+    return proc.stdout
 
 
 def first_node(nodelist: str) -> str:
@@ -389,8 +398,8 @@ def main(argv: list[str] | None = None, single_process: bool = False) -> int:
             python=sys.executable,
         )
     except (LaunchError, subprocess.CalledProcessError, OSError, ValueError) as e:
-        print(f"launch: error: {e}", file=sys.stderr)
-        return 2
+        print(f"launch: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_LAUNCH
     print(f"launch: node {env.slurm_node_id()} of {a.nnodes} ({socket.gethostname()}): {shlex.join(cmd)}", flush=True)
     os.execvp(cmd[0], cmd)
 

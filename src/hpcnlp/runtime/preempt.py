@@ -39,6 +39,32 @@ def _cpu_index_deserialize(obj, location: str):
     return None
 
 
+_early = {"pid": None, "requested": False}  # the job's main process, and whether a signal came before training
+
+
+def arm() -> dict:
+    """First thing in a training job's process, before it claims its run dir: from now on USR1/TERM is a
+    request to stop (the run exits 75 with status.json saying so), never sudden death. Returns the
+    handlers it replaced (for `disarm`)."""
+    _early.update(pid=os.getpid(), requested=False)
+    return {sig: signal.signal(sig, _on_early_signal) for sig in SIGNALS}
+
+
+def disarm(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    _early.update(pid=None, requested=False)
+
+
+def _on_early_signal(signum, frame):
+    if os.getpid() != _early["pid"]:  # a forked worker (data preparation): dies of it, as without us
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _early["requested"] = True
+    log.warning("received %s before training: the job will stop and exit %d", signal.Signals(signum).name, REQUEUE_EXIT)
+
+
 torch.serialization.register_package(11, lambda obj: None, _cpu_index_deserialize)  # 11: just after "cpu"
 
 
@@ -57,6 +83,7 @@ class PreemptionCallback(TrainerCallback):
     # --- signals (the job's main process only) ---------------------------------------------
     def install_handlers(self) -> None:
         self._owner = os.getpid()
+        self.requested = self.requested or bool(_early["requested"])  # a signal before training began
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
 

@@ -17,8 +17,8 @@ import os
 import time
 from pathlib import Path
 
-from hpcnlp.runtime import env
-from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
+from hpcnlp.runtime import env, rundir
+from hpcnlp.runtime.io import atomic_write_json
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_REJECTED, EXIT_STALLED, EXIT_REQUEUE = 0, 1, 2, 3, 4, 75
 STATES = {
@@ -68,13 +68,26 @@ def link_log(log: str | None, where: Path) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(Path(log).absolute(), tmp)
     os.replace(tmp, link)
+    rundir.record_files(where, link.name)  # the run's own: overwrite may move it aside with the run
+
+
+def _write_first(path: str, line: str) -> bool:
+    """Create `path` holding `line` unless a line is there already (the first rank to say wins)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(line)
+    return True
 
 
 def record_outcome(code: int, requeue: bool, message: str) -> None:
-    """The line slurm/launch.sh reads after the step: `<code> <requeue|stop> <message>`."""
+    """The line slurm/launch.sh reads after the step: `<code> <requeue|stop> <message>`. A line already
+    there (a rank that stalled: `stalled`) is kept; launch.sh removes the file before each step."""
     path = env.hpcnlp_setting("OUTCOME_FILE")
     if path and env.rank() == 0:
-        atomic_write_text(path, f"{code} {'requeue' if requeue else 'stop'} {' '.join(message.split())}\n")
+        _write_first(path, f"{code} {'requeue' if requeue else 'stop'} {' '.join(message.split())}\n")
 
 
 def process_exit(code: int) -> int:
@@ -83,15 +96,13 @@ def process_exit(code: int) -> int:
     return EXIT_OK if code == EXIT_REQUEUE and env.hpcnlp_setting("OUTCOME_FILE") else code
 
 
-def stalled(message: str) -> None:
+def stalled(message: str, status_file: Path | None = None) -> None:
     """Fail the whole job now: any rank may call this (rank 0 may be the stalled one). The first rank
-    to say it is kept: a stopped rank woken by the teardown would otherwise overwrite the diagnosis."""
+    to say it is kept: a stopped rank woken by the teardown would otherwise overwrite the diagnosis.
+    status.json says it too when this process holds the run's lock (rank 0)."""
+    if status_file is not None and rundir.holds(status_file.parent):
+        update(status_file, state="failed", reason=f"stalled: {message}")
     path = env.hpcnlp_setting("OUTCOME_FILE")
     if path:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            os._exit(EXIT_STALLED)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{EXIT_STALLED} stop {' '.join(message.split())}\n")
+        _write_first(path, f"{EXIT_STALLED} stop {' '.join(message.split())}\n")
     os._exit(EXIT_STALLED)

@@ -15,10 +15,11 @@ dir (`reject`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from importlib import metadata, resources
@@ -61,24 +62,6 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def git_commit() -> str | None:
-    """HEAD of the repo the code runs from, '+dirty' with uncommitted changes; None outside git."""
-    repo = Path(__file__).resolve().parents[3]  # src/hpcnlp/ship/bundle.py
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
 def stage(onnx_dir: Path, root: Path) -> Path:
     """A staging dir (hidden, beside the destinations) holding the files to validate and ship."""
     root.mkdir(parents=True, exist_ok=True)
@@ -88,8 +71,19 @@ def stage(onnx_dir: Path, root: Path) -> Path:
     for name in ("model.onnx", "model.int8.onnx", "config.json", *TOKENIZER_FILES):
         if (onnx_dir / name).is_file():
             shutil.copyfile(onnx_dir / name, tmp / name)
+    for name in model_data_files(onnx_dir):  # a model over 2 GB keeps its weights beside it (model.onnx_data)
+        if Path(name).name == name and (onnx_dir / name).is_file():  # else validate's check refused it
+            shutil.copyfile(onnx_dir / name, tmp / name)
     (tmp / SCRIPT).write_bytes(resources.files("hpcnlp.ship").joinpath(SCRIPT).read_bytes())
     return tmp
+
+
+def model_data_files(onnx_dir: Path) -> list[str]:
+    """The external data files of the models a bundle ships (hpcnlp.ship.onnx.external_data_files)."""
+    from hpcnlp.ship.onnx import external_data_files
+
+    names = [n for n in ("model.onnx", "model.int8.onnx") if (onnx_dir / n).is_file()]
+    return sorted({f for n in names for f in external_data_files(onnx_dir / n)})
 
 
 def sums_text(files: dict) -> str:
@@ -109,7 +103,7 @@ def write_manifest(bundle: Path, info: dict) -> dict:
         "files": files,
         "packages": package_versions(),
         "python": sys.version.split()[0],
-        "git_commit": git_commit(),
+        "code_version": env.code_version(),
         "slurm_job_id": env.slurm_job_id(),
         **info,
     }
@@ -122,9 +116,15 @@ def publish(staging: Path, final: Path, replace: bool = False) -> Path:
     """Rename the staged bundle into place: readers see all of the old one or all of the new, never
     neither (an existing bundle is swapped with the new one in one step; see replace_dir)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not replace:
-        raise FileExistsError(f"{final} exists; bundles are immutable: bump the version")
-    replace_dir(staging, final)
+    if replace:
+        replace_dir(staging, final)
+        return final
+    try:  # a rename, never a replace: onto a bundle (never an empty dir) it fails, whoever got there first
+        os.rename(staging, final)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(f"{final} exists; bundles are immutable: bump the version") from None
+        raise
     return final
 
 
@@ -142,6 +142,11 @@ def name_problem(bundle: Path, name) -> str | None:
     """A manifest names files of this flat dir: a plain name that stays inside it, even through a symlink."""
     if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\n\0"):
         return f"{bundle / MANIFEST}: {name!r} is not a plain file name in the bundle"
+    try:  # a name the filesystem cannot hold (a lone surrogate, over 255 bytes) is no file of the bundle
+        if len(os.fsencode(name)) > 255:
+            raise ValueError("longer than 255 bytes")
+    except (UnicodeError, ValueError) as e:
+        return f"{bundle / MANIFEST}: {name!r} is not a file name ({e})"
     if (bundle / name).resolve().parent != bundle.resolve():
         return f"{bundle / MANIFEST}: {name!r} resolves outside the bundle"
     return None

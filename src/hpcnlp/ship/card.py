@@ -16,6 +16,7 @@ import yaml
 from hpcnlp import tasks
 from hpcnlp.models import ALIASES, ModelNotFound, resolve_model_path
 from hpcnlp.report import markdown_table
+from hpcnlp.runtime import env
 from hpcnlp.ship.bundle import SUMS, dir_sha256, sha256
 from hpcnlp.tasks import cpu_text
 
@@ -124,6 +125,17 @@ def _hashed(entry: dict) -> str:
     return f"`{entry['file']}` (sha256 `{entry['sha256']}`)" if entry.get("sha256") else f"`{entry['file']}`"
 
 
+def model_files_text(bundle: Path, models: list[str]) -> str:
+    """Each model with its sha256, and the external data files it keeps its weights in (over 2 GB)."""
+    from hpcnlp.ship.onnx import external_data_files
+
+    return ", ".join(
+        f"`{n}` (sha256 `{sha256(bundle / n)}`)"
+        + "".join(f" with external data `{d}` (sha256 `{sha256(bundle / d)}`)" for d in external_data_files(bundle / n))
+        for n in models
+    )
+
+
 def model_card(cfg, bundle: Path, task: str, names: list[str], results: dict, passed: bool) -> str:
     """MODEL_CARD.md of the bundle being built in `bundle` (its files final, but for the card and manifest)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -189,10 +201,12 @@ def model_card(cfg, bundle: Path, task: str, names: list[str], results: dict, pa
     )
     steps.append(
         f"export to ONNX opset {export.get('opset', '?')}, ORT optimization "
-        f"O{export.get('optimization_level', 0)}{int8} -> "
-        + ", ".join(f"`{n}` (sha256 `{sha256(bundle / n)}`)" for n in models)
+        f"O{export.get('optimization_level', 0)}{int8} -> " + model_files_text(bundle, models)
     )
-    steps.append(f"validate on {_hashed(evals['validation'][0])}: {'PASSED' if passed else 'REJECTED'}")
+    steps.append(
+        f"validate on {_hashed(evals['validation'][0])}: {'PASSED' if passed else 'REJECTED'} "
+        f"(hpcnlp code `{env.code_version()}`)"
+    )
 
     tok = tokenizer_settings(bundle)
     metric_sections = []

@@ -40,3 +40,15 @@ def opset(path: Path) -> int | None:
 
     model = onnx.load(str(path), load_external_data=False)
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def external_data_files(path: Path) -> list[str]:
+    """The files an ONNX model keeps its weights in beside itself (a model over 2 GB must: protobuf's
+    limit), as the model names them; [] for a self-contained one. Read from the graph only."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = [*model.graph.initializer]
+    tensors += [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    return sorted({ExternalDataInfo(t).location for t in tensors if uses_external_data(t)})

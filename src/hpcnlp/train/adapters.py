@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from hpcnlp.config import AdapterConfig, Problem
+from hpcnlp.runtime import stack
 from hpcnlp.runtime.io import is_inside
 
 # model_type -> every linear layer of attention and FFN, as names inside an encoder layer (peft matches
@@ -54,6 +55,9 @@ def check(
 ) -> list[Problem]:
     """Target modules the model has (built empty from its config.json: no weights are read)."""
     if adapter is None or name_or_path is None or is_inside(name_or_path, pending):
+        return []
+    if not stack.installed():  # the model is built (empty) by transformers
+        stack.skipped("adapter.target_modules")
         return []
     import torch
     from transformers import AutoConfig, AutoModel

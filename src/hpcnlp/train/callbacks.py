@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from hpcnlp.runtime import rundir
 from hpcnlp.runtime.checkpoints import fsync_tree, mark_complete
 
 log = logging.getLogger("hpcnlp.train")
@@ -109,6 +110,7 @@ class CheckpointMarker(TrainerCallback):
             dist.barrier()  # every rank's optimizer and RNG files are written and synced
         if state.is_world_process_zero:
             mark_complete(ckpt, self.run, bf16=args.bf16)
+            rundir.record_files(args.output_dir)  # what the run has written so far is its own
         if distributed:
             dist.barrier()  # no rank goes on (or reports the save) before the marker is there
         self.last_marked = state.global_step

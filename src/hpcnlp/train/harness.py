@@ -27,6 +27,7 @@ from hpcnlp.runtime.preempt import PreemptionCallback, requeue_exit
 from hpcnlp.train import adapters, precision
 from hpcnlp.train.callbacks import CheckpointMarker, ThroughputCallback, peak_memory_mb
 from hpcnlp.train.replicas import replicas_identical
+from hpcnlp.train.tracking import Tracking
 from hpcnlp.train.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,17 @@ def from_rank_zero(value):
     return value
 
 
+def on_any_rank(flag: bool, device) -> bool:
+    """True on every rank when it is True on one (one decision, so no rank goes on alone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
+
+
 class StatusCallback(TrainerCallback):
     """status.json follows the run: step, loss, ETA at every logging step (rank 0)."""
 
@@ -222,24 +234,39 @@ class TrainingRun:
         self.args, self.bf16 = training_setup(cfg.training, cfg.output_dir, shape, self.checkpoint, **job_settings)
         set_seed(self.args.seed)  # before any head is initialised
         self._claim()
+        self.tracking = Tracking(cfg, self.is_main)  # after claim: run.json holds this run's tracking ids
         self.result = None
         self.replicas: bool | None = None
 
     def _claim(self) -> None:
         """Rank 0 takes the output_dir's lock and makes it this run's (the previous run moved aside
-        with overwrite: true) before any rank writes there; every rank learns if that was refused."""
-        error = None
+        with overwrite: true) before any rank writes there; every rank learns the verdict. A finished
+        run is final: rundir.Finished (exit 0), nothing trains again."""
+        error, verdict = None, None
         if self.is_main:
             try:
                 rundir.acquire(self.out)
-                continuing = self.restarted or self.cfg.resume != "never"
-                rundir.claim(self.out, self.run_id, self.cfg.overwrite, self.cfg.job, continuing)
-                status.update(self.out / "status.json", state="running", job=self.cfg.job, reason=None)
+                verdict = rundir.claim(
+                    self.out,
+                    self.run_id,
+                    self.cfg.overwrite,
+                    self.cfg.job,
+                    self.cfg.resume,
+                    self.restarted,
+                    self.cfg.training.max_steps,
+                )
+                if verdict != rundir.FINISHED:
+                    status.update(self.out / "status.json", state="running", job=self.cfg.job, reason=None)
             except rundir.OutputDirRefused as e:
                 error = (str(e), e.fix)
-        error = from_rank_zero(error)
+        error, verdict = from_rank_zero((error, verdict))
         if error:
             raise ConfigError(self.cfg._source, [Problem(key="output_dir", message=error[0], fix=error[1])])
+        if verdict == rundir.FINISHED:
+            raise rundir.Finished(
+                f"'{self.cfg.output_dir}' holds this run, finished: nothing to train (overwrite: true trains it "
+                "again from scratch; resume: continue with a higher training.max_steps goes on from its checkpoint)"
+            )
 
     @property
     def is_main(self) -> bool:
@@ -261,6 +288,7 @@ class TrainingRun:
         ]
         self._trainer = trainer_class(args=a, callbacks=[*own, *callbacks], **kwargs)
         self._trainer.remove_callback(PrinterCallback)  # ThroughputCallback logs instead
+        self.tracking.attach(self._trainer)
         return self._trainer
 
     def train(self) -> int | None:
@@ -268,16 +296,24 @@ class TrainingRun:
         else the exit code: REQUEUE_EXIT after a preemption checkpoint, 1 when replicas drifted."""
         if self.checkpoint:
             log.info("resuming from %s", self.checkpoint)
-        # Installed only now, after data preparation: forked prepare workers never see our handlers.
+        # Installed only now, after data preparation: forked prepare workers never see our handlers
+        # (the job's early ones, preempt.arm, pass a signal on to them).
         self.preemption.install_handlers()
+        if on_any_rank(self.preemption.requested, self.args.device):  # a signal before training began
+            self.preemption.restore_handlers()
+            return requeue_exit(0)  # nothing new to save: a requeue resumes the newest checkpoint
         try:
             self.result = self._trainer.train(resume_from_checkpoint=self.checkpoint)
+        except BaseException:
+            self.tracking.close("FAILED")
+            raise
         finally:
             self.preemption.restore_handlers()
         state = self._trainer.state
         if self.preemption.stopped and state.global_step < state.max_steps:
             if self.marker.last_marked != state.global_step:  # the save raised, or was never asked for
                 raise RuntimeError(f"preemption: checkpoint-{state.global_step} was not saved completely")
+            self.tracking.close("KILLED")  # the next start continues the same tracking runs
             return requeue_exit(state.global_step)
         if self.preemption.requested:  # after the last step: the run is done, finish it
             log.warning("preemption signal after the last training step: finishing the run")
@@ -328,5 +364,9 @@ class TrainingRun:
         """config.resolved.yaml, loss.png, report.md, and metrics.json last (it marks the run finished)."""
         atomic_write_text(self.out / "config.resolved.yaml", dump_config(self.cfg))
         plot = plot_loss(self._trainer.state.log_history, self.out / "loss.png", plot_title or title)
-        write_report(self.out, title, metrics, sections, images=(["loss.png"] if plot else []) + list(images))
+        images = (["loss.png"] if plot else []) + list(images)
+        write_report(self.out, title, metrics, sections, images=images)
+        names = ["report.md", "metrics.json", "config.resolved.yaml", *images]
+        self.tracking.log_files([self.out / n for n in names])
+        self.tracking.close()
         rundir.finish(self.out)  # the previous run moved aside by overwrite: gone only now

@@ -83,7 +83,7 @@ class StepWatchdog(TrainerCallback):
                 )
                 log.error("%s; failing the job (exit %d)", message, status.EXIT_STALLED)
                 logging.shutdown()
-                status.stalled(message)
+                status.stalled(message, self.dir.parent / "status.json")
 
     def _stalled_ranks(self) -> str:
         now, stale = time.time(), []

@@ -50,6 +50,7 @@ QUIET = {
     "logging_steps": 50,
     "warmup_ratio": 0.1,
     "seed": 42,
+    "bf16": False,  # fp32 as recorded in bench/results: never training.bf16: auto's pick
 }
 
 

@@ -63,7 +63,7 @@ def training_args(work: str, steps: int, batch: int, **kw):
         eval_strategy="no",
         save_strategy="no",
         seed=SEED,
-        **kw,
+        **{"bf16": False, **kw},  # the bench times both dtypes itself: never training.bf16: auto's pick
     )
     return training_arguments(cfg, str(Path(work) / "trainer"))
 

@@ -153,6 +153,7 @@ def _finetune_training(epochs: float, lr: float, seed: int, max_steps: int | Non
         "training.seed": seed,
         "training.save_total_limit": 1,
         "training.max_steps": max_steps,
+        "training.bf16": False,  # fp32 as recorded in bench/results: never training.bf16: auto's pick
         "early_stopping_patience": "null",
     }
 
@@ -182,6 +183,7 @@ def pretrain(args, task: str) -> dict:
             "training.save_steps": max(1, steps // 4),
             "training.eval_steps": max(1, steps // 4),
             "training.logging_steps": 10,
+            "training.bf16": False,  # fp32 as recorded in bench/results: never training.bf16: auto's pick
         },
     )
 
@@ -222,6 +224,7 @@ def student(args, seed: int) -> dict | None:
             "training.seed": seed,
             "training.num_train_epochs": args.distill_epochs,
             "training.max_steps": args.max_steps,
+            "training.bf16": False,  # fp32 as recorded in bench/results: never training.bf16: auto's pick
             **({"latency.repeats": 2} if args.smoke else {}),
         },
     )

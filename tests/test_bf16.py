@@ -1,5 +1,6 @@
 """bf16 training on CPU (`training.bf16: true`: the Trainer's own autocast) for pretrain, finetune and distill,
-one process and under torchrun; and what `hpcnlp check` says about bf16 on this machine's CPU.
+one process and under torchrun; `training.bf16: auto` (train/precision.py: the choice from fake probe results,
+the probe itself, a resumed run keeping its dtype) and what `hpcnlp check` says about bf16 on this machine.
 
 Whether bf16 is *faster* is make bench's question (bench/results): here only that it runs, trains in bf16
 (accelerate's mixed_precision) and keeps fp32 weights.
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
 from helpers import SENTIMENT_DATA, prepare_corpus, run_cli, tiny_pretrain, torchrun, write_config
 
-from hpcnlp.checks import bf16_advice
 from hpcnlp.config import TrainingConfig
+from hpcnlp.runtime.checkpoints import MARKER
+from hpcnlp.train import precision
+from hpcnlp.train.precision import MARGIN, Probe, choose_bf16
 
 QUIET = {"eval_strategy": "no", "save_strategy": "no", "logging_steps": 1, "seed": 7, "bf16": True}
 DATA = {**SENTIMENT_DATA, "max_eval_samples": 32}
@@ -61,28 +65,105 @@ def _trained_in_bf16(out: Path, world_size: int = 1) -> dict:
     return m
 
 
-def test_bf16_advice_follows_the_cpu():
-    on, off = TrainingConfig(bf16=True), TrainingConfig(bf16=False)
-    amx = {"avx512_bf16": True, "amx_bf16": True}
-    avx512_only = {"avx512_bf16": True, "amx_bf16": False}
-    neither = {"avx512_bf16": False, "amx_bf16": False}
-    assert bf16_advice(on, amx, gpu=False) is None
-    assert "off, but" in bf16_advice(off, amx, gpu=False) and "training.bf16: true" in bf16_advice(off, amx, gpu=False)
-    assert "no AMX" in bf16_advice(on, avx512_only, gpu=False)
-    assert "emulated" in bf16_advice(on, neither, gpu=False)
-    assert bf16_advice(off, neither, gpu=False) is None and bf16_advice(off, avx512_only, gpu=False) is None
-    assert bf16_advice(on, neither, gpu=True) is None  # GPUs do bf16; this is about CPUs
+# Rates as the issue's AMD EPYC (avx512_bf16, no AMX) and the Xeon without AMX of bench/results measured them.
+EPYC = Probe(fp32_gflops=96.0, bf16_gflops=212.0, threads=1, seconds=0.3)
+XEON_NO_AMX = Probe(fp32_gflops=136.0, bf16_gflops=75.0, threads=1, seconds=0.3)
 
 
-def test_check_warns_when_bf16_is_asked_without_bf16_units(tmp_path, monkeypatch, capsys):
-    from hpcnlp import tasks
+def test_choose_bf16_from_fake_probes():
+    assert choose_bf16("auto", None, EPYC).bf16 is True
+    assert choose_bf16("auto", None, XEON_NO_AMX).bf16 is False
+    reason = choose_bf16("auto", None, EPYC).reason
+    assert "212 GFLOP/s" in reason and "fp32 96" in reason and "2.21x" in reason  # both rates, the ratio
+    # the margin: a bf16 barely faster than fp32 loses to the casts and fp32 ops around the matmuls
+    assert choose_bf16("auto", None, Probe(100.0, 100.0 * MARGIN - 1, 1, 0.3)).bf16 is False
+    assert choose_bf16("auto", None, Probe(100.0, 100.0 * MARGIN, 1, 0.3)).bf16 is True
+    # true / false force it, whatever the probe, the GPU or a checkpoint say
+    assert choose_bf16(True, None, XEON_NO_AMX).bf16 is True and choose_bf16(False, True, EPYC).bf16 is False
+    assert choose_bf16(False, None, None, checkpoint=True).bf16 is False
+    # a GPU: its bf16 support decides; fp16 on: never bf16; a resumed run keeps its checkpoint's dtype
+    assert choose_bf16("auto", True, None).bf16 is True and choose_bf16("auto", False, None).bf16 is False
+    assert choose_bf16("auto", None, EPYC, fp16=True).bf16 is False
+    assert choose_bf16("auto", None, XEON_NO_AMX, checkpoint=True).bf16 is True
+    assert choose_bf16("auto", None, EPYC, checkpoint=False).bf16 is False
+    with pytest.raises(ValueError):
+        choose_bf16(None, None, EPYC)
 
-    monkeypatch.setattr(tasks, "cpu", lambda: {"model": "Test CPU", "flags": {"avx512_bf16": False, "amx_bf16": False}})
+
+def test_probe_times_both_dtypes_here_in_bounded_time():
+    import torch
+
+    precision.probe.cache_clear()
+    minilm = precision.Shape(384, 1536, 16 * 128)  # MiniLM at batch 16 x 128 tokens
+    threads = torch.get_num_threads()
+    start = time.perf_counter()
+    p = precision.probe(minilm, 2)
+    took = time.perf_counter() - start
+    assert p.fp32_gflops > 0 and p.bf16_gflops > 0 and p.threads == 2
+    # 0.2 s of timed repeats after a warm-up: a few hundred ms (2 shared cores here: headroom for load)
+    assert p.seconds <= took < 3
+    assert precision.probe(minilm, 2) is p  # cached: a pipeline's stages share it
+    assert torch.get_num_threads() == threads  # the process's threads as they were
+
+
+def test_bf16_is_true_false_or_auto(tmp_path, capsys):
+    assert TrainingConfig().bf16 == "auto"  # the shipped default
+    assert run_cli("check", "--config", str(tiny_pretrain(tmp_path)), "training.bf16=null") == 2
+    out = capsys.readouterr()
+    assert "training.bf16: must be true, false or auto (got None). Fix: write auto" in out.out + out.err
+
+
+def test_auto_follows_the_probe_and_a_bf16_gpu(tmp_path, monkeypatch):
+    import torch
+
+    from hpcnlp.train import harness
+
+    monkeypatch.setattr(precision, "probe", lambda *shape: EPYC)
+    assert harness.training_arguments(TrainingConfig(), str(tmp_path)).bf16 is True
+    assert harness.training_arguments(TrainingConfig(bf16=False), str(tmp_path)).bf16 is False
+    monkeypatch.setattr(precision, "probe", lambda *shape: XEON_NO_AMX)
+    assert harness.training_arguments(TrainingConfig(), str(tmp_path)).bf16 is False
+    assert harness.training_arguments(TrainingConfig(bf16=True), str(tmp_path)).bf16 is True
+    # A bf16 GPU stood in for by torch.cuda's two answers (CI has no GPU); no probe runs there.
+    monkeypatch.setattr(precision, "probe", lambda *shape: pytest.fail("probed on a GPU"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision.decide("auto", precision.Shape(384, 1536, 2048)).bf16 is True
+    assert precision.decide("auto", precision.Shape(384, 1536, 2048), fp16=True).bf16 is False
+
+
+def test_check_says_what_auto_picks_here(tmp_path, monkeypatch, capsys):
+    """`hpcnlp check` runs the job's probe on this machine: one line with both rates; a warning when
+    true/false forces the other dtype."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert run_cli("check", "--config", str(tiny_pretrain(tmp_path, bf16=True))) == 0  # a warning, not an error
+    assert run_cli("check", "--config", str(tiny_pretrain(tmp_path))) == 0
     out = capsys.readouterr().out  # the CLI logs to stdout
-    assert "WARNING hpcnlp.checks: training.bf16: on, but Test CPU has no bf16 instructions" in out
+    line = next(x for x in out.splitlines() if "training.bf16: auto -> " in x)
+    assert "INFO hpcnlp.checks" in line and "GFLOP/s vs fp32" in line
+    assert "32x32 and 32x64 at 256 tokens" in line  # the job's shape: scratch sizes, batch 8 x 32 tokens
+    monkeypatch.setattr(precision, "probe", lambda *shape: XEON_NO_AMX)
+    assert run_cli("check", "--config", str(tiny_pretrain(tmp_path)), "training.bf16=true") == 0
+    out = capsys.readouterr().out
+    assert "WARNING hpcnlp.checks: training.bf16: true, but auto would pick fp32 on this node: bf16 matmuls 75" in out
     assert "ok:" in out
+
+
+@pytest.mark.slow
+def test_a_resumed_auto_run_keeps_its_checkpoints_dtype(tmp_path, monkeypatch):
+    """bf16 picked at the start (the probe said so) stays bf16 after a resume, even where the probe would
+    now say fp32: the checkpoint's marker records the dtype, and no probe runs."""
+    config = tiny_pretrain(tmp_path, save_steps=3)
+    monkeypatch.setattr(precision, "probe", lambda *shape: EPYC)
+    assert run_cli("pretrain", "--config", str(config), "training.max_steps=3") == 0
+    first = _trained_in_bf16(tmp_path / "out")
+    assert first["bf16"] is True and first["probe_gflops_bf16"] == 212.0 and first["probe_gflops_fp32"] == 96.0
+    assert json.loads((tmp_path / "out" / "checkpoint-3" / MARKER).read_text())["bf16"] is True
+
+    monkeypatch.setattr(precision, "probe", lambda *shape: pytest.fail("a resumed run probed again"))
+    assert run_cli("pretrain", "--config", str(config), "resume=continue", "training.max_steps=6") == 0
+    m = _trained_in_bf16(tmp_path / "out")
+    assert m["resumed_from"].endswith("checkpoint-3") and m["global_step"] == 6
+    assert m["bf16_reason"] == "the checkpoint resumed was trained in bf16" and "probe_gflops_bf16" not in m
 
 
 @pytest.mark.slow
@@ -114,17 +195,15 @@ def test_bf16_under_torchrun(tmp_path):
         assert _trained_in_bf16(tmp_path / out, world_size=2)["replicas_identical"] is True, job
 
 
-def test_unset_bf16_is_off_on_cpus_and_on_with_a_bf16_gpu(tmp_path, monkeypatch):
-    import torch
-
-    from hpcnlp.train import harness
-
-    assert TrainingConfig().bf16 is None
-    assert harness.training_arguments(TrainingConfig(), str(tmp_path)).bf16 is False  # this CPU machine
-    assert harness.training_arguments(TrainingConfig(bf16=True), str(tmp_path)).bf16 is True
-    # A bf16 GPU stood in for by torch.cuda's two answers (CI has no GPU); the decision alone is tested.
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert harness._bf16({"bf16": None}) is True
-    assert harness._bf16({"bf16": None, "fp16": True}) is False
-    assert harness._bf16({"bf16": False}) is False
+@pytest.mark.slow
+def test_auto_under_torchrun_is_one_choice_for_every_rank(tmp_path):
+    """Two processes with training.bf16: auto: rank 0 probes (MiniLM's shapes: bf16 on an AMX CPU) and
+    every rank trains in the dtype it picked, so they stay replicas."""
+    config = _finetune(tmp_path, 2)
+    proc = torchrun(["finetune", "--config", str(config), "training.bf16=auto"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["replicas_identical"] is True
+    assert m["mixed_precision"] == ("bf16" if m["bf16"] else "no") and "GFLOP/s" in m["bf16_reason"]
+    picked = {line.split("training.bf16: auto -> ")[1][:4] for line in proc.stdout.splitlines() if "auto -> " in line}
+    assert len(picked) == 1 and proc.stdout.count("training.bf16: auto -> ") == 2  # one line per rank, one dtype

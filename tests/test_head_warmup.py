@@ -64,6 +64,7 @@ def _config(tmp_path: Path, model: Path, **top) -> Path:
                 "save_steps": WARMUP,
                 "save_total_limit": None,
                 "seed": 11,
+                "bf16": False,  # runs compared: one dtype, not training.bf16: auto's pick
             },
         },
     )

@@ -46,6 +46,7 @@ def finished_run(tmp_path_factory):
             "eval_strategy": "no",
             "save_steps": 4,
             "seed": 7,
+            "bf16": False,  # runs compared: one dtype, not training.bf16: auto's pick
         },
     }
     path = tmp / "pretrain.yaml"

@@ -333,6 +333,7 @@ def test_finetune_resumed_mid_epoch_sees_the_same_batches(tmp_path, monkeypatch)
                     "group_by_length": True,
                     "learning_rate": 1e-4,
                     "seed": 5,
+                    "bf16": False,  # runs compared: one dtype, not training.bf16: auto's pick
                 },
             },
         )

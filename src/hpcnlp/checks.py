@@ -18,6 +18,7 @@ from hpcnlp.models import ALIASES, ModelNotFound, resolve_model_path
 from hpcnlp.runtime import env, rundir, stack
 from hpcnlp.runtime.checkpoints import problem
 from hpcnlp.runtime.io import is_inside
+from hpcnlp.train import precision
 
 log = logging.getLogger(__name__)
 
@@ -177,17 +178,14 @@ def training(t: TrainingConfig, output_dir_: str) -> list[Problem]:
                     )
                 )
     if not stack.installed():
-        stack.skipped("training: TrainingArguments' fields and checks, bf16 advice")
+        stack.skipped("training: TrainingArguments' fields and checks")
         return out
-    advice = bf16_advice(t)
-    if advice:
-        log.warning("training.bf16: %s", advice)
     from transformers import TrainingArguments
 
     kwargs = {
         **t.model_dump(),
         "deepspeed": None,
-        "bf16": bool(t.bf16),
+        "bf16": t.bf16 is True,  # auto: decided at the job's start (bf16_advice says what this node picks)
     }  # DeepSpeed is checked above; its set-up is the job's
     with _environ_kept():  # TrainingArguments exports ACCELERATE_* variables: none may leak from a check
         try:
@@ -203,33 +201,30 @@ def training(t: TrainingConfig, output_dir_: str) -> list[Problem]:
     return out
 
 
-def bf16_advice(t: TrainingConfig, flags: dict[str, bool] | None = None, gpu: bool | None = None) -> str | None:
-    """Whether bf16 pays on this machine's CPU: a warning when it is asked where there are no bf16 matmul
-    units (AMX), a hint when there are and it is off (unset is off on CPUs). None on a GPU machine (unset
-    is on there when the GPU has bf16), or when nothing is to say.
-    It judges the machine it runs on: submit from a node like the compute nodes."""
-    import torch
+def bf16_advice(t: TrainingConfig, shape: precision.Shape) -> tuple[bool, str]:
+    """What training.bf16 comes to on this machine, in one line: auto's choice (the job's own probe of
+    `shape`, run here) with both rates, and for true/false whether auto agrees. The bool: warn (a forced
+    dtype auto would not pick). It judges the machine it runs on: the job decides again on its node."""
+    auto = precision.decide("auto", shape, fp16=t.fp16)
+    if t.bf16 == "auto":
+        return False, f"training.bf16: auto -> {auto.dtype} on this node: {auto.reason} (a job decides on its own node)"
+    setting = "true" if t.bf16 else "false"
+    if t.bf16 == auto.bf16:
+        return False, f"training.bf16: {setting}; auto would pick {auto.dtype} here too: {auto.reason}"
+    return True, (
+        f"training.bf16: {setting}, but auto would pick {auto.dtype} on this node: {auto.reason}. "
+        "Fix: set training.bf16: auto (or remove it)"
+    )
 
-    from hpcnlp.tasks import cpu
 
-    if torch.cuda.is_available() if gpu is None else gpu:
-        return None
-    info = cpu() if flags is None else {"model": "this CPU", "flags": flags}
-    flags, model_name = info["flags"], info["model"]
-    amx = flags.get("amx_bf16", False)
-    if t.bf16 and not amx:
-        how = (
-            "has avx512_bf16 but no AMX: bf16 matmuls run at about half the fp32 rate there (bench/results)"
-            if flags.get("avx512_bf16")
-            else "has no bf16 instructions: bf16 is emulated there"
-        )
-        return f"on, but {model_name} {how}, so training is slower than fp32; set training.bf16: false on such nodes"
-    if not t.bf16 and amx:
-        return (
-            f"off, but {model_name} has AMX bf16 units (amx_bf16): training.bf16: true (the Trainer's bf16 "
-            "autocast) trained 1.5-3x faster than fp32 on such a CPU"
-        )
-    return None
+def log_bf16_advice(cfg: JobConfig, model_config: dict | None) -> None:
+    """`hpcnlp check` of a training job: bf16_advice's line for its model and batch (a warning when a forced
+    dtype is not what this node's probe picks)."""
+    if not stack.installed():  # a login node's thin install: the job probes on its node
+        stack.skipped("training.bf16: auto's probe")
+        return
+    warn, line = bf16_advice(cfg.training, precision.job_shape(cfg, model_config))
+    log.log(logging.WARNING if warn else logging.INFO, line)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 
+from hpcnlp.checks import log_bf16_advice
 from hpcnlp.cluster import COMMANDS
 from hpcnlp.cluster.checkfile import check_file
 from hpcnlp.cluster.plan import check_on_profile
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             check_on_profile(cfg, JOBS[cfg.job], args.config)
         except ConfigError as e:
             return report(e)
+        if JOBS[cfg.job].model_config:  # a training job: what training.bf16 comes to on this node
+            log_bf16_advice(cfg, JOBS[cfg.job].model_config(cfg))
         print(f"ok: {args.config} is a valid '{cfg.job}' config")
         return 0
     code = process_exit(run_job(cfg))

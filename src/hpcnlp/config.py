@@ -127,7 +127,8 @@ class TrainingConfig(Section):
     per_device_train_batch_size: int = Field(16, ge=1)
     per_device_eval_batch_size: int = Field(32, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    bf16: bool | None = None  # unset: on with a GPU that has bf16, off on CPUs (`hpcnlp check` advises there)
+    # auto: bf16 where the GPU has it; on a CPU where a probe at job start measures it faster (train/precision.py)
+    bf16: bool | Literal["auto"] = "auto"
     fp16: bool = False
     seed: int = 42
     logging_steps: int = Field(10, ge=1)
@@ -138,6 +139,18 @@ class TrainingConfig(Section):
     save_total_limit: int | None = Field(2, ge=1)
     report_to: str | list[str] = "none"  # e.g. [tensorboard]: event files in <output_dir>/runs, offline
     deepspeed: str | None = None  # path to a DeepSpeed JSON (jobs/deepspeed/*.json)
+
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _bf16_value(cls, v):
+        # One name for "decided on the node": auto. null (the old unset) is refused rather than kept as a second name.
+        if v is True or v is False or v == "auto":
+            return v
+        raise PydanticCustomError(
+            "bf16_value",
+            "must be true, false or auto",
+            {"fix": "write auto (bf16 where it measures faster), or remove it"},
+        )
 
     @field_validator("eval_strategy", "save_strategy", mode="before")
     @classmethod
@@ -172,7 +185,7 @@ class TrainingConfig(Section):
         return self
 
     def problems(self) -> list[Problem]:
-        if self.bf16 and self.fp16:
+        if self.bf16 is True and self.fp16:
             return [Problem(key="training.bf16", message="bf16 and fp16 are both on", fix="turn one of them off")]
         return []
 
@@ -545,7 +558,9 @@ def shape_problems(cls: type[JobConfig], err: ValidationError) -> list[Problem]:
         else:
             out.append(
                 Problem(
-                    key=key, message=f"{e['msg']} (got {e.get('input')!r})", fix="give a value of the right type/range"
+                    key=key,
+                    message=f"{e['msg']} (got {e.get('input')!r})",
+                    fix=ctx.get("fix", "give a value of the right type/range"),
                 )
             )
     return out

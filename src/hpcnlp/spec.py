@@ -55,6 +55,10 @@ class JobSpec:
     # (raw YAML mapping, its source) -> the mapping to validate: a config that takes keys from another
     # file (prepare's data_from); None: as written
     expand: Callable[[dict, str], dict] | None = None
+    # Training jobs: cfg -> the config.json (or just its sizes) of the model trained, None when it cannot be
+    # read yet; training.bf16: auto's probe times its matmuls (train/precision.py), at the job's start and
+    # in `hpcnlp check`. None: the job trains nothing.
+    model_config: Callable[[JobConfig], dict | None] | None = None
 
     @property
     def example(self) -> str:

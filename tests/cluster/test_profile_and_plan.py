@@ -139,7 +139,7 @@ def test_check_refuses_fp16_on_a_cpu_only_profile(tmp_path):
     assert res.returncode == 2
     assert "training.fp16: is on, but the job gets no GPU" in res.stderr and str(cpu) in res.stderr
     assert hpcnlp(*args, HPCNLP_CLUSTER=str(gpu)).returncode == 0
-    # bf16 runs on CPUs (autocast; it pays on AMX): allowed, with advice on this machine's CPU
+    # bf16 runs on CPUs (autocast): allowed, with a line on what auto would pick on this machine
     res = hpcnlp("check", "--config", "jobs/finetune-sentiment.yaml", "training.bf16=true", HPCNLP_CLUSTER=str(cpu))
     assert res.returncode == 0, res.stderr
     # submit sees the GPUs the final options ask for, the job's own --sbatch included

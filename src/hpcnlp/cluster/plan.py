@@ -128,8 +128,8 @@ def group_problems(cfg: JobConfig, spec: JobSpec, options: list[str], profile: C
 def profile_problems(cfg: JobConfig, options: list[str], group: list[Problem]) -> list[Problem]:
     """Settings of a job that cannot work where it is sent: fp16 without a GPU; what the job's process
     group cannot do (`group`: a pretrain group never tokenizes, its prepared data must exist, unless an
-    earlier pipeline stage prepares it). bf16 runs on CPUs too, under the Trainer's autocast, and pays
-    where they have AMX: `hpcnlp check` advises on the CPU it runs on."""
+    earlier pipeline stage prepares it). bf16 runs on CPUs too, under the Trainer's autocast; whether it
+    pays there is measured (training.bf16: auto; `hpcnlp check` says what the CPU it runs on picks)."""
     training = getattr(cfg, "training", None)
     gpus = gpus_requested(options, int((option_value(options, "--nodes") or "1").split("-")[0]))
     if gpus != 0 or training is None or not getattr(training, "fp16", False):

@@ -60,6 +60,11 @@ class DistillConfig(TrainingJobConfig):
         return out
 
 
+def model_config(cfg: DistillConfig) -> dict | None:
+    """The sizes of the student trained (training.bf16: auto's probe): the teacher's, or its own model's."""
+    return checks.model_config(cfg.student_model_name_or_path or cfg.teacher)
+
+
 def check(cfg: DistillConfig, pending: Iterable[str] = ()) -> list[Problem]:
     out = checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg)
     out += checks.model("teacher", cfg.teacher, pending)
@@ -190,7 +195,7 @@ def run(cfg: DistillConfig) -> int:
     tokenizer = load_tokenizer(teacher_dir, cfg.trust_remote_code)
     data = load_data(task, cfg.data, tokenizer, teacher_dir)  # every row checked before anything is written
 
-    run = TrainingRun(cfg)
+    run = TrainingRun(cfg, model_config(cfg))
     teacher = auto_model_class(task).from_pretrained(teacher_dir, trust_remote_code=cfg.trust_remote_code)
     student = build_student(cfg, teacher, task, names, tokenizer)
     collator = tasks.get(task).collator(tokenizer)
@@ -304,4 +309,5 @@ SPEC = JobSpec(
     check=check,
     run=run,
     summary_row=summary_row,
+    model_config=model_config,
 )

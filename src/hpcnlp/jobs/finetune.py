@@ -149,6 +149,11 @@ class FinetuneConfig(TrainingJobConfig):
         return out
 
 
+def model_config(cfg: FinetuneConfig) -> dict | None:
+    """The sizes of the model trained (training.bf16: auto's probe)."""
+    return checks.model_config(cfg.model_name_or_path)
+
+
 def check(cfg: FinetuneConfig, pending: Iterable[str] = ()) -> list[Problem]:
     out = checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg)
     out += checks.model("model_name_or_path", cfg.model_name_or_path, pending)
@@ -336,7 +341,9 @@ def run(cfg: FinetuneConfig) -> int:
     )
 
     t = cfg.training
-    run = TrainingRun(cfg, load_best_model_at_end=t.load_best_model_at_end and t.eval_strategy != "no")
+    run = TrainingRun(
+        cfg, model_config(cfg), load_best_model_at_end=t.load_best_model_at_end and t.eval_strategy != "no"
+    )
     model = build_model(cfg, data.label_names)
     if cfg.adapter:
         model = adapters.wrap(model, cfg.adapter, task.peft_task_type)
@@ -418,5 +425,6 @@ SPEC = JobSpec(
     check=check,
     run=run,
     summary_row=summary_row,
+    model_config=model_config,
     example_config="jobs/finetune-sentiment.yaml",
 )

@@ -120,6 +120,11 @@ class PretrainConfig(TrainingJobConfig):
         return out
 
 
+def model_config(cfg: PretrainConfig) -> dict | None:
+    """The sizes of the model trained (training.bf16: auto's probe)."""
+    return cfg.scratch.model_dump() if cfg.init == "scratch" else checks.model_config(cfg.model_name_or_path)
+
+
 def check(cfg: PretrainConfig, pending: Iterable[str] = ()) -> list[Problem]:
     out = corpus_split_problems(cfg.data) + checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg)
     if cfg.init == "pretrained":
@@ -358,7 +363,7 @@ def run(cfg: PretrainConfig) -> int:
     )
 
     out = Path(cfg.output_dir)
-    run = TrainingRun(cfg, remove_unused_columns=False)
+    run = TrainingRun(cfg, model_config(cfg), remove_unused_columns=False)
     args = run.args
     if cfg.init == "scratch" and not cfg.tokenizer_name_or_path:
         tokenizer = _scratch_tokenizer(cfg, args)
@@ -496,5 +501,6 @@ SPEC = JobSpec(
     run=run,
     summary_row=summary_row,
     group_check=group_check,
+    model_config=model_config,
     slurm=SlurmDefaults(nodes=2, time="04:00:00"),
 )

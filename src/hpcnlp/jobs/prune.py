@@ -94,6 +94,11 @@ LAYOUT = {
 }
 
 
+def model_config(cfg: PruneConfig) -> dict | None:
+    """The sizes of the pruned model the recovery trains (training.bf16: auto's probe)."""
+    return {**(checks.model_config(cfg.model_name_or_path) or {}), "intermediate_size": cfg.intermediate_size}
+
+
 def check(cfg: PruneConfig, pending: Iterable[str] = ()) -> list[Problem]:
     out = checks.training(cfg.training, cfg.output_dir) + checks.resume(cfg)
     out += checks.model("model_name_or_path", cfg.model_name_or_path, pending)
@@ -302,7 +307,7 @@ def run(cfg: PruneConfig) -> int:
     data = load_data(task, cfg.data, tokenizer, model_dir)  # every row checked before anything is written
     pad = tokenizer.pad_token_id
 
-    run = TrainingRun(cfg)
+    run = TrainingRun(cfg, model_config(cfg))
     model = auto_model_class(task).from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     p = _plan_for_run(run, cfg, model, data.splits["train"], pad)
     apply_plan(model, p)
@@ -442,4 +447,5 @@ SPEC = JobSpec(
     check=check,
     run=run,
     summary_row=summary_row,
+    model_config=model_config,
 )

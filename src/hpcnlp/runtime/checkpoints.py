@@ -110,14 +110,27 @@ def fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def mark_complete(ckpt: Path, run: str) -> None:
-    """Rank 0, once every rank's files are synced: the marker, written last and atomically."""
+def trained_bf16(ckpt: str | Path) -> bool | None:
+    """Whether the run that wrote `ckpt` trained in bf16 (its marker says); None when it does not say
+    (a marker from before hpcnlp recorded it, or none)."""
+    try:
+        marker = json.loads((Path(ckpt) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    value = marker.get("bf16") if isinstance(marker, dict) else None
+    return value if isinstance(value, bool) else None
+
+
+def mark_complete(ckpt: Path, run: str, bf16: bool | None = None) -> None:
+    """Rank 0, once every rank's files are synced: the marker, written last and atomically. `bf16`: the
+    dtype the run trains in, which a resumed `training.bf16: auto` run keeps (train/precision.py)."""
     fsync_tree(ckpt)
     atomic_write_json(
         ckpt / MARKER,
         {
             "step": int(_CKPT.match(ckpt.name).group(1)),
             "run": run,
+            "bf16": bf16,
             "slurm_job_id": env.slurm_job_id(),
             "files": _files(ckpt),
         },

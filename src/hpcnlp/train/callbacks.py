@@ -109,7 +109,7 @@ class CheckpointMarker(TrainerCallback):
         if distributed:
             dist.barrier()  # every rank's optimizer and RNG files are written and synced
         if state.is_world_process_zero:
-            mark_complete(ckpt, self.run)
+            mark_complete(ckpt, self.run, bf16=args.bf16)
             rundir.record_files(args.output_dir)  # what the run has written so far is its own
         if distributed:
             dist.barrier()  # no rank goes on (or reports the save) before the marker is there

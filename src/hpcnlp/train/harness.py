@@ -21,24 +21,16 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from hpcnlp.config import ConfigError, Problem, TrainingConfig, TrainingJobConfig, dump_config
 from hpcnlp.report import plot_loss, write_report
 from hpcnlp.runtime import env, rundir, status
-from hpcnlp.runtime.checkpoints import resume_target
+from hpcnlp.runtime.checkpoints import resume_target, trained_bf16
 from hpcnlp.runtime.io import atomic_write_text, normal_mode
 from hpcnlp.runtime.preempt import PreemptionCallback, requeue_exit
-from hpcnlp.train import adapters
+from hpcnlp.train import adapters, precision
 from hpcnlp.train.callbacks import CheckpointMarker, ThroughputCallback, peak_memory_mb
 from hpcnlp.train.replicas import replicas_identical
 from hpcnlp.train.tracking import Tracking
 from hpcnlp.train.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
-
-
-def _bf16(kwargs: dict) -> bool:
-    """training.bf16 unset: the Trainer's bf16 autocast where the GPU has it; on CPUs only when asked (it
-    pays only with AMX units: `hpcnlp check` advises)."""
-    if kwargs.get("bf16") is not None:
-        return bool(kwargs["bf16"])
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not kwargs.get("fp16")
 
 
 def nvidia_driver() -> str:
@@ -91,8 +83,19 @@ def cuda_guard(source: str = "<config>") -> None:
 
 
 def training_arguments(t: TrainingConfig, output_dir: str, **job_settings) -> TrainingArguments:
-    """`training:` as TrainingArguments, with what the job owns filled in. Refuses (ConfigError, exit 2)
-    when Slurm gave the job GPUs that torch cannot use (cuda_guard)."""
+    """`training:` as TrainingArguments, with what the job owns filled in (training_setup without a
+    model shape or checkpoint: the probe of training.bf16: auto times BERT-base's matmuls)."""
+    return training_setup(
+        t, output_dir, precision.shape_of(None, t.per_device_train_batch_size, 128), None, **job_settings
+    )[0]
+
+
+def training_setup(
+    t: TrainingConfig, output_dir: str, shape: precision.Shape, checkpoint: str | None, **job_settings
+) -> tuple[TrainingArguments, precision.Choice]:
+    """TrainingArguments and the bf16 choice (train/precision.py: `shape` is what the probe times; a run
+    resuming `checkpoint` keeps its dtype). Refuses (ConfigError, exit 2) when Slurm gave the job GPUs
+    that torch cannot use (cuda_guard)."""
     cuda_guard(output_dir)
     kwargs = {
         # Without use_cpu, accelerate finds no backend on a GPU-less machine: under torchrun every
@@ -109,10 +112,23 @@ def training_arguments(t: TrainingConfig, output_dir: str, **job_settings) -> Tr
         **t.model_dump(),  # hpcnlp's defaults and everything the config sets
         **job_settings,
     }
-    kwargs["bf16"] = _bf16(kwargs)
     if kwargs.get("eval_steps") is None:
         kwargs["eval_steps"] = kwargs.get("save_steps")  # evaluate where checkpoints are saved
-    return TrainingArguments(output_dir=output_dir, **kwargs)
+    # auto is decided after a first TrainingArguments has set up the process group: rank 0 decides (one
+    # probe, on an otherwise idle node) and every rank takes its choice, since ranks training in different
+    # dtypes would not stay replicas. Probing on every rank and reducing would time N probes sharing the cores.
+    kwargs["bf16"] = t.bf16 is True
+    args = TrainingArguments(output_dir=output_dir, **kwargs)
+    choice = None
+    if args.process_index == 0:
+        resumed = trained_bf16(checkpoint) if checkpoint else None
+        choice = precision.decide(t.bf16, shape, bool(kwargs.get("fp16")), resumed)
+    choice = from_rank_zero(choice)
+    if choice.bf16 != args.bf16:
+        args = TrainingArguments(output_dir=output_dir, **{**kwargs, "bf16": choice.bf16})
+    if t.bf16 == "auto":
+        log.info("training.bf16: auto -> %s: %s", choice.dtype, choice.reason)
+    return args, choice
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
@@ -217,16 +233,20 @@ def deepspeed_comm(args: TrainingArguments) -> None:
 
 
 class TrainingRun:
-    def __init__(self, cfg: TrainingJobConfig, **job_settings):
+    def __init__(self, cfg: TrainingJobConfig, model_config: dict | None = None, **job_settings):
+        """`model_config`: the config.json (or its sizes) of the model trained: training.bf16: auto's probe
+        times its matmuls at the job's batch x max_seq_length tokens."""
         self.cfg, self.out, self.t_start = cfg, Path(cfg.output_dir), time.perf_counter()
-        self.args = training_arguments(cfg.training, cfg.output_dir, **job_settings)
-        deepspeed_comm(self.args)
-        set_seed(self.args.seed)  # before any head is initialised
         self.run_id = rundir.run_hash(cfg.model_dump(mode="json"))
         self.restarted = env.slurm_restart_count() > 0
+        # Known before the TrainingArguments: a resumed run keeps the dtype its checkpoint trained in.
+        self.checkpoint = resume_target(cfg.resume, self.out, self.run_id, restarted=self.restarted)
+        shape = precision.job_shape(cfg, model_config)
+        self.args, self.bf16 = training_setup(cfg.training, cfg.output_dir, shape, self.checkpoint, **job_settings)
+        deepspeed_comm(self.args)
+        set_seed(self.args.seed)  # before any head is initialised
         self._claim()
         self.tracking = Tracking(cfg, self.is_main)  # after claim: run.json holds this run's tracking ids
-        self.checkpoint: str | None = None
         self.result = None
         self.replicas: bool | None = None
 
@@ -281,7 +301,6 @@ class TrainingRun:
         self._trainer = trainer_class(args=a, callbacks=[*own, *callbacks], **kwargs)
         self._trainer.remove_callback(PrinterCallback)  # ThroughputCallback logs instead
         self.tracking.attach(self._trainer)
-        self.checkpoint = resume_target(self.cfg.resume, self.out, self.run_id, restarted=self.restarted)
         return self._trainer
 
     def train(self) -> int | None:
@@ -345,6 +364,7 @@ class TrainingRun:
             "wall_seconds": round(time.perf_counter() - self.t_start, 2),
             "world_size": self.args.world_size,
             "mixed_precision": self._trainer.accelerator.mixed_precision,  # "bf16": the Trainer's autocast ran
+            **self.bf16.metrics(),  # why that dtype (training.bf16: auto: the probe's two rates)
             "replicas_identical": self.replicas,  # null: one process
             **peak_memory_mb(),
             "slurm_job_id": env.slurm_job_id(),

@@ -90,6 +90,12 @@ def test_login_node_install_checks_and_submits_without_torch(thin_python, login_
     assert "sbatch" in result["stdout"]
     assert fake_slurm.calls("sbatch") == []  # a dry run queues nothing
 
+    # Before the submit below: a sweep never writes into a dir that holds another run (its status.json).
+    sweep = ["sweep", "--dry-run", "--config", "jobs/finetune-sentiment.yaml", "--overrides-list"]
+    result = probe(thin_python, *sweep, "training.learning_rate=1e-4", "training.learning_rate=3e-4")
+    assert result["code"] == 0 and result["heavy"] == [], result["stderr"]
+    assert "--array=0-1" in result["stdout"]
+
     result = probe(thin_python, "submit", "--config", "jobs/finetune-sentiment.yaml")
     assert result["code"] == 0 and result["heavy"] == [], result["stderr"]
     assert len(fake_slurm.calls("sbatch")) == 1
@@ -97,11 +103,6 @@ def test_login_node_install_checks_and_submits_without_torch(thin_python, login_
     result = probe(thin_python, "status", "jobs/finetune-sentiment.yaml")
     assert result["code"] == 0 and result["heavy"] == [], result["stderr"]
     assert "1001" in result["stdout"]
-
-    sweep = ["sweep", "--dry-run", "--config", "jobs/finetune-sentiment.yaml", "--overrides-list"]
-    result = probe(thin_python, *sweep, "training.learning_rate=1e-4", "training.learning_rate=3e-4")
-    assert result["code"] == 0 and result["heavy"] == [], result["stderr"]
-    assert "--array=0-1" in result["stdout"]
 
     result = probe(thin_python, "doctor")  # a login node: no torch, no GPU, no allocation; nothing contradicts
     assert result["code"] == 0, result["stderr"]

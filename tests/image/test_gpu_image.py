@@ -28,8 +28,8 @@ pytestmark = [
 ]
 
 
-def in_image(*args: str, entrypoint: str = "python3", timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [*RUN, "--env", "OMP_NUM_THREADS=1", "--entrypoint", entrypoint, IMAGE, *args]
+def in_image(*args: str, entrypoint: str = "python3", env: tuple = (), timeout: int = 600):
+    cmd = [*RUN, "--env", "OMP_NUM_THREADS=1", *(f"--env={e}" for e in env), "--entrypoint", entrypoint, IMAGE, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -56,12 +56,14 @@ print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "nccl"
     assert r.returncode == 0, r.stderr[-3000:]
     seen = json.loads(r.stdout.strip().splitlines()[-1])
     print(seen)
-    assert seen["torch"] == "2.13.0" and seen["cuda"].startswith("13.")
+    assert seen["torch"].startswith("2.13.0+cu13") and seen["cuda"].startswith("13.")
     assert len(seen["nccl"]) == 3 and seen["gpus"] == 0
 
 
 def test_ds_report_lists_the_prebuilt_ops(image):
-    r = in_image(entrypoint="ds_report")
+    """The ops are built for the cuda accelerator (what a GPU node detects); on this GPU-less machine
+    DeepSpeed would fall back to its CPU accelerator, which does not see them: say cuda, as a GPU node does."""
+    r = in_image(entrypoint="ds_report", env=("DS_ACCELERATOR=cuda",))
     report = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout)
     print(report)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -69,15 +71,17 @@ def test_ds_report_lists_the_prebuilt_ops(image):
 
 
 def test_check_accepts_every_shipped_config(image):
-    """`hpcnlp check` in the CUDA image, on a node without a GPU: the configs are valid there too."""
+    """`hpcnlp check` in the CUDA image, on a node without a GPU: every shipped config is valid there; the
+    only refusals name inputs the image does not carry (the labelled data, earlier stages' outputs)."""
     for config in sorted((REPO / "jobs").glob("*.yaml")):
-        if config.name in ("cluster.yaml", "pipeline.yaml", "demo.yaml"):
-            continue  # a profile and two pipelines (their stages are the configs checked here)
+        if config.name == "cluster.yaml":
+            continue  # a cluster profile, not a job
         r = in_image("check", "--config", f"jobs/{config.name}", entrypoint="hpcnlp")
-        assert r.returncode == 0 or "checked at job start" in r.stderr or "does not exist" in r.stderr, (
-            config.name,
-            r.stderr[-2000:],
-        )
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert "Traceback" not in r.stderr, (config.name, r.stderr[-2000:])
+        assert r.returncode == 0 or (
+            r.returncode == 2 and errors and all("outputs/" in e or "data/" in e for e in errors)
+        ), (config.name, r.stderr[-2000:])
 
 
 def test_doctor_says_what_the_node_lacks(image):

@@ -41,6 +41,7 @@ def test_code_version_is_the_image_s_the_checkout_s_or_the_package_s(monkeypatch
     assert env.code_version() == "abc123"
     monkeypatch.delenv("HPCNLP_GIT_COMMIT")
     git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    env._checkout_commit.cache_clear()  # cached per process: a commit made since an earlier test must show
     head = git("rev-parse", "HEAD")
     dirty = "-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "src") else ""
     assert env.code_version() == head + dirty

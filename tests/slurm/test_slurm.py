@@ -284,8 +284,11 @@ def test_failed_stage_cancels_the_rest(slurm, job_env, tmp_path, cluster_corpus)
         assert json.loads((tmp_path / name / "status.json").read_text())["state"] == "queued"
 
 
-def test_sweep_array_and_summary(slurm, job_env, tmp_path, cluster_corpus):
-    config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "sweep", max_steps=4, save_steps=4)
+def test_a_2x2_grid_with_2_seeds_on_slurm_and_its_summary(slurm, job_env, tmp_path, cluster_corpus):
+    """Issue #30 on the real (test) Slurm: `--grid` of 2 learning rates x 2 max_steps with `--seeds 1 2` is
+    one array of 8 tasks; `summary` groups them into 4 rows with mean ± std over the seeds, `--plot` writes
+    the PNG and `--tensorboard` one HParams run per task."""
+    config = tiny_pretrain(tmp_path, cluster_corpus, tmp_path / "prepared", "sweep", max_steps=4, save_steps=2)
     res = subprocess.run(
         [
             *HPCNLP,
@@ -294,10 +297,12 @@ def test_sweep_array_and_summary(slurm, job_env, tmp_path, cluster_corpus):
             str(config),
             "--max-parallel",
             "2",
-            "--overrides-list",
-            "training.learning_rate=1e-3",
-            "training.learning_rate=3e-3",
-            "training.learning_rate=1e-2",
+            "--grid",
+            "training.learning_rate=[1e-3,1e-2]",
+            "training.max_steps=[2,4]",
+            "--seeds",
+            "1",
+            "2",
             "--sbatch=--nodes=1",
             "--sbatch=--cpus-per-task=1",
             "--sbatch=--time=30",
@@ -308,25 +313,34 @@ def test_sweep_array_and_summary(slurm, job_env, tmp_path, cluster_corpus):
         text=True,
     )
     assert res.returncode == 0, res.stderr
-    array, logs = re.search(r"submitted array job (\d+) \(3 tasks\), logs (\S+)", res.stdout).groups()
+    array, logs = re.search(r"submitted array job (\d+) \(8 tasks\), logs (\S+)", res.stdout).groups()
     assert logs == f"{tmp_path}/outputs/logs/pretrain-sweep-{array}_<task>.out"
-    for i in range(3):
-        assert slurm.wait(f"{array}_{i}", timeout=400) == "COMPLETED"
-    for i in range(3):  # one log per task (the default --output), each of its own task
+    for i in range(8):
+        assert slurm.wait(f"{array}_{i}", timeout=600) == "COMPLETED"
+    for i in range(8):  # one log per task (the default --output), each of its own task
         log = Path(logs.replace("<task>", str(i))).read_text()
         assert f"output_dir={tmp_path}/sweep/task-{i}" in log and "/task-" not in log.replace(f"/task-{i}", "")
     res = subprocess.run(
-        [*HPCNLP, "summary", str(tmp_path / "sweep"), "--keys", "global_step,eval_after.loss"],
+        [*HPCNLP, "summary", str(tmp_path / "sweep"), "--keys", "global_step,eval_after.loss", "--plot"]
+        + ["--tensorboard"],
         cwd=tmp_path,
         env=job_env,
         capture_output=True,
         text=True,
     )
     assert res.returncode == 0, res.stderr
-    rows = [line for line in res.stdout.splitlines() if "/task-" in line]
-    assert len(rows) == 3 and all("| 4 |" in r for r in rows), res.stdout
-    losses = {float(r.rstrip(" |").rsplit("|", 1)[1]) for r in rows}
-    assert len(losses) == 3  # three learning rates, three different results
+    lines = res.stdout.splitlines()
+    assert lines[0] == "| training.learning_rate | training.max_steps | n | global_step | eval_after.loss |"
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:] if line.startswith("|")]
+    assert [(float(r[0]), int(r[1]), r[2], r[3]) for r in rows] == [
+        (1e-3, 2, "2", "2 ± 0"),
+        (1e-3, 4, "2", "4 ± 0"),
+        (1e-2, 2, "2", "2 ± 0"),
+        (1e-2, 4, "2", "4 ± 0"),
+    ]
+    assert all(" ± " in r[4] for r in rows) and len({r[4] for r in rows}) == 4  # seeds differ, points differ
+    assert (tmp_path / "sweep" / "summary.png").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "sweep" / "hparams").iterdir()) == [f"task-{i}" for i in range(8)]
 
 
 def test_submit_freezes_the_config_and_says_queued(slurm, job_env, tmp_path, cluster_corpus):

@@ -165,10 +165,10 @@ def run(cfg: ValidateConfig) -> int:
     if not tasks.labelled(task):
         log.error("validate gates classifiers (sequence, token); for a masked LM use export's Optimum check")
         return status.EXIT_CONFIG
-    threads = cfg.latency.num_threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
     tokenizer = load_tokenizer(model_dir)
     data = load_data(task, cfg.data, tokenizer, model_dir)  # every eval row checked before anything is staged
+    threads, before = cfg.latency.num_threads or torch.get_num_threads(), torch.get_num_threads()
+    torch.set_num_threads(threads)  # the latency is measured on these; set back at the end (an in-process caller)
 
     staging = bundle.stage(Path(cfg.onnx_dir), Path(cfg.output_dir))
     try:
@@ -186,6 +186,7 @@ def run(cfg: ValidateConfig) -> int:
         return code
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed midway
+        torch.set_num_threads(before)
 
 
 def manifest(cfg: ValidateConfig, staging: Path, model_dir: str, names: list[str], results: dict) -> dict:

@@ -239,13 +239,17 @@ class TrainingRun:
         self.cfg, self.out, self.t_start = cfg, Path(cfg.output_dir), time.perf_counter()
         self.run_id = rundir.run_hash(cfg.model_dump(mode="json"))
         self.restarted = env.slurm_restart_count() > 0
-        # Known before the TrainingArguments: a resumed run keeps the dtype its checkpoint trained in.
-        self.checkpoint = resume_target(cfg.resume, self.out, self.run_id, restarted=self.restarted)
+        # Known before the TrainingArguments: a resumed run keeps the dtype its checkpoint trained in. A first
+        # start with overwrite: true is a fresh run (the claim below moves the old one aside).
+        fresh = cfg.overwrite and not self.restarted
+        resumed = None if fresh else resume_target(cfg.resume, self.out, self.run_id, restarted=self.restarted)
         shape = precision.job_shape(cfg, model_config)
-        self.args, self.bf16 = training_setup(cfg.training, cfg.output_dir, shape, self.checkpoint, **job_settings)
+        self.args, self.bf16 = training_setup(cfg.training, cfg.output_dir, shape, resumed, **job_settings)
         deepspeed_comm(self.args)
         set_seed(self.args.seed)  # before any head is initialised
         self._claim()
+        # Again, now that the dir is this run's: never a checkpoint the claim moved aside.
+        self.checkpoint = resume_target(cfg.resume, self.out, self.run_id, restarted=self.restarted)
         self.tracking = Tracking(cfg, self.is_main)  # after claim: run.json holds this run's tracking ids
         self.result = None
         self.replicas: bool | None = None

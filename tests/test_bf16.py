@@ -132,6 +132,20 @@ def test_auto_follows_the_probe_and_a_bf16_gpu(tmp_path, monkeypatch):
     assert precision.decide("auto", precision.Shape(384, 1536, 2048), fp16=True).bf16 is False
 
 
+def test_a_bf16_job_leaves_no_autocast_to_the_next_job_in_the_process(tmp_path, monkeypatch):
+    """TrainingArguments(bf16=True) sets ACCELERATE_MIXED_PRECISION for the process, which the next Trainer's
+    Accelerator reads: a local pipeline's fp32 stage after a bf16 one (or a torchrun it starts) ran in bf16."""
+    import os
+
+    from hpcnlp.train import harness
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    harness.training_arguments(TrainingConfig(bf16=True), str(tmp_path))
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    harness.training_arguments(TrainingConfig(bf16=False), str(tmp_path))
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == "no"
+
+
 def test_check_says_what_auto_picks_here(tmp_path, monkeypatch, capsys):
     """`hpcnlp check` runs the job's probe on this machine: one line with both rates; a warning when
     true/false forces the other dtype."""

@@ -1,4 +1,4 @@
-"""A real Slurm on this machine for tests: munge, slurmctld and N slurmd "nodes" (n1..nN, all on
+"""A real Slurm on this machine for tests: a munged of its own, slurmctld and N slurmd "nodes" (n1..nN, all on
 127.0.0.1, one `slurmd -N nX` each), with a config generated from `hostname -s`.
 
 Everything lives in one directory (config, state, spool, logs, pid files) and uses ports found free
@@ -110,6 +110,7 @@ def slurm_conf(
         "SlurmdUser=root",
         "AuthType=auth/munge",
         "CredType=cred/munge",
+        f"AuthInfo=socket={munge_socket(root)}",  # the cluster's own munged (see LocalSlurm._start_munge)
         "MpiDefault=none",
         "MailProg=/bin/true",
         # Plain process tracking: no cgroup confinement (see site_lines for why not even on the site).
@@ -144,6 +145,8 @@ def slurm_conf(
         ]
     else:
         lines += site_lines(host, nodes, cpus, node_ports, dbd_port)
+        # The munge socket for the connection to slurmdbd (Slurm's name for it; AuthInfo does not cover it).
+        lines.append(f"AccountingStoragePass={munge_socket(root)}")
     return "\n".join(lines) + "\n"
 
 
@@ -192,11 +195,16 @@ def gres_conf(root: Path, nodes: int) -> str:
     return f"AutoDetect=off\nNodeName=n[1-{nodes}] Name=gpu File={root}/dev/nvidia[0-{SITE_GPUS - 1}]\n"
 
 
+def munge_socket(root: Path) -> Path:
+    return Path(root) / "munge" / "munge.socket"
+
+
 def slurmdbd_conf(root: Path, dbd_port: int, db_port: int) -> str:
     return (
         "\n".join(
             [
                 "AuthType=auth/munge",
+                f"AuthInfo=socket={munge_socket(root)}",
                 "DbdHost=localhost",
                 "DbdAddr=127.0.0.1",
                 f"DbdPort={dbd_port}",
@@ -227,7 +235,6 @@ class LocalSlurm:
         self.first_job_id = first_job_id
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
-        self._munged_pid: int | None = None  # set only when we started munged
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self, timeout: float = 60) -> LocalSlurm:
@@ -373,12 +380,28 @@ class LocalSlurm:
         raise RuntimeError(f"{what} did not come up in {timeout}s; see {self.root}/log")
 
     def _start_munge(self) -> None:
-        if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
-            return  # a munged is running already (not ours: we leave it alone)
-        Path("/run/munge").mkdir(parents=True, exist_ok=True)
-        shutil.chown("/run/munge", "munge", "munge")
-        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
-        self._munged_pid = int(Path("/run/munge/munged.pid").read_text())
+        """A munged of the cluster's own, on a socket in its root (slurm.conf's AuthInfo), its pid file with
+        the daemons' (stop() ends it with them). Clusters used to share the machine's munged, and the one
+        that had started it stopped it when its tests ended: another xdist worker's cluster, mid-job, then
+        failed every call (`scontrol show job` empty: UNKNOWN until the test timed out)."""
+        sock = munge_socket(self.root)
+        sock.parent.mkdir(mode=0o755, exist_ok=True)
+        key = sock.parent / "munge.key"  # a fresh key: nothing outside this cluster can talk to it
+        key.write_bytes(os.urandom(128))
+        key.chmod(0o600)
+        run = self.root / "run"
+        subprocess.run(
+            [
+                "/usr/sbin/munged",
+                "--force",
+                f"--socket={sock}",
+                f"--key-file={key}",
+                f"--pid-file={run}/munged.pid",
+                f"--log-file={self.root}/log/munged.log",
+                f"--seed-file={sock.parent}/munged.seed",
+            ],
+            check=True,
+        )  # --force: as root (the tests' user), which munged otherwise refuses
 
     def pids(self) -> list[int]:
         out = []
@@ -391,7 +414,7 @@ class LocalSlurm:
 
     def stop(self) -> None:
         """Cancel this cluster's jobs (their processes outlive slurmd otherwise), SIGTERM our daemons by
-        pid, SIGKILL what is left after 15 s; then munged if it was ours."""
+        pid (its munged among them), SIGKILL what is left after 15 s."""
         pids = [p for p in self.pids() if _alive(p)]
         if pids:
             self.run("scancel", f"--user={pwd.getpwuid(os.getuid()).pw_name}", check=False)
@@ -408,9 +431,6 @@ class LocalSlurm:
                 os.kill(p, signal.SIGKILL)
         for f in (self.root / "run").glob("*.pid"):
             f.unlink()
-        if self._munged_pid and _alive(self._munged_pid):
-            os.kill(self._munged_pid, signal.SIGTERM)
-            self._munged_pid = None
 
     # --- using it -----------------------------------------------------------------------
     def run(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -435,7 +455,21 @@ class LocalSlurm:
             if state in states:
                 return state
             time.sleep(0.5)
-        raise TimeoutError(f"job {job_id} still {self.state(job_id)} after {timeout}s")
+        raise TimeoutError(f"job {job_id} still {self.state(job_id)} after {timeout}s\n{self.diagnosis(job_id)}")
+
+    def diagnosis(self, job_id: str) -> str:
+        """What a failed wait shows: scontrol's own answer (an UNKNOWN state is an empty one) and the
+        controller's log lines about the job, the last of its other lines, and the nodes' last lines."""
+        shown = self.run("scontrol", "show", "job", str(job_id), check=False)
+        parts = [
+            f"$ scontrol show job {job_id} -> rc {shown.returncode}: {(shown.stdout + shown.stderr).strip()[-800:]}"
+        ]
+        for log in sorted((self.root / "log").glob("slurm*.log")):
+            lines = log.read_text(errors="replace").splitlines()
+            about = [line for line in lines if f"JobId={job_id}" in line or f"job {job_id}" in line.lower()]
+            parts.append(f"--- {log.name}: lines about the job, then its last lines")
+            parts += about[-25:] + ["..."] + lines[-15:]
+        return "\n".join(parts)
 
     def start_now(self, job_id: str, timeout: float = 60) -> None:
         """Skip Slurm's delay before a requeued job may start again (BeginTime = now + 120 s).

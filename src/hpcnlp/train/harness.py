@@ -11,6 +11,7 @@ if run.is_main: run.write_report(title, {**run.metrics(), ...}, sections)
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -118,6 +119,10 @@ def training_setup(
     # probe, on an otherwise idle node) and every rank takes its choice, since ranks training in different
     # dtypes would not stay replicas. Probing on every rank and reducing would time N probes sharing the cores.
     kwargs["bf16"] = t.bf16 is True
+    # TrainingArguments leaves ACCELERATE_MIXED_PRECISION set for the process (and its children) and only
+    # ever sets it to a half dtype: after one bf16 job, a later fp32 job in the process (a local pipeline's
+    # next stage) would autocast to bf16. The config decides, so whatever an earlier job left goes.
+    os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
     args = TrainingArguments(output_dir=output_dir, **kwargs)
     choice = None
     if args.process_index == 0:

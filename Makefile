@@ -70,7 +70,7 @@ demo: setup
 # ports, own dirs, its own job ids). A single test: .venv/bin/python -m pytest tests/<file>::<test>.
 XDIST := -n 2 --dist loadfile
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) --durations=25 tests
 
 test-fast: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(XDIST) -m "not slow and not cluster and not image" tests

@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcnlp.runtime import env
+from hpcnlp.runtime import env, gres
 
 EXIT_MISMATCH = 1
 # The oldest driver each CUDA major of torch's wheels runs on (NVIDIA's CUDA compatibility table).
@@ -95,19 +94,8 @@ def gather(root: Path = Path("/"), allreduce: bool = True) -> Node:
 
 def nvidia_smi() -> tuple[str | None, int | None]:
     """(driver version, GPU count) from nvidia-smi; (None, None) without it or when it fails."""
-    if not shutil.which("nvidia-smi"):
-        return None, None
-    try:
-        res = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None, None
-    lines = res.stdout.split()
-    return (lines[0], len(lines)) if res.returncode == 0 and lines else (None, None)
+    versions, _ = gres.nvidia_smi()
+    return (versions[0], len(versions)) if versions else (None, None)
 
 
 def infiniband(root: Path) -> dict[str, list[str]]:

@@ -12,6 +12,8 @@ Standard library only (slurm/launch.sh's planner may run under a bare python3).
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 
 def count(value: str | None) -> int | None:
@@ -96,3 +98,22 @@ def step_option(gpus: int, gpus_per_node: str | None = None, gres: str | None = 
     if gres and gres_gpus(gres):
         return f"--gres={gres}"
     return f"--gpus-per-node={gpus}"
+
+
+def nvidia_smi() -> tuple[list[str] | None, str]:
+    """The driver version of each GPU nvidia-smi lists, or None and why not (no nvidia-smi, or it failed)."""
+    if not shutil.which("nvidia-smi"):
+        return None, "no nvidia-smi"
+    try:
+        res = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"nvidia-smi failed ({e})"
+    lines = res.stdout.split()
+    if res.returncode == 0 and lines:
+        return lines, ""
+    return None, f"nvidia-smi failed ({(res.stderr or res.stdout).strip()[:120]})"

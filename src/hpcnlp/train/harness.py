@@ -21,7 +21,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hpcnlp.config import ConfigError, Problem, TrainingConfig, TrainingJobConfig, dump_config
 from hpcnlp.report import plot_loss, write_report
-from hpcnlp.runtime import env, rundir, status
+from hpcnlp.runtime import env, gres, rundir, status
 from hpcnlp.runtime.checkpoints import resume_target, trained_bf16
 from hpcnlp.runtime.io import atomic_write_text, normal_mode
 from hpcnlp.runtime.preempt import PreemptionCallback, requeue_exit
@@ -36,24 +36,8 @@ log = logging.getLogger(__name__)
 
 def nvidia_driver() -> str:
     """The NVIDIA driver version nvidia-smi reports, or why there is none."""
-    import shutil
-    import subprocess
-
-    if not shutil.which("nvidia-smi"):
-        return "no nvidia-smi"
-    try:
-        res = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"nvidia-smi failed ({e})"
-    lines = res.stdout.split()
-    return (
-        lines[0] if res.returncode == 0 and lines else f"nvidia-smi failed ({(res.stderr or res.stdout).strip()[:120]})"
-    )
+    versions, why = gres.nvidia_smi()
+    return versions[0] if versions else why
 
 
 def cuda_guard(source: str = "<config>") -> None:

@@ -215,6 +215,13 @@ def ratios(res: dict) -> dict:
             res, peak, "pretrain_bert_base_128", "pretrain_bert_base_bf16_128"
         ),
         "int8_vs_best_fp32_b1": int8_vs_best_fp32(res),
+        "int8_vs_pytorch_bf16_b1": (_ok(res, "onnx_latency") or {})
+        .get("teacher", {})
+        .get("int8_vs_pytorch_bf16", {})
+        .get("1"),
+        "int8_accuracy_drop_points": (_ok(res, "onnx_latency") or {})
+        .get("teacher", {})
+        .get("int8_accuracy_drop_points"),
         **large_ratios(res),
     }
 

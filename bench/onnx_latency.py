@@ -57,7 +57,9 @@ def _job(command: str, cfg: dict, path: Path) -> int:
 
 
 def measure(name: str, model: Path, work: Path, repeats: int) -> dict:
-    """Export (fp32 + dynamic int8), then the validate gate's measurements on the whole validation sample."""
+    """Export (fp32 + dynamic int8), then `hpcnlp validate` as shipped: its gate and, when the export's int8
+    misses it, its recipe search. The int8 rows are those of the model validate ships (null when no recipe
+    passed and fp32 shipped alone), so the speed-up and the accuracy are a shippable model's."""
     data = {
         "train_file": str(DATA / "train.csv"),
         "validation_file": str(DATA / "validation.csv"),
@@ -91,40 +93,38 @@ def measure(name: str, model: Path, work: Path, repeats: int) -> dict:
             "rejected_dir": str(work / "rejected"),
             "data": data,
             "latency": {"batch_sizes": [1, 32], "seq_length": 128, "repeats": repeats},
-            # the export's dynamic int8 is what this bench measures, judged as before the flip
-            # rate limit; the recipe search has its own bench (bench/int8_recipes.py)
-            "thresholds": {"int8_min_argmax_agreement": 0.0, "int8_fallback": "reject"},
-            "int8_search": {"max_attempts": 0},
         },
         work / f"validate-{name}.yaml",
     )
     bundle = work / ("artifacts" if rc == 0 else "rejected") / f"bench-{name}" / "0"
     report = json.loads((bundle / "validation.json").read_text())
+    search = report.get("int8") or {}
     out = {
         "passed_gate": report["passed"],
         "threads": report["threads"],
         "eval_examples": report["eval_examples"],
         "int8_preset": cpu_preset(),
-        "sizes_mb": {f: round((bundle / f).stat().st_size / 2**20, 1) for f in ("model.onnx", "model.int8.onnx")},
+        # what validate shipped: the export's recipe or the one its search found (None: fp32 alone)
+        "int8_recipe": search.get("recipe"),
+        "int8_fp32_nodes": search.get("fp32_nodes", []),
+        "int8_attempts": [(a["recipe"], a["passed"]) for a in search.get("attempts", [])],
+        "int8_reason": search.get("reason"),
+        "sizes_mb": {f.name: round(f.stat().st_size / 2**20, 1) for f in sorted(bundle.glob("model*.onnx"))},
     }
     for variant, lat in report["latency"].items():
         out[variant] = {**report["metrics"][variant], **{f"batch{b}": v for b, v in lat.items()}}
     out["pytorch_bf16"] = pytorch_bf16(model, data, repeats)
-    base = out["pytorch"]
-    out["speedup_vs_pytorch"] = {
-        v: {b: round(base[f"batch{b}"]["p50_ms"] / out[v][f"batch{b}"]["p50_ms"], 2) for b in ("1", "32")}
-        for v in ("onnx_fp32", "onnx_int8", "pytorch_bf16")
-    }
-    out["int8_accuracy_drop_points"] = round(100 * (base["accuracy"] - out["onnx_int8"]["accuracy"]), 2)
-    # the int8 target is against the faster fp32 runtime, PyTorch or onnxruntime
-    out["int8_vs_best_fp32"] = {
-        b: round(
-            min(base[f"batch{b}"]["p50_ms"], out["onnx_fp32"][f"batch{b}"]["p50_ms"])
-            / out["onnx_int8"][f"batch{b}"]["p50_ms"],
-            2,
-        )
-        for b in ("1", "32")
-    }
+    base, p50 = out["pytorch"], lambda v, b: out[v][f"batch{b}"]["p50_ms"]
+    variants = [v for v in ("onnx_fp32", "onnx_int8", "pytorch_bf16") if v in out]
+    out["speedup_vs_pytorch"] = {v: {b: round(p50("pytorch", b) / p50(v, b), 2) for b in ("1", "32")} for v in variants}
+    if "onnx_int8" in out:
+        out["int8_accuracy_drop_points"] = round(100 * (base["accuracy"] - out["onnx_int8"]["accuracy"]), 2)
+        # the int8 target is against the faster fp32 runtime, PyTorch or onnxruntime; a deployment team on
+        # a bf16 CPU also weighs it against PyTorch in bf16
+        out["int8_vs_best_fp32"] = {
+            b: round(min(p50("pytorch", b), p50("onnx_fp32", b)) / p50("onnx_int8", b), 2) for b in ("1", "32")
+        }
+        out["int8_vs_pytorch_bf16"] = {b: round(p50("pytorch_bf16", b) / p50("onnx_int8", b), 2) for b in ("1", "32")}
     return out
 
 
@@ -160,8 +160,8 @@ def run(repeats: int = 20, teacher: str | None = None, student: str | None = Non
         "accuracy_retention_pct": round(100 * s["pytorch"]["accuracy"] / t["pytorch"]["accuracy"], 2),
     }
     res["targets"] = {
-        "int8_2.5x_at_batch1": t["int8_vs_best_fp32"]["1"] >= 2.5,
-        "int8_le_1pt_accuracy_loss": t["int8_accuracy_drop_points"] <= 1.0,
+        "int8_2.5x_at_batch1": t.get("int8_vs_best_fp32", {}).get("1", 0) >= 2.5,
+        "int8_le_1pt_accuracy_loss": t.get("int8_accuracy_drop_points", 100) <= 1.0,
         "student_1.8x_faster": res["student_vs_teacher"]["speedup_pytorch"]["1"] >= 1.8,
         "student_ge_97pct_f1": res["student_vs_teacher"]["f1_retention_pct"] >= 97,
     }

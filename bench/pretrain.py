@@ -1,6 +1,6 @@
 """Pretraining recipes, each trained for the same steps and scored on the same held-out masked tokens.
 
-- hpcnlp: the pretrain job's own building blocks (prepare/pack, MLMCollator, sparse MLM head,
+- hpcnlp: the pretrain job's own building blocks (prepare/pack, MLMCollator, sparse MLM head, attention_dropout,
   TrainingConfig -> TrainingArguments, Trainer), as the pretrain job (hpcnlp.jobs.pretrain) wires them.
 - seed: the seeds' recipe, every line its own sample padded to max_length 512, stock collator,
   stock Trainer, stock *ForMaskedLM forward.
@@ -25,7 +25,13 @@ from hpcnlp.data.pack import prepare
 from hpcnlp.jobs.pretrain import PretrainConfig
 from hpcnlp.models import load_tokenizer
 from hpcnlp.train.harness import training_arguments
-from hpcnlp.train.mlm import MLMCollator, build_masked_lm, enable_sparse_mlm_head, fixed_eval_masks
+from hpcnlp.train.mlm import (
+    MLMCollator,
+    build_masked_lm,
+    enable_sparse_mlm_head,
+    fixed_eval_masks,
+    set_attention_dropout,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("BENCH_CORPUS", REPO / "data" / "corpus" / "python-docs"))
@@ -177,6 +183,7 @@ def hpcnlp(
         model = _stock_model(attn_implementation=attention)
     else:
         model = build_masked_lm(cfg, tokenizer)
+    set_attention_dropout(model, cfg.attention_dropout)  # the job's default, on every branch's model
     used = sparse and enable_sparse_mlm_head(model)
     collator = MLMCollator(tokenizer, cfg.mlm_probability, cfg.whole_word_masking, SEED)
     return _run(

@@ -150,18 +150,31 @@ def onnx_table(r: dict) -> str:
                     "batch 1 ms": v["batch1"]["p50_ms"],
                     "batch 32 ms": v["batch32"]["p50_ms"],
                     "speed-up b1 vs PyTorch": m["speedup_vs_pytorch"].get(variant, {}).get("1", 1.0),
-                    "int8 preset": m["int8_preset"] if variant == "onnx_int8" else "",
+                    "int8 recipe shipped": _recipe(m) if variant == "onnx_int8" else "",
                     "int8 vs best fp32 b1": m.get("int8_vs_best_fp32", {}).get("1", "")
+                    if variant == "onnx_int8"
+                    else "",
+                    "int8 vs PyTorch bf16 b1": m.get("int8_vs_pytorch_bf16", {}).get("1", "")
                     if variant == "onnx_int8"
                     else "",
                 }
             )
     sv = r["student_vs_teacher"]
+    fp32_alone = [
+        f"{model}: {r[model]['int8_reason']}" for model in ("teacher", "student") if r[model].get("int8_reason")
+    ]
     return (
         markdown_table(rows) + f"\n\nStudent vs teacher (PyTorch): {sv['speedup_pytorch']['1']}x at batch 1, "
         f"{sv['speedup_pytorch']['32']}x at batch 32, F1 retention {sv['f1_retention_pct']}%, threads "
         f"{r['teacher']['threads']}. Targets met: {r['targets']}"
+        + "".join(f"\n\nint8 not shipped, {why}" for why in fp32_alone)
     )
+
+
+def _recipe(m: dict) -> str:
+    """The int8 recipe validate shipped (bench/onnx_latency.py), with the preset and any MatMuls kept in fp32."""
+    nodes = len(m.get("int8_fp32_nodes", []))
+    return f"{m.get('int8_recipe')} ({m['int8_preset']})" + (f" + {nodes} MatMul(s) in fp32" if nodes else "")
 
 
 def charts(summary: dict, out: Path) -> list[str]:

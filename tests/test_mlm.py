@@ -180,3 +180,31 @@ def test_sparse_head_stays_exact_in_bf16(minilm_mlm, minilm_tokenizer):
     assert bf16 != fp32  # autocast really ran in bf16
     assert abs(bf16 - fp32) < 0.02 * fp32  # bf16 keeps 8 bits of mantissa: ~0.4% per op
     assert abs(bf16 - stock_bf16) < 0.01 * fp32
+
+
+def test_attention_dropout_is_a_training_setting_the_saved_model_does_not_keep(minilm_tokenizer, tmp_path):
+    """pretrain's attention_dropout (default 0) sets the attention modules' rate, for SDPA and eager alike,
+    and leaves model.config alone: the saved model keeps BERT's 0.1 for whoever fine-tunes it. None keeps it."""
+    from hpcnlp.jobs.pretrain import PretrainConfig
+    from hpcnlp.train.mlm import load_masked_lm
+
+    def cfg(**kw):
+        return PretrainConfig(output_dir=str(tmp_path / "out"), data={"train_files": [str(CORPUS)]}, **kw)
+
+    def rates(model):
+        return {(m.dropout_prob, m.dropout.p) for m in model.modules() if hasattr(m, "dropout_prob")}
+
+    assert PretrainConfig.model_fields["attention_dropout"].default == 0.0
+    model, _ = load_masked_lm(cfg(), minilm_tokenizer)
+    assert rates(model) == {(0.0, 0.0)} and len([m for m in model.modules() if hasattr(m, "dropout_prob")]) == 6
+    model.train()
+    batch = {k: v for k, v in _batch(minilm_tokenizer).items() if k != "labels"}
+    for m in model.modules():  # hidden dropout off too: then two training-mode passes agree (SDPA drew no mask)
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, model(**batch).logits)
+    model.save_pretrained(tmp_path / "saved")
+    assert '"attention_probs_dropout_prob": 0.1' in (tmp_path / "saved" / "config.json").read_text()
+    kept, _ = load_masked_lm(cfg(attention_dropout=None), minilm_tokenizer)
+    assert rates(kept) == {(0.1, 0.1)}

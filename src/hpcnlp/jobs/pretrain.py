@@ -68,6 +68,12 @@ class PretrainConfig(TrainingJobConfig):
     data: CorpusConfig
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     whole_word_masking: bool = False
+    # Dropout on attention probabilities while pretraining (None: the model's own, 0.1 for BERTs). 0 as in
+    # Cramming (Geiping & Goldstein 2023) and ModernBERT: MLM's masking regularizes already, and dropout
+    # there makes SDPA leave its fused CPU kernel for the math path and draw a mask the size of every
+    # attention matrix (bench/results/profile_step.md: ~40% of a step at block 512). Training only: the
+    # saved model's config keeps its own rate for fine-tuning.
+    attention_dropout: float | None = Field(0.0, ge=0, lt=1)
     # Run the MLM head only where a token is masked (~15% of positions); see train/mlm.py.
     sparse_mlm_head: bool = True
     adapter: AdapterConfig | None = None  # LoRA instead of training the whole encoder (finetune: same key)

@@ -157,7 +157,32 @@ def build_masked_lm(cfg, tokenizer):
 def load_masked_lm(cfg, tokenizer):
     """A pretrain config's model (hpcnlp.jobs.pretrain.PretrainConfig: init, scratch, model_name_or_path).
     (model, head_new): head_new is True when the MLM head's own weights were not in the checkpoint
-    (the packaged MiniLM ships without them) or the model is built from scratch."""
+    (the packaged MiniLM ships without them) or the model is built from scratch; attention_dropout applied."""
+    model, head_new = _load(cfg, tokenizer)
+    if cfg.attention_dropout is not None:
+        set_attention_dropout(model, cfg.attention_dropout)
+    return model, head_new
+
+
+def set_attention_dropout(model, p: float) -> int:
+    """Dropout on the attention probabilities, for training only: the attention modules' own rate (what SDPA
+    is called with, and eager attention's Dropout), never model.config, so the saved model keeps its own
+    and a fine-tune from it uses that. BERT-style attention (BERT, RoBERTa, ELECTRA, MiniLM...): the
+    modules with a `dropout_prob` beside a Dropout. Returns how many it set; 0 logs that nothing changed."""
+    import torch
+
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "dropout_prob") and isinstance(getattr(module, "dropout", None), torch.nn.Dropout):
+            module.dropout_prob = module.dropout.p = p
+            n += 1
+    if not n:
+        name = type(model).__name__
+        log.warning("attention_dropout: %s has no BERT-style attention modules; its own rate stays", name)
+    return n
+
+
+def _load(cfg, tokenizer):
     from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
     if cfg.init == "scratch":

@@ -221,3 +221,30 @@ def test_auto_under_torchrun_is_one_choice_for_every_rank(tmp_path):
     assert m["mixed_precision"] == ("bf16" if m["bf16"] else "no") and "GFLOP/s" in m["bf16_reason"]
     picked = {line.split("training.bf16: auto -> ")[1][:4] for line in proc.stdout.splitlines() if "auto -> " in line}
     assert len(picked) == 1 and proc.stdout.count("training.bf16: auto -> ") == 2  # one line per rank, one dtype
+
+
+def test_attention_runs_in_fp32_under_bf16_on_a_cpu(monkeypatch):
+    """precision.attention_in_fp32: bf16 q/k/v give bf16 out, computed in fp32 (the same as fp32's result
+    rounded once), with grads; fp32 calls are untouched; a second call wraps nothing twice."""
+    import torch
+    import torch.nn.functional as F
+
+    stock = getattr(F.scaled_dot_product_attention, "__wrapped__", F.scaled_dot_product_attention)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", stock)  # an earlier bf16 job here may have wrapped it
+    precision.attention_in_fp32()
+    wrapped = F.scaled_dot_product_attention
+    precision.attention_in_fp32()
+    assert F.scaled_dot_product_attention is wrapped and wrapped is not stock
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 32, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[0, :, :, 12:] = float("-inf")
+    exact = stock(q, k, v, attn_mask=mask)
+    assert torch.equal(wrapped(q, k, v, attn_mask=mask), exact)  # fp32 in: the stock call
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    with torch.autocast("cpu", torch.bfloat16):
+        out = wrapped(qb, kb, vb, attn_mask=mask.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, stock(qb.float(), kb.float(), vb.float(), attn_mask=mask).bfloat16())
+    out.float().sum().backward()
+    assert qb.grad is not None and qb.grad.dtype == torch.bfloat16

@@ -117,6 +117,8 @@ def training_setup(
         args = TrainingArguments(output_dir=output_dir, **{**kwargs, "bf16": choice.bf16})
     if t.bf16 == "auto":
         log.info("training.bf16: auto -> %s: %s", choice.dtype, choice.reason)
+    if choice.bf16 and not torch.cuda.is_available():
+        precision.attention_in_fp32()
     return args, choice
 
 

@@ -182,3 +182,30 @@ def _timed(shape: Shape) -> Probe:
         seconds=round(time.perf_counter() - t0, 3),
         shape=shape,
     )
+
+
+def attention_in_fp32() -> None:
+    """Under bf16 on a CPU, run torch's scaled_dot_product_attention in fp32: q, k and v cast up, the output
+    cast back. torch's bf16 flash-attention backward on CPU took 4x fp32's time for MiniLM's 32-wide heads at
+    block 128 (bench/results/profile_step.md), a third of the bf16 step, while the matmuls around it are what
+    bf16 speeds up. Process-wide (SDPA is called through torch.nn.functional by every model; a job is its own
+    process) and idempotent; CUDA tensors and fp32 calls go straight through."""
+    import torch
+    import torch.nn.functional as F
+
+    inner = F.scaled_dot_product_attention
+    if getattr(inner, "hpcnlp_fp32", False):
+        return
+
+    @functools.wraps(inner)  # __wrapped__: the stock function
+    def sdpa(query, key, value, attn_mask=None, *args, **kwargs):
+        if query.dtype != torch.bfloat16 or query.device.type != "cpu":
+            return inner(query, key, value, attn_mask, *args, **kwargs)
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.float()
+        with torch.autocast("cpu", enabled=False):
+            out = inner(query.float(), key.float(), value.float(), attn_mask, *args, **kwargs)
+        return out.to(query.dtype)
+
+    sdpa.hpcnlp_fp32 = True
+    F.scaled_dot_product_attention = sdpa

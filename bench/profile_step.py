@@ -1,11 +1,14 @@
-"""Where a pretraining step's time goes, fp32 vs bf16, at block 128 and 512 (issue: why bf16 gains less at 512).
+"""Where a pretraining step's time goes, fp32 vs bf16, at block 128 and 512 (issue #31: why bf16 gained less
+at 512), and what the two levers it found change.
 
-One step = forward, backward and AdamW step of the pretrain job's model (MiniLM-L6, sparse MLM head, SDPA
-attention) on one batch of the bench's shape (8 x 128 or 2 x 512 tokens), after warm-up steps, under the
-Trainer's own bf16 autocast. torch.profiler's self CPU time per op is summed into groups (matmuls,
-attention, softmax/GELU/LayerNorm, optimizer, ...) so the two dtypes compare group by group.
+A step = forward, backward and AdamW step of the pretrain job's model (MiniLM-L6, sparse MLM head, SDPA
+attention) on a batch of the bench's shape (8 x 128 or 2 x 512 tokens): the mean of 3 profiled steps after 2 of
+warm-up, in fp32, in bf16 (the Trainer's autocast) with torch's SDPA as is, and in bf16 with SDPA in fp32 (what
+jobs run: train/precision.attention_in_fp32); with the model's attention dropout (0.1) and pretrain's default
+(attention_dropout: 0). torch.profiler's self CPU time per op is summed into groups (matmuls, attention, dropout
+masks, dtype casts, ...) so the variants compare group by group.
 
-    python -m bench.profile_step          # -> bench/results/profile_step.{json,md}
+    python -m bench.profile_step          # -> bench/results/profile_step.{json,md}, ~2 min
 """
 
 from __future__ import annotations
@@ -44,7 +47,31 @@ def _group(name: str) -> str:
     return "other"
 
 
-def profile(block: int, batch: int, bf16: bool, attention_dropout: float | None, warmup: int = 2) -> dict:
+VARIANTS = {  # name -> (bf16 autocast, SDPA in fp32 as precision.attention_in_fp32 runs it)
+    "fp32": (False, False),
+    "bf16, stock SDPA": (True, False),
+    "bf16, SDPA in fp32 (jobs)": (True, True),
+}
+
+
+def profile(block: int, batch: int, variant: str, attention_dropout: float | None, warmup: int = 2, steps: int = 3):
+    """Self CPU ms per op group, the mean of `steps` profiled steps after `warmup` ones."""
+    import torch.nn.functional as F
+
+    from hpcnlp.train import precision
+
+    bf16, fp32_attention = VARIANTS[variant]
+    stock = getattr(F.scaled_dot_product_attention, "__wrapped__", F.scaled_dot_product_attention)
+    F.scaled_dot_product_attention = stock
+    if fp32_attention:
+        precision.attention_in_fp32()
+    try:
+        return _profile(block, batch, bf16, attention_dropout, warmup, steps) | {"variant": variant}
+    finally:
+        F.scaled_dot_product_attention = stock
+
+
+def _profile(block: int, batch: int, bf16: bool, attention_dropout: float | None, warmup: int, steps: int) -> dict:
     from transformers import set_seed
 
     from bench.pretrain import corpus_config
@@ -64,7 +91,7 @@ def profile(block: int, batch: int, bf16: bool, attention_dropout: float | None,
     model.train()
     collator = MLMCollator(tokenizer, cfg.mlm_probability, cfg.whole_word_masking, 42)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batches = [collator([data[i * batch + j] for j in range(batch)]) for i in range(warmup + 1)]
+    batches = [collator([data[i * batch + j] for j in range(batch)]) for i in range(warmup + steps)]
 
     def step(b: dict) -> None:
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
@@ -76,11 +103,12 @@ def profile(block: int, batch: int, bf16: bool, attention_dropout: float | None,
     for b in batches[:warmup]:
         step(b)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        step(batches[-1])
+        for b in batches[warmup:]:
+            step(b)
     groups: dict[str, float] = {}
     ops: dict[str, float] = {}
     for e in prof.key_averages():
-        ms = e.self_cpu_time_total / 1000
+        ms = e.self_cpu_time_total / 1000 / steps
         groups[_group(e.key)] = groups.get(_group(e.key), 0.0) + ms
         ops[e.key] = ms
     total = sum(groups.values())
@@ -102,10 +130,10 @@ def run() -> dict:
     from hpcnlp.tasks import cpu as cpu_info
 
     runs = [
-        profile(block, batch, bf16, dropout)
+        profile(block, batch, variant, dropout)
         for dropout in (None, 0.0)  # the model's own attention dropout (0.1), then pretrain's default
         for block, batch in ((128, 8), (512, 2))
-        for bf16 in (False, True)
+        for variant in VARIANTS
     ]
     return {"machine": {**cpu_info(), "torch": torch.__version__}, "runs": runs}
 
@@ -117,7 +145,9 @@ def markdown(res: dict) -> str:
         "# One pretraining step, profiled (bench/profile_step.py)",
         "",
         f"{cpu_text(res['machine'])}, torch {res['machine']['torch']}, {res['runs'][0]['threads']} thread(s). "
-        "Self CPU ms per group of ops (torch.profiler), one step (forward, backward, AdamW) after warm-up.",
+        "Self CPU ms per group of ops (torch.profiler), per step (forward, backward, AdamW): the mean of 3 steps "
+        "after 2 of warm-up. bf16 is the Trainer's autocast; jobs run SDPA in fp32 under it "
+        "(train/precision.attention_in_fp32).",
     ]
     for p in sorted({r["attention_dropout"] for r in res["runs"]}, reverse=True):
         out += ["", f"## attention dropout {p}", "", _table([r for r in res["runs"] if r["attention_dropout"] == p])]
@@ -128,17 +158,17 @@ def _table(runs: list[dict]) -> str:
     groups = sorted(
         {g for r in runs for g in r["groups_ms"]}, key=lambda g: -max(r["groups_ms"].get(g, 0) for r in runs)
     )
-    head = [f"{r['dtype']} {r['batch']}x{r['block']}" for r in runs]
-    lines = [
-        "| group | " + " | ".join(head) + " | bf16 gain 128 | bf16 gain 512 |",
-        "|---|" + "---|" * (len(head) + 2),
-    ]
+    head = [f"{r['variant']}, {r['batch']}x{r['block']}" for r in runs]
+    fp32 = {r["block"]: r["step_ms"] for r in runs if r["variant"] == "fp32"}
+    lines = ["| group | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    lines.append(
+        "| **step, speed-up vs fp32** | " + " | ".join(f"{fp32[r['block']] / r['step_ms']:.2f}x" for r in runs) + " |"
+    )
     for g in ["step total", *groups]:
         vals = [r["step_ms"] if g == "step total" else r["groups_ms"].get(g, 0.0) for r in runs]
-        gain = [f"{a / b:.2f}x" if b else "" for a, b in ((vals[0], vals[1]), (vals[2], vals[3]))]
-        lines.append(f"| {g} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {gain[0]} | {gain[1]} |")
+        lines.append(f"| {g} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
     for r in runs:
-        lines += ["", f"Top ops, {r['dtype']} {r['batch']}x{r['block']}: "]
+        lines += ["", f"Top ops, {r['variant']}, {r['batch']}x{r['block']}: "]
         lines.append(", ".join(f"{k} {v}" for k, v in list(r["top_ops_ms"].items())[:8]))
     return "\n".join(lines)
 

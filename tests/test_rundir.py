@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -216,6 +217,32 @@ def test_a_start_refused_by_the_lock_writes_nothing_into_the_live_runs_status(tm
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_submit_and_cancel_write_status_only_when_no_job_holds_the_run(tmp_path):
+    """main: `hpcnlp submit`/`sweep` ("queued") and `cancel` ("cancelled") wrote status.json beside the job
+    holding the run, whose own last write could then land before or after theirs. Now they write under
+    the run's lock: never while a job holds it; cancel waits for the job scancel ended to let go."""
+    out = tmp_path / "out"
+    out.mkdir()
+    live = json.dumps({"state": "running", "step": 3})
+    (out / "status.json").write_text(live)
+    proc = holder(out)
+    try:
+        assert status.update_outside(out / "status.json", state="queued") is False
+        assert (out / "status.json").read_text() == live
+        threading.Timer(1.0, proc.kill).start()  # the cancelled job ends a second later
+        assert status.update_outside(out / "status.json", wait=30, state="cancelled") is True
+        assert json.loads((out / "status.json").read_text())["state"] == "cancelled"
+        assert rundir.holder_alive(out) is False  # and the lock is free again
+    finally:
+        proc.kill()
+        proc.wait()
+    # no lock file: no training job ever claimed the dir (export, validate): written at once, no lock file made
+    fresh = tmp_path / "export" / "status.json"
+    assert status.update_outside(fresh, state="queued") is True and json.loads(fresh.read_text())["state"] == "queued"
+    assert not rundir.lock_path(fresh.parent).exists()
+    assert status.update_outside(None, state="queued") is False  # prepare: no status file
 
 
 def test_a_stall_writes_failed_into_status(tmp_path):

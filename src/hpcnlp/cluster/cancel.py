@@ -15,6 +15,10 @@ from hpcnlp.cluster.status import resolve_runs
 from hpcnlp.config import ConfigError
 from hpcnlp.runtime import status
 
+# How long cancel waits for a cancelled job to let go of its run dir before marking it: Slurm's default
+# KillWait (30 s, SIGTERM to SIGKILL) and some slack.
+CANCEL_WAIT_S = 60.0
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("cancel", help="scancel the queued or running jobs of a run, config, pipeline or sweep")
@@ -56,6 +60,9 @@ def cancel(target: str) -> int:
             return 1
         for job, names in jobs.items():
             print(f"cancelled job {job} ({', '.join(names)})")
-    for run in marked:
-        status.update(run.status, state="cancelled", reason="cancelled with hpcnlp cancel")
+    for run in marked:  # after the job scancel ended has written its own last state (it holds the lock till then)
+        if not status.update_outside(
+            run.status, wait=CANCEL_WAIT_S, state="cancelled", reason="cancelled with hpcnlp cancel"
+        ):
+            print(f"cancel: {run.name}: its job still holds {run.status.parent} after {CANCEL_WAIT_S:g} s; not marked")
     return rc

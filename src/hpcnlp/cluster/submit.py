@@ -185,8 +185,8 @@ def queue(
         return None
     job_id = sub.run()
     log = expand_log(sub.log, job_id, sub.name)
-    status.update(
-        spec.status_file(cfg), create=True, state="queued", job=cfg.job, queued_job_id=job_id, reason=None, log=log
+    status.update_outside(  # a job that took the run since the busy check keeps its own status
+        spec.status_file(cfg), state="queued", job=cfg.job, queued_job_id=job_id, reason=None, log=log
     )
     after = option_value(sbatch_args, "--dependency")
     print(

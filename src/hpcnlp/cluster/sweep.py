@@ -208,9 +208,8 @@ def sweep(
     spec = registry()[cfg.job]
     for i, t in enumerate(task_args):  # `hpcnlp status` says queued at once, with each task's log
         task_cfg = load_config(config, [*overrides, *t], check=False)
-        status.update(
+        status.update_outside(
             spec.status_file(task_cfg),
-            create=True,
             state="queued",
             job=cfg.job,
             queued_job_id=f"{job_id}_{i}",

@@ -56,6 +56,33 @@ def update(path: Path | None, create: bool = False, **fields) -> None:
     )
 
 
+def update_outside(path: Path | None, wait: float = 0.0, **fields) -> bool:
+    """update() from outside the job (submit's "queued", cancel's "cancelled"), under the run dir's lock: never
+    beside a job writing its own. Waits up to `wait` seconds for a running job to let go (cancel: the job that
+    scancel ends writes its last state, then this one comes last). False, nothing written, while a job holds it."""
+    if path is None:
+        return False
+    out = path.parent
+    # No lock file: no training job ever claimed the dir (export and validate take none), none holds it.
+    if rundir.holds(out) or not rundir.lock_path(out).exists():
+        update(path, create=True, **fields)
+        return True
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            rundir.acquire(out)
+            break
+        except rundir.OutputDirRefused:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+    try:
+        update(path, create=True, **fields)
+    finally:
+        rundir.release(out)
+    return True
+
+
 def link_log(log: str | None, where: Path) -> None:
     """The job's Slurm log, linked beside its status.json (rank 0, where the job made the dir): the run's
     files and its log in one place. A name already there that is not our link is left alone."""

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import resource
@@ -188,6 +189,84 @@ def pretrain(args, task: str) -> dict:
     )
 
 
+# --- the technical domain (issue 29): Linux kernel docs, DAPT on the rest of Documentation/ ------
+KERNEL = FULL / "kernel-docs"
+
+
+def kernel_prepare(args) -> dict | None:
+    """`hpcnlp prepare` of jobs/pretrain-kernel-docs.yaml's domain text, into this run's own dir."""
+    return job(
+        args,
+        "kernel-prepare",
+        "prepare",
+        JOBS / "prepare.yaml",
+        {"data_from": str(JOBS / "pretrain-kernel-docs.yaml"), "data.prepared_root": "<run>", "data.num_proc": 1},
+        done="stats.json",
+    )
+
+
+def kernel_pretrain(args) -> dict | None:
+    """DAPT with the shipped config as a user submits it (bf16: auto), on the data prepared above."""
+    prepared = kernel_prepare(args)
+    if prepared is None:
+        return None
+    return job(
+        args,
+        "kernel-pretrain",
+        "pretrain",
+        JOBS / "pretrain-kernel-docs.yaml",
+        {
+            "data.prepared_root": prepared["dir"],
+            "data.max_eval_blocks": args.max_eval_samples,
+            "training.max_steps": args.kernel_pretrain_steps,
+            "head_warmup_steps": min(100, max(1, args.kernel_pretrain_steps // 10)),
+        },
+    )
+
+
+def kernel_finetune(args, budget: str, source: str, seed: int) -> dict | None:
+    model = "minilm-l6" if source == "package" else (kernel_pretrain(args) or {}).get("dir")
+    if model is None:
+        return None
+    r = job(
+        args,
+        f"kernel-{budget}-{source}-s{seed}",
+        "finetune",
+        JOBS / "finetune-kernel-docs.yaml",
+        {
+            "model_name_or_path": model,
+            "data.train_file": str(KERNEL / ("train-low.jsonl" if budget == "low" else "train.jsonl")),
+            "training.num_train_epochs": args.kernel_low_epochs if budget == "low" else args.kernel_full_epochs,
+            "training.seed": seed,
+            "training.max_steps": args.max_steps,
+            "data.max_eval_samples": args.max_eval_samples,
+        },
+    )
+    if r is None:
+        return None
+    m = _metrics(r)
+    return {
+        **r,
+        "test_f1": m["eval"]["test"]["f1"],
+        "test_accuracy": m["eval"]["test"]["accuracy"],
+        "validation_f1": m["eval"]["validation"]["f1"],
+        "bf16": m.get("bf16"),
+    }
+
+
+def kernel_curve(pre: dict) -> list[dict]:
+    """Held-out domain perplexity by DAPT step: eval_before, then every evaluation the run logged."""
+    m = _metrics(pre)
+    points = [{"step": 0, "perplexity": m["eval_before"]["perplexity"]}]
+    states = sorted(Path(pre["dir"]).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name[11:]))
+    if states:
+        for e in json.loads(states[-1].read_text())["log_history"]:
+            if "eval_loss" in e:
+                points.append({"step": e["step"], "perplexity": round(math.exp(e["eval_loss"]), 2)})
+    last = {"step": m["global_step"], "perplexity": m["eval_after"]["perplexity"]}
+    return [p for p in points if p["step"] != last["step"]] + [last]
+
+
 def finetune(args, task: str, source: str, seed: int) -> dict | None:
     model = "minilm-l6" if source == "package" else (pretrain(args, task) or {}).get("dir")
     if model is None:
@@ -281,6 +360,76 @@ def _stat(values: list[float]) -> dict:
     }
 
 
+def _paired(a: dict, b: dict) -> dict:
+    """Per-seed differences a - b: mean, std, standard error, and whether the mean is above 2 SE."""
+    d = _stat([a[s] - b[s] for s in sorted(set(a) & set(b))])
+    if d["n"] > 1:
+        d["se"] = round(d["std"] / math.sqrt(d["n"]), 4)
+        d["above_2se"] = d["mean"] > 2 * d["se"]
+    return d
+
+
+def kernel_results(args, seeds: list[int]) -> dict:
+    """The technical-domain figures (read-only: finished runs only)."""
+    runs = {}
+    for budget in ("low", "full"):
+        for source in ("package", "dapt"):
+            for seed in seeds:
+                if (r := kernel_finetune(args, budget, source, seed)) is not None:
+                    runs[budget, source, seed] = r
+    if not runs and kernel_pretrain(args) is None:
+        return {}
+    out = {"kernel_test_macro_f1": {}, "kernel_runs": []}
+    for budget in ("low", "full"):
+        f1 = {
+            src: {s: r["test_f1"] for (b, x, s), r in runs.items() if (b, x) == (budget, src)}
+            for src in ("package", "dapt")
+        }
+        out["kernel_test_macro_f1"][budget] = {src: _stat(list(v.values())) for src, v in f1.items()}
+        out[f"dapt_effect_kernel_{budget}"] = _paired(f1["dapt"], f1["package"])
+    for (budget, source, seed), r in sorted(runs.items()):
+        out["kernel_runs"].append(
+            {
+                "budget": budget,
+                "source": source,
+                "seed": seed,
+                "test_f1": round(r["test_f1"], 4),
+                "test_accuracy": round(r["test_accuracy"], 4),
+                "validation_f1": round(r["validation_f1"], 4),
+                "bf16": r["bf16"],
+                "cpu_minutes": round(r["cpu_seconds"] / 60, 1),
+            }
+        )
+    stats = json.loads((KERNEL / "stats.json").read_text())
+    out["kernel_task"] = {
+        k: stats.get(k) for k in ("source", "paragraphs", "files", "majority_baseline_test_accuracy", "domain_mb")
+    }
+    prep, pre = kernel_prepare(args), kernel_pretrain(args)
+    if pre is not None:
+        m = _metrics(pre)
+        out["kernel_pretrain"] = {
+            "perplexity_before": round(m["eval_before"]["perplexity"], 1),
+            "perplexity_after": round(m["eval_after"]["perplexity"], 1),
+            "masked_accuracy_before": m["eval_before"].get("masked_accuracy"),
+            "masked_accuracy_after": m["eval_after"].get("masked_accuracy"),
+            "curve": kernel_curve(pre),
+            "global_step": m["global_step"],
+            "train_tokens": m.get("train_tokens"),
+            "bf16": m.get("bf16"),
+            "prepared": {k: m["prepared"].get(k) for k in ("tokens", "blocks", "documents", "duplicates_removed")},
+        }
+    out["kernel_cpu_minutes"] = {
+        "prepare": round(prep["cpu_seconds"] / 60, 1) if prep else None,
+        "pretrain": round(pre["cpu_seconds"] / 60, 1) if pre else None,
+        **{
+            f"finetune_{b}_per_run": round(statistics.fmean(v) / 60, 1)
+            for b in ("low", "full")
+            if (v := [r["cpu_seconds"] for (x, _, _), r in runs.items() if x == b])
+        },
+    }
+    return out
+
+
 def collect(args) -> dict:
     """Every finished run of these settings (any seed) -> the figures the issue asks for."""
     seeds = sorted(
@@ -307,6 +456,7 @@ def collect(args) -> dict:
                     per_task.setdefault((task, source), {})[seed] = r
         pre = {t: p for t in ("rt", "wnut") if (p := pretrain(args, t)) is not None}
         students = {s: r for s in seeds if (r := student(args, s)) is not None}
+        kernel = kernel_results(args, seeds)
     finally:
         args.read_only = read_only
 
@@ -356,6 +506,7 @@ def collect(args) -> dict:
             }
             for t, p in pre.items()
         },
+        **kernel,
         "students": {str(s): {k: v for k, v in r.items() if k != "dirs"} for s, r in students.items()},
         "seeds": seeds,
         "settings": args.settings,
@@ -438,7 +589,20 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--pieces", nargs="*", default=["rt", "wnut", "student"], choices=["rt", "wnut", "student"])
+    p.add_argument(
+        "--pieces", nargs="*", default=["kernel", "rt", "wnut", "student"], choices=["kernel", "rt", "wnut", "student"]
+    )
+    p.add_argument(
+        "--sources",
+        nargs="+",
+        default=["package", "dapt"],
+        choices=["package", "dapt"],
+        help="fine-tune from these (two bench processes can split the work: --threads 1 each)",
+    )
+    p.add_argument("--kernel-budgets", nargs="+", default=["low", "full"], choices=["low", "full"])
+    p.add_argument("--kernel-pretrain-steps", type=int, default=1000, help="DAPT steps of 32 x 128 tokens (~one pass)")
+    p.add_argument("--kernel-low-epochs", type=float, default=8.0, help="on train-low.jsonl (801 paragraphs)")
+    p.add_argument("--kernel-full-epochs", type=float, default=2.0, help="on train.jsonl (5,945 paragraphs)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument(
         "--epochs",
@@ -476,7 +640,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def setup(args) -> None:
-    knobs = {k: v for k, v in vars(args).items() if k not in ("pieces", "seeds", "work", "results", "threads")}
+    knobs = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("pieces", "seeds", "sources", "kernel_budgets", "work", "results", "threads")
+    }
     args.settings = knobs
     args.work = args.work.resolve()
     args.read_only = False
@@ -485,6 +653,7 @@ def setup(args) -> None:
         FULL / "wnut16" / "domain-tweets.txt",
         FULL / "wnut16" / "test.conll",
     ]
+    need = [KERNEL / "stats.json"] + (need if set(args.pieces) - {"kernel"} else [])
     if missing := [str(p) for p in need if not p.is_file()]:
         raise SystemExit(f"missing {missing}: run `make data` first")
 
@@ -496,8 +665,12 @@ def main(argv: list[str] | None = None) -> dict:
         for piece in args.pieces:
             if piece == "student":
                 student(args, seed)
+            elif piece == "kernel":
+                for budget in args.kernel_budgets:
+                    for source in args.sources:
+                        kernel_finetune(args, budget, source, seed)
             else:
-                for source in ("package", "dapt"):
+                for source in args.sources:
                     finetune(args, piece, source, seed)
             write(args, collect(args))
     results = collect(args)

@@ -41,6 +41,7 @@ def test_torchrun_node_command_uses_this_nodes_rank():
         "--master-addr=10.0.0.1",
         "--master-port=23456",
         "--max-restarts=0",
+        "--shutdown-timeout=900",  # not torchrun's 30 s: a slow checkpoint after SIGTERM is not killed
     } <= set(cmd)
     assert cmd[-5:] == ["-m", "hpcnlp", "pretrain", "--config", "x.yaml"]
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from hpcnlp.runtime import env, gres
 
 LAUNCHERS = ("torchrun", "accelerate")
+SHUTDOWN_TIMEOUT_S = 900
 CONTAINERS = ("none", "apptainer", "singularity", "pyxis", "podman")
 # Variables podman passes into the container: Slurm's, ours, the libraries' switches, proxies.
 PODMAN_ENV = (
@@ -177,6 +178,11 @@ def node_command(
             f"--master-addr={master_addr}",
             f"--master-port={master_port}",
             "--max-restarts=0",
+            # On SIGTERM (preemption, scancel, time limit) torchrun SIGKILLs its ranks after this long, 30 s
+            # by default: a checkpoint that takes longer would be cut short by torchrun, whatever the site's
+            # GraceTime. Slurm's own SIGKILL ends the step at the real deadline; torchrun waits up to the
+            # stall timeout's default (step_timeout_minutes: 15) and only while ranks are still alive.
+            f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
             *target,
         ]
     if launcher == "accelerate":

@@ -257,13 +257,13 @@ def kernel_finetune(args, budget: str, source: str, seed: int) -> dict | None:
 def kernel_curve(pre: dict) -> list[dict]:
     """Held-out domain perplexity by DAPT step: eval_before, then every evaluation the run logged."""
     m = _metrics(pre)
-    points = [{"step": 0, "perplexity": m["eval_before"]["perplexity"]}]
+    points = [{"step": 0, "perplexity": round(m["eval_before"]["perplexity"], 2)}]
     states = sorted(Path(pre["dir"]).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name[11:]))
     if states:
         for e in json.loads(states[-1].read_text())["log_history"]:
             if "eval_loss" in e:
                 points.append({"step": e["step"], "perplexity": round(math.exp(e["eval_loss"]), 2)})
-    last = {"step": m["global_step"], "perplexity": m["eval_after"]["perplexity"]}
+    last = {"step": m["global_step"], "perplexity": round(m["eval_after"]["perplexity"], 2)}
     return [p for p in points if p["step"] != last["step"]] + [last]
 
 
@@ -416,7 +416,10 @@ def kernel_results(args, seeds: list[int]) -> dict:
             "global_step": m["global_step"],
             "train_tokens": m.get("train_tokens"),
             "bf16": m.get("bf16"),
-            "prepared": {k: m["prepared"].get(k) for k in ("tokens", "blocks", "documents", "duplicates_removed")},
+            "prepared": {
+                k: m["prepared"].get(k)
+                for k in ("tokens_train", "tokens_eval", "documents_train", "duplicates_removed", "fingerprint")
+            },
         }
     out["kernel_cpu_minutes"] = {
         "prepare": round(prep["cpu_seconds"] / 60, 1) if prep else None,
@@ -515,13 +518,131 @@ def collect(args) -> dict:
     }
 
 
-def write(args, results: dict) -> None:
+def _empty(v) -> bool:
+    if isinstance(v, dict):
+        return v.get("n") == 0 if "n" in v else all(_empty(x) for x in v.values())
+    return v is None or v == []
+
+
+def carry_over(results: dict, previous: dict) -> dict:
+    """Figures of pieces with no finished run in this work dir are taken from the previous quality.json
+    (its settings kept beside them), so a run of one piece does not blank the others' measured figures."""
+    carried = [k for k, v in results.items() if _empty(v) and not _empty(previous.get(k))]
+    if "rt_test_macro_f1" in carried:
+        carried.append("rt_test_macro_f1_source")
+    if not carried:
+        return results
+    out = {**results, **{k: previous[k] for k in carried}}
+    out["carried_over"] = sorted(carried)
+    older = set(carried) <= set(previous.get("carried_over", []))  # all of them carried there too
+    out["carried_over_settings"] = previous["carried_over_settings"] if older else previous.get("settings")
+    return out
+
+
+def kernel_chart(r: dict, out: Path) -> str | None:
+    """quality-kernel.png: held-out domain perplexity along DAPT; test macro-F1 by label budget and start."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hpcnlp.report import save_figure
+
+    if "kernel_pretrain" not in r and not r.get("kernel_runs"):
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    curve = r.get("kernel_pretrain", {}).get("curve", [])
+    if curve:
+        a.plot([c["step"] for c in curve], [c["perplexity"] for c in curve], "o-")
+        a.set_yscale("log")
+    a.set(xlabel="DAPT optimizer step (32 x 128 tokens)", ylabel="MLM perplexity, held-out kernel docs")
+    a.set_title("domain-adaptive pretraining")
+    sizes = r.get("kernel_task", {}).get("paragraphs", {})
+    budgets = {"low": sizes.get("train-low", 0), "full": sizes.get("train", 0)}
+    for offset, (source, label) in zip((-0.04, 0.04), (("package", "package"), ("dapt", "DAPT first"))):
+        pts = [(budgets[b], r["kernel_test_macro_f1"][b][source]) for b in budgets]
+        pts = [(x, s) for x, s in pts if s["n"]]
+        if pts:
+            xs = [x * (1 + offset) for x, _ in pts]
+            b.errorbar(
+                xs, [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts], fmt="o-", capsize=4, label=label
+            )
+        seeds = [(budgets[x["budget"]] * (1 + offset), x["test_f1"]) for x in r["kernel_runs"] if x["source"] == source]
+        if seeds:
+            b.plot(*zip(*seeds), ".", color="grey", alpha=0.6)
+    b.set_xscale("log")
+    b.set(xlabel="labelled training paragraphs", ylabel="test macro-F1 (mean ± std; dots: seeds)")
+    b.set_title("kernel-docs area classification")
+    b.legend()
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    save_figure(fig, out / "quality-kernel.png")
+    return "quality-kernel.png"
+
+
+def kernel_markdown(r: dict) -> list[str]:
+    from hpcnlp.report import markdown_table
+
+    if "kernel_test_macro_f1" not in r:
+        return []
+
+    def ms(s: dict) -> str:
+        return "" if s.get("mean") is None else f"{s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})"
+
+    def effect(s: dict) -> str:
+        if s.get("mean") is None:
+            return ""
+        se = f", SE {s['se']:.4f}, {'above' if s['above_2se'] else 'not above'} 2 SE" if "se" in s else ""
+        return f"{s['mean']:+.4f} ± {s['std']:.4f} (n={s['n']}{se})"
+
+    sizes = r["kernel_task"]["paragraphs"]
+    rows = [
+        {
+            "label budget": f"{b} ({sizes['train-low' if b == 'low' else 'train']:,} paragraphs)",
+            "from the package": ms(r["kernel_test_macro_f1"][b]["package"]),
+            "DAPT first": ms(r["kernel_test_macro_f1"][b]["dapt"]),
+            "effect (paired by seed)": effect(r[f"dapt_effect_kernel_{b}"]),
+        }
+        for b in ("low", "full")
+    ]
+    pre = r.get("kernel_pretrain", {})
+    lines = [
+        "## Technical domain: Linux kernel docs, 12 areas (issue 29)",
+        "",
+        f"Test macro-F1, mean ± std over fine-tuning seeds; majority baseline accuracy "
+        f"{r['kernel_task']['majority_baseline_test_accuracy']:.3f}.",
+        "",
+        markdown_table(rows),
+        "",
+    ]
+    if pre:
+        lines += [
+            f"DAPT: {pre['global_step']} steps, {pre['train_tokens']:,} tokens (bf16: {pre['bf16']}); held-out "
+            f"domain perplexity {pre['perplexity_before']:,} -> {pre['perplexity_after']:,} (masked accuracy "
+            f"{pre['masked_accuracy_before']} -> {pre['masked_accuracy_after']:.3f}); prepared: "
+            f"{json.dumps(pre['prepared'])}.",
+            "",
+        ]
+    lines += [
+        f"CPU minutes: {json.dumps(r['kernel_cpu_minutes'])}.",
+        "",
+        "![kernel docs](quality-kernel.png)",
+        "",
+        markdown_table(r["kernel_runs"]) if r["kernel_runs"] else "(no fine-tune finished yet)",
+        "",
+    ]
+    return lines
+
+
+def write(args, results: dict) -> dict:
     from hpcnlp.report import markdown_table
     from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
 
     def ms(s: dict) -> str:
         return "" if s.get("mean") is None else f"{s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})"
 
+    old = args.results / "quality.json"
+    results = carry_over(results, json.loads(old.read_text()) if old.is_file() else {})
     r = results
     rows = [
         {
@@ -578,10 +699,20 @@ def write(args, results: dict) -> None:
         "## Runs",
         "",
         markdown_table(r["runs"]) if r["runs"] else "(none finished yet)",
+        "",
+        *kernel_markdown(r),
     ]
+    if r.get("carried_over"):
+        text[2:2] = [
+            f"Carried over from an earlier run (no finished run of theirs in this work dir), with its settings "
+            f"{json.dumps(r['carried_over_settings'])}: {', '.join(r['carried_over'])}.",
+            "",
+        ]
     args.results.mkdir(parents=True, exist_ok=True)
+    kernel_chart(r, args.results)
     atomic_write_json(args.results / "quality.json", results)
     atomic_write_text(args.results / "quality.md", "\n".join(text) + "\n")
+    return results
 
 
 # --- entry points ----------------------------------------------------------------------------
@@ -673,19 +804,20 @@ def main(argv: list[str] | None = None) -> dict:
                 for source in args.sources:
                     finetune(args, piece, source, seed)
             write(args, collect(args))
-    results = collect(args)
-    write(args, results)
+    results = write(args, collect(args))
     print(
         f"[quality] {args.results}/quality.json, quality.md: "
         + json.dumps(
             {
-                k: results[k]
+                k: results.get(k)
                 for k in (
                     "rt_test_macro_f1_mean",
                     "rt_test_macro_f1_std",
                     "rt_student_int8_test_macro_f1_mean",
                     "dapt_effect_rt",
                     "dapt_effect_wnut",
+                    "dapt_effect_kernel_low",
+                    "dapt_effect_kernel_full",
                     "train_cpu_minutes",
                 )
             }

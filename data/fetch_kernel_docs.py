@@ -132,44 +132,49 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    rng = random.Random(SEED)
     with tempfile.TemporaryDirectory() as tmp:
-        docs, version = documentation(Path(tmp))
-        rst = sorted(p for p in docs.rglob("*.rst") if p.relative_to(docs).parts[0] != "translations")
-        seen: set[str] = set()
-        by_area: dict[str, dict[str, list[str]]] = collections.defaultdict(dict)
-        for p in rst:
-            rel = p.relative_to(docs)
-            if len(rel.parts) < 2 or rel.parts[0] not in AREAS:
-                continue
-            kept = [t for t in paragraphs(p.read_text("utf-8", errors="replace")) if not (t in seen or seen.add(t))]
-            if len(kept) > MAX_PER_FILE:
-                kept = rng.sample(kept, MAX_PER_FILE)
-            if kept:
-                by_area[rel.parts[0]][str(rel)] = kept
-        splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
-        held_out_files = set()
-        for area in AREAS:
-            for f, name in split_files(by_area[area], rng).items():
-                splits[name] += [{"text": t, "label": area, "file": f} for t in by_area[area][f]]
-                if name != "train":
-                    held_out_files.add(f)
-        if OUT.exists():
-            shutil.rmtree(OUT)  # data/full/kernel-docs is this script's own output, rebuilt whole
-        OUT.mkdir(parents=True)
-        for name, rows in splits.items():
-            rng.shuffle(rows)
-            write_jsonl(rows, OUT / f"{name}.jsonl")
-        low = stratified_sample(splits["train"], LOW_BUDGET, rng)
-        write_jsonl(low, OUT / "train-low.jsonl")
-        domain_files = held_files = 0
-        for p in rst:
-            rel = str(p.relative_to(docs))
-            dest = OUT / ("domain-eval" if rel in held_out_files else "domain") / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, dest)
-            held_files += rel in held_out_files
-            domain_files += rel not in held_out_files
+        stats = build(*documentation(Path(tmp)), OUT)
+    print(json.dumps(stats, indent=2))
+
+
+def build(docs: Path, version: str, out: Path) -> dict:
+    """The task, the domain text and stats.json from a Documentation/ tree, into out (replaced whole)."""
+    rng = random.Random(SEED)
+    rst = sorted(p for p in docs.rglob("*.rst") if p.relative_to(docs).parts[0] != "translations")
+    seen: set[str] = set()
+    by_area: dict[str, dict[str, list[str]]] = collections.defaultdict(dict)
+    for p in rst:
+        rel = p.relative_to(docs)
+        if len(rel.parts) < 2 or rel.parts[0] not in AREAS:
+            continue
+        kept = [t for t in paragraphs(p.read_text("utf-8", errors="replace")) if not (t in seen or seen.add(t))]
+        if len(kept) > MAX_PER_FILE:
+            kept = rng.sample(kept, MAX_PER_FILE)
+        if kept:
+            by_area[rel.parts[0]][str(rel)] = kept
+    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    held_out_files = set()
+    for area in AREAS:
+        for f, name in split_files(by_area[area], rng).items():
+            splits[name] += [{"text": t, "label": area, "file": f} for t in by_area[area][f]]
+            if name != "train":
+                held_out_files.add(f)
+    if out.exists():
+        shutil.rmtree(out)  # data/full/kernel-docs is this script's own output, rebuilt whole
+    out.mkdir(parents=True)
+    for name, rows in splits.items():
+        rng.shuffle(rows)
+        write_jsonl(rows, out / f"{name}.jsonl")
+    low = stratified_sample(splits["train"], LOW_BUDGET, rng)
+    write_jsonl(low, out / "train-low.jsonl")
+    domain_files = held_files = 0
+    for p in rst:
+        rel = str(p.relative_to(docs))
+        dest = out / ("domain-eval" if rel in held_out_files else "domain") / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, dest)
+        held_files += rel in held_out_files
+        domain_files += rel not in held_out_files
     stats = {
         "source": f"linux-source-6.1 {version} (Debian), Documentation/",
         "areas": list(AREAS),
@@ -184,10 +189,10 @@ def main() -> None:
         / len(splits["test"]),
         "domain_files": domain_files,
         "domain_eval_files": held_files,
-        "domain_mb": round(sum(f.stat().st_size for f in (OUT / "domain").rglob("*.rst")) / 2**20, 1),
+        "domain_mb": round(sum(f.stat().st_size for f in (out / "domain").rglob("*.rst")) / 2**20, 1),
     }
-    (OUT / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", "utf-8")
-    print(json.dumps(stats, indent=2))
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", "utf-8")
+    return stats
 
 
 if __name__ == "__main__":

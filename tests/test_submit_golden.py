@@ -73,8 +73,11 @@ STAND_INS = {
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, fake_slurm):
     """A user's working dir in tmp: jobs/ and data/ of the checkout, state and outputs of its own."""
-    for name in ("jobs", "data"):
-        (tmp_path / name).symlink_to(REPO / name)
+    (tmp_path / "jobs").symlink_to(REPO / "jobs")
+    (tmp_path / "data").mkdir()
+    for item in (REPO / "data").iterdir():  # the shipped samples; never `make data`'s full/ (stand-ins below)
+        if item.name != "full":
+            (tmp_path / "data" / item.name).symlink_to(item)
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "hpcnlp.sif").write_text("")
     monkeypatch.chdir(tmp_path)
@@ -90,6 +93,18 @@ def use_profile(tmp: Path, monkeypatch, profile: str) -> None:
 
 
 def stand_ins(tmp: Path, job: str) -> None:
+    if "kernel-docs" in job:  # what `make data` builds (data/fetch_kernel_docs.py), in miniature
+        kernel = tmp / "data" / "full" / "kernel-docs"
+        for split in ("train-low", "train", "validation", "test"):
+            kernel.mkdir(parents=True, exist_ok=True)
+            rows = [
+                {"text": f"The {area} subsystem documents its interfaces here.", "label": area}
+                for area in ("mm", "bpf")
+            ]
+            (kernel / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for held, name in (("domain", "mm/a.rst"), ("domain-eval", "bpf/b.rst")):
+            (kernel / held / name).parent.mkdir(parents=True)
+            (kernel / held / name).write_text("".join(f"{held} paragraph {i} of {name}.\n\n" for i in range(40)))
     for rel in STAND_INS.get(job, []):
         path = tmp / rel
         if path.suffix == ".onnx":
@@ -138,10 +153,10 @@ def run(command: list[str], capsys) -> str:
     return out
 
 
-def prepare_in(tmp: Path, capsys) -> None:
-    """The shipped pretrain config's corpus prepared into <tmp>/outputs/prepared, by `hpcnlp prepare`
+def prepare_in(tmp: Path, job: str, capsys) -> None:
+    """A shipped pretrain config's corpus prepared into <tmp>/outputs/prepared, by `hpcnlp prepare`
     (seconds): a multi-process pretrain is refused before queueing without it."""
-    (tmp / "prepare-first.yaml").write_text("job: prepare\ndata_from: jobs/pretrain.yaml\n")
+    (tmp / "prepare-first.yaml").write_text(f"job: prepare\ndata_from: jobs/{job}.yaml\n")
     run(["prepare", "--config", "prepare-first.yaml"], capsys)
 
 
@@ -150,8 +165,8 @@ def prepare_in(tmp: Path, capsys) -> None:
 def test_submit_golden(job, profile, workdir, fake_slurm, monkeypatch, capsys):
     use_profile(workdir, monkeypatch, profile)
     stand_ins(workdir, job)
-    if job == "pretrain":  # 2 nodes (its batch header) x 1 or 4 processes: a process group never tokenizes
-        prepare_in(workdir, capsys)
+    if job.startswith("pretrain"):  # 2 nodes (its batch header) x 1 or 4 processes: a group never tokenizes
+        prepare_in(workdir, job, capsys)
         assert fake_slurm.calls() == []  # prepared here, nothing queued
     command = ["submit", "--config", f"jobs/{job}.yaml"]
     out = run(command, capsys)

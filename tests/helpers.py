@@ -19,6 +19,24 @@ SENTIMENT = REPO / "data" / "classification" / "rotten-tomatoes"
 WNUT = REPO / "data" / "ner" / "wnut16"
 
 
+def tiny_bert_without_dropout(path: Path) -> Path:
+    """A saved 1-layer BertForMaskedLM with the packaged vocab and no dropout (dropout draws from the global
+    RNG, which a DDP run's evaluation before training moves): ZeRO and DDP runs from it see the same masks."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(
+        vocab_size=30522,  # the packaged MiniLM's tokenizer
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    BertForMaskedLM(config).save_pretrained(path)
+    return path
+
+
 def tiny_pretrain(tmp_path: Path, name: str = "tiny.yaml", **training) -> Path:
     """A 1-layer BERT from scratch with the packaged vocab on two doc files: seconds on one core."""
     return write_config(

@@ -183,20 +183,9 @@ def test_zero3_from_a_saved_model_under_torchrun_on_cpu_trains_as_ddp(tmp_path):
     zero.Init, which took the world for one process and refused the batch sizes until the run set up
     DeepSpeed's comm first. Dropout off (it draws from the global RNG, which the DDP run's evaluation
     before training moves): then ZeRO-3 and DDP see the same batches and masks and give the same losses."""
-    from helpers import CORPUS, write_config
-    from transformers import BertConfig, BertForMaskedLM
+    from helpers import CORPUS, tiny_bert_without_dropout, write_config
 
-    BertForMaskedLM(
-        BertConfig(
-            vocab_size=30522,  # the packaged MiniLM's tokenizer
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-    ).save_pretrained(tmp_path / "tiny-bert")
+    tiny_bert_without_dropout(tmp_path / "tiny-bert")
     path = write_config(
         tmp_path / "tiny.yaml",
         {

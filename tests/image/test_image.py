@@ -288,23 +288,13 @@ def test_deepspeed_zero2_and_zero3_offload_match_ddp_in_the_image(image, tmp_pat
     (torchrun, gloo) inside the image to the losses DDP reaches from the same saved model and seed: same
     batches, same masks, AdamW either way. Dropout is off: it draws from the global RNG, which the DDP
     run's evaluation before training (DeepSpeed runs skip it) moves."""
-    from transformers import BertConfig, BertForMaskedLM
+    from helpers import tiny_bert_without_dropout
 
     work = tmp_path / "work"
     (work / "corpus").mkdir(parents=True)
     for name in ("tutorial/introduction.rst.txt", "tutorial/controlflow.rst.txt"):
         shutil.copy(REPO / "data" / "corpus" / "python-docs" / name, work / "corpus")
-    BertForMaskedLM(
-        BertConfig(
-            vocab_size=30522,  # the packaged MiniLM's tokenizer
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-    ).save_pretrained(work / "tiny-bert")
+    tiny_bert_without_dropout(work / "tiny-bert")
     config = {
         "job": "pretrain",
         "model_name_or_path": "/work/tiny-bert",

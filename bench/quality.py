@@ -1,11 +1,17 @@
-"""Quality bench (issue 18): does domain pretraining help, and how good are the 6-layer MiniLM and its
+"""Quality bench (issues 18, 29): does domain pretraining help, and how good are the 6-layer MiniLM and its
 3-layer int8 student on the full Rotten Tomatoes test split? Hours of CPU; not in CI.
 
-    python -m bench.quality [--pieces rt wnut student] [--seeds 1 2 3] [--epochs 3] [--lr 5e-5]
-                            [--ner-epochs 5] [--max-train-samples N] [--work DIR] [--results DIR]
+    python -m bench.quality [--pieces kernel rt wnut student] [--seeds 1 2 3] [--sources package dapt]
+                            [--kernel-budgets low full] [--epochs 3] [--lr 5e-5] [--ner-epochs 5]
+                            [--max-train-samples N] [--work DIR] [--results DIR]
     python -m bench --only quality      # the same with every default, output captured until it ends
 
-Needs `make data` (data/full/, including rotten-tomatoes/domain.txt and wnut16/domain-tweets.txt).
+Needs `make data` (data/full/: kernel-docs/, rotten-tomatoes/domain.txt, wnut16/domain-tweets.txt).
+- kernel: the technical domain (data/fetch_kernel_docs.py). `hpcnlp prepare` of the domain text, then DAPT with
+  jobs/pretrain-kernel-docs.yaml as shipped (bf16: auto), then jobs/finetune-kernel-docs.yaml from the package
+  and from the DAPT model at two label budgets (train-low.jsonl, train.jsonl), once per seed each; the paired
+  per-seed difference, its standard error, the held-out domain perplexity along DAPT (quality-kernel.png).
+  About 2.5 CPU-hours (DAPT ~45 CPU-minutes on this Xeon with bf16).
 - rt: fine-tune Rotten Tomatoes (movie-disjoint splits) from the package and from the package after
   `hpcnlp pretrain` on RT domain text (training snippets + plot summaries; with head warm-up), once per
   seed each; test macro-F1 of the epoch best on validation macro-F1 (load_best_model_at_end).

@@ -260,6 +260,66 @@ def kernel_finetune(args, budget: str, source: str, seed: int) -> dict | None:
     }
 
 
+def kernel_probe(args) -> dict | None:
+    """Frozen-encoder probe, the representation without fine-tuning noise: logistic regression on the
+    last layer's mean-pooled and [CLS] features of train-low.jsonl -> test macro-F1, for the package and
+    each DAPT checkpoint kept. One forward pass per text; cached in <work>/kernel-probe.json."""
+    cache = args.work / "kernel-probe.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    pre = None if args.read_only else kernel_pretrain(args)
+    if pre is None:
+        return None
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from transformers import AutoModel
+
+    from hpcnlp.models import load_tokenizer, resolve_model_path
+
+    package = resolve_model_path("minilm-l6")
+    tokenizer = load_tokenizer(package)
+    rows = {s: [json.loads(x) for x in (KERNEL / f"{s}.jsonl").read_text().splitlines()] for s in ("train-low", "test")}
+    models = {0: package} | {
+        int(c.name[11:]): str(c) for c in Path(pre["dir"]).glob("checkpoint-*") if (c / "model.safetensors").is_file()
+    }
+    out = []
+    torch.manual_seed(0)
+    for step, path in sorted(models.items()):
+        net = AutoModel.from_pretrained(path, add_pooling_layer=False).eval()
+        feats = {}
+        for split, data in rows.items():
+            mean, cls = [], []
+            for i in range(0, len(data), 64):
+                enc = tokenizer(
+                    [r["text"] for r in data[i : i + 64]],
+                    truncation=True,
+                    max_length=128,
+                    padding=True,
+                    return_tensors="pt",
+                )
+                with torch.inference_mode():
+                    h = net(**enc).last_hidden_state
+                m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+                mean.append((h * m).sum(1) / m.sum(1))
+                cls.append(h[:, 0])
+            feats[split] = {"mean": torch.cat(mean).numpy(), "cls": torch.cat(cls).numpy()}
+        point = {"dapt_step": step}
+        for pooling in ("mean", "cls"):
+            clf = LogisticRegression(max_iter=3000, C=1.0).fit(
+                feats["train-low"][pooling], [r["label"] for r in rows["train-low"]]
+            )
+            pred = clf.predict(feats["test"][pooling])
+            point[f"test_macro_f1_{pooling}"] = round(
+                f1_score([r["label"] for r in rows["test"]], pred, average="macro"), 4
+            )
+        print(f"[quality] kernel probe: {point}", flush=True)
+        out.append(point)
+    result = {"probe": out}
+    cache.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def kernel_curve(pre: dict) -> list[dict]:
     """Held-out domain perplexity by DAPT step: eval_before, then every evaluation the run logged."""
     m = _metrics(pre)
@@ -427,6 +487,8 @@ def kernel_results(args, seeds: list[int]) -> dict:
                 for k in ("tokens_train", "tokens_eval", "documents_train", "duplicates_removed", "fingerprint")
             },
         }
+    if (probe := kernel_probe(args)) is not None:
+        out["kernel_probe"] = probe["probe"]
     out["kernel_cpu_minutes"] = {
         "prepare": round(prep["cpu_seconds"] / 60, 1) if prep else None,
         "pretrain": round(pre["cpu_seconds"] / 60, 1) if pre else None,
@@ -727,7 +789,10 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m bench.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--pieces", nargs="*", default=["kernel", "rt", "wnut", "student"], choices=["kernel", "rt", "wnut", "student"]
+        "--pieces",
+        nargs="*",
+        default=["kernel", "probe", "rt", "wnut", "student"],
+        choices=["kernel", "probe", "rt", "wnut", "student"],
     )
     p.add_argument(
         "--sources",
@@ -790,7 +855,7 @@ def setup(args) -> None:
         FULL / "wnut16" / "domain-tweets.txt",
         FULL / "wnut16" / "test.conll",
     ]
-    need = [KERNEL / "stats.json"] + (need if set(args.pieces) - {"kernel"} else [])
+    need = [KERNEL / "stats.json"] + (need if set(args.pieces) - {"kernel", "probe"} else [])
     if missing := [str(p) for p in need if not p.is_file()]:
         raise SystemExit(f"missing {missing}: run `make data` first")
 
@@ -802,6 +867,8 @@ def main(argv: list[str] | None = None) -> dict:
         for piece in args.pieces:
             if piece == "student":
                 student(args, seed)
+            elif piece == "probe":
+                kernel_probe(args)
             elif piece == "kernel":
                 for budget in args.kernel_budgets:
                     for source in args.sources:

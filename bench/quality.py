@@ -625,6 +625,18 @@ def kernel_chart(r: dict, out: Path) -> str | None:
         a.set_yscale("log")
     a.set(xlabel="DAPT optimizer step (32 x 128 tokens)", ylabel="MLM perplexity, held-out kernel docs")
     a.set_title("domain-adaptive pretraining")
+    if probe := r.get("kernel_probe"):  # the frozen features' task value along the same steps
+        twin = a.twinx()
+        for pooling, style in (("mean", "s--"), ("cls", "^:")):
+            twin.plot(
+                [q["dapt_step"] for q in probe],
+                [q[f"test_macro_f1_{pooling}"] for q in probe],
+                style,
+                color="tab:red",
+                label=f"frozen-feature probe ({pooling}), 801 labels",
+            )
+        twin.set_ylabel("probe test macro-F1", color="tab:red")
+        twin.legend(loc="upper right", fontsize=8)
     sizes = r.get("kernel_task", {}).get("paragraphs", {})
     budgets = {"low": sizes.get("train-low", 0), "full": sizes.get("train", 0)}
     for offset, (source, label) in zip((-0.04, 0.04), (("package", "package"), ("dapt", "DAPT first"))):
@@ -689,6 +701,14 @@ def kernel_markdown(r: dict) -> list[str]:
             f"domain perplexity {pre['perplexity_before']:,} -> {pre['perplexity_after']:,} (masked accuracy "
             f"{pre['masked_accuracy_before']} -> {pre['masked_accuracy_after']:.3f}); prepared: "
             f"{json.dumps(pre['prepared'])}.",
+            "",
+        ]
+    if probe := r.get("kernel_probe"):
+        lines += [
+            "Frozen-encoder probe (logistic regression on the last layer's features of the 801 low-budget "
+            "paragraphs, test macro-F1), by DAPT step (0 = the package):",
+            "",
+            markdown_table(probe),
             "",
         ]
     lines += [

@@ -586,6 +586,11 @@ def collect(args) -> dict:
     }
 
 
+def _ms(s: dict) -> str:
+    """mean ± std (n) of a _stat, or nothing when no run finished."""
+    return "" if s.get("mean") is None else f"{s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})"
+
+
 def _empty(v) -> bool:
     if isinstance(v, dict):
         return v.get("n") == 0 if "n" in v else all(_empty(x) for x in v.values())
@@ -666,9 +671,6 @@ def kernel_markdown(r: dict) -> list[str]:
     if "kernel_test_macro_f1" not in r:
         return []
 
-    def ms(s: dict) -> str:
-        return "" if s.get("mean") is None else f"{s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})"
-
     def effect(s: dict) -> str:
         if s.get("mean") is None:
             return ""
@@ -679,8 +681,8 @@ def kernel_markdown(r: dict) -> list[str]:
     rows = [
         {
             "label budget": f"{b} ({sizes['train-low' if b == 'low' else 'train']:,} paragraphs)",
-            "from the package": ms(r["kernel_test_macro_f1"][b]["package"]),
-            "DAPT first": ms(r["kernel_test_macro_f1"][b]["dapt"]),
+            "from the package": _ms(r["kernel_test_macro_f1"][b]["package"]),
+            "DAPT first": _ms(r["kernel_test_macro_f1"][b]["dapt"]),
             "effect (paired by seed)": effect(r[f"dapt_effect_kernel_{b}"]),
         }
         for b in ("low", "full")
@@ -726,40 +728,37 @@ def write(args, results: dict) -> dict:
     from hpcnlp.report import markdown_table
     from hpcnlp.runtime.io import atomic_write_json, atomic_write_text
 
-    def ms(s: dict) -> str:
-        return "" if s.get("mean") is None else f"{s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})"
-
     old = args.results / "quality.json"
     results = carry_over(results, json.loads(old.read_text()) if old.is_file() else {})
     r = results
     rows = [
         {
             "figure": "RT test macro-F1, fine-tuned from the package",
-            "mean ± std over seeds": ms(r["rt_test_macro_f1"]["package"]),
+            "mean ± std over seeds": _ms(r["rt_test_macro_f1"]["package"]),
         },
         {
             "figure": "RT test macro-F1, from the domain-pretrained model",
-            "mean ± std over seeds": ms(r["rt_test_macro_f1"]["dapt"]),
+            "mean ± std over seeds": _ms(r["rt_test_macro_f1"]["dapt"]),
         },
         {
             "figure": "RT: domain pretraining's effect (per-seed difference)",
-            "mean ± std over seeds": ms(r["dapt_effect_rt"]),
+            "mean ± std over seeds": _ms(r["dapt_effect_rt"]),
         },
         {
             "figure": "WNUT test entity F1, from the package",
-            "mean ± std over seeds": ms(r["wnut_test_entity_f1"]["package"]),
+            "mean ± std over seeds": _ms(r["wnut_test_entity_f1"]["package"]),
         },
         {
             "figure": "WNUT test entity F1, from the tweet-pretrained model",
-            "mean ± std over seeds": ms(r["wnut_test_entity_f1"]["dapt"]),
+            "mean ± std over seeds": _ms(r["wnut_test_entity_f1"]["dapt"]),
         },
         {
             "figure": "WNUT: domain pretraining's effect (per-seed difference)",
-            "mean ± std over seeds": ms(r["dapt_effect_wnut"]),
+            "mean ± std over seeds": _ms(r["dapt_effect_wnut"]),
         },
         {
             "figure": "RT 3-layer student, int8 ONNX, test macro-F1",
-            "mean ± std over seeds": ms(
+            "mean ± std over seeds": _ms(
                 {
                     "mean": r["rt_student_int8_test_macro_f1_mean"],
                     "std": r["rt_student_int8_test_macro_f1_std"],
@@ -769,7 +768,7 @@ def write(args, results: dict) -> dict:
         },
         {
             "figure": "RT 3-layer student, PyTorch fp32, test macro-F1",
-            "mean ± std over seeds": ms(r["rt_student_fp32_test_macro_f1"]),
+            "mean ± std over seeds": _ms(r["rt_student_fp32_test_macro_f1"]),
         },
     ]
     text = [

@@ -145,12 +145,62 @@ def pytorch_bf16(model: Path, data: dict, repeats: int) -> dict:
     return {**scores, **{f"batch{b}": latency(runner, eval_ds, b, cfg, tokenizer.pad_token_id) for b in (1, 32)}}
 
 
+def add_layernorm_onnx(hidden: int = 384, seq: int = 128) -> bytes:
+    """Add -> LayerNormalization, the pattern onnxruntime fuses into SkipLayerNormalization."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = [1, seq, hidden]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["x", "skip"], ["sum"]),
+            helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12),
+        ],
+        "add_layernorm",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("x", "skip")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [
+            numpy_helper.from_array(np.ones(hidden, np.float32), "gamma"),
+            numpy_helper.from_array(np.zeros(hidden, np.float32), "beta"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def skip_layernorm_us(runs: int = 2000) -> dict:
+    """p50 microseconds of Add + LayerNormalization on this CPU, fused by onnxruntime and as the two ops
+    (what hpcnlp.ship.onnx.CPU_DISABLED_OPTIMIZERS keeps), interleaved, 1 thread."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    model, opts = add_layernorm_onnx(), ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sessions = {
+        "fused": ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]),
+        "plain": ort.InferenceSession(
+            model, opts, providers=["CPUExecutionProvider"], disabled_optimizers=["SkipLayerNormFusion"]
+        ),
+    }
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((1, 128, 384), dtype=np.float32) for n in ("x", "skip")}
+    times = {k: [] for k in sessions}
+    for _ in range(runs):
+        for k, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feeds)
+            times[k].append(time.perf_counter() - start)
+    return {k: round(float(np.median(v)) * 1e6, 1) for k, v in times.items()}
+
+
 def run(repeats: int = 20, teacher: str | None = None, student: str | None = None) -> dict:
     """Results go into bench/results/summary.json (make bench) or to stdout."""
     models = {"teacher": Path(teacher), "student": Path(student)} if teacher and student else train_models()
     work = MODELS / "onnx_latency"  # exports and bundles: hundreds of MB, never in bench/results
     work.mkdir(parents=True, exist_ok=True)
     res = {name: measure(name, path, work, repeats) for name, path in models.items()}
+    res["ort_skip_layernorm_us"] = skip_layernorm_us()
     t, s = res["teacher"], res["student"]
     res["student_vs_teacher"] = {
         "speedup_pytorch": {

@@ -205,3 +205,49 @@ def test_gate_counts_a_drop_of_exactly_the_limit_as_passed():
     assert all(r["passed"] for r in int8_checks(measured, th, "accuracy"))
     measured["metric_drop"] = metric_drop({"accuracy": 0.7825}, {"accuracy": 0.77}, "accuracy")
     assert not int8_checks(measured, th, "accuracy")[-1]["passed"]
+
+
+def test_cpu_sessions_keep_add_and_layernorm_unfused(tmp_path, monkeypatch):
+    """onnxruntime fuses Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel is several
+    times slower (bench: ort_skip_layernorm_us): the gate's sessions, whose latency the card reports, and the
+    bundle's runner keep the two ops."""
+    import onnx
+    import onnxruntime as ort
+
+    from bench.onnx_latency import add_layernorm_onnx
+    from hpcnlp.ship import onnx_inference
+    from hpcnlp.ship.onnx import ort_session
+
+    model = tmp_path / "add_layernorm.onnx"
+    model.write_bytes(add_layernorm_onnx(hidden=8, seq=4))
+    saved = []
+
+    def saving(*args, **kwargs):  # every session writes the graph it runs
+        opts = args[1] if len(args) > 1 else kwargs.pop("sess_options", None) or ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / f"optimized{len(saved)}.onnx")
+        saved.append(opts.optimized_model_filepath)
+        return real(args[0], opts, **kwargs)
+
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", saving)
+    ops = lambda i: sorted(n.op_type for n in onnx.load(saved[i]).graph.node)  # noqa: E731
+
+    ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    assert ops(0) == ["SkipLayerNormalization"]  # what onnxruntime does by default
+    ort_session(model, threads=1)
+    assert ops(1) == ["Add", "LayerNormalization"]
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"id2label": {"0": "a"}}))
+    shutil.copy(model, bundle / "model.onnx")
+    monkeypatch.setattr(onnx_inference.Tokenizer, "from_file", lambda path: _NoTokenizer())
+    onnx_inference.Bundle(bundle)
+    assert ops(2) == ["Add", "LayerNormalization"]
+
+
+class _NoTokenizer:
+    def enable_truncation(self, *a, **k):
+        pass
+
+    def enable_padding(self, *a, **k):
+        pass

@@ -275,6 +275,10 @@ def model_card(cfg, bundle: Path, task: str, names: list[str], results: dict, pa
             'python onnx_inference.py --model model.int8.onnx . "..."   # the int8 model' if has_int8 else "",
             "```",
             "",
+            'In your own onnxruntime session on CPU, pass `disabled_optimizers=["SkipLayerNormFusion"]` as '
+            "onnx_inference.py does: the latency above was measured so (onnxruntime's fused kernel is slower on CPU "
+            "than the two ops it replaces).",
+            "",
             "## How to verify",
             "",
             "In this directory, either of:",

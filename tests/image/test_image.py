@@ -62,8 +62,16 @@ def in_image(
 def image() -> str:
     if shutil.which("podman") is None:
         pytest.fail("podman is missing: apt-get install podman runc debootstrap (see .ci/run)")
+    before = _image_id(IMAGE)
     subprocess.run([str(REPO / "docker" / "build-local.sh"), IMAGE], check=True, cwd=REPO, timeout=1800)
+    if before and before != _image_id(IMAGE):  # our previous build, untagged now: 2+ GB a run otherwise
+        subprocess.run(["podman", "rmi", before], capture_output=True)
     return IMAGE
+
+
+def _image_id(tag: str) -> str:
+    r = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", tag], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else ""
 
 
 def test_dockerfile_passes_hadolint():

@@ -175,12 +175,14 @@ def skip_layernorm_us(runs: int = 2000) -> dict:
     import numpy as np
     import onnxruntime as ort
 
+    from hpcnlp.ship.onnx import CPU_DISABLED_OPTIMIZERS
+
     model, opts = add_layernorm_onnx(), ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     sessions = {
         "fused": ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]),
         "plain": ort.InferenceSession(
-            model, opts, providers=["CPUExecutionProvider"], disabled_optimizers=["SkipLayerNormFusion"]
+            model, opts, providers=["CPUExecutionProvider"], disabled_optimizers=CPU_DISABLED_OPTIMIZERS
         ),
     }
     rng = np.random.default_rng(0)

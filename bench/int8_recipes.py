@@ -1,9 +1,11 @@
 """int8 recipes side by side for one model: dynamic, dynamic per-channel, static QDQ per-channel, then the
-closest of those to PyTorch with its 1..N most sensitive MatMuls kept in fp32. Per recipe: metric drop and
-flip rate vs PyTorch on the eval set, edge-case flips, batch-1 p50 latency, and whether the default gate
-passes it: the numbers `hpcnlp validate` judges recipes by, without stopping at the first that passes.
+closest of those to PyTorch with its 1..N most sensitive MatMuls kept in fp32, and the same MatMuls
+quantized blockwise instead (fp32 where a weight is not a constant; validate's search takes one of the two
+by a probe). Per recipe: metric drop and flip rate vs PyTorch on the eval set, edge-case flips, batch-1 p50
+latency, and whether the default gate passes it: the numbers `hpcnlp validate` judges recipes by, without
+stopping at the first that passes.
 
-    python -m bench.int8_recipes MODEL_DIR ONNX_DIR [--eval-samples 400] [--max-fp32-nodes 3]
+    python -m bench.int8_recipes MODEL_DIR ONNX_DIR [--eval-samples 400] [--max-sensitive-nodes 3]
 
 MODEL_DIR: the PyTorch model that was exported; ONNX_DIR: its `hpcnlp export` output_dir (model.onnx, a
 plain graph: optimization_level 0). Data: the Rotten Tomatoes files unless --train/--eval say otherwise.
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from hpcnlp.models import load_tokenizer
     from hpcnlp.report import markdown_table
     from hpcnlp.ship.edge_cases import edge_cases, run_edge_cases
-    from hpcnlp.ship.int8_search import measure_int8, sensitive_matmuls
+    from hpcnlp.ship.int8_search import constant_weight_matmuls, measure_int8, sensitive_matmuls
     from hpcnlp.ship.measure import Reference, predict
     from hpcnlp.ship.quantize import Quantizer, Recipe, calibration_set
     from hpcnlp.tasks import auto_model_class, batches, label_names, load_data, task_of, torch_runner
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", default=str(DATA / "validation.csv"))
     p.add_argument("--eval-samples", type=int, default=400)
     p.add_argument("--max-seq-length", type=int, default=128)
-    p.add_argument("--max-fp32-nodes", type=int, default=3)
+    p.add_argument("--max-sensitive-nodes", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="default: torch's (OMP_NUM_THREADS)")
     args = p.parse_args(argv)
 
@@ -95,10 +97,20 @@ def main(argv: list[str] | None = None) -> int:
             results.append((recipe.name, measure_int8(made[recipe], ref, cfg, threads)))
         base = max(made, key=lambda r: dict(results)[r.name]["argmax_agreement"])
         ranked = sensitive_matmuls(onnx_dir / "model.onnx", made[base], (x for x, _ in batches(sample, 8, pad)))
-        for k in range(1, args.max_fp32_nodes + 1):
-            recipe = Recipe(base.static, base.per_channel, tuple(n for n, _ in ranked[:k]))
-            path = quantizer(recipe, Path(work) / f"int8-fp32-{k}.onnx")
-            results.append((recipe.name, measure_int8(path, ref, cfg, threads)))
+        constant = constant_weight_matmuls(onnx_dir / "model.onnx")
+        for k in range(1, args.max_sensitive_nodes + 1):
+            top = [n for n, _ in ranked[:k]]
+            for recipe in (
+                Recipe(base.static, base.per_channel, fp32_nodes=tuple(top)),
+                Recipe(
+                    base.static,
+                    base.per_channel,
+                    blockwise_nodes=tuple(n for n in top if n in constant),
+                    fp32_nodes=tuple(n for n in top if n not in constant),
+                ),
+            ):
+                path = quantizer(recipe, Path(work) / f"int8-{len(results)}.onnx")
+                results.append((recipe.name, measure_int8(path, ref, cfg, threads)))
 
     primary = tasks.get(task).primary_metric
     print(f"{args.model_dir} ({task}), {len(eval_ds)} eval rows of {args.eval}, preset {preset}, {threads} thread(s)")
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "most sensitive MatMuls (relative output error) of",
         base.name + ":",
-        ", ".join(f"{n} {e:.3f}" for n, e in ranked[: args.max_fp32_nodes]),
+        ", ".join(f"{n} {e:.3f}" for n, e in ranked[: args.max_sensitive_nodes]),
     )
     return 0
 

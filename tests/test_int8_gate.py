@@ -51,7 +51,7 @@ def test_shipped_bundle_records_the_recipe_and_edge_cases(sentiment_bundle):
 
 def test_strict_limit_moves_the_search_to_a_later_recipe(sentiment_teacher, sentiment_onnx, tmp_path):
     """No flip allowed: the export's dynamic int8 fails; the search goes on (per-channel, static QDQ, then
-    MatMuls kept in fp32). Either a later recipe ships as model.int8.onnx, or fp32 ships alone with the reason."""
+    sensitive MatMuls). Either a later recipe ships as model.int8.onnx, or fp32 ships alone with the reason."""
     import onnx
 
     cfg = validate_config(
@@ -76,6 +76,8 @@ def test_strict_limit_moves_the_search_to_a_later_recipe(sentiment_teacher, sent
         graph = onnx.load(str(_bundle(tmp_path) / "model.int8.onnx")).graph
         fp32_matmuls = {n.name for n in graph.node if n.op_type == "MatMul"}
         assert set(int8["fp32_nodes"]) <= fp32_matmuls  # the nodes kept out of quantization are plain MatMuls
+        blockwise = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        assert len(blockwise) == len(int8["blockwise_nodes"])
         assert report["metrics"]["onnx_int8"] == int8["attempts"][-1]["metrics"]
     else:
         assert "no int8 recipe passed" in int8["reason"] and not (_bundle(tmp_path) / "model.int8.onnx").exists()
@@ -162,13 +164,15 @@ def test_text_pairs_edge_cases_and_out_of_domain_eval(sentiment_teacher, sentime
 
 def test_sensitivity_ranking_finds_the_matmuls_that_int8_hurts(sentiment_onnx, tmp_path):
     """BERT's FFN output projections take the GELU outputs (wide range, outliers): per-tensor int8 hurts
-    them most. Keeping the top-ranked one in fp32 brings the int8 logits closer to fp32."""
+    them most. Keeping the top-ranked one in fp32, or quantizing it blockwise, brings the int8 logits closer
+    to fp32; blockwise needs a constant weight (attention's activation x activation MatMuls have none)."""
     import numpy as np
+    import onnx
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
-    from hpcnlp.ship.int8_search import sensitive_matmuls
-    from hpcnlp.ship.quantize import Quantizer, Recipe
+    from hpcnlp.ship.int8_search import constant_weight_matmuls, sensitive_matmuls
+    from hpcnlp.ship.quantize import BLOCKWISE_MARGIN, Quantizer, Recipe, blockwise_probe
 
     fp32, int8 = Path(sentiment_onnx) / "model.onnx", Path(sentiment_onnx) / "model.int8.onnx"
     texts = pd.read_csv(SENTIMENT / "validation.csv")["text"].head(32).tolist()
@@ -180,11 +184,25 @@ def test_sensitivity_ranking_finds_the_matmuls_that_int8_hurts(sentiment_onnx, t
     assert len(ranked) == 48 and ranked[0][1] > ranked[-1][1]  # 6 layers x (Q, K, V, 2 attention, out, FFN 2)
     assert ranked[0][0].endswith("output/dense/MatMul") and "attention" not in ranked[0][0]
 
-    kept = Quantizer(fp32, "avx2")(Recipe(fp32_nodes=(ranked[0][0],)), tmp_path / "kept.onnx")
+    quantize = Quantizer(fp32, "avx2")
+    kept = quantize(Recipe(fp32_nodes=(ranked[0][0],)), tmp_path / "kept.onnx")
+    blockwise = quantize(Recipe(per_channel=True, blockwise_nodes=(ranked[0][0],)), tmp_path / "blockwise.onnx")
+    ops = [n.op_type for n in onnx.load(str(blockwise)).graph.node]
+    int8_ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
+    assert ops.count("MatMulNBits") == 1 and ops.count("MatMulInteger") == int8_ops.count("MatMulInteger") - 1
+    constant = constant_weight_matmuls(fp32)
+    assert len(constant) == 36 and ranked[0][0] in constant and not any("attention/self/MatMul" in n for n in constant)
+    probe = blockwise_probe(fp32, ranked[0][0], 16, 1)  # this machine's answer, whichever it is
+    assert probe["fp32_us"] > 0 and probe["blockwise_us"] > 0
+    assert probe["blockwise"] == (probe["fp32_us"] >= BLOCKWISE_MARGIN * probe["blockwise_us"] - 1)
+    with pytest.raises(ValueError, match="0 of 1 MatMuls"):
+        quantize(Recipe(blockwise_nodes=(next(n for n, _ in ranked if n not in constant),)), tmp_path / "x.onnx")
 
     def logits(path):
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feeds[0])[0]
 
     exact = logits(fp32)
     assert np.abs(logits(kept) - exact).mean() < np.abs(logits(int8) - exact).mean()
-    assert [p.name for p in tmp_path.iterdir()] == ["kept.onnx"]  # Optimum's side files stay in its scratch dir
+    assert np.abs(logits(blockwise) - exact).mean() < np.abs(logits(int8) - exact).mean()
+    # Optimum's side files stay in its scratch dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blockwise.onnx", "kept.onnx"]

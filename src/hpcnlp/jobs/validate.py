@@ -61,11 +61,11 @@ class ValidationThresholds(Section):
 class Int8SearchConfig(Section):
     """When the export's int8 misses the gate, validate tries other recipes (hpcnlp.ship.int8_search) in this budget."""
 
-    # recipes made by the search: per-channel, static QDQ, then 1..max_fp32_nodes MatMuls in fp32 (0: only
-    # the export's int8 is judged)
+    # recipes made by the search: per-channel, static QDQ, then its 1..max_sensitive_nodes most sensitive
+    # MatMuls blockwise 8-bit (fp32 where the weight is not a constant); 0: only the export's int8 is judged
     max_attempts: int = Field(6, ge=0)
     max_seconds: float = Field(900, gt=0)  # search wall time, checked before each attempt (Slurm default: 30 min)
-    max_fp32_nodes: int = Field(4, ge=0)  # most sensitive MatMuls kept in fp32, at most
+    max_sensitive_nodes: int = Field(4, ge=0)  # most sensitive MatMuls given more precision, at most
     calibration_samples: int = Field(128, ge=1)  # static QDQ: rows of data.train_file, shuffled by data.seed
 
 
@@ -202,7 +202,9 @@ def manifest(cfg: ValidateConfig, staging: Path, model_dir: str, names: list[str
         "thresholds": cfg.thresholds.model_dump(),
         "checks": results["checks"],
         "passed": results["passed"],
-        "int8": {k: int8[k] for k in ("recipe", "fp32_nodes", "latency_b1_p50_ms", "reason")} if int8 else None,
+        "int8": {k: int8[k] for k in ("recipe", "blockwise_nodes", "fp32_nodes", "latency_b1_p50_ms", "reason")}
+        if int8
+        else None,
     }
 
 

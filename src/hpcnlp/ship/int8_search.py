@@ -1,10 +1,12 @@
 """The int8 recipe search `hpcnlp validate` runs when the export's int8 misses the gate.
 
 It tries, in order: the export's own recipe, dynamic per-channel, static QDQ per-channel, then the one of
-those closest to PyTorch with its most sensitive MatMuls in fp32, one more each time; it stops at the
-first recipe that passes, or when its budget (attempts, seconds, fp32 MatMuls) is spent. The order is
-by cost: per-channel weights cost nothing at run time, static QDQ needs calibration rows and fixed
-ranges, and every MatMul kept in fp32 gives back part of int8's speed and size. Recipes are made by
+those closest to PyTorch with its most sensitive MatMuls given more precision (blockwise 8-bit where the
+weight is a constant and a probe on this node finds blockwise faster than fp32, else fp32;
+hpcnlp.ship.quantize), one more each time; it stops at the first recipe
+that passes, or when its budget (attempts, seconds, sensitive MatMuls) is spent. The order is by cost:
+per-channel weights cost nothing at run time, static QDQ needs calibration rows and fixed ranges, and every
+sensitive MatMul gives back part of int8's speed. Recipes are made by
 hpcnlp.ship.quantize; each is measured against the PyTorch reference and judged with the gate's int8 rows.
 """
 
@@ -26,7 +28,7 @@ from hpcnlp.ship.edge_cases import compare_edge, edge_summary, run_edge_cases
 from hpcnlp.ship.gate import int8_checks
 from hpcnlp.ship.measure import PARITY_BATCH, Reference, metric_drop, predict
 from hpcnlp.ship.onnx import ort_runner, ort_session
-from hpcnlp.ship.quantize import Quantizer, Recipe, calibration_set
+from hpcnlp.ship.quantize import Quantizer, Recipe, blockwise_probe, calibration_set
 from hpcnlp.tasks import batches, latency
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ def sensitive_matmuls(fp32: Path, int8: Path, feeds) -> list[tuple[str, float]]:
     gave it (attention's activation x activation MatMuls alike). Why not exclude each node in turn and
     re-quantize: that is one quantization and evaluation per node (48 for MiniLM-L6, 3-5 s each here),
     minutes before the first fp32 attempt. MatMul output names survive quantization; nodes left in fp32
-    come out with error ~0."""
+    come out with error ~0 (blockwise ones are not ranked: their output is a MatMulNBits')."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
@@ -70,6 +72,19 @@ def sensitive_matmuls(fp32: Path, int8: Path, feeds) -> list[tuple[str, float]]:
     return sorted(((name, e / max(runs, 1)) for name, e in error.items()), key=lambda kv: -kv[1])
 
 
+def constant_weight_matmuls(fp32: Path) -> set[str]:
+    """The MatMuls of `fp32` whose second input is a 2-D initializer: those MatMulNBits can take."""
+    import onnx
+
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer if len(i.dims) == 2}
+    return {n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights}
+
+
+def sensitive(recipe: Recipe) -> tuple[str, ...]:
+    return recipe.blockwise_nodes + recipe.fp32_nodes
+
+
 @dataclass
 class Attempt:
     recipe: Recipe
@@ -80,6 +95,7 @@ class Attempt:
     def row(self) -> dict:
         return {
             "recipe": self.recipe.name,
+            "blockwise_nodes": list(self.recipe.blockwise_nodes),
             "fp32_nodes": list(self.recipe.fp32_nodes),
             **self.measured,
             "seconds": round(self.seconds, 1),
@@ -94,16 +110,19 @@ def search(
     work: Path,
     max_attempts: int,
     max_seconds: float,
-    max_fp32_nodes: int,
+    max_sensitive_nodes: int,
     rank_feeds: Callable,
+    blockwise_pays: Callable[[str], bool],
 ) -> tuple[list[Attempt], Attempt | None, str]:
     """Try recipes (order in the module doc) until `measure(path)["passed"]`. Returns every attempt, the
     passing one (None if none passed) and why the search stopped. `max_attempts` counts the recipes made
-    here, not the export's own; `rank_feeds()` yields the inputs the sensitivity ranking runs on."""
+    here, not the export's own; `rank_feeds()` yields the inputs the sensitivity ranking runs on;
+    `blockwise_pays(node)`, asked once with the most sensitive MatMul: blockwise 8-bit beats fp32 on it."""
     t0 = time.monotonic()
     tried = [Attempt(exported, exported_path, measure(exported_path), time.monotonic() - t0)]
     queue = [r for r in (Recipe(per_channel=True), Recipe(static=True, per_channel=True)) if r != exported]
     ranked: list[str] | None = None
+    constant: set[str] = set()  # the MatMuls made blockwise: those with a constant weight, if blockwise pays
     while not tried[-1].measured["passed"]:
         if len(tried) - 1 >= max_attempts:
             return tried, None, f"max_attempts ({max_attempts}) reached"
@@ -113,18 +132,25 @@ def search(
         if queue:
             recipe = queue.pop(0)
         else:
-            k = len(tried[-1].recipe.fp32_nodes) + 1
-            if k > max_fp32_nodes:
-                return tried, None, f"max_fp32_nodes ({max_fp32_nodes}) kept in fp32"
-            # The base: the closest to PyTorch of the recipes without fp32 nodes (the metric drop can hide
-            # flips that cancel out; the agreement cannot).
-            base = max((a for a in tried if not a.recipe.fp32_nodes), key=lambda a: a.measured["argmax_agreement"])
+            k = len(sensitive(tried[-1].recipe)) + 1
+            if k > max_sensitive_nodes:
+                return tried, None, f"max_sensitive_nodes ({max_sensitive_nodes}) given more precision"
+            # The base: the closest to PyTorch of the recipes without sensitive nodes (the metric drop can
+            # hide flips that cancel out; the agreement cannot).
+            base = max((a for a in tried if not sensitive(a.recipe)), key=lambda a: a.measured["argmax_agreement"])
             if ranked is None:
                 ranked = [name for name, _ in sensitive_matmuls(quantizer.fp32, base.path, rank_feeds())]
-                log.info("int8: most sensitive MatMuls of %s: %s", base.recipe.name, ranked[:max_fp32_nodes])
+                log.info("int8: most sensitive MatMuls of %s: %s", base.recipe.name, ranked[:max_sensitive_nodes])
+                constant = constant_weight_matmuls(quantizer.fp32)
+                top = next((n for n in ranked if n in constant), None)
+                constant = constant if top is not None and blockwise_pays(top) else set()
             if k > len(ranked):
-                return tried, None, "every MatMul kept in fp32"
-            recipe = replace(base.recipe, fp32_nodes=tuple(ranked[:k]))
+                return tried, None, "every MatMul given more precision"
+            recipe = replace(
+                base.recipe,
+                blockwise_nodes=tuple(n for n in ranked[:k] if n in constant),
+                fp32_nodes=tuple(n for n in ranked[:k] if n not in constant),
+            )
         path = quantizer(recipe, work / f"int8-{len(tried)}.onnx")
         tried.append(Attempt(recipe, path, measure(path), time.monotonic() - start))
         log.info("int8 recipe %s: %s", recipe.name, "passed" if tried[-1].measured["passed"] else "failed")
@@ -171,6 +197,20 @@ def choose_int8(cfg, staging: Path, ref: Reference, train, threads: int) -> dict
     )
     # ORT's quantizer cannot type the fused ops of an O1-O3 graph (see export): no new recipes from one.
     optimized = exported.get("optimization_level")
+    probe = {}
+
+    def blockwise_pays(node: str) -> bool:
+        probe.update(node=node, **blockwise_probe(quantizer.fp32, node, cfg.latency.seq_length, threads))
+        log.info(
+            "int8: %s alone at batch 1 x %d: fp32 %d us, blockwise 8-bit %d us: sensitive MatMuls %s",
+            node,
+            cfg.latency.seq_length,
+            probe["fp32_us"],
+            probe["blockwise_us"],
+            "blockwise" if probe["blockwise"] else "in fp32",
+        )
+        return probe["blockwise"]
+
     with tempfile.TemporaryDirectory(dir=staging.parent, prefix=".int8-search-") as work:
         tried, chosen, why = search(
             recipe,
@@ -180,8 +220,9 @@ def choose_int8(cfg, staging: Path, ref: Reference, train, threads: int) -> dict
             Path(work),
             max_attempts=0 if optimized else s.max_attempts,
             max_seconds=s.max_seconds,
-            max_fp32_nodes=s.max_fp32_nodes,
+            max_sensitive_nodes=s.max_sensitive_nodes,
             rank_feeds=lambda: (x for x, _ in batches(ref.sample, PARITY_BATCH, ref.pad)),
+            blockwise_pays=blockwise_pays,
         )
         if chosen is not None and chosen.path != int8:
             os.replace(chosen.path, int8)
@@ -197,7 +238,9 @@ def choose_int8(cfg, staging: Path, ref: Reference, train, threads: int) -> dict
         "attempts": [a.row() for a in tried],
         "search_stopped": why,
         "recipe": chosen.recipe.name if chosen else None,
+        "blockwise_nodes": list(chosen.recipe.blockwise_nodes) if chosen else [],
         "fp32_nodes": list(chosen.recipe.fp32_nodes) if chosen else [],
+        "blockwise_probe": probe or None,  # fp32 vs blockwise on the most sensitive MatMul, when the search got there
         "latency_b1_p50_ms": chosen.measured["latency_b1_p50_ms"] if chosen else None,
         "reason": None,
     }

@@ -2,7 +2,10 @@
 validate's recipe search (hpcnlp.ship.int8_search).
 
 A recipe is dynamic or static (QDQ, activation ranges calibrated on training rows), per-tensor or
-per-channel weights, plus MatMul nodes kept in fp32 (onnxruntime's `nodes_to_exclude`).
+per-channel weights, plus the MatMuls that need more precision than that: blockwise 8-bit where the weight is
+a constant (onnxruntime's MatMulNBits: one weight scale per 32 inputs of each output channel, and the
+activations quantized per block of 32 at run time, so an outlier spoils its block, not the whole row), fp32
+where it is not (attention's activation x activation products; onnxruntime's `nodes_to_exclude`).
 """
 
 from __future__ import annotations
@@ -20,12 +23,39 @@ from pathlib import Path
 class Recipe:
     static: bool = False  # False: activation ranges measured at run time (dynamic)
     per_channel: bool = False  # one weight scale per output channel instead of one per tensor
+    blockwise_nodes: tuple[str, ...] = ()  # MatMul nodes quantized by blocks (8-bit MatMulNBits)
     fp32_nodes: tuple[str, ...] = ()  # MatMul nodes left unquantized
 
     @property
     def name(self) -> str:
         name = ("static QDQ" if self.static else "dynamic") + (" per-channel" if self.per_channel else "")
+        name += f" + {len(self.blockwise_nodes)} MatMul(s) blockwise" if self.blockwise_nodes else ""
         return name + (f" + {len(self.fp32_nodes)} MatMul(s) in fp32" if self.fp32_nodes else "")
+
+
+# MatMulNBits, 8 bits, blocks of 32 along the input, symmetric weights, accuracy_level 4 (int8 activations,
+# quantized per block).
+BLOCKWISE = {"bits": 8, "block_size": 32, "is_symmetric": True, "accuracy_level": 4}
+# Blockwise is used for the sensitive MatMuls only where it beats fp32 by this much on the node (blockwise_probe):
+# its kernels are fast where the CPU has int8 dot products and slow where it has not. On the Xeon with AMX/VNNI
+# of docs/performance.md, the bench teacher with its most sensitive MatMul blockwise ran 10.2 ms at batch 1
+# against 10.8 ms with it in fp32; on an AVX2-only EPYC that MatMul alone ran 2.5x slower blockwise than in
+# fp32. A near-tie stays fp32: exact, and a plain op every runtime has.
+BLOCKWISE_MARGIN = 1.1
+PROBE_S = 0.2  # timed repeats of the probe stop after this (at least 3 of each)
+
+
+def quantize_blockwise(model, nodes: tuple[str, ...]):
+    """`nodes` (MatMuls with a constant 2-D weight) of the ONNX `model` as MatMulNBits; the rest unchanged."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_include=list(nodes), **BLOCKWISE)
+    with _quiet_root_logger():
+        quantizer.process()
+    made = sum(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node)
+    if made != len(nodes):
+        raise ValueError(f"blockwise int8: {made} of {len(nodes)} MatMuls quantized (the rest have no constant weight)")
+    return quantizer.model.model
 
 
 @contextlib.contextmanager
@@ -66,7 +96,9 @@ class Quantizer:
         from optimum.onnxruntime.configuration import AutoCalibrationConfig, AutoQuantizationConfig
 
         qconfig = getattr(AutoQuantizationConfig, self.preset)(
-            is_static=recipe.static, per_channel=recipe.per_channel, nodes_to_exclude=list(recipe.fp32_nodes)
+            is_static=recipe.static,
+            per_channel=recipe.per_channel,
+            nodes_to_exclude=[*recipe.fp32_nodes, *recipe.blockwise_nodes],
         )
         quantizer = ORTQuantizer.from_pretrained(self.fp32.parent, file_name=self.fp32.name)
         # Optimum also writes config, tokenizer and ort_config.json where it saves: a scratch dir, only the
@@ -90,5 +122,60 @@ class Quantizer:
                     save_dir=tmp,
                     calibration_tensors_range=self._ranges if recipe.static else None,
                 )
-            os.replace(Path(tmp) / f"{self.fp32.stem}_quantized.onnx", dest)
+            made = Path(tmp) / f"{self.fp32.stem}_quantized.onnx"
+            if recipe.blockwise_nodes:
+                import onnx
+
+                onnx.save(quantize_blockwise(onnx.load(str(made)), recipe.blockwise_nodes), str(made))
+            os.replace(made, dest)
         return Path(dest)
+
+
+def blockwise_probe(fp32: Path, node: str, rows: int, threads: int) -> dict:
+    """Time the MatMul `node` of `fp32` (constant weight) alone on `rows` input rows and `threads` threads,
+    as fp32 and as blockwise 8-bit, alternating so that other load hits both alike; the best repeat of each.
+    {"fp32_us", "blockwise_us", "blockwise": whether blockwise wins by BLOCKWISE_MARGIN}."""
+    import time
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = onnx.load(str(fp32)).graph
+    matmul = next(n for n in graph.node if n.name == node)
+    weight = next(i for i in graph.initializer if i.name == matmul.input[1])
+    k, n = weight.dims
+    plain = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("MatMul", ["x", weight.name], ["y"], name="probe")],
+            "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])],
+            [weight],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    plain.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sessions = {
+        name: ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for name, m in (("fp32", plain), ("blockwise", quantize_blockwise(plain, ("probe",))))
+    }
+    x = {"x": np.random.default_rng(0).standard_normal((rows, k)).astype(np.float32)}
+    best = {name: float("inf") for name in sessions}
+    for s in sessions.values():
+        s.run(None, x)  # warm-up
+    start, repeats = time.monotonic(), 0
+    while repeats < 3 or time.monotonic() - start < PROBE_S:
+        for name, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, x)
+            best[name] = min(best[name], time.perf_counter() - t)
+        repeats += 1
+    return {
+        "fp32_us": round(best["fp32"] * 1e6),
+        "blockwise_us": round(best["blockwise"] * 1e6),
+        "blockwise": best["fp32"] >= BLOCKWISE_MARGIN * best["blockwise"],
+    }

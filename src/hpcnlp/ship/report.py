@@ -38,18 +38,25 @@ def report_sections(results: dict) -> list[str]:
             verdict = (
                 f"Shipped as model.int8.onnx: **{int8['recipe']}**, batch-1 p50 "
                 f"{int8['latency_b1_p50_ms']} ms."
-                + (
-                    f" MatMuls kept in fp32: {', '.join(f'`{n}`' for n in int8['fp32_nodes'])}."
-                    if int8["fp32_nodes"]
-                    else ""
+                + "".join(
+                    f" MatMuls {how}: {', '.join(f'`{n}`' for n in int8[key])}."
+                    for key, how in (("blockwise_nodes", "quantized blockwise"), ("fp32_nodes", "kept in fp32"))
+                    if int8.get(key)
                 )
             )
         else:
             verdict = f"**No int8 model ships**: {int8['reason']}."
+        probe, probe_line = int8.get("blockwise_probe"), ""
+        if probe:
+            probe_line = (
+                f" Sensitive MatMuls {'blockwise' if probe['blockwise'] else 'in fp32'}: `{probe['node']}` alone "
+                f"took {probe['fp32_us']} us in fp32, {probe['blockwise_us']} us blockwise 8-bit."
+            )
         out += [
             "## int8 recipes tried",
             "",
-            f"In order, flip rate vs PyTorch on the whole eval set; search stopped: {int8['search_stopped']}.",
+            f"In order, flip rate vs PyTorch on the whole eval set; search stopped: {int8['search_stopped']}."
+            + probe_line,
             "",
             markdown_table(rows),
             "",

@@ -106,7 +106,9 @@ def measure(name: str, model: Path, work: Path, repeats: int) -> dict:
         "int8_preset": cpu_preset(),
         # what validate shipped: the export's recipe or the one its search found (None: fp32 alone)
         "int8_recipe": search.get("recipe"),
+        "int8_blockwise_nodes": search.get("blockwise_nodes", []),
         "int8_fp32_nodes": search.get("fp32_nodes", []),
+        "int8_blockwise_probe": search.get("blockwise_probe"),  # fp32 vs blockwise, when the search got there
         "int8_attempts": [(a["recipe"], a["passed"]) for a in search.get("attempts", [])],
         "int8_reason": search.get("reason"),
         "sizes_mb": {f.name: round(f.stat().st_size / 2**20, 1) for f in sorted(bundle.glob("model*.onnx"))},

@@ -1,9 +1,10 @@
 """int8 recipes side by side for one model: dynamic, dynamic per-channel, static QDQ per-channel, then the
-closest of those to PyTorch with its 1..N most sensitive MatMuls kept in fp32, and the same MatMuls
-quantized blockwise instead (fp32 where a weight is not a constant; validate's search takes one of the two
-by a probe). Per recipe: metric drop and flip rate vs PyTorch on the eval set, edge-case flips, batch-1 p50
-latency, and whether the default gate passes it: the numbers `hpcnlp validate` judges recipes by, without
-stopping at the first that passes.
+closest of those to PyTorch with its 1..N most sensitive MatMuls kept in fp32, the same MatMuls quantized
+blockwise instead, and split where their input has outlier channels (those in fp32, the rest int8; dynamic
+bases); fp32 where a weight is not a constant. validate's search takes split where outliers are found, else
+blockwise or fp32 by a probe. Per recipe: metric drop and flip rate vs PyTorch on the eval set, edge-case
+flips, batch-1 p50 latency, and whether the default gate passes it: the numbers `hpcnlp validate` judges
+recipes by, without stopping at the first that passes.
 
     python -m bench.int8_recipes MODEL_DIR ONNX_DIR [--eval-samples 400] [--max-sensitive-nodes 3]
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from hpcnlp.models import load_tokenizer
     from hpcnlp.report import markdown_table
     from hpcnlp.ship.edge_cases import edge_cases, run_edge_cases
-    from hpcnlp.ship.int8_search import constant_weight_matmuls, measure_int8, sensitive_matmuls
+    from hpcnlp.ship.int8_search import constant_weight_matmuls, measure_int8, outlier_inputs, sensitive_matmuls
     from hpcnlp.ship.measure import Reference, predict
     from hpcnlp.ship.quantize import Quantizer, Recipe, calibration_set
     from hpcnlp.tasks import auto_model_class, batches, label_names, load_data, task_of, torch_runner
@@ -98,9 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         base = max(made, key=lambda r: dict(results)[r.name]["argmax_agreement"])
         ranked = sensitive_matmuls(onnx_dir / "model.onnx", made[base], (x for x, _ in batches(sample, 8, pad)))
         constant = constant_weight_matmuls(onnx_dir / "model.onnx")
+        top_n = [n for n, _ in ranked[: args.max_sensitive_nodes] if n in constant]
+        split = (
+            {}
+            if base.static
+            else outlier_inputs(onnx_dir / "model.onnx", top_n, (x for x, _ in batches(sample, 8, pad)))
+        )
         for k in range(1, args.max_sensitive_nodes + 1):
             top = [n for n, _ in ranked[:k]]
-            for recipe in (
+            recipes = [
                 Recipe(base.static, base.per_channel, fp32_nodes=tuple(top)),
                 Recipe(
                     base.static,
@@ -108,7 +115,17 @@ def main(argv: list[str] | None = None) -> int:
                     blockwise_nodes=tuple(n for n in top if n in constant),
                     fp32_nodes=tuple(n for n in top if n not in constant),
                 ),
-            ):
+            ]
+            if any(n in split for n in top):
+                recipes.append(
+                    Recipe(
+                        base.static,
+                        base.per_channel,
+                        split_nodes=tuple((n, split[n]) for n in top if n in split),
+                        fp32_nodes=tuple(n for n in top if n not in split),
+                    )
+                )
+            for recipe in recipes:
                 path = quantizer(recipe, Path(work) / f"int8-{len(results)}.onnx")
                 results.append((recipe.name, measure_int8(path, ref, cfg, threads)))
 
@@ -129,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     )
+    print("outlier input channels:", ", ".join(f"{n} {list(c)}" for n, c in split.items()) or "none")
     print(
         "most sensitive MatMuls (relative output error) of",
         base.name + ":",

@@ -106,6 +106,7 @@ def measure(name: str, model: Path, work: Path, repeats: int) -> dict:
         "int8_preset": cpu_preset(),
         # what validate shipped: the export's recipe or the one its search found (None: fp32 alone)
         "int8_recipe": search.get("recipe"),
+        "int8_split_nodes": search.get("split_nodes", {}),  # MatMul -> its outlier input channels, done in fp32
         "int8_blockwise_nodes": search.get("blockwise_nodes", []),
         "int8_fp32_nodes": search.get("fp32_nodes", []),
         "int8_blockwise_probe": search.get("blockwise_probe"),  # fp32 vs blockwise, when the search got there

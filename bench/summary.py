@@ -184,7 +184,7 @@ def _skip_layernorm(r: dict) -> str:
 
 def _recipe(m: dict) -> str:
     """The int8 recipe validate shipped (bench/onnx_latency.py) and the preset; the recipe's name already says
-    how many MatMuls it quantizes blockwise and keeps in fp32."""
+    how many MatMuls it splits, quantizes blockwise and keeps in fp32."""
     return f"{m.get('int8_recipe')} ({m['int8_preset']})"
 
 

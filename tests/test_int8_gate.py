@@ -76,6 +76,7 @@ def test_strict_limit_moves_the_search_to_a_later_recipe(sentiment_teacher, sent
         graph = onnx.load(str(_bundle(tmp_path) / "model.int8.onnx")).graph
         fp32_matmuls = {n.name for n in graph.node if n.op_type == "MatMul"}
         assert set(int8["fp32_nodes"]) <= fp32_matmuls  # the nodes kept out of quantization are plain MatMuls
+        assert {f"{n}/split/MatMul" for n in int8["split_nodes"]} <= fp32_matmuls  # a split one's outlier side
         blockwise = [n for n in graph.node if n.op_type == "MatMulNBits"]
         assert len(blockwise) == len(int8["blockwise_nodes"])
         assert report["metrics"]["onnx_int8"] == int8["attempts"][-1]["metrics"]
@@ -206,3 +207,47 @@ def test_sensitivity_ranking_finds_the_matmuls_that_int8_hurts(sentiment_onnx, t
     assert np.abs(logits(blockwise) - exact).mean() < np.abs(logits(int8) - exact).mean()
     # Optimum's side files stay in its scratch dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blockwise.onnx", "kept.onnx"]
+
+
+def test_split_matmul_keeps_int8_speed_and_fp32_outliers(sentiment_onnx, tmp_path):
+    """Layer 0's FFN output takes one GELU channel far above the rest (the packaged MiniLM's, kept by fine-tuning):
+    outlier_inputs finds it; the split graph is the same function in fp32; quantized, the split MatMul's int8
+    part stays int8 and the logits come closer to fp32 than plain per-tensor int8."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    from hpcnlp.ship.int8_search import outlier_inputs
+    from hpcnlp.ship.quantize import MAX_OUTLIER_FRACTION, Quantizer, Recipe, split_outliers
+
+    fp32, int8 = Path(sentiment_onnx) / "model.onnx", Path(sentiment_onnx) / "model.int8.onnx"
+    texts = pd.read_csv(SENTIMENT / "validation.csv")["text"].head(32).tolist()
+    enc = AutoTokenizer.from_pretrained(sentiment_onnx)(
+        texts, padding=True, truncation=True, max_length=48, return_tensors="np"
+    )
+    feeds = [{k: v.astype(np.int64) for k, v in enc.items()}]
+    ffn0, query0 = "/bert/encoder/layer.0/output/dense/MatMul", "/bert/encoder/layer.0/attention/self/query/MatMul"
+    found = outlier_inputs(fp32, [ffn0, query0], feeds)
+    assert ffn0 in found and 1 <= len(found[ffn0]) <= 1536 * MAX_OUTLIER_FRACTION
+    assert query0 not in found  # LayerNorm's output: no channel 6x the median's range
+
+    def logits(model):
+        model = model if isinstance(model, bytes) else str(model)
+        return ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(["logits"], feeds[0])[0]
+
+    model = onnx.load(str(fp32))
+    side = split_outliers(model, ((ffn0, found[ffn0]),))
+    onnx.checker.check_model(model)
+    assert side == [f"{ffn0}/split/Gather", f"{ffn0}/split/MatMul"]
+    exact = logits(fp32)
+    assert np.abs(logits(model.SerializeToString()) - exact).max() < 1e-4  # the same product, regrouped
+
+    split = Quantizer(fp32, "avx2")(Recipe(split_nodes=((ffn0, found[ffn0]),)), tmp_path / "split.onnx")
+    ops = [n.op_type for n in onnx.load(str(split)).graph.node]
+    int8_ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
+    assert ops.count("MatMul") == int8_ops.count("MatMul") + 1  # the outlier side, in fp32
+    assert ops.count("MatMulInteger") == int8_ops.count("MatMulInteger")  # the rest of the split MatMul: int8
+    assert np.abs(logits(split) - exact).mean() < np.abs(logits(int8) - exact).mean()
+    with pytest.raises(ValueError, match="dynamic"):
+        Quantizer(fp32, "avx2")(Recipe(static=True, split_nodes=((ffn0, found[ffn0]),)), tmp_path / "x.onnx")

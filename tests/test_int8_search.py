@@ -14,10 +14,18 @@ RANKED = ["attention/self/MatMul", "layer.0/output/dense/MatMul", "layer.1/outpu
 CONSTANT = {"layer.0/output/dense/MatMul", "layer.1/output/dense/MatMul"}  # attention's product has no weight
 
 
-def _search(monkeypatch, tmp_path, pays: bool, passes_at: int):
-    """Search where a recipe passes once it has `passes_at` sensitive MatMuls; blockwise pays or not."""
+def _search(monkeypatch, tmp_path, pays: bool, passes_at: int, outliers: dict | None = None, exported=Recipe()):
+    """Search where a recipe passes once it has `passes_at` sensitive MatMuls; blockwise pays or not; `outliers`:
+    what outlier_inputs finds (node -> channels)."""
     monkeypatch.setattr(int8_search, "sensitive_matmuls", lambda *a: [(n, 1.0) for n in RANKED])
     monkeypatch.setattr(int8_search, "constant_weight_matmuls", lambda fp32: CONSTANT)
+    looked = []
+
+    def outlier_inputs(fp32, nodes, feeds):
+        looked.append(list(nodes))
+        return {n: c for n, c in (outliers or {}).items() if n in nodes}
+
+    monkeypatch.setattr(int8_search, "outlier_inputs", outlier_inputs)
     made: dict[Path, Recipe] = {}
 
     class FakeQuantizer:
@@ -38,7 +46,7 @@ def _search(monkeypatch, tmp_path, pays: bool, passes_at: int):
         return {"passed": n >= passes_at, "argmax_agreement": 0.9 + 0.01 * n}
 
     tried, chosen, why = int8_search.search(
-        Recipe(),
+        exported,
         tmp_path / "exported.onnx",
         FakeQuantizer(),
         measure,
@@ -49,6 +57,7 @@ def _search(monkeypatch, tmp_path, pays: bool, passes_at: int):
         rank_feeds=list,
         blockwise_pays=blockwise_pays,
     )
+    assert looked == ([] if exported.static else [sorted(CONSTANT)])  # once, the constant-weight ones ranked
     return [a.recipe for a in tried], chosen, why, asked
 
 
@@ -73,3 +82,25 @@ def test_search_stops_at_its_sensitive_node_budget(monkeypatch, tmp_path):
     assert chosen is None and why == "max_sensitive_nodes (3) given more precision"
     assert len(recipes) == 6  # the export's, per-channel, static, then 1, 2 and 3 sensitive MatMuls
     assert recipes[-1].fp32_nodes == (RANKED[0],) and recipes[-1].blockwise_nodes == tuple(RANKED[1:])
+
+
+def test_outlier_inputs_split_their_matmul_before_blockwise_or_fp32(monkeypatch, tmp_path):
+    """A sensitive MatMul with outlier input channels is split (those channels in fp32, the rest int8); the
+    blockwise probe is asked of the next constant-weight one, and only then."""
+    split = {"layer.0/output/dense/MatMul": (856,)}
+    recipes, chosen, why, asked = _search(monkeypatch, tmp_path, True, passes_at=3, outliers=split)
+    assert why == "passed" and asked == ["layer.1/output/dense/MatMul"]
+    one, two, three = recipes[3:]
+    assert one.fp32_nodes == ("attention/self/MatMul",) and not one.split_nodes
+    assert two.split_nodes == (("layer.0/output/dense/MatMul", (856,)),) and not two.blockwise_nodes
+    assert two.name == "dynamic + 1 MatMul(s) split (outlier channels in fp32) + 1 MatMul(s) in fp32"
+    assert three.blockwise_nodes == ("layer.1/output/dense/MatMul",)
+    assert int8_search.sensitive(three) == ("layer.0/output/dense/MatMul", *three.blockwise_nodes, *three.fp32_nodes)
+
+
+def test_static_recipes_are_not_split(monkeypatch, tmp_path):
+    """Static ranges are calibrated on the unsplit graph: a static base gets no split MatMuls."""
+    static = Recipe(static=True, per_channel=True)
+    split = {"layer.0/output/dense/MatMul": (856,)}
+    recipes, _, _, _ = _search(monkeypatch, tmp_path, False, passes_at=2, outliers=split, exported=static)
+    assert all(not r.split_nodes for r in recipes)

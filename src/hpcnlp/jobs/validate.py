@@ -202,7 +202,10 @@ def manifest(cfg: ValidateConfig, staging: Path, model_dir: str, names: list[str
         "thresholds": cfg.thresholds.model_dump(),
         "checks": results["checks"],
         "passed": results["passed"],
-        "int8": {k: int8[k] for k in ("recipe", "blockwise_nodes", "fp32_nodes", "latency_b1_p50_ms", "reason")}
+        "int8": {
+            k: int8[k]
+            for k in ("recipe", "split_nodes", "blockwise_nodes", "fp32_nodes", "latency_b1_p50_ms", "reason")
+        }
         if int8
         else None,
     }

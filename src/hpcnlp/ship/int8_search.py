@@ -1,9 +1,10 @@
 """The int8 recipe search `hpcnlp validate` runs when the export's int8 misses the gate.
 
 It tries, in order: the export's own recipe, dynamic per-channel, static QDQ per-channel, then the one of
-those closest to PyTorch with its most sensitive MatMuls given more precision (blockwise 8-bit where the
-weight is a constant and a probe on this node finds blockwise faster than fp32, else fp32;
-hpcnlp.ship.quantize), one more each time; it stops at the first recipe
+those closest to PyTorch with its most sensitive MatMuls given more precision (hpcnlp.ship.quantize): split
+where the weight is a constant and a few input channels hold outliers (those in fp32, the rest int8; dynamic
+recipes), else blockwise 8-bit where the weight is a constant and a probe on this node finds blockwise
+faster than fp32, else fp32; one more each time; it stops at the first recipe
 that passes, or when its budget (attempts, seconds, sensitive MatMuls) is spent. The order is by cost:
 per-channel weights cost nothing at run time, static QDQ needs calibration rows and fixed ranges, and every
 sensitive MatMul gives back part of int8's speed. Recipes are made by
@@ -28,7 +29,7 @@ from hpcnlp.ship.edge_cases import compare_edge, edge_summary, run_edge_cases
 from hpcnlp.ship.gate import int8_checks
 from hpcnlp.ship.measure import PARITY_BATCH, Reference, metric_drop, predict
 from hpcnlp.ship.onnx import ort_runner, ort_session
-from hpcnlp.ship.quantize import Quantizer, Recipe, blockwise_probe, calibration_set
+from hpcnlp.ship.quantize import Quantizer, Recipe, blockwise_probe, calibration_set, outlier_channels
 from hpcnlp.tasks import batches, latency
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,29 @@ def sensitive_matmuls(fp32: Path, int8: Path, feeds) -> list[tuple[str, float]]:
     return sorted(((name, e / max(runs, 1)) for name, e in error.items()), key=lambda kv: -kv[1])
 
 
+def outlier_inputs(fp32: Path, nodes: list[str], feeds) -> dict[str, tuple[int, ...]]:
+    """The MatMuls of `nodes` (in `fp32`) whose input has outlier channels on `feeds`: node -> channels
+    (quantize.outlier_channels of each channel's max |x|)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = onnx.load(str(fp32))
+    inputs = {n.name: n.input[0] for n in model.graph.node if n.name in nodes}
+    outputs = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in sorted(set(inputs.values()) - outputs))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names, wanted = [o.name for o in session.get_outputs()], {i.name for i in session.get_inputs()}
+    maxima: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        got = dict(zip(names, session.run(names, {k: v for k, v in feed.items() if k in wanted})))
+        for t in set(inputs.values()):
+            m = np.abs(got[t]).reshape(-1, got[t].shape[-1]).max(0)
+            maxima[t] = np.maximum(maxima[t], m) if t in maxima else m
+    found = {node: outlier_channels(maxima[t]) for node, t in inputs.items() if t in maxima}
+    return {node: channels for node, channels in found.items() if channels}
+
+
 def constant_weight_matmuls(fp32: Path) -> set[str]:
     """The MatMuls of `fp32` whose second input is a 2-D initializer: those MatMulNBits can take."""
     import onnx
@@ -82,7 +106,7 @@ def constant_weight_matmuls(fp32: Path) -> set[str]:
 
 
 def sensitive(recipe: Recipe) -> tuple[str, ...]:
-    return recipe.blockwise_nodes + recipe.fp32_nodes
+    return tuple(n for n, _ in recipe.split_nodes) + recipe.blockwise_nodes + recipe.fp32_nodes
 
 
 @dataclass
@@ -97,6 +121,7 @@ class Attempt:
             "recipe": self.recipe.name,
             "blockwise_nodes": list(self.recipe.blockwise_nodes),
             "fp32_nodes": list(self.recipe.fp32_nodes),
+            "split_nodes": {n: list(c) for n, c in self.recipe.split_nodes},
             **self.measured,
             "seconds": round(self.seconds, 1),
         }
@@ -122,7 +147,8 @@ def search(
     tried = [Attempt(exported, exported_path, measure(exported_path), time.monotonic() - t0)]
     queue = [r for r in (Recipe(per_channel=True), Recipe(static=True, per_channel=True)) if r != exported]
     ranked: list[str] | None = None
-    constant: set[str] = set()  # the MatMuls made blockwise: those with a constant weight, if blockwise pays
+    split: dict[str, tuple[int, ...]] = {}  # MatMul -> its outlier input channels (constant weight, dynamic)
+    blockwise: set[str] = set()  # the other MatMuls with a constant weight, if blockwise pays
     while not tried[-1].measured["passed"]:
         if len(tried) - 1 >= max_attempts:
             return tried, None, f"max_attempts ({max_attempts}) reached"
@@ -141,15 +167,21 @@ def search(
             if ranked is None:
                 ranked = [name for name, _ in sensitive_matmuls(quantizer.fp32, base.path, rank_feeds())]
                 log.info("int8: most sensitive MatMuls of %s: %s", base.recipe.name, ranked[:max_sensitive_nodes])
-                constant = constant_weight_matmuls(quantizer.fp32)
-                top = next((n for n in ranked if n in constant), None)
-                constant = constant if top is not None and blockwise_pays(top) else set()
+                weighted = constant_weight_matmuls(quantizer.fp32)
+                constant = [n for n in ranked[:max_sensitive_nodes] if n in weighted]
+                if not base.recipe.static:
+                    split = outlier_inputs(quantizer.fp32, constant, rank_feeds())
+                    log.info("int8: outlier input channels: %s", split or "none")
+                top = next((n for n in constant if n not in split), None)
+                blockwise = set(constant) - set(split) if top is not None and blockwise_pays(top) else set()
             if k > len(ranked):
                 return tried, None, "every MatMul given more precision"
+            top_k = ranked[:k]
             recipe = replace(
                 base.recipe,
-                blockwise_nodes=tuple(n for n in ranked[:k] if n in constant),
-                fp32_nodes=tuple(n for n in ranked[:k] if n not in constant),
+                split_nodes=tuple((n, split[n]) for n in top_k if n in split),
+                blockwise_nodes=tuple(n for n in top_k if n in blockwise),
+                fp32_nodes=tuple(n for n in top_k if n not in split and n not in blockwise),
             )
         path = quantizer(recipe, work / f"int8-{len(tried)}.onnx")
         tried.append(Attempt(recipe, path, measure(path), time.monotonic() - start))
@@ -240,6 +272,7 @@ def choose_int8(cfg, staging: Path, ref: Reference, train, threads: int) -> dict
         "recipe": chosen.recipe.name if chosen else None,
         "blockwise_nodes": list(chosen.recipe.blockwise_nodes) if chosen else [],
         "fp32_nodes": list(chosen.recipe.fp32_nodes) if chosen else [],
+        "split_nodes": {n: list(c) for n, c in chosen.recipe.split_nodes} if chosen else {},
         "blockwise_probe": probe or None,  # fp32 vs blockwise on the most sensitive MatMul, when the search got there
         "latency_b1_p50_ms": chosen.measured["latency_b1_p50_ms"] if chosen else None,
         "reason": None,

@@ -2,10 +2,16 @@
 validate's recipe search (hpcnlp.ship.int8_search).
 
 A recipe is dynamic or static (QDQ, activation ranges calibrated on training rows), per-tensor or
-per-channel weights, plus the MatMuls that need more precision than that: blockwise 8-bit where the weight is
-a constant (onnxruntime's MatMulNBits: one weight scale per 32 inputs of each output channel, and the
-activations quantized per block of 32 at run time, so an outlier spoils its block, not the whole row), fp32
-where it is not (attention's activation x activation products; onnxruntime's `nodes_to_exclude`).
+per-channel weights, plus the MatMuls that need more precision than that:
+- split, where the weight is a constant and a few input channels hold outliers (LLM.int8()'s decomposition,
+  Dettmers et al. 2022): those channels times their weight rows in fp32, the rest in int8, summed. Dynamic
+  int8 quantizes an activation with one scale per tensor, so one channel at 18x the others' range (layer 0's
+  FFN output in MiniLM) coarsens every other value; without it the int8 MatMul keeps its speed and most of
+  fp32's accuracy.
+- blockwise 8-bit where the weight is a constant (onnxruntime's MatMulNBits: one weight scale per 32 inputs of
+  each output channel, and the activations quantized per block of 32 at run time, so an outlier spoils its
+  block, not the whole row);
+- fp32 where it is not (attention's activation x activation products; onnxruntime's `nodes_to_exclude`).
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -25,10 +34,12 @@ class Recipe:
     per_channel: bool = False  # one weight scale per output channel instead of one per tensor
     blockwise_nodes: tuple[str, ...] = ()  # MatMul nodes quantized by blocks (8-bit MatMulNBits)
     fp32_nodes: tuple[str, ...] = ()  # MatMul nodes left unquantized
+    split_nodes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (MatMul node, its input channels done in fp32)
 
     @property
     def name(self) -> str:
         name = ("static QDQ" if self.static else "dynamic") + (" per-channel" if self.per_channel else "")
+        name += f" + {len(self.split_nodes)} MatMul(s) split (outlier channels in fp32)" if self.split_nodes else ""
         name += f" + {len(self.blockwise_nodes)} MatMul(s) blockwise" if self.blockwise_nodes else ""
         return name + (f" + {len(self.fp32_nodes)} MatMul(s) in fp32" if self.fp32_nodes else "")
 
@@ -43,6 +54,62 @@ BLOCKWISE = {"bits": 8, "block_size": 32, "is_symmetric": True, "accuracy_level"
 # fp32. A near-tie stays fp32: exact, and a plain op every runtime has.
 BLOCKWISE_MARGIN = 1.1
 PROBE_S = 0.2  # timed repeats of the probe stop after this (at least 3 of each)
+
+
+# An input channel is an outlier where its max |x| over the rows seen is this many times the median channel's
+# (LLM.int8() uses an absolute 6.0; a ratio does not depend on the model's scale). Layer 0's FFN output of the
+# bench teacher: one channel at 17.8x, the next at 4.3x. At most 1/16 of a MatMul's inputs are split off.
+OUTLIER_RATIO = 6.0
+MAX_OUTLIER_FRACTION = 1 / 16
+
+
+def outlier_channels(maxima: np.ndarray) -> tuple[int, ...]:
+    """The outlier input channels of a MatMul, largest first, from each channel's max |x| (`maxima`)."""
+    limit = OUTLIER_RATIO * float(np.median(maxima))
+    top = np.argsort(-maxima, kind="stable")[: max(1, int(len(maxima) * MAX_OUTLIER_FRACTION))]
+    return tuple(int(c) for c in top if maxima[c] > limit)
+
+
+def split_outliers(model, split: tuple[tuple[str, tuple[int, ...]], ...]) -> list[str]:
+    """Rewrite each MatMul of `split` (node, channels) in the fp32 ONNX `model`, in place, as
+    MatMul(x * keep, W with those rows zeroed) + MatMul(x[..., channels], W[channels]): the same product (the
+    first term keeps the node's name, for int8). Returns the nodes of the fp32 side, for nodes_to_exclude."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    side = []
+    for node, channels in split:
+        i, matmul = next((i, n) for i, n in enumerate(graph.node) if n.name == node)
+        weight = numpy_helper.to_array(weights[matmul.input[1]])
+        keep = np.ones(weight.shape[0], weight.dtype)
+        keep[list(channels)] = 0
+        p = f"{node}/split"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(weight * keep[:, None], p + "/weight"),
+                numpy_helper.from_array(keep, p + "/keep"),
+                numpy_helper.from_array(np.array(channels, np.int64), p + "/channels"),
+                numpy_helper.from_array(weight[list(channels)], p + "/outlier_weight"),
+            ]
+        )
+        x, y = matmul.input[0], matmul.output[0]
+        rewritten = [
+            helper.make_node("Mul", [x, p + "/keep"], [p + "/inliers"], name=p + "/Mul"),
+            helper.make_node("MatMul", [p + "/inliers", p + "/weight"], [p + "/inlier_product"], name=node),
+            helper.make_node("Gather", [x, p + "/channels"], [p + "/outliers"], name=p + "/Gather", axis=-1),
+            helper.make_node(
+                "MatMul", [p + "/outliers", p + "/outlier_weight"], [p + "/outlier_product"], name=p + "/MatMul"
+            ),
+            helper.make_node("Add", [p + "/inlier_product", p + "/outlier_product"], [y], name=p + "/Add"),
+        ]
+        graph.node.remove(matmul)
+        for k, n in enumerate(rewritten):
+            graph.node.insert(i + k, n)
+        side += [p + "/Gather", p + "/MatMul"]
+        if not any(matmul.input[1] in n.input for n in graph.node):  # the original weight, now unused
+            graph.initializer.remove(weights[matmul.input[1]])
+    return side
 
 
 def quantize_blockwise(model, nodes: tuple[str, ...]):
@@ -95,15 +162,27 @@ class Quantizer:
         from optimum.onnxruntime import ORTQuantizer
         from optimum.onnxruntime.configuration import AutoCalibrationConfig, AutoQuantizationConfig
 
-        qconfig = getattr(AutoQuantizationConfig, self.preset)(
-            is_static=recipe.static,
-            per_channel=recipe.per_channel,
-            nodes_to_exclude=[*recipe.fp32_nodes, *recipe.blockwise_nodes],
-        )
-        quantizer = ORTQuantizer.from_pretrained(self.fp32.parent, file_name=self.fp32.name)
+        if recipe.static and recipe.split_nodes:
+            raise ValueError("split MatMuls need dynamic int8 (static ranges are calibrated on the unsplit graph)")
         # Optimum also writes config, tokenizer and ort_config.json where it saves: a scratch dir, only the
         # model is kept.
         with tempfile.TemporaryDirectory(dir=Path(dest).parent, prefix=".quantize-") as tmp:
+            fp32, side = self.fp32, []
+            if recipe.split_nodes:
+                import onnx
+
+                model = onnx.load(str(self.fp32))
+                side = split_outliers(model, recipe.split_nodes)
+                fp32 = Path(tmp) / "split.onnx"
+                onnx.save(model, str(fp32))
+                if (self.fp32.parent / "config.json").is_file():  # Optimum warns when it has none beside the model
+                    shutil.copy(self.fp32.parent / "config.json", tmp)
+            qconfig = getattr(AutoQuantizationConfig, self.preset)(
+                is_static=recipe.static,
+                per_channel=recipe.per_channel,
+                nodes_to_exclude=[*recipe.fp32_nodes, *recipe.blockwise_nodes, *side],
+            )
+            quantizer = ORTQuantizer.from_pretrained(fp32.parent, file_name=fp32.name)
             if recipe.static and self._ranges is None:
                 if self.calibration is None:
                     raise ValueError("static quantization needs calibration rows")
@@ -122,7 +201,7 @@ class Quantizer:
                     save_dir=tmp,
                     calibration_tensors_range=self._ranges if recipe.static else None,
                 )
-            made = Path(tmp) / f"{self.fp32.stem}_quantized.onnx"
+            made = Path(tmp) / f"{fp32.stem}_quantized.onnx"
             if recipe.blockwise_nodes:
                 import onnx
 

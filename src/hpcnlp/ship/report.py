@@ -35,9 +35,13 @@ def report_sections(results: dict) -> list[str]:
             for a in int8["attempts"]
         ]
         if int8["recipe"]:
+            split = ", ".join(
+                f"`{n}` (channels {', '.join(map(str, c))})" for n, c in int8.get("split_nodes", {}).items()
+            )
             verdict = (
                 f"Shipped as model.int8.onnx: **{int8['recipe']}**, batch-1 p50 "
                 f"{int8['latency_b1_p50_ms']} ms."
+                + (f" MatMuls split, their outlier input channels in fp32: {split}." if split else "")
                 + "".join(
                     f" MatMuls {how}: {', '.join(f'`{n}`' for n in int8[key])}."
                     for key, how in (("blockwise_nodes", "quantized blockwise"), ("fp32_nodes", "kept in fp32"))

@@ -104,3 +104,20 @@ def test_static_recipes_are_not_split(monkeypatch, tmp_path):
     split = {"layer.0/output/dense/MatMul": (856,)}
     recipes, _, _, _ = _search(monkeypatch, tmp_path, False, passes_at=2, outliers=split, exported=static)
     assert all(not r.split_nodes for r in recipes)
+
+
+def test_validation_md_says_when_int8_is_not_faster():
+    """validate's latency section: int8's speed-up over fp32, and a warning on a CPU where it has none (an AVX2-only
+    EPYC measured 90.7 vs 89.9 ms: int8 buys size there, not speed)."""
+    from hpcnlp.ship.report import int8_speedup
+
+    def lat(fp32, int8):
+        return {
+            v: {"1": {"p50_ms": ms}, "32": {"p50_ms": 20 * ms}} for v, ms in (("onnx_fp32", fp32), ("onnx_int8", int8))
+        }
+
+    assert int8_speedup(lat(30.0, 12.0)) == "ONNX int8 vs fp32 (p50): batch 1 2.50x, batch 32 2.50x."
+    slow = int8_speedup(lat(90.7, 89.9))
+    assert slow.startswith("ONNX int8 vs fp32 (p50): batch 1 1.01x, batch 32 1.01x.")
+    assert "not faster than fp32 on this CPU" in slow
+    assert int8_speedup({"onnx_fp32": {"1": {"p50_ms": 30.0}}}) == ""  # fp32 shipped alone

@@ -35,6 +35,20 @@ from hpcnlp.tasks import batches, latency
 log = logging.getLogger(__name__)
 
 
+def _with_outputs(model, tensors: set[str], feeds):
+    """Run the ONNX `model` (changed in place) on each of `feeds` with `tensors` as extra outputs: yields
+    {output name: array} per feed."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    outputs = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in sorted(tensors - outputs))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names, wanted = [o.name for o in session.get_outputs()], {i.name for i in session.get_inputs()}
+    for inputs in feeds:
+        yield dict(zip(names, session.run(names, {k: v for k, v in inputs.items() if k in wanted})))
+
+
 def sensitive_matmuls(fp32: Path, int8: Path, feeds) -> list[tuple[str, float]]:
     """The MatMuls of `int8`, most damaging first: (node name, mean relative error of its output).
 
@@ -45,8 +59,7 @@ def sensitive_matmuls(fp32: Path, int8: Path, feeds) -> list[tuple[str, float]]:
     minutes before the first fp32 attempt. MatMul output names survive quantization; nodes left in fp32
     come out with error ~0 (blockwise ones are not ranked: their output is a MatMulNBits')."""
     import onnx
-    import onnxruntime as ort
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     graph = onnx.load(str(fp32)).graph
     weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -57,14 +70,9 @@ def sensitive_matmuls(fp32: Path, int8: Path, feeds) -> list[tuple[str, float]]:
         for n in graph.node
         if n.op_type == "MatMul" and n.output[0] in made and all(i in made or i in weights for i in n.input)
     ]
-    outputs = {o.name for o in model.graph.output}
-    extra = sorted({t for n in matmuls for t in (*n.input, n.output[0]) if t not in weights} - outputs)
-    model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in extra)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    names, wanted = [o.name for o in session.get_outputs()], {i.name for i in session.get_inputs()}
+    tensors = {t for n in matmuls for t in (*n.input, n.output[0]) if t not in weights}
     error, runs = {n.name: 0.0 for n in matmuls}, 0
-    for inputs in feeds:
-        got = dict(zip(names, session.run(names, {k: v for k, v in inputs.items() if k in wanted})))
+    for got in _with_outputs(model, tensors, feeds):
         runs += 1
         for n in matmuls:
             a, b = (got[i] if i in got else weights[i] for i in n.input)
@@ -77,18 +85,11 @@ def outlier_inputs(fp32: Path, nodes: list[str], feeds) -> dict[str, tuple[int, 
     """The MatMuls of `nodes` (in `fp32`) whose input has outlier channels on `feeds`: node -> channels
     (quantize.outlier_channels of each channel's max |x|)."""
     import onnx
-    import onnxruntime as ort
-    from onnx import helper
 
     model = onnx.load(str(fp32))
     inputs = {n.name: n.input[0] for n in model.graph.node if n.name in nodes}
-    outputs = {o.name for o in model.graph.output}
-    model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in sorted(set(inputs.values()) - outputs))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    names, wanted = [o.name for o in session.get_outputs()], {i.name for i in session.get_inputs()}
     maxima: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        got = dict(zip(names, session.run(names, {k: v for k, v in feed.items() if k in wanted})))
+    for got in _with_outputs(model, set(inputs.values()), feeds):
         for t in set(inputs.values()):
             m = np.abs(got[t]).reshape(-1, got[t].shape[-1]).max(0)
             maxima[t] = np.maximum(maxima[t], m) if t in maxima else m

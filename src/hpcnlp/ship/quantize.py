@@ -166,11 +166,11 @@ class Quantizer:
             raise ValueError("split MatMuls need dynamic int8 (static ranges are calibrated on the unsplit graph)")
         # Optimum also writes config, tokenizer and ort_config.json where it saves: a scratch dir, only the
         # model is kept.
+        import onnx
+
         with tempfile.TemporaryDirectory(dir=Path(dest).parent, prefix=".quantize-") as tmp:
             fp32, side = self.fp32, []
             if recipe.split_nodes:
-                import onnx
-
                 model = onnx.load(str(self.fp32))
                 side = split_outliers(model, recipe.split_nodes)
                 fp32 = Path(tmp) / "split.onnx"
@@ -203,8 +203,6 @@ class Quantizer:
                 )
             made = Path(tmp) / f"{fp32.stem}_quantized.onnx"
             if recipe.blockwise_nodes:
-                import onnx
-
                 onnx.save(quantize_blockwise(onnx.load(str(made)), recipe.blockwise_nodes), str(made))
             os.replace(made, dest)
         return Path(dest)

@@ -40,6 +40,9 @@ def test_lineage_follows_hpcnlp_outputs_to_the_base_model(tmp_path, minilm_path)
         {"file": "validation.csv", "sha256": sha256(SENTIMENT / "validation.csv")},
     ]
     assert str(tmp_path) not in str(chain)
+    # A student of an ensemble (a list of teachers): the chain follows the first teacher.
+    ensemble = job_output("self-distill", {"job": "distill", "teacher": [teacher, "minilm-l6"], "data": data})
+    assert [s["model"] for s in card.lineage(ensemble)] == ["minilm-l6", "finetune-sentiment", "self-distill"]
 
 
 def test_lineage_of_a_foreign_model_is_that_model(tmp_path, minilm_path):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import NER_DATA, SENTIMENT_DATA, run_cli, torchrun, write_config
 
-from hpcnlp.jobs.distill import distillation_loss, student_from_teacher
+from hpcnlp.jobs.distill import distillation_loss, soft_targets, student_from_teacher
 
 
 def test_student_keeps_every_kth_layer_and_the_head(minilm_path):
@@ -43,6 +44,23 @@ def test_distillation_loss():
     # T^2 scaling: the soft part is comparable across temperatures (Hinton et al.), not shrunk by 1/T^2.
     soft = distillation_loss(student, teacher, labels, 4.0, alpha=1.0)
     assert 0.1 < soft / distillation_loss(student, teacher, labels, 1.0, alpha=1.0) < 10
+
+
+def test_ensemble_teaches_its_mean_probabilities():
+    torch.manual_seed(0)
+    student, a, b = torch.randn(6, 3), torch.randn(6, 3), 3 * torch.randn(6, 3)
+    labels = torch.randint(0, 3, (6,))
+    mean = (torch.softmax(a / 2, -1) + torch.softmax(b / 2, -1)) / 2
+    assert torch.allclose(soft_targets([a, b], 2.0).exp(), mean, atol=1e-6)
+    assert torch.allclose(soft_targets(a, 2.0), torch.log_softmax(a / 2, -1))  # one teacher: as before
+    # Two equal teachers teach what one does; two unequal ones teach neither's targets alone.
+    one = distillation_loss(student, a, labels, 2.0, 0.5)
+    assert torch.allclose(distillation_loss(student, [a, a], labels, 2.0, 0.5), one, atol=1e-6)
+    both = distillation_loss(student, [a, b], labels, 2.0, 1.0)
+    assert not torch.allclose(both, distillation_loss(student, a, labels, 2.0, 1.0))
+    assert not torch.allclose(both, distillation_loss(student, b, labels, 2.0, 1.0))
+    # A student whose probabilities at T are the ensemble's mean has zero KL.
+    assert distillation_loss(mean.log() * 2, [a, b], labels, 2.0, 1.0) < 1e-5
 
 
 def _distill_config(tmp_path, teacher, data, steps):
@@ -91,6 +109,43 @@ def test_distill_sequence_classifier(sentiment_teacher, tmp_path):
 
 
 @pytest.mark.slow
+def test_self_distill_from_an_ensemble(sentiment_teacher, tmp_path):
+    """jobs/self-distill-sentiment.yaml's shape: the package as student, two teachers (here the sentiment teacher
+    and a 3-layer copy of it), the best epoch by validation F1, the test split scored for both sides."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hpcnlp.jobs.distill import student_from_teacher
+
+    small = tmp_path / "small-teacher"
+    student_from_teacher(AutoModelForSequenceClassification.from_pretrained(sentiment_teacher), 3).save_pretrained(
+        small
+    )
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        (small / f).write_bytes((Path(sentiment_teacher) / f).read_bytes())
+    test = Path(SENTIMENT_DATA["validation_file"]).with_name("test.csv")
+    data = {**SENTIMENT_DATA, "test_file": str(test), "max_eval_samples": 64}
+    cfg = _distill_config(tmp_path, [sentiment_teacher, str(small)], data, 6)
+    items = ["student_num_layers=null", "student_model_name_or_path=minilm-l6", "training.eval_strategy=steps"]
+    items += ["training.eval_steps=3", "training.save_strategy=steps", "training.save_steps=3"]
+    items += ["training.load_best_model_at_end=true", "training.metric_for_best_model=f1"]
+    assert run_cli("distill", "--config", str(cfg), *items) == 0
+    m = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert m["teachers"] == [sentiment_teacher, str(small)] and m["student"]["layers"] == 6
+    assert m["teacher"]["parameters"] > m["student"]["parameters"]  # both teachers counted
+    assert {"f1", "accuracy"} <= set(m["teacher"]["test_metrics"]) and "f1" in m["student"]["test_metrics"]
+    state = json.loads((tmp_path / "student" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] and any("eval_f1" in h for h in state["log_history"])  # F1 picked it
+    assert "2 teachers (ensemble)" in (tmp_path / "student" / "report.md").read_text()
+
+
+def test_ensemble_teachers_must_agree(sentiment_teacher, ner_teacher, tmp_path):
+    cfg = _distill_config(tmp_path, [sentiment_teacher, sentiment_teacher], SENTIMENT_DATA, 1)
+    assert run_cli("check", "--config", str(cfg)) == 0
+    assert run_cli("check", "--config", str(cfg), f"teacher=[{sentiment_teacher}, {ner_teacher}]") == 2
+    assert run_cli("check", "--config", str(cfg), "teacher=[]") == 2
+
+
+@pytest.mark.slow
 def test_distill_token_classifier(ner_teacher, tmp_path):
     assert run_cli("distill", "--config", str(_distill_config(tmp_path, ner_teacher, NER_DATA, 4))) == 0
     m = json.loads((tmp_path / "student" / "metrics.json").read_text())
@@ -125,5 +180,6 @@ def test_shipped_job_configs_parse():
 
     from hpcnlp.jobs import load_config
 
-    for job in ("distill", "export", "validate"):
-        assert load_config(REPO / "jobs" / f"{job}.yaml", check=False).job == job
+    files = {"distill": "distill", "export": "export", "validate": "validate", "self-distill-sentiment": "distill"}
+    for name, job in files.items():
+        assert load_config(REPO / "jobs" / f"{name}.yaml", check=False).job == job

@@ -154,6 +154,12 @@ def test_a_rerun_upstream_stage_makes_the_next_stage_another_run(tmp_path):
     (upstream / "model.safetensors").write_bytes((upstream / "model.safetensors").read_bytes())  # re-run
     problems = output_dir_problems(cfg, "auto")
     assert len(problems) == 1 and "holds a run of another config" in problems[0].message
+    # An ensemble of teachers: re-running any one of them makes another run too.
+    ensemble = {**cfg.model_dump(mode="json"), "teacher": ["minilm-l6", str(upstream)]}
+    first = rundir.run_hash(ensemble)
+    time.sleep(0.01)
+    (upstream / "model.safetensors").write_bytes((upstream / "model.safetensors").read_bytes())
+    assert rundir.run_hash(ensemble) != first
     # Fixed inputs (a package alias) keep the hash they always had.
     plain = {"job": "x", "model_name_or_path": "minilm-l6"}
     assert rundir.run_hash(plain) == hashlib.sha256(yaml.safe_dump(plain, sort_keys=True).encode()).hexdigest()[:16]

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from hpcnlp.cli import main
+from hpcnlp.models import resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
@@ -65,6 +66,7 @@ CLASSIFIER = {
 STAND_INS = {
     "distill": ["outputs/finetune-sentiment"],
     "prune": ["outputs/finetune-sentiment"],
+    "self-distill-sentiment": [f"outputs/finetune-sentiment/task-{i}" for i in range(3)],
     "export": ["outputs/distill-sentiment"],
     "validate": ["outputs/distill-sentiment", "outputs/onnx-sentiment/model.onnx"],
 }
@@ -113,6 +115,8 @@ def stand_ins(tmp: Path, job: str) -> None:
         else:
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.json").write_text(json.dumps(CLASSIFIER))
+            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):  # an ensemble's check reads it
+                (path / name).symlink_to(Path(resolve_model_path("minilm-l6")) / name)
 
 
 def normalise(text: str, tmp: Path) -> str:

@@ -141,7 +141,8 @@ def overlaps(output: str, inputs: dict[str, str | None], key: str = "output_dir"
         if not value:
             continue
         try:
-            path = resolve_model_path(value) if name.endswith(("model_name_or_path", "teacher")) else value
+            model = name.endswith(("model_name_or_path", "teacher")) or name.startswith("teacher[")
+            path = resolve_model_path(value) if model else value
         except ModelNotFound:
             path = value
         if is_inside(output, [path]) or is_inside(path, [output]):

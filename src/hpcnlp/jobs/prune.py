@@ -337,7 +337,7 @@ def run(cfg: PruneConfig) -> int:
         teacher_dir = resolve_model_path(cfg.teacher)
         teacher = auto_model_class(task).from_pretrained(teacher_dir, trust_remote_code=cfg.trust_remote_code)
         trainer = run.trainer(
-            distill_trainer(), teacher=teacher, temperature=cfg.temperature, alpha=cfg.alpha, **kwargs
+            distill_trainer(), teachers=[teacher], temperature=cfg.temperature, alpha=cfg.alpha, **kwargs
         )
     else:
         trainer = run.trainer(ResumableTrainer, **kwargs)

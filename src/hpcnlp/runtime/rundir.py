@@ -94,11 +94,13 @@ def run_hash(config: dict) -> str:
         }
 
     key = strip(config)
-    inputs = {
-        k: ident
-        for k in INPUT_FIELDS
-        if isinstance(config.get(k), str) and (ident := input_identity(config[k])) is not None
-    }
+    inputs = {}
+    for k in INPUT_FIELDS:
+        value = config.get(k)
+        if isinstance(value, str) and (ident := input_identity(value)) is not None:
+            inputs[k] = ident
+        elif isinstance(value, list) and any(idents := [input_identity(v) for v in value if isinstance(v, str)]):
+            inputs[k] = idents  # an ensemble of teachers
     if inputs:  # absent otherwise: configs on fixed inputs keep the hash they always had
         key["_inputs"] = inputs
     return hashlib.sha256(yaml.safe_dump(key, sort_keys=True).encode()).hexdigest()[:16]

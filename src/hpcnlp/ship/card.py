@@ -84,6 +84,8 @@ def lineage(name_or_path: str) -> list[dict]:
             }
         )
         name_or_path = None if job.get("init") == "scratch" else job.get("teacher") or job.get("model_name_or_path")
+        if isinstance(name_or_path, list):  # an ensemble of teachers: the chain follows the first
+            name_or_path = name_or_path[0]
     return chain[::-1]
 
 

@@ -183,6 +183,7 @@ def test_training_is_training_arguments(tmp_path, pretrain_config, capsys):
         ("training.lr_scheduler_type=cosin", "training: TrainingArguments refuses these settings"),
         ("training.learning_rate=.inf", "training.learning_rate: Input should be a finite number"),
         ("output_dir=[x", "output_dir=[x: cannot be read"),
+        ("data.train_files={a: 1}", "data.train_files={a: 1}: cannot be read (Cannot merge incompatible container"),
         ("resume=/etc", "resume: '/etc' is not a complete checkpoint of this run: incomplete"),
     ],
 )

@@ -143,6 +143,7 @@ def test_ensemble_teachers_must_agree(sentiment_teacher, ner_teacher, tmp_path):
     assert run_cli("check", "--config", str(cfg)) == 0
     assert run_cli("check", "--config", str(cfg), f"teacher=[{sentiment_teacher}, {ner_teacher}]") == 2
     assert run_cli("check", "--config", str(cfg), "teacher=[]") == 2
+    assert run_cli("check", "--config", str(cfg), "teacher=[5]") == 2  # one line: not one per str | list member
 
 
 @pytest.mark.slow

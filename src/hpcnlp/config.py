@@ -494,18 +494,30 @@ def with_overrides(raw: dict, overrides: Iterable[str], source: str = "<command 
     try:
         merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(overrides))
         return OmegaConf.to_container(merged)
-    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
-        bad = next((o for o in overrides if not _parses(o)), " ".join(overrides))
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as e:  # TypeError: a list over a mapping
+        bad = next((o for o in overrides if not _parses(o) or not _merges(raw, o)), " ".join(overrides))
         raise ConfigError(
             source,
             [
                 Problem(
                     key=bad,
                     message=f"cannot be read ({str(e).splitlines()[0]})",
-                    fix="quote the value or fix its YAML, e.g. key='[x' or key=[a,b]",
+                    fix="quote the value or fix its YAML, e.g. key='[x' or key=[a,b]"
+                    if not _parses(bad)
+                    else "give the key a value of its kind: a list for a list, a mapping for a mapping",
                 )
             ],
         ) from None
+
+
+def _merges(raw: dict, override: str) -> bool:
+    from omegaconf import OmegaConf
+
+    try:
+        OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist([override]))
+        return True
+    except Exception:  # whatever OmegaConf raises for this one override: it is the one to name
+        return False
 
 
 def _parses(override: str) -> bool:

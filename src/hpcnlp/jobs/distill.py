@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hpcnlp import checks, tasks
 from hpcnlp.config import ConfigError, FinetuneDataConfig, LatencyConfig, Problem, TrainingConfig, TrainingJobConfig
@@ -50,6 +50,13 @@ class DistillConfig(TrainingJobConfig):
     data: FinetuneDataConfig
     latency: LatencyConfig = Field(default_factory=LatencyConfig)  # teacher vs student, same inputs
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _one_or_a_list(cls, value):
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return value
+        raise ValueError("give a fine-tuned model dir, or a list of them")  # one line, not one per union member
 
     @property
     def teachers(self) -> list[str]:

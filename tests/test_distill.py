@@ -146,6 +146,24 @@ def test_ensemble_teachers_must_agree(sentiment_teacher, ner_teacher, tmp_path):
     assert run_cli("check", "--config", str(cfg), "teacher=[5]") == 2  # one line: not one per str | list member
 
 
+def test_a_student_of_another_vocabulary_is_refused_at_check(sentiment_teacher, tmp_path, capsys):
+    """build_student refuses it at run time, after the queue: check says it first."""
+    from transformers import BertTokenizerFast
+
+    other = tmp_path / "other-vocab"
+    other.mkdir()
+    (other / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "movie", "good"]))
+    BertTokenizerFast(vocab_file=str(other / "vocab.txt")).save_pretrained(other)
+    (other / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    cfg = _distill_config(tmp_path, sentiment_teacher, SENTIMENT_DATA, 1)
+    items = ["student_num_layers=null", f"student_model_name_or_path={other}"]
+    assert run_cli("check", "--config", str(cfg), *items) == 2
+    assert "has another vocabulary than the teacher" in capsys.readouterr().err
+    assert (
+        run_cli("check", "--config", str(cfg), "student_num_layers=null", "student_model_name_or_path=minilm-l6") == 0
+    )
+
+
 @pytest.mark.slow
 def test_distill_token_classifier(ner_teacher, tmp_path):
     assert run_cli("distill", "--config", str(_distill_config(tmp_path, ner_teacher, NER_DATA, 4))) == 0

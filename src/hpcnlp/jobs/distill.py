@@ -100,6 +100,14 @@ def check(cfg: DistillConfig, pending: Iterable[str] = ()) -> list[Problem]:
         ]
     if not any(p.key == "teacher" for p in out):
         out += ensemble_problems(ready)
+    student = cfg.student_model_name_or_path
+    if (
+        ready
+        and student
+        and not is_inside(student, pending)
+        and not any(p.key == "student_model_name_or_path" for p in out)
+    ):
+        out += student_vocabulary_problems(ready[0], student, cfg.trust_remote_code)
     task = next((model_task(t) for t in cfg.teachers if tasks.labelled(model_task(t))), None)
     if tasks.labelled(task):
         out += tasks.data_problems(task, cfg.data, pending)
@@ -155,6 +163,28 @@ def ensemble_problems(teachers: list[str]) -> list[Problem]:
                     )
                 ]
     return []
+
+
+def student_vocabulary_problems(teacher: str, student: str, trust_remote_code: bool) -> list[Problem]:
+    """The student reads the teacher's input ids: the same vocabulary (build_student refuses it at run time)."""
+    try:
+        same = (
+            load_tokenizer(resolve_model_path(student), trust_remote_code).get_vocab()
+            == load_tokenizer(resolve_model_path(teacher), trust_remote_code).get_vocab()
+        )
+    except (OSError, ValueError):
+        return [
+            Problem(key="student_model_name_or_path", message=f"no tokenizer loads from '{student}'", fix="save one")
+        ]
+    if same:
+        return []
+    return [
+        Problem(
+            key="student_model_name_or_path",
+            message=f"'{student}' has another vocabulary than the teacher '{teacher}'",
+            fix="use a student with the teacher's tokenizer",
+        )
+    ]
 
 
 def student_from_teacher(teacher, num_layers: int):

@@ -15,8 +15,12 @@ Needs `make data` (data/full/: kernel-docs/, rotten-tomatoes/domain.txt, wnut16/
 - rt: fine-tune Rotten Tomatoes (movie-disjoint splits) from the package and from the package after
   `hpcnlp pretrain` on RT domain text (training snippets + plot summaries; with head warm-up), once per
   seed each; test macro-F1 of the epoch best on validation macro-F1 (load_best_model_at_end).
+- self-distill: jobs/finetune-sentiment.yaml as shipped (bf16: auto) once per --ensemble-seeds seed, then per
+  seed jobs/self-distill-sentiment.yaml: the package MiniLM-L6 taught by that ensemble (the same teachers for
+  every student seed); per-seed difference student - teacher, the ensemble's own test macro-F1.
 - wnut: the same for WNUT-2016 NER (entity F1); domain text: VADER's tweets minus WNUT's held-out ones.
-- student: per seed, the rt fine-tune (--student-teacher: dapt, the shipped pipeline's road, or package)
+- student: per seed, the rt fine-tune (--student-teacher: dapt, the shipped pipeline's road, package, or
+  self-distill)
   as teacher -> `hpcnlp distill` (3 layers) -> `hpcnlp export` (dynamic int8) -> `hpcnlp validate`; the
   int8 model's test macro-F1 (skip: leave it out of --pieces).
 One domain-pretrained model per task (seed 42) serves every fine-tune seed: the error bars are over
@@ -36,7 +40,7 @@ local Slurm here is a test cluster on the same 2 cores, so a sweep would queue t
 another with nothing gained, and a child process lets the bench count each run's CPU time (getrusage
 of its children: the whole job, data loading and evaluation included, so an upper bound on training).
 On a real cluster the configs the runs record (<run>/config.resolved.yaml) can go to `hpcnlp sweep`.
-Every default: about 5 CPU-hours (~5 hours one job at a time on 2 cores). Two bench processes with
+Every default: about 10 CPU-hours (kernel ~2.5, self-distill ~2.5 with bf16, the rest ~5). Two bench processes with
 `--threads 1` on disjoint `--pieces`/`--seeds` (never the same run twice at once) got ~1.4x the tokens/s
 of one with 2 threads here (the RT grid of bench/results/quality-grid.md ran through `hpcnlp sweep`).
 """
@@ -354,8 +358,60 @@ def finetune(args, task: str, source: str, seed: int) -> dict | None:
     return {**r, "test_f1": m["eval"]["test"]["f1"], "validation_f1": m["eval"]["validation"]["f1"]}
 
 
+def rt_teacher(args, seed: int) -> dict | None:
+    """jobs/finetune-sentiment.yaml as a user submits it (bf16: auto, early stopping as shipped) on the full data
+    (repo-relative paths: the run's key does not depend on where the checkout lies)."""
+    data = {k: os.path.relpath(v, REPO) if k.endswith("_file") else v for k, v in _rt_data(args).items()}
+    r = job(
+        args,
+        f"rt-teacher-s{seed}",
+        "finetune",
+        JOBS / "finetune-sentiment.yaml",
+        {**data, "training.seed": seed, "training.max_steps": args.max_steps},
+    )
+    if r is None:
+        return None
+    m = _metrics(r)
+    return {**r, "test_f1": m["eval"]["test"]["f1"], "validation_f1": m["eval"]["validation"]["f1"]}
+
+
+def self_distill(args, seed: int) -> dict | None:
+    """The shipped RT recipe: jobs/self-distill-sentiment.yaml, the package MiniLM-L6 taught by the ensemble of
+    --ensemble-seeds fine-tunes (the same teachers for every student seed: error bars over student seeds)."""
+    teachers = [rt_teacher(args, k) for k in args.ensemble_seeds]
+    if any(t is None for t in teachers):
+        return None
+    data = {k: os.path.relpath(v, REPO) if k.endswith("_file") else v for k, v in _rt_data(args).items()}
+    r = job(
+        args,
+        f"rt-selfdistill-s{seed}",
+        "distill",
+        JOBS / "self-distill-sentiment.yaml",
+        {
+            "teacher": [t["dir"] for t in teachers],
+            **data,
+            "training.seed": seed,
+            "training.max_steps": args.max_steps,
+            **({"latency.repeats": 2} if args.smoke else {}),
+        },
+    )
+    if r is None:
+        return None
+    m = _metrics(r)
+    return {
+        **r,
+        "test_f1": m["student"]["test_metrics"]["f1"],
+        "validation_f1": m["student"]["metrics"]["f1"],
+        "ensemble_test_f1": m["teacher"]["test_metrics"]["f1"],
+        "teachers": teachers,
+    }
+
+
 def student(args, seed: int) -> dict | None:
-    teacher = finetune(args, "rt", args.student_teacher, seed)
+    if args.student_teacher == "self-distill":
+        teacher = self_distill(args, seed)
+    else:
+        teacher = finetune(args, "rt", args.student_teacher, seed)
     if teacher is None:
         return None
     d = job(
@@ -525,6 +581,20 @@ def collect(args) -> dict:
                         }
                     )
                     per_task.setdefault((task, source), {})[seed] = r
+        teachers = {s: r for s in seeds if (r := rt_teacher(args, s)) is not None}
+        selfd = {s: r for s in seeds if (r := self_distill(args, s)) is not None}
+        for source, done in (("ensemble teacher", teachers), ("self-distill", selfd)):
+            runs += [
+                {
+                    "task": "rt",
+                    "source": source,
+                    "seed": seed,
+                    "test_f1": r["test_f1"],
+                    "validation_f1": r["validation_f1"],
+                    "cpu_minutes": round(r["cpu_seconds"] / 60, 1),
+                }
+                for seed, r in done.items()
+            ]
         pre = {t: p for t in ("rt", "wnut") if (p := pretrain(args, t)) is not None}
         students = {s: r for s in seeds if (r := student(args, s)) is not None}
         kernel = kernel_results(args, seeds)
@@ -542,18 +612,25 @@ def collect(args) -> dict:
         v = [r["cpu_seconds"] for r in per_task.get((task, source), {}).values()]
         return round(statistics.fmean(v) / 60, 1) if v else None
 
+    def mean_minutes(done: dict) -> float | None:
+        return round(statistics.fmean([r["cpu_seconds"] for r in done.values()]) / 60, 1) if done else None
+
     rt = {s: f1("rt", s) for s in ("package", "dapt")}
-    best = max(rt, key=lambda s: rt[s]["mean"] if rt[s]["mean"] is not None else -1)
+    rt["self-distill"] = _stat([r["test_f1"] for r in selfd.values()])
     pre_min = {t: round(p["cpu_seconds"] / 60, 1) for t, p in pre.items()}
-    recipe_cpu = cpu_minutes("rt", best)
-    if recipe_cpu is not None and best == "dapt":
-        recipe_cpu = round(recipe_cpu + pre_min.get("rt", 0), 1)
     int8 = _stat([s["int8_test_f1"] for s in students.values()])
     return {
-        "rt_test_macro_f1_mean": rt[best]["mean"],
-        "rt_test_macro_f1_std": rt[best]["std"],
-        "rt_test_macro_f1_source": best,
         "rt_test_macro_f1": rt,
+        "rt_self_distill": {
+            "ensemble_seeds": args.ensemble_seeds,
+            "ensemble_test_macro_f1": next(iter(selfd.values()))["ensemble_test_f1"] if selfd else None,
+            "teachers_test_macro_f1": _stat([r["test_f1"] for r in teachers.values()]),
+            "validation_macro_f1": _stat([r["validation_f1"] for r in selfd.values()]),
+            # student seed s - teacher seed s: what self-distillation adds to one fine-tune of the same recipe
+            "effect_vs_teacher": _paired(
+                {s: r["test_f1"] for s, r in selfd.items()}, {s: r["test_f1"] for s, r in teachers.items()}
+            ),
+        },
         "rt_student_int8_test_macro_f1_mean": int8["mean"],
         "rt_student_int8_test_macro_f1_std": int8["std"],
         "rt_student_fp32_test_macro_f1": _stat([s["student_test_f1"] for s in students.values()]),
@@ -561,11 +638,12 @@ def collect(args) -> dict:
         "dapt_effect_wnut": effect("wnut"),
         "wnut_test_entity_f1": {s: f1("wnut", s) for s in ("package", "dapt")},
         # CPU minutes of one run's child process (job start to end: data, training, evaluation).
-        "train_cpu_minutes": recipe_cpu,
         "train_cpu_minutes_detail": {
             "rt_finetune_per_run": {s: cpu_minutes("rt", s) for s in ("package", "dapt")},
             "wnut_finetune_per_run": {s: cpu_minutes("wnut", s) for s in ("package", "dapt")},
             "pretrain": pre_min,
+            "rt_teacher_per_run": mean_minutes(teachers),
+            "rt_self_distill_per_run": mean_minutes(selfd),
             "student_distill_per_run": round(statistics.fmean([s["cpu_seconds"] for s in students.values()]) / 60, 1)
             if students
             else None,
@@ -597,19 +675,82 @@ def _empty(v) -> bool:
     return v is None or v == []
 
 
+HEADLINE = ("rt_test_macro_f1_mean", "rt_test_macro_f1_std", "rt_test_macro_f1_source", "train_cpu_minutes")
+WHOLE = ("students",)  # figures of one set of runs: never mixed with an earlier set
+BOOKKEEPING = ("carried_over", "carried_over_settings", "settings", "seeds", "machine", *HEADLINE)
+
+
 def carry_over(results: dict, previous: dict) -> dict:
-    """Figures of pieces with no finished run in this work dir are taken from the previous quality.json
-    (its settings kept beside them), so a run of one piece does not blank the others' measured figures."""
-    carried = [k for k, v in results.items() if _empty(v) and not _empty(previous.get(k))]
-    if "rt_test_macro_f1" in carried:
-        carried.append("rt_test_macro_f1_source")
-    if not carried:
-        return results
-    out = {**results, **{k: previous[k] for k in carried}}
-    out["carried_over"] = sorted(carried)
-    older = set(carried) <= set(previous.get("carried_over", []))  # all of them carried there too
-    out["carried_over_settings"] = previous["carried_over_settings"] if older else previous.get("settings")
+    """Figures with no finished run in this work dir are taken from the previous quality.json, entry by entry
+    (rt_test_macro_f1.package while self-distill is new), so a run of one piece does not blank the others'
+    measured figures. carried_over names them (dotted keys); carried_over_settings gives, per group of them,
+    the settings they were measured with."""
+    carried: list[str] = []
+
+    def fill(new, old, key: str):
+        if _empty(new) and not _empty(old):
+            carried.append(key)
+            return old
+        if key == "runs" and old:  # one row per run: earlier rows of runs not in this work dir stay
+            seen = {(r["task"], r["source"], r["seed"]) for r in new}
+            if earlier := [r for r in old if (r["task"], r["source"], r["seed"]) not in seen]:
+                carried.append("runs (earlier rows)")
+            return new + earlier
+        if isinstance(new, dict) and isinstance(old, dict) and "n" not in new and key not in WHOLE:
+            return {k: fill(new.get(k), old.get(k), f"{key}.{k}") for k in {**old, **new}}
+        return new
+
+    out = {k: fill(results.get(k), previous.get(k), k) for k in {**previous, **results} if k not in BOOKKEEPING}
+    out.update({k: results[k] for k in BOOKKEEPING if k in results})
+    if carried:
+        out["carried_over"] = sorted(carried)
+        groups: dict[str, dict] = {}
+        for key in carried:
+            settings = _settings_of(previous, key)
+            groups.setdefault(json.dumps(settings, sort_keys=True), {"settings": settings, "keys": []})["keys"].append(
+                key
+            )
+        out["carried_over_settings"] = list(groups.values())
     return out
+
+
+def _settings_of(previous: dict, key: str) -> dict | None:
+    """The settings a figure of the previous quality.json was measured with: its own run's, or, when it was
+    carried there too, those it was carried with (the older format: one settings dict for all)."""
+    before = previous.get("carried_over_settings")
+    for group in (
+        before if isinstance(before, list) else [{"settings": before, "keys": previous.get("carried_over", [])}]
+    ):
+        if any(_base(key) == _base(k) or key.startswith(k + ".") for k in group["keys"]):
+            return group["settings"]
+    return previous.get("settings")
+
+
+def _base(key: str) -> str:
+    """ "runs (earlier rows)" -> "runs": the rows carried are those of the runs carried before."""
+    return key.split(" (", maxsplit=1)[0]
+
+
+def rt_headline(r: dict) -> dict:
+    """The best RT recipe measured (after carry-over): its test macro-F1 and its CPU minutes on the road to it."""
+    rt = r["rt_test_macro_f1"]
+    best = max(rt, key=lambda s: rt[s]["mean"] if rt[s].get("mean") is not None else -1)
+    d = r["train_cpu_minutes_detail"]
+    per_run = d.get("rt_finetune_per_run") or {}
+    cpu = {
+        "package": per_run.get("package"),
+        "dapt": per_run.get("dapt") and round(per_run["dapt"] + (d.get("pretrain") or {}).get("rt", 0), 1),
+        "self-distill": d.get("rt_self_distill_per_run")
+        and round(
+            len(r["rt_self_distill"]["ensemble_seeds"]) * d["rt_teacher_per_run"] + d["rt_self_distill_per_run"], 1
+        ),
+    }
+    return {
+        "rt_test_macro_f1_mean": rt[best]["mean"],
+        "rt_test_macro_f1_std": rt[best]["std"],
+        "rt_test_macro_f1_source": best,
+        "train_cpu_minutes": cpu.get(best),
+    }
 
 
 def kernel_chart(r: dict, out: Path) -> str | None:
@@ -730,6 +871,7 @@ def write(args, results: dict) -> dict:
 
     old = args.results / "quality.json"
     results = carry_over(results, json.loads(old.read_text()) if old.is_file() else {})
+    results.update(rt_headline(results))
     r = results
     rows = [
         {
@@ -743,6 +885,24 @@ def write(args, results: dict) -> dict:
         {
             "figure": "RT: domain pretraining's effect (per-seed difference)",
             "mean ± std over seeds": _ms(r["dapt_effect_rt"]),
+        },
+        {
+            "figure": "RT test macro-F1, jobs/finetune-sentiment.yaml as shipped (bf16: auto): the ensemble's teachers",
+            "mean ± std over seeds": _ms(r["rt_self_distill"]["teachers_test_macro_f1"]),
+        },
+        {
+            "figure": f"RT test macro-F1, the ensemble of seeds {r['rt_self_distill']['ensemble_seeds']} itself",
+            "mean ± std over seeds": ""
+            if r["rt_self_distill"]["ensemble_test_macro_f1"] is None
+            else f"{r['rt_self_distill']['ensemble_test_macro_f1']:.4f} (one ensemble)",
+        },
+        {
+            "figure": "RT test macro-F1, self-distilled from that ensemble (jobs/self-distill-sentiment.yaml)",
+            "mean ± std over seeds": _ms(r["rt_test_macro_f1"]["self-distill"]),
+        },
+        {
+            "figure": "RT: self-distillation's effect (student seed s - teacher seed s)",
+            "mean ± std over seeds": _ms(r["rt_self_distill"]["effect_vs_teacher"]),
         },
         {
             "figure": "WNUT test entity F1, from the package",
@@ -772,7 +932,8 @@ def write(args, results: dict) -> dict:
         },
     ]
     text = [
-        "# Quality (issue 18): MiniLM-L6 on Rotten Tomatoes and WNUT-2016, package vs domain-pretrained",
+        "# Quality (issues 18, 29): MiniLM-L6 on Rotten Tomatoes and WNUT-2016, package vs domain-pretrained vs "
+        "self-distilled",
         "",
         f"`python -m bench.quality`, settings {json.dumps(args.settings)}, seeds {r['seeds']}, "
         f"{os.cpu_count()} cores, {args.threads} threads per job. Test = data/full's held-out split.",
@@ -810,8 +971,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pieces",
         nargs="*",
-        default=["kernel", "probe", "rt", "wnut", "student"],
-        choices=["kernel", "probe", "rt", "wnut", "student"],
+        default=["kernel", "probe", "rt", "self-distill", "wnut", "student"],
+        choices=["kernel", "probe", "rt", "self-distill", "wnut", "student"],
     )
     p.add_argument(
         "--sources",
@@ -834,10 +995,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-5, help="RT fine-tuning learning rate")
     p.add_argument("--ner-epochs", type=float, default=5.0)
     p.add_argument("--ner-lr", type=float, default=1e-4)
+    p.add_argument(
+        "--ensemble-seeds",
+        nargs="+",
+        type=int,
+        default=[1, 2, 3],
+        help="self-distill: the seeds of the jobs/finetune-sentiment.yaml runs whose ensemble teaches",
+    )
     p.add_argument("--distill-epochs", type=float, default=3.0)
     p.add_argument(
         "--student-teacher",
-        choices=["package", "dapt"],
+        choices=["package", "dapt", "self-distill"],
         default="dapt",
         help="the RT fine-tune distilled: dapt = the shipped pipeline's road (pretrain -> finetune -> distill)",
     )
@@ -886,6 +1054,8 @@ def main(argv: list[str] | None = None) -> dict:
         for piece in args.pieces:
             if piece == "student":
                 student(args, seed)
+            elif piece == "self-distill":
+                self_distill(args, seed)
             elif piece == "probe":
                 kernel_probe(args)
             elif piece == "kernel":

@@ -144,6 +144,11 @@ def _rt_data(args) -> dict:
     }
 
 
+def _rt_data_relative(args) -> dict:
+    """The same, repo-relative: the run's key does not depend on where the checkout lies."""
+    return {k: os.path.relpath(v, REPO) if k.endswith("_file") else v for k, v in _rt_data(args).items()}
+
+
 def _ner_data(args) -> dict:
     w = FULL / "wnut16"
     return {
@@ -359,15 +364,13 @@ def finetune(args, task: str, source: str, seed: int) -> dict | None:
 
 
 def rt_teacher(args, seed: int) -> dict | None:
-    """jobs/finetune-sentiment.yaml as a user submits it (bf16: auto, early stopping as shipped) on the full data
-    (repo-relative paths: the run's key does not depend on where the checkout lies)."""
-    data = {k: os.path.relpath(v, REPO) if k.endswith("_file") else v for k, v in _rt_data(args).items()}
+    """jobs/finetune-sentiment.yaml as a user submits it (bf16: auto, early stopping as shipped) on the full data."""
     r = job(
         args,
         f"rt-teacher-s{seed}",
         "finetune",
         JOBS / "finetune-sentiment.yaml",
-        {**data, "training.seed": seed, "training.max_steps": args.max_steps},
+        {**_rt_data_relative(args), "training.seed": seed, "training.max_steps": args.max_steps},
     )
     if r is None:
         return None
@@ -381,7 +384,6 @@ def self_distill(args, seed: int) -> dict | None:
     teachers = [rt_teacher(args, k) for k in args.ensemble_seeds]
     if any(t is None for t in teachers):
         return None
-    data = {k: os.path.relpath(v, REPO) if k.endswith("_file") else v for k, v in _rt_data(args).items()}
     r = job(
         args,
         f"rt-selfdistill-s{seed}",
@@ -389,7 +391,7 @@ def self_distill(args, seed: int) -> dict | None:
         JOBS / "self-distill-sentiment.yaml",
         {
             "teacher": [t["dir"] for t in teachers],
-            **data,
+            **_rt_data_relative(args),
             "training.seed": seed,
             "training.max_steps": args.max_steps,
             **({"latency.repeats": 2} if args.smoke else {}),
